@@ -7,6 +7,7 @@ Examples::
     mimac train resume=runs/crlc-digits-20250101-120000 [epochs=300]
     mimac eval runs/crlc-digits-20250101-120000 [data.split=test]
     mimac compare --dataset digits --seeds 0 1 2 [--methods crlc imc_swav] [--out DIR] [epochs=50]
+    torchrun --standalone --nproc-per-node 8 -m mimac train batch_size=1024   # data-parallel
 """
 
 from __future__ import annotations

@@ -139,7 +139,12 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     epochs: int = 100
+    # The global batch: under torchrun each of the K ranks takes batch_size / K rows of it
+    # (so K must divide it) and the losses see all batch_size rows, as one process would.
     batch_size: int = 256
+    # Under torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm);
+    # without it each rank normalises with its own rows. Ignored by a single process.
+    sync_batchnorm: bool = False
     bf16: bool = True  # bf16 autocast; only ever used on CUDA
     # CPU threads for torch; 0: torch's default (all cores). 1 by default: the small
     # digits model is as fast on one core, and stays fast on a busy machine.

@@ -7,14 +7,18 @@ plain torch, cheap (O(B*C)) and differentiable by autograd.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
+
+from mimac.distributed import batch_sum, world_size
 
 #: Floor inside log() for the marginal entropy: a cluster with zero mass
 #: contributes 0 * log(eps) = 0 instead of NaN.
 ENTROPY_EPS = 1e-12
 
 
-def marginal_entropy(probs: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+def marginal_entropy(probs: Tensor, eps: float = ENTROPY_EPS, group: Any = None) -> Tensor:
     """Entropy H(p_bar) of the batch-mean cluster distribution (natural log).
 
     Maximising it spreads the batch over all clusters and so prevents the
@@ -23,6 +27,8 @@ def marginal_entropy(probs: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
     Args:
         probs: softmax probabilities (rows sum to 1), unsmoothed.
         eps: floor inside the log.
+        group: a process group: ``p_bar`` is the mean over every rank's rows
+            (equal row counts), the same value on every rank.
 
     Shape:
         probs: ``(..., B, C)`` (a leading head axis is allowed).
@@ -32,7 +38,11 @@ def marginal_entropy(probs: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
         >>> marginal_entropy(torch.eye(4))  # uniform marginal: log 4
         tensor(1.3863)
     """
-    p_bar = probs.float().mean(dim=-2)
+    p = probs.float()
+    if group is None:
+        p_bar = p.mean(dim=-2)
+    else:
+        p_bar = batch_sum(p.sum(dim=-2), group) / (p.shape[-2] * world_size(group))
     return -(p_bar * p_bar.clamp_min(eps).log()).sum(dim=-1)
 
 

@@ -6,6 +6,12 @@ Each epoch ends with an atomic checkpoint holding everything needed to resume
 bit-exactly (model, optimizer, epoch, RNG states), so a killed run resumed
 from its folder ends with the same parameters and metrics as an unbroken one
 (same seed, same device, same thread count).
+
+Under torchrun the same loop runs data-parallel (see :mod:`mimac.distributed`):
+every rank holds the data, draws the same global permutation, and trains a
+``DistributedDataParallel`` copy of the method on its slice of each global
+batch, with losses that span all ranks; rank 0 alone logs, evaluates, writes
+the run folder and checkpoints, and hands what it loads to the others.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from mimac import distributed as mdist
 from mimac.checkpoint import LAST, PREV, load_checkpoint, save_checkpoint
 from mimac.config import Config, OptimConfig, config_to_dict, save_config
+from mimac.distributed import DistInfo
 from mimac.evaluate import evaluate_method
 from mimac.models import build_method
 from mimac.models.method import ClusteringMethod
@@ -97,6 +106,7 @@ class Setup:
     method: ClusteringMethod
     views: ViewMaker
     autocast: Callable[[], Any]
+    dist: DistInfo = mdist.SINGLE
 
 
 def limit_dataset(ds: Any, limit: int | None) -> Any:
@@ -108,14 +118,15 @@ def limit_dataset(ds: Any, limit: int | None) -> Any:
     return dataclasses.replace(ds, images=ds.images[keep], labels=ds.labels[keep])
 
 
-def build(cfg: Config) -> Setup:
-    """Load the data, build the augmentation and the method (seeded) on the device."""
+def build(cfg: Config, info: DistInfo = mdist.SINGLE) -> Setup:
+    """Load the data, build the augmentation and the method (seeded) on the device
+    (this rank's GPU under torchrun; batch norms synchronised if ``sync_batchnorm``)."""
     from mimac.data import load_dataset
     from mimac.data.augment import preset
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = mdist.rank_device(resolve_device(cfg.device), info)
     ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, **(
         {"image_size": cfg.data.image_size} if cfg.data.image_size else {}))
     ds = limit_dataset(ds, cfg.data.limit)
@@ -128,9 +139,14 @@ def build(cfg: Config) -> Setup:
     channels, side = ds.images.shape[1], ds.images.shape[-1]
     torch.manual_seed(cfg.seed)  # the model's initialisation
     method = build_method(cfg, channels, base.size or side, k).to(device)
+    if cfg.sync_batchnorm and info.distributed:
+        if device.type != "cuda":
+            raise ValueError("sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has "
+                             "no CPU implementation); set sync_batchnorm=false for a CPU run")
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     views = ViewMaker(base, method.view_specs(), side)
     return Setup(cfg, device, ds.images.to(device), ds.labels.cpu(), method, views,
-                 _autocast(cfg, device))
+                 _autocast(cfg, device), info)
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -166,130 +182,207 @@ def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _StepLosses(nn.Module):
+    """The method's :meth:`losses` as a ``forward``, so that DDP's hooks see every step."""
+
+    def __init__(self, method: ClusteringMethod) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.method.losses(views)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
 def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: int | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume``.
+
+    Under torchrun (or with ``torch.distributed`` already initialised) every rank
+    calls this with the same arguments; the process group is joined here and, if
+    joined here, destroyed on the way out, also on an error.
 
     Args:
         cfg: the resolved config (for a resume: the run's config plus overrides).
         resume: a run folder with a checkpoint.
         stop_after_epoch: stop (as if killed) after this epoch's checkpoint; for tests.
-        log: where progress lines go.
+        log: where progress lines go (rank 0's only).
 
     Returns:
-        The final metrics (also in ``final_metrics.json``), or None if stopped early.
+        The final metrics (also in ``final_metrics.json``; the same on every rank),
+        or None if stopped early.
 
     Raises:
         NonFiniteLossError: NaN/inf loss (epoch and step in the message).
         ValueError, FileNotFoundError: bad config or data.
     """
+    info = mdist.join(cfg.device)
+    try:
+        return _train(cfg, info, resume, stop_after_epoch, log if info.is_main else _quiet)
+    finally:
+        mdist.leave(info)
+
+
+def _global_batch(cfg: Config, n: int, info: DistInfo) -> int:
+    bs = min(cfg.batch_size, n)
+    if bs % info.world_size:
+        raise ValueError(f"batch_size {bs}{' (capped at the dataset size)' if bs < cfg.batch_size else ''} "
+                         f"must be divisible by the number of ranks ({info.world_size}): it is the "
+                         "global batch, split evenly over the ranks")
+    return bs
+
+
+def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_epoch: int | None,
+           log: Callable[[str], None]) -> dict[str, Any] | None:
     wall0 = time.perf_counter()
-    s = build(cfg)
+    s = build(cfg, info)
     method, device = s.method, s.device
+    n = s.images.shape[0]
+    bs = _global_batch(cfg, n, info)
+    steps = n // bs  # drop the ragged tail: every step sees a full batch
     optimizer = build_optimizer(method, cfg.optim)
     gens = {"data_gen": torch.Generator().manual_seed(cfg.seed),
             "aug_gen": torch.Generator().manual_seed(cfg.seed + 1)}
     start, train_time = 0, 0.0
     if resume is not None:
         run_dir = Path(resume)
-        state, path = load_checkpoint(run_dir)
+        state, path = mdist.on_main(lambda: load_checkpoint(run_dir), info)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], gens)
         start, train_time = int(state["epoch"]), float(state.get("train_time_s", 0.0))
         log(f"resuming {run_dir} from {path.name} (epoch {start})")
+        if int(state.get("world_size", 1)) != info.world_size:
+            log(f"note: the checkpoint was written by {state.get('world_size', 1)} rank(s), this "
+                f"run has {info.world_size}: the augmentation streams differ from an unbroken run")
     else:
-        run_dir = _new_run_dir(cfg)
+        run_dir = mdist.on_main(lambda: _new_run_dir(cfg), info)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    save_config(cfg, run_dir / CONFIG_FILE)
-    runlog = RunLog(run_dir, upto_epoch=start)
-    n = s.images.shape[0]
-    bs = min(cfg.batch_size, n)
-    steps = n // bs  # drop the ragged tail: every step sees a full batch
+    s = dataclasses.replace(s, cfg=cfg)
+    runlog = RunLog(run_dir, upto_epoch=start) if info.is_main else None
+    if info.is_main:
+        save_config(cfg, run_dir / CONFIG_FILE)
+    step_fn: nn.Module = _StepLosses(method)
+    if info.distributed:
+        step_fn = nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=method.may_skip_parameters())
+    ranks = f", {info.world_size} ranks of {bs // info.world_size} rows" if info.distributed else ""
     log(f"run folder: {run_dir}  ({cfg.method} on {cfg.data.name}/{cfg.data.split}, {n} images, "
-        f"{method.num_clusters} clusters, device {device}, {torch.get_num_threads()} threads)")
+        f"{method.num_clusters} clusters, device {device}, {torch.get_num_threads()} threads, "
+        f"batch {bs}{ranks})")
     evaluation: dict[str, Any] | None = None
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             if epoch == method.prepare_epoch() + 1:  # once; a resumed run past it has its result
-                method.prepare(s.views.clean(s.images[sl].float().div_(255.0))
-                               for sl in (slice(i, i + bs) for i in range(0, n, bs)))
-            means = _train_epoch(s, optimizer, gens, epoch, steps, bs)
+                if info.is_main:  # on the whole data, then handed to every rank
+                    method.prepare(s.views.clean(s.images[sl].float().div_(255.0))
+                                   for sl in (slice(i, i + bs) for i in range(0, n, bs)))
+                mdist.broadcast_module(method, info)
+            means = _train_epoch(s, step_fn, optimizer, gens, epoch, steps, bs)
             dt = time.perf_counter() - t0
             train_time += dt
-            row: dict[str, Any] = {"epoch": epoch, "time_s": dt, "images_per_s": steps * bs / dt,
-                                   "lr": optimizer.param_groups[0]["lr"],
-                                   **{f"loss_{k}": v for k, v in means.items()}}
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                evaluation = evaluate_method(
-                    method, s.images, s.labels, s.views, batch_size=bs,
-                    eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, autocast=s.autocast)
-                row.update({k: evaluation[k] for k in
-                            ("acc", "nmi", "ari", "mean_acc", "mean_nmi", "mean_ari", "head")
-                            if k in evaluation})
-            runlog.append(row)
-            save_checkpoint(run_dir, {
-                "epoch": epoch, "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(gens), "train_time_s": train_time,
-                "config": config_to_dict(cfg)})
-            if "acc" in row or "head" in row or epoch == start + 1:  # eval epochs + the first
-                log(_summary(row, cfg.epochs))
-            if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.epochs:
+            if info.is_main:
+                row: dict[str, Any] = {"epoch": epoch, "time_s": dt, "images_per_s": steps * bs / dt,
+                                       "lr": optimizer.param_groups[0]["lr"],
+                                       **{f"loss_{k}": v for k, v in means.items()}}
+                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                    evaluation = evaluate_method(
+                        method, s.images, s.labels, s.views, batch_size=bs,
+                        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, autocast=s.autocast)
+                    row.update({k: evaluation[k] for k in
+                                ("acc", "nmi", "ari", "mean_acc", "mean_nmi", "mean_ari", "head")
+                                if k in evaluation})
+                runlog.append(row)
+                save_checkpoint(run_dir, {
+                    "epoch": epoch, "model": method.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": _rng_state(gens),
+                    "train_time_s": train_time, "world_size": info.world_size,
+                    "config": config_to_dict(cfg)})
+                if "acc" in row or "head" in row or epoch == start + 1:  # eval epochs + the first
+                    log(_summary(row, cfg.epochs))
+            if stop_after_epoch is not None and stop_after_epoch <= epoch < cfg.epochs:
                 return None
     finally:
-        runlog.close()
-    if evaluation is None:  # resumed a finished run: evaluate the checkpoint
-        evaluation = evaluate_method(method, s.images, s.labels, s.views, batch_size=bs,
-                                     eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                     autocast=s.autocast)
-    final = _final_metrics(cfg, s, evaluation, train_time, runlog.rows)
-    final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # this process: data, training, eval
-    write_outputs(run_dir, final, evaluation["pred"])
-    log(format_metrics(final))
-    return final
+        if runlog is not None:
+            runlog.close()
+    final = None
+    if info.is_main:
+        if evaluation is None:  # resumed a finished run: evaluate the checkpoint
+            evaluation = evaluate_method(method, s.images, s.labels, s.views, batch_size=bs,
+                                         eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                         autocast=s.autocast)
+        final = _final_metrics(cfg, s, evaluation, train_time, runlog.rows)
+        final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
+        write_outputs(run_dir, final, evaluation["pred"])
+        log(format_metrics(final))
+    return mdist.broadcast_object(final, info)
 
 
-def _train_epoch(s: Setup, optimizer: torch.optim.Optimizer, gens: dict[str, torch.Generator],
-                 epoch: int, steps: int, bs: int) -> dict[str, float]:
-    """One pass over a fresh permutation; returns the mean of each loss term."""
+def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 gens: dict[str, torch.Generator], epoch: int, steps: int, bs: int) -> dict[str, float]:
+    """One pass over a fresh permutation; returns the mean of each loss term (over ranks too).
+
+    Every rank draws the same global permutation and takes its own slice of each
+    global batch; under torchrun the augmentation generator is reseeded per epoch
+    and rank, so any rank's views are reproducible without saving its state.
+    """
     from tqdm.auto import tqdm
 
-    cfg, method = s.cfg, s.method
+    cfg, method, info = s.cfg, s.method, s.dist
     method.train()
     method.on_epoch_start(epoch)
     perm = torch.randperm(s.images.shape[0], generator=gens["data_gen"]).to(s.device)
+    if info.distributed:
+        gens["aug_gen"].manual_seed(_rank_seed(cfg.seed, epoch, info.rank))
+    local = bs // info.world_size
+    offset = info.rank * local
     sums: dict[str, float] = {}
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}",
+               disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step in bar:
-        factor = lr_factor(cfg.optim, cfg.epochs, epoch - 1 + step / steps)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
-        x = s.images[perm[step * bs:(step + 1) * bs]].float().div_(255.0)
-        views = s.views(x, gens["aug_gen"])
-        with s.autocast():
-            terms = method.losses(views)
-        names = list(terms)
-        values = torch.stack([terms[k].detach().float() for k in names]).tolist()  # one sync
-        total = values[names.index("total")]
-        if not math.isfinite(total):
-            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, step {step + 1}/{steps} ({detail}); "
-                f"stopped before the optimizer step, no checkpoint written for this epoch "
-                f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr.")
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
-        method.after_step()
-        for k, v in zip(names, values):
-            sums[k] = sums.get(k, 0.0) + v
-        rate = (step + 1) * bs / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}", refresh=False)
+    method.group = info.group  # the losses span every rank during training steps only
+    try:
+        for step in bar:
+            factor = lr_factor(cfg.optim, cfg.epochs, epoch - 1 + step / steps)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            first = step * bs + offset
+            x = s.images[perm[first:first + local]].float().div_(255.0)
+            views = s.views(x, gens["aug_gen"])
+            with s.autocast():
+                terms = step_fn(views)
+            names = list(terms)
+            stacked = torch.stack([terms[k].detach().float() for k in names])
+            values = (mdist.batch_sum_(stacked, info.group) / info.world_size).tolist()  # one sync
+            total = values[names.index("total")]
+            if not math.isfinite(total):  # the same rank mean on every rank: all stop together
+                detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch}, step {step + 1}/{steps} ({detail}); "
+                    f"stopped before the optimizer step, no checkpoint written for this epoch "
+                    f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr.")
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            method.after_step()
+            for k, v in zip(names, values):
+                sums[k] = sums.get(k, 0.0) + v
+            rate = (step + 1) * bs / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}", refresh=False)
+    finally:
+        method.group = None
     bar.close()
     return {k: v / steps for k, v in sums.items()}
+
+
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """Augmentation seed of one rank in one epoch (distinct streams, fixed by the run seed)."""
+    return (seed + 1) * 1_000_003 + epoch * 1_009 + rank
 
 
 def _summary(row: dict[str, Any], epochs: int) -> str:
@@ -314,6 +407,7 @@ def _final_metrics(cfg: Config, s: Setup, ev: dict[str, Any], train_time: float,
         "epochs": cfg.epochs, "seed": cfg.seed, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "bf16": dev.type == "cuda" and cfg.bf16,
+        "world_size": s.dist.world_size, "batch_size": min(cfg.batch_size, int(s.images.shape[0])),
         "train_time_s": round(train_time, 3),
         "images_per_s": float(np.median(rates)) if rates else None,
         "torch": torch.__version__,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from mimac_kernels.functional import fused_contrastive_loss
@@ -13,25 +15,28 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: ``tau``, a float > 0.
         backend: passed to ``fused_contrastive_loss``.
+        group: a process group (lightly's ``gather_distributed=True``): every rank's
+            rows are negatives; see ``fused_contrastive_loss`` for the gradient convention.
 
     Shape:
-        out0, out1: ``(N, D)``, the two views' embeddings. Output: scalar.
+        out0, out1: ``(N, D)``, the two views' embeddings (this rank's). Output: scalar.
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 32), torch.randn(8, 32))
     """
 
-    def __init__(self, temperature: float = 0.5, backend: str = "auto") -> None:
+    def __init__(self, temperature: float = 0.5, backend: str = "auto", group: Any = None) -> None:
         super().__init__()
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.backend = backend
+        self.group = group
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         return fused_contrastive_loss(
             out0, out1, temperature=self.temperature, critic="cosine", negatives="all",
-            backend=self.backend,
+            backend=self.backend, group=self.group,
         )
 
 
@@ -40,16 +45,18 @@ class ClipLoss(nn.Module):
 
     Features are expected already normalised (dot critic); ``logit_scale`` is the
     multiplier ``1 / tau`` (a float or a 0-dim tensor, usually ``model.logit_scale.exp()``)
-    and receives its exact gradient.
+    and receives its exact gradient. With a process ``group``, open_clip's
+    ``local_loss=True, gather_with_grad=True``: local rows against every rank's columns.
 
     Shape:
         image_features, text_features: ``(N, D)``. Output: scalar, or
         ``{"contrastive_loss": scalar}`` with ``output_dict=True``.
     """
 
-    def __init__(self, backend: str = "auto") -> None:
+    def __init__(self, backend: str = "auto", group: Any = None) -> None:
         super().__init__()
         self.backend = backend
+        self.group = group
 
     def forward(
         self,
@@ -60,7 +67,7 @@ class ClipLoss(nn.Module):
     ) -> Tensor | dict[str, Tensor]:
         loss = fused_contrastive_loss(
             image_features, text_features, temperature=1.0 / logit_scale, critic="dot",
-            negatives="cross", symmetric=True, backend=self.backend,
+            negatives="cross", symmetric=True, backend=self.backend, group=self.group,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -68,22 +75,24 @@ class ClipLoss(nn.Module):
 class ProbabilityContrastLoss(nn.Module):
     """CRLC's probability contrastive loss: log-of-dot-product critic, all negatives.
 
-    At the default ``temperature=1.0`` it runs the exact linear-time closed form.
+    At the default ``temperature=1.0`` it runs the exact linear-time closed form
+    (also across the ranks of a process ``group``).
 
     Shape:
         p1, p2: ``(N, C)`` or ``(H, N, C)`` probability rows (smoothed, so dot
         products stay away from 0). Output: scalar, averaged over heads and rows.
     """
 
-    def __init__(self, temperature: float = 1.0, backend: str = "auto") -> None:
+    def __init__(self, temperature: float = 1.0, backend: str = "auto", group: Any = None) -> None:
         super().__init__()
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.backend = backend
+        self.group = group
 
     def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
         return fused_contrastive_loss(
             p1, p2, temperature=self.temperature, critic="log_dot", negatives="all",
-            backend=self.backend,
+            backend=self.backend, group=self.group,
         )

@@ -206,3 +206,22 @@ def assert_backend_matches_float64(
             assert x.dtype == dtype and x.device == a.device, f"{name}: {x.dtype} on {x.device}"
         err, bound = max_abs_err(x, r), error_bound(max_abs_err(p, r), dtype, r)
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({kw}, {dtype})"
+
+
+def run_ranks(worker, world: int, args: tuple, timeout: float = 180.0) -> None:
+    """Spawn ``world`` processes running ``worker(rank, world, *args)``; fail after ``timeout`` s.
+
+    The worker must be a module-level function (it is pickled); a rank that raises
+    makes this raise with its traceback, and a hung rank is killed.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(world, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s")

@@ -110,14 +110,16 @@ class CRLC(ClusteringMethod):
         p1, p2 = probs[:, :batch], probs[:, batch:]
         feature = fused_contrastive_loss(
             z1, z2, temperature=self.temperature, critic="cosine", negatives="all",
-            backend=self.kernel_backend,
+            backend=self.kernel_backend, group=self.group,
         )
         pt1, pt2 = smooth_probs(p1, self.alpha), smooth_probs(p2, self.alpha)
         # tau = 1 and log_dot: the exact O(B C) closed form, every head in one call.
         prob = fused_contrastive_loss(
-            pt1, pt2, temperature=1.0, critic="log_dot", negatives="all", reduction="none"
+            pt1, pt2, temperature=1.0, critic="log_dot", negatives="all", reduction="none",
+            group=self.group,
         ).mean(dim=-1)  # (H,)
-        entropy = 0.5 * (marginal_entropy(p1) + marginal_entropy(p2))  # (H,)
+        entropy = 0.5 * (marginal_entropy(p1, group=self.group)
+                         + marginal_entropy(p2, group=self.group))  # (H,)
         penalty = 0.5 * (
             logit_penalty(logits[:, :batch], self.logit_bound)
             + logit_penalty(logits[:, batch:], self.logit_bound)

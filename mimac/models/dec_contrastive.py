@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimac.distributed import batch_sum_
 from mimac.models.backbones import build_backbone, resolve_backbone_name
 from mimac.models.heads import MLPHead
 from mimac.models.kmeans import kmeans
@@ -52,17 +53,22 @@ def student_t_log_q(h: Tensor, centres: Tensor, dof: float = 1.0) -> Tensor:
     return torch.log_softmax(-0.5 * (dof + 1.0) * torch.log1p(d2 / dof), dim=-1)
 
 
-def target_distribution(q: Tensor) -> Tensor:
+def target_distribution(q: Tensor, group: Any = None) -> Tensor:
     """DEC's sharpened target ``p_ik = (q_ik^2 / f_k) / sum_j (q_ij^2 / f_j)``, ``f_k = sum_i q_ik``.
 
     Squaring sharpens confident assignments; dividing by the cluster frequency
     keeps large clusters from absorbing everything. No gradient flows.
 
+    Args:
+        q: soft assignments.
+        group: a process group: ``f_k`` sums over every rank's rows (the global batch).
+
     Shape:
-        q: ``(B, K)`` soft assignments; output ``(B, K)``, rows sum to 1.
+        q: ``(B, K)``; output ``(B, K)``, rows sum to 1.
     """
     q = q.detach().float()
-    w = q.square() / q.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    freq = batch_sum_(q.sum(dim=0, keepdim=True), group)
+    w = q.square() / freq.clamp_min(1e-12)
     return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -147,6 +153,9 @@ class DECContrastive(ClusteringMethod):
     def prepare_epoch(self) -> int:
         return self.pretrain_epochs
 
+    def may_skip_parameters(self) -> bool:
+        return self.pretrain_epochs > 0  # the centres get no gradient before k-means
+
     @torch.no_grad()
     def prepare(self, batches: Iterable[Tensor]) -> None:
         """k-means on the clean images' features -> the centres.
@@ -195,6 +204,7 @@ class DECContrastive(ClusteringMethod):
         # One backbone pass over all views: bigger matmuls, and BN sees every view.
         h = self.backbone(torch.cat(views, dim=0))
         z = F.normalize(self.instance_head(h).float(), dim=-1)
+        self.instance_loss.group = self.group
         instance = self.instance_loss(z[batch:2 * batch], z[2 * batch:])
         w_inst, w_clu, w_anc = self.weights
         zero = instance.new_zeros(())
@@ -202,7 +212,7 @@ class DECContrastive(ClusteringMethod):
         if bool(self.centres_ready):
             log_q = self.log_q(h).view(3, batch, -1)  # (view, B, K)
             q_clean = log_q[0].exp()
-            cluster = kl_rows(target_distribution(q_clean), log_q[0])
+            cluster = kl_rows(target_distribution(q_clean, self.group), log_q[0])
             anchor_p = q_clean.detach()
             anchor = kl_rows(anchor_p, log_q[1]) + kl_rows(anchor_p, log_q[2])
         total = w_inst * instance + w_clu * cluster + w_anc * anchor

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimac.distributed import batch_sum, batch_sum_, world_size
 from mimac.models.backbones import build_backbone, resolve_backbone_name
 from mimac.models.method import ClusteringMethod, ViewSpec
 
@@ -41,8 +42,18 @@ SMALL_TO_LARGE = 18 / 28
 MIN_CROP = 4  # the backbones' smallest input side
 
 
+def _global_logsumexp0(x: Tensor, group: Any) -> Tensor:
+    """``logsumexp`` over dim 0 of the rows of every rank ``(1, P)`` (no gradient)."""
+    if group is None:
+        return torch.logsumexp(x, dim=0, keepdim=True)
+    top = batch_sum_(x.amax(dim=0, keepdim=True), group, torch.distributed.ReduceOp.MAX)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = batch_sum_((x - top).exp().sum(dim=0, keepdim=True), group)
+    return total.log() + top
+
+
 @torch.no_grad()
-def sinkhorn_codes(scores: Tensor, epsilon: float = 0.05, iters: int = 3) -> Tensor:
+def sinkhorn_codes(scores: Tensor, epsilon: float = 0.05, iters: int = 3, group: Any = None) -> Tensor:
     """SwAV's Sinkhorn-Knopp codes, in the log domain (finite for any score size).
 
     Starts from ``Q = exp(scores / eps)`` (samples x prototypes) and alternately
@@ -57,31 +68,36 @@ def sinkhorn_codes(scores: Tensor, epsilon: float = 0.05, iters: int = 3) -> Ten
         scores: prototype scores ``(B, K)``, any float dtype; no gradient is taken.
         epsilon: entropic regularisation (0.05 in SwAV and IMC-SwAV).
         iters: Sinkhorn iterations (3).
+        group: a process group: the columns are normalised over every rank's rows
+            (as SwAV's all-reduced sums), so the codes are those of the global batch.
 
     Shape:
-        scores ``(B, K)`` -> codes ``(B, K)`` float32.
+        scores ``(B, K)`` -> codes ``(B, K)`` float32 (this rank's rows).
     """
     batch, k = scores.shape
+    batch *= world_size(group)
     with torch.autocast(scores.device.type, enabled=False):
         log_q = scores.detach().float() / epsilon
         for _ in range(iters):
-            log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)
+            log_q = log_q - _global_logsumexp0(log_q, group) - math.log(k)
             log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(batch)
         return torch.exp(log_q + math.log(batch))
 
 
-def mi_loss(py: Tensor, pu: Tensor, entropy_weight: float = 4.0) -> tuple[Tensor, Tensor, Tensor]:
+def mi_loss(py: Tensor, pu: Tensor, entropy_weight: float = 4.0,
+            group: Any = None) -> tuple[Tensor, Tensor, Tensor]:
     """IMC-SwAV's ``H(Y|U) - w H(Y)`` for every pair of crops at once.
 
     Args:
         py: classifier probabilities ``(Vy, B, K)``.
         pu: prototype distributions ``(Vu, B, P)``.
         entropy_weight: ``w`` (4 in the paper).
+        group: a process group: the joint is summed over every rank's rows.
 
     Returns:
         ``(loss, H(Y|U), H(Y))``, each ``(Vy, Vu)``: pair ``(j, i)`` uses ``py[j]`` and ``pu[i]``.
     """
-    joint = torch.einsum("jbk,ibl->jikl", py.float(), pu.float()) / py.shape[1]
+    joint = batch_sum(torch.einsum("jbk,ibl->jikl", py.float(), pu.float()) / py.shape[1], group)
     joint = joint / joint.sum(dim=(-2, -1), keepdim=True)  # (Vy, Vu, K, P), sums to 1
     p_u = joint.sum(dim=-2, keepdim=True)  # (Vy, Vu, 1, P)
     p_y = joint.sum(dim=-1)  # (Vy, Vu, K)
@@ -181,13 +197,6 @@ class IMCSwAV(ClusteringMethod):
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
         self.prototypes_frozen = False
         self.normalize_prototypes()
-        # Dropping the gradient after accumulation makes the optimizer skip the
-        # prototypes entirely (no moment update, no weight decay), as SwAV does.
-        self.prototypes.weight.register_post_accumulate_grad_hook(self._drop_frozen_grad)
-
-    def _drop_frozen_grad(self, param: Tensor) -> None:
-        if self.prototypes_frozen:
-            param.grad = None
 
     @classmethod
     def from_config(cls, cfg: Any, in_channels: int, image_size: int, num_clusters: int) -> IMCSwAV:
@@ -236,6 +245,9 @@ class IMCSwAV(ClusteringMethod):
     def view_specs(self) -> list[ViewSpec]:
         return list(self.crops)
 
+    def may_skip_parameters(self) -> bool:
+        return self.freeze_prototypes_epochs > 0
+
     def on_epoch_start(self, epoch: int) -> None:
         self.prototypes_frozen = epoch <= self.freeze_prototypes_epochs
 
@@ -271,17 +283,21 @@ class IMCSwAV(ClusteringMethod):
         feats = self._features(views)
         h = torch.stack(feats)  # (V, B, F)
         z = F.normalize(self.projection(h).float(), dim=-1)
-        u = self.prototypes(z.to(self.prototypes.weight.dtype)).float()  # (V, B, P)
+        # Frozen prototypes enter as a constant: no gradient at all, so the optimizer skips
+        # them (no moment update, no weight decay), as SwAV does, also under DDP.
+        weight = self.prototypes.weight.detach() if self.prototypes_frozen else self.prototypes.weight
+        u = F.linear(z.to(weight.dtype), weight).float()  # (V, B, P)
         log_p = torch.log_softmax(u / self.temperature, dim=-1)
         swav_terms = []
         for i in range(self.num_large):
-            q = sinkhorn_codes(u[i], self.epsilon, self.sinkhorn_iters)  # (B, P)
+            q = sinkhorn_codes(u[i], self.epsilon, self.sinkhorn_iters, self.group)  # (B, P)
             ce = -(q.unsqueeze(0) * log_p).sum(dim=-1).mean(dim=-1)  # (V,)
             swav_terms.append(torch.cat([ce[:i], ce[i + 1:]]))
         swav = torch.cat(swav_terms).mean()
         # The classifier sees detached features, one crop at a time (BN statistics per crop).
         y = torch.stack([self.classifier(f.detach()) for f in feats]).float()  # (V, B, K)
-        mi, cond, marg = mi_loss(y.softmax(dim=-1), log_p.detach().exp(), self.entropy_weight)
+        mi, cond, marg = mi_loss(y.softmax(dim=-1), log_p.detach().exp(), self.entropy_weight,
+                                 self.group)
         penalty = linear_logit_penalty(y, self.logit_bound)
         total = swav + mi.mean() + self.penalty_weight * penalty
         return {"total": total, "swav": swav, "mi": mi.mean(), "cond_entropy": cond.mean(),

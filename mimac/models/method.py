@@ -60,10 +60,17 @@ class ClusteringMethod(nn.Module):
     :meth:`losses`, :meth:`cluster_probs`; they may override the hooks.
     ``selected_head`` is a buffer (saved in checkpoints) holding the sub-head
     that :meth:`predict` reports, chosen by :meth:`select_head` without labels.
+
+    ``group`` is the process group while the trainer runs data-parallel steps
+    (None otherwise, e.g. during evaluation on rank 0): :meth:`losses` then sees
+    this rank's rows only, and every batch-level quantity (contrastive negatives,
+    marginals, Sinkhorn sums, DEC frequencies) must span all ranks through it
+    (see :mod:`mimac.distributed` for the convention).
     """
 
     name: ClassVar[str] = "base"
     selected_head: Tensor
+    group: Any = None
 
     def __init__(self, num_clusters: int, num_heads: int = 1) -> None:
         super().__init__()
@@ -123,6 +130,11 @@ class ClusteringMethod(nn.Module):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
+
+    def may_skip_parameters(self) -> bool:
+        """True if some step can leave a trainable parameter without a gradient (DDP then
+        has to look for unused parameters each step, which costs a graph traversal)."""
+        return False
 
     def prepare_epoch(self) -> int:
         """After which epoch :meth:`prepare` runs: 0 (default) before the first epoch,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from mimac_kernels import fused_contrastive_loss
+from mimac_kernels import ClipLoss, NTXentLoss, ProbabilityContrastLoss, fused_contrastive_loss
 from mimac_kernels.distributed import gather_with_grad
+from mimac_kernels.testing import run_ranks
 
 N_LOCAL, D, H = 5, 6, 2
 CASES = [
@@ -55,6 +54,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             params = (a, b, tau) if isinstance(tau, torch.Tensor) else (a, b)
             grads = torch.autograd.grad(loss, params)
             results[(critic, negatives, tau_value)] = (loss.detach(), [g.detach() for g in grads])
+        # The modules take the group too (lightly's gather_distributed, open_clip's local loss).
+        a, b = _global_inputs(world, "cosine", seed=3)
+        p, q = _global_inputs(world, "log_dot", seed=4)
+        results["modules"] = torch.stack([
+            NTXentLoss(0.3, backend="torch", group=dist.group.WORLD)(a[0, sl], b[0, sl]),
+            ClipLoss(backend="torch", group=dist.group.WORLD)(a[0, sl], b[0, sl], 2.0),
+            ProbabilityContrastLoss(group=dist.group.WORLD)(p[:, sl], q[:, sl])])
         # The gather with a non-contiguous incoming gradient (a transposed tensor).
         x = torch.arange(N_LOCAL * D, dtype=torch.float64).reshape(1, N_LOCAL, D) + rank
         x.requires_grad_()
@@ -75,14 +81,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def _run(world: int, tmp_path) -> list[dict]:
-    ctx = mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                   join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} gloo ranks did not finish within 120 s")
+    run_ranks(_worker, world, (str(tmp_path / "init"), str(tmp_path)), timeout=120)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -107,6 +106,12 @@ def test_matches_single_process(world, tmp_path):
         if len(ref) == 3:  # DDP averages the ranks' temperature gradients
             mean_tau = torch.stack([r[key][1][2] for r in per_rank]).mean()
             torch.testing.assert_close(mean_tau, ref[2], msg=str(key))
+    a, b = _global_inputs(world, "cosine", seed=3)
+    p, q = _global_inputs(world, "log_dot", seed=4)
+    single = torch.stack([NTXentLoss(0.3, backend="torch")(a[0], b[0]),
+                          ClipLoss(backend="torch")(a[0], b[0], 2.0),
+                          ProbabilityContrastLoss()(p, q)])
+    torch.testing.assert_close(torch.stack([r["modules"] for r in per_rank]).mean(0), single)
     for rank, r in enumerate(per_rank):
         grad, up = r["gather"]
         want = world * up[:, rank * N_LOCAL : (rank + 1) * N_LOCAL]

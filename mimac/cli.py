@@ -13,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -100,6 +101,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Only ``train`` is data-parallel; other commands under several ranks would race."""
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+        raise ValueError(f"`mimac {command}` runs in one process; launch it without torchrun "
+                         "(only `mimac train` runs data-parallel)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mimac`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": _train, "eval": _eval, "compare": _compare}
+        if args.command != "train":
+            _refuse_torchrun(args.command)
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mimac {args.command}: error: {exc}", file=sys.stderr)

@@ -208,3 +208,12 @@ def test_sync_batchnorm_on_cpu_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="sync_batchnorm=true needs CUDA"):
         run_ranks(_train_worker, 2, (_free_port(), [*RUN, "sync_batchnorm=true",
                                                     f"run_dir={tmp_path / 'r'}"], None), timeout=60)
+
+
+@pytest.mark.parametrize("command", [["eval", "runs/x"], ["compare", "--dataset", "digits"]])
+def test_other_commands_refuse_torchrun(monkeypatch, capsys, command: list[str]) -> None:
+    from mimac.cli import EXIT_USAGE, main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(command) == EXIT_USAGE
+    assert "launch it without torchrun" in capsys.readouterr().err

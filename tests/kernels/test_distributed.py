@@ -122,3 +122,43 @@ def test_matches_single_process(world, tmp_path):
 def test_group_without_init_is_refused():
     with pytest.raises(ValueError, match="not initialised"):
         fused_contrastive_loss(torch.randn(4, 3), torch.randn(4, 3), group=object())
+
+
+def _world_one_worker(rank: int, world: int, init_file: str, out_dir: str, pg_backend: str) -> None:
+    device = "cuda" if pg_backend == "nccl" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(pg_backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for critic, negatives, tau_value in CASES:
+            a0, b0 = (x.float().to(device) for x in _global_inputs(world, critic))
+            per_call = []
+            for group in (dist.group.WORLD, None):
+                a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+                tau = _tau(tau_value, critic)
+                if isinstance(tau, torch.Tensor):
+                    tau = tau.detach().float().to(device).requires_grad_()
+                # The torch backend on both sides: the distributed path tiles with it too.
+                loss = fused_contrastive_loss(a, b, temperature=tau, critic=critic,
+                                              negatives=negatives, backend="torch", group=group)
+                params = (a, b, tau) if isinstance(tau, torch.Tensor) else (a, b)
+                grads = torch.autograd.grad(loss, params)
+                per_call.append([loss.detach().cpu()] + [g.cpu() for g in grads])
+            results[(critic, negatives, tau_value)] = per_call
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pg_backend", [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs CUDA and NCCL")),
+])
+def test_world_of_one_equals_the_plain_call(tmp_path, pg_backend):
+    run_ranks(_world_one_worker, 1, (str(tmp_path / "init"), str(tmp_path), pg_backend), timeout=120)
+    results = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    for key, (with_group, plain) in results.items():
+        for got, want in zip(with_group, plain):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=str(key))

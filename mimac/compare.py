@@ -61,13 +61,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def kmeans_baseline(cfg: Any, seed: int) -> dict[str, Any]:
     """Torch k-means (k-means++, 10 restarts) on the raw pixels of the run's data."""
-    from mimac.data import load_dataset
     from mimac.metrics import evaluate_clustering
     from mimac.models.kmeans import kmeans
-    from mimac.train import limit_dataset
+    from mimac.train import load_run_data
 
-    ds = limit_dataset(load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, **(
-        {"image_size": cfg.data.image_size} if cfg.data.image_size else {})), cfg.data.limit)
+    ds = load_run_data(cfg)
     k = cfg.model.num_clusters or ds.num_classes
     x = ds.images.flatten(1).float().div_(255.0)
     t0 = time.perf_counter()

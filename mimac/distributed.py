@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mimac_kernels.distributed import sum_with_grad
+
 T = TypeVar("T")
 
 #: torchrun's variables; WORLD_SIZE alone decides whether this is a distributed run.
@@ -126,38 +128,17 @@ def rank_device(device: torch.device, info: DistInfo) -> torch.device:
     return device
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose backward is the all-reduce of the gradient.
-
-    Every rank uses the summed statistic in the same loss, so the gradient of the
-    ranks' losses together with respect to one rank's input is the sum of every
-    rank's incoming gradient. (``torch.distributed.nn.functional.all_reduce`` does
-    this too but is deprecated.)
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:
-        ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
 def batch_sum(x: Tensor, group: Any) -> Tensor:
-    """Sum of ``x`` over every rank, differentiable (see :class:`_SumOverRanks`);
-    ``x`` unchanged without a group."""
-    return x if group is None else _SumOverRanks.apply(x, group)
+    """Sum of ``x`` over every rank, differentiable: its backward sums every rank's
+    gradient, as a statistic that every rank uses identically needs. ``x`` unchanged
+    without a group."""
+    return x if group is None else sum_with_grad(x, group)
 
 
 @torch.no_grad()
-def batch_sum_(x: Tensor, group: Any, op: Any = None) -> Tensor:
-    """In-place all-reduce of a statistic that takes no gradient (``op``: default SUM)."""
+def all_reduce_(x: Tensor, group: Any, op: Any = None) -> Tensor:
+    """In-place all-reduce (``op``: default SUM) of a statistic that takes no gradient;
+    ``x`` unchanged without a group."""
     if group is not None:
         dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return x
@@ -177,17 +158,8 @@ def broadcast_module(module: nn.Module, info: DistInfo) -> None:
         dist.broadcast(t.data, src=0, group=info.group)
 
 
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's ``obj`` on every rank (pickled; for small things: paths, states, metrics)."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=info.group)
-    return box[0]
-
-
 def on_main(fn: Callable[[], T], info: DistInfo) -> T:
-    """``fn()`` run by rank 0 alone (file-system work: run folder, checkpoint), its result
+    """``fn()`` run by rank 0 alone (run folder, checkpoint, final evaluation), its result
     handed to every rank; if it raises, every rank raises the same error instead of
     waiting forever for rank 0."""
     if not info.distributed:

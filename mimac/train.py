@@ -109,9 +109,15 @@ class Setup:
     dist: DistInfo = mdist.SINGLE
 
 
-def limit_dataset(ds: Any, limit: int | None) -> Any:
-    """The config's ``data.limit``: a fixed random subset of ``limit`` images (seed 0, not
-    the run seed, so every run and method sees the same images), in dataset order."""
+def load_run_data(cfg: Config) -> Any:
+    """The run's dataset (``data.*``). With ``data.limit``: a fixed random subset of that
+    many images (seed 0, not the run seed, so every run and method sees the same images),
+    in dataset order."""
+    from mimac.data import load_dataset
+
+    ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, **(
+        {"image_size": cfg.data.image_size} if cfg.data.image_size else {}))
+    limit = cfg.data.limit
     if limit is None or limit >= len(ds):
         return ds
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit].sort().values
@@ -121,15 +127,12 @@ def limit_dataset(ds: Any, limit: int | None) -> Any:
 def build(cfg: Config, info: DistInfo = mdist.SINGLE) -> Setup:
     """Load the data, build the augmentation and the method (seeded) on the device
     (this rank's GPU under torchrun; batch norms synchronised if ``sync_batchnorm``)."""
-    from mimac.data import load_dataset
     from mimac.data.augment import preset
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = mdist.rank_device(resolve_device(cfg.device), info)
-    ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, **(
-        {"image_size": cfg.data.image_size} if cfg.data.image_size else {}))
-    ds = limit_dataset(ds, cfg.data.limit)
+    ds = load_run_data(cfg)
     if len(ds) < 2:
         raise ValueError(f"dataset {cfg.data.name!r} split {cfg.data.split!r} has {len(ds)} images")
     k = cfg.model.num_clusters or ds.num_classes
@@ -310,17 +313,20 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
     finally:
         if runlog is not None:
             runlog.close()
-    final = None
-    if info.is_main:
-        if evaluation is None:  # resumed a finished run: evaluate the checkpoint
-            evaluation = evaluate_method(method, s.images, s.labels, s.views, batch_size=bs,
-                                         eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                         autocast=s.autocast)
-        final = _final_metrics(cfg, s, evaluation, train_time, runlog.rows)
+
+    def finish() -> dict[str, Any]:
+        ev = evaluation
+        if ev is None:  # resumed a finished run: evaluate the checkpoint
+            ev = evaluate_method(method, s.images, s.labels, s.views, batch_size=bs,
+                                 eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                 autocast=s.autocast)
+        final = _final_metrics(cfg, s, ev, train_time, runlog.rows)
         final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
-        write_outputs(run_dir, final, evaluation["pred"])
+        write_outputs(run_dir, final, ev["pred"])
         log(format_metrics(final))
-    return mdist.broadcast_object(final, info)
+        return final
+
+    return mdist.on_main(finish, info)
 
 
 def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -358,7 +364,7 @@ def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 terms = step_fn(views)
             names = list(terms)
             stacked = torch.stack([terms[k].detach().float() for k in names])
-            values = (mdist.batch_sum_(stacked, info.group) / info.world_size).tolist()  # one sync
+            values = (mdist.all_reduce_(stacked, info.group) / info.world_size).tolist()  # one sync
             total = values[names.index("total")]
             if not math.isfinite(total):  # the same rank mean on every rank: all stop together
                 detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))

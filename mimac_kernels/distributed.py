@@ -10,6 +10,9 @@ averaging of parameter gradients yields exactly the single-process gradient.
 A temperature is not gathered: each rank's temperature gradient is that of its
 own mean, and their average (what DDP applies) is the single-process gradient.
 
+The log_dot closed form at tau = 1 (in ``functional``) needs only every rank's
+column sums (:func:`sum_with_grad`), not the rows.
+
 Memory: the gathered columns, ``2 x world_size x N_local x D`` elements per
 head, are the only global tensors; similarities are formed one row block at
 a time (``O(block x M_global)``), never ``M_local x M_global``.
@@ -53,6 +56,29 @@ def gather_with_grad(x: Tensor, group=None) -> Tensor:
     Shape: ``(H, N, D)`` -> ``(H, world_size * N, D)``, ranks in order.
     """
     return _GatherWithGrad.apply(x, group)
+
+
+class _SumWithGrad(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: every rank uses the sum
+    in the same way, so one rank's input gets the sum of every rank's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def sum_with_grad(x: Tensor, group=None) -> Tensor:
+    """Elementwise sum of every rank's ``x`` (same shape on every rank), differentiable."""
+    return _SumWithGrad.apply(x, group)
 
 
 class _RectLoss(torch.autograd.Function):
@@ -99,7 +125,6 @@ def distributed_losses(
     negatives: str,
     eps: float,
     group,
-    closed_form: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-row (and per-column) losses of this rank's rows against every rank's columns.
 
@@ -107,19 +132,12 @@ def distributed_losses(
         a, b: ``(H, N, D)`` local; pos_raw: ``(H, N)`` unscaled positive scores.
         Returns ``(H, 2N)`` and ``(H, 0)`` for ``all`` (rows ``[a; b]`` against
         ``[a_all; b_all]``), ``(H, N)`` and ``(H, N)`` for ``cross`` (``a`` against
-        ``b_all``, ``b`` against ``a_all``). ``closed_form``: log_dot at tau = 1,
-        where ``sum_k z_i.z_k = z_i . sum_k z_k`` needs only the gathered column sums.
+        ``b_all``, ``b`` against ``a_all``).
     """
     check_equal_sizes(a.shape[1], a.device, group)
     n = a.shape[1]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
-    if closed_form:
-        row_lse, col_lse = _closed_form_lse(a, b, a_all, b_all, negatives, eps)
-        pos = inv_tau * pos_raw
-        if negatives == "all":
-            return row_lse - torch.cat([pos, pos], dim=-1), col_lse
-        return row_lse - pos, col_lse - pos
     own = torch.arange(n, device=a.device) + rank * n
     if negatives == "all":
         z_all = torch.cat([a_all, b_all], dim=1)
@@ -128,21 +146,4 @@ def distributed_losses(
         return torch.cat([row_a, row_b], dim=1), row_a[..., :0]
     row = _RectLoss.apply(a, b_all, inv_tau, pos_raw, critic, eps, None)
     col = _RectLoss.apply(b, a_all, inv_tau, pos_raw, critic, eps, None)  # f(x, y) = f(y, x)
-    return row, col
-
-
-def _closed_form_lse(
-    a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, negatives: str, eps: float
-) -> tuple[Tensor, Tensor]:
-    """log_dot at tau = 1 across ranks: dot products with the gathered column sums."""
-    a, b = a.to(a_all.dtype), b.to(b_all.dtype)
-    sum_a, sum_b = a_all.sum(dim=1, keepdim=True), b_all.sum(dim=1, keepdim=True)
-    if negatives == "all":
-        total = sum_a + sum_b
-        row_a = (a * total).sum(-1) - (a * a).sum(-1)
-        row_b = (b * total).sum(-1) - (b * b).sum(-1)
-        row = torch.cat([row_a, row_b], dim=1).clamp_min(eps).log()
-        return row, row.new_empty(row.shape[0], 0)
-    row = (a * sum_b).sum(-1).clamp_min(eps).log()
-    col = (b * sum_a).sum(-1).clamp_min(eps).log()
     return row, col

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mimac_kernels import dispatch, ops
+from mimac_kernels import dispatch, distributed, ops
 
 CRITICS = ("cosine", "dot", "log_dot")
 NEGATIVES = ("all", "cross")
@@ -117,34 +117,40 @@ def _losses_without_op(
     group: object | None,
     closed: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Row and column losses by the paths that need no fused op: the log_dot closed form
-    (linear time, plain torch, so autograd is exact) and the distributed loss."""
-    acc = pos_raw.dtype
-    if closed:
-        a, b = a.to(acc), b.to(acc)
+    """Row and column losses by the paths that need no fused op: the distributed loss
+    and the log_dot closed form (linear time, plain torch, so autograd is exact; across
+    ranks it needs only the summed columns)."""
+    if not closed:
+        return distributed.distributed_losses(a, b, inv_tau, pos_raw, critic, negatives, eps, group)
     if group is not None:
-        from mimac_kernels.distributed import distributed_losses
-
-        return distributed_losses(a, b, inv_tau, pos_raw, critic, negatives, eps, group, closed)
-    row_lse, col_lse = _log_dot_unit_lse(a, b, negatives, eps)
+        distributed.check_equal_sizes(a.shape[1], a.device, group)
+    a, b = a.to(pos_raw.dtype), b.to(pos_raw.dtype)
+    row_lse, col_lse = _log_dot_unit_lse(a, b, negatives, eps, group)
     pos = inv_tau * pos_raw
     if negatives == "all":
         return row_lse - torch.cat([pos, pos], dim=-1), col_lse
     return row_lse - pos, col_lse - pos
 
 
-def _log_dot_unit_lse(a: Tensor, b: Tensor, negatives: str, eps: float) -> tuple[Tensor, Tensor]:
-    """Closed form at tau = 1: sum_k exp(S_ik) = z_i . sum_k z_k (minus self for ``all``).
+def _log_dot_unit_lse(
+    a: Tensor, b: Tensor, negatives: str, eps: float, group: object | None
+) -> tuple[Tensor, Tensor]:
+    """Closed form at tau = 1: ``sum_k exp(S_ik) = z_i . sum_k z_k`` (minus self for ``all``).
 
     O(M D) time and memory; plain torch ops, so autograd gives the exact gradient.
+    With a group, the column sums run over every rank's rows: ``O(D)`` traffic per head.
     """
+
+    def column_sum(x: Tensor) -> Tensor:  # (H, 1, D)
+        total = x.sum(dim=1, keepdim=True)
+        return total if group is None else distributed.sum_with_grad(total, group)
+
     if negatives == "all":
         z = torch.cat([a, b], dim=1)
-        total = z.sum(dim=1, keepdim=True)  # (H, 1, D)
-        denom = (z * total).sum(-1) - (z * z).sum(-1)
+        denom = (z * column_sum(z)).sum(-1) - (z * z).sum(-1)
         return denom.clamp_min(eps).log(), z.new_empty(z.shape[0], 0)
-    row = (a * b.sum(dim=1, keepdim=True)).sum(-1)
-    col = (b * a.sum(dim=1, keepdim=True)).sum(-1)
+    row = (a * column_sum(b)).sum(-1)
+    col = (b * column_sum(a)).sum(-1)
     return row.clamp_min(eps).log(), col.clamp_min(eps).log()
 
 

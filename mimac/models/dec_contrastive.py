@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimac.distributed import batch_sum_
+from mimac.distributed import all_reduce_
 from mimac.models.backbones import build_backbone, resolve_backbone_name
 from mimac.models.heads import MLPHead
 from mimac.models.kmeans import kmeans
 from mimac.models.method import ClusteringMethod, ViewSpec
-from mimac_kernels import NTXentLoss
+from mimac_kernels import fused_contrastive_loss
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -67,7 +67,7 @@ def target_distribution(q: Tensor, group: Any = None) -> Tensor:
         q: ``(B, K)``; output ``(B, K)``, rows sum to 1.
     """
     q = q.detach().float()
-    freq = batch_sum_(q.sum(dim=0, keepdim=True), group)
+    freq = all_reduce_(q.sum(dim=0, keepdim=True), group)
     w = q.square() / freq.clamp_min(1e-12)
     return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -116,7 +116,7 @@ class DECContrastive(ClusteringMethod):
         self.centres = nn.Parameter(torch.zeros(num_clusters, feat))
         # A buffer, so a checkpoint says whether k-means has run (resume skips it then).
         self.register_buffer("centres_ready", torch.zeros((), dtype=torch.bool))
-        self.instance_loss = NTXentLoss(temperature, backend=kernel_backend)
+        self.temperature, self.kernel_backend = temperature, kernel_backend
         self.weights = (instance_weight, cluster_weight, anchor_weight)
         self.pretrain_epochs = pretrain_epochs
         self.kmeans_restarts, self.kmeans_iters, self.seed = kmeans_restarts, kmeans_iters, seed
@@ -204,8 +204,9 @@ class DECContrastive(ClusteringMethod):
         # One backbone pass over all views: bigger matmuls, and BN sees every view.
         h = self.backbone(torch.cat(views, dim=0))
         z = F.normalize(self.instance_head(h).float(), dim=-1)
-        self.instance_loss.group = self.group
-        instance = self.instance_loss(z[batch:2 * batch], z[2 * batch:])
+        instance = fused_contrastive_loss(  # NT-Xent, as lightly's NTXentLoss
+            z[batch:2 * batch], z[2 * batch:], temperature=self.temperature, critic="cosine",
+            negatives="all", backend=self.kernel_backend, group=self.group)
         w_inst, w_clu, w_anc = self.weights
         zero = instance.new_zeros(())
         cluster, anchor = zero, zero

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimac.distributed import batch_sum, batch_sum_, world_size
+from mimac.distributed import batch_sum, all_reduce_, world_size
 from mimac.models.backbones import build_backbone, resolve_backbone_name
 from mimac.models.method import ClusteringMethod, ViewSpec
 
@@ -46,9 +46,9 @@ def _global_logsumexp0(x: Tensor, group: Any) -> Tensor:
     """``logsumexp`` over dim 0 of the rows of every rank ``(1, P)`` (no gradient)."""
     if group is None:
         return torch.logsumexp(x, dim=0, keepdim=True)
-    top = batch_sum_(x.amax(dim=0, keepdim=True), group, torch.distributed.ReduceOp.MAX)
+    top = all_reduce_(x.amax(dim=0, keepdim=True), group, torch.distributed.ReduceOp.MAX)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = batch_sum_((x - top).exp().sum(dim=0, keepdim=True), group)
+    total = all_reduce_((x - top).exp().sum(dim=0, keepdim=True), group)
     return total.log() + top
 
 

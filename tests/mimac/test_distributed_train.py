@@ -217,3 +217,19 @@ def test_other_commands_refuse_torchrun(monkeypatch, capsys, command: list[str])
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(command) == EXIT_USAGE
     assert "launch it without torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("env", "match"), [
+    ({"WORLD_SIZE": "2"}, "RANK, LOCAL_RANK is not"),
+    ({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE must be an integer"),
+])
+def test_bad_torchrun_environment_is_named(monkeypatch, env: dict, match: str) -> None:
+    from mimac.distributed import join
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        join("cpu")
+    assert not dist.is_initialized()

@@ -68,6 +68,8 @@ class ExtensionSpec:
     cflags: tuple[str, ...] = ()
     cuda_cflags: tuple[str, ...] = ()
     ldflags: tuple[str, ...] = ()
+    #: Header search path (default: ``source_dir``).
+    include_dirs: tuple[Path, ...] = ()
 
 
 def _openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -104,6 +106,26 @@ def cuda_spec(csrc: Path = CSRC) -> ExtensionSpec:
         sources=(src / "binding.cpp", src / "contrastive_kernels.cu"),
         cflags=("-O3",),
         cuda_cflags=("-O3", "-lineinfo"),
+    )
+
+
+def cuda_emulation_spec(csrc: Path = CSRC) -> ExtensionSpec:
+    """The CUDA kernels and their torch glue built for the CPU emulation of
+    ``csrc/emulation`` (tests run them on host tensors where no GPU is; see
+    ``csrc/emulation/cuda_emu.h`` for what it checks and what it cannot see)."""
+    emu = csrc / "emulation"
+    return ExtensionSpec(
+        kind="cuda_emulation",
+        name="mimac_kernels_cuda_emulation",
+        source_dir=csrc,  # the kernels live in csrc/cuda: key the cache on both folders
+        sources=(
+            csrc / "cuda" / "binding.cpp",
+            emu / "kernels.cpp",
+            emu / "runtime.cpp",
+            emu / "selftest.cpp",
+        ),
+        cflags=("-O2", "-DMIMAC_CUDA_EMULATION", "-Wno-unknown-pragmas"),
+        include_dirs=(emu,),
     )
 
 
@@ -149,7 +171,7 @@ def cuda_arch_tag() -> str:
 
 def build_directory(spec: ExtensionSpec) -> Path:
     """Cache folder of this spec for this Python, torch, CUDA and target."""
-    target = platform.machine() if spec.kind == "cpu" else cuda_arch_tag()
+    target = cuda_arch_tag() if spec.kind == "cuda" else platform.machine()
     key = "-".join(
         (
             spec.name,
@@ -266,7 +288,7 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
             extra_cflags=list(spec.cflags),
             extra_cuda_cflags=list(spec.cuda_cflags) or None,
             extra_ldflags=list(spec.ldflags) or None,
-            extra_include_paths=[str(spec.source_dir)],
+            extra_include_paths=[str(d) for d in spec.include_dirs or (spec.source_dir,)],
             build_directory=str(lib.parent),
             verbose=verbose,
             with_cuda=spec.kind == "cuda",

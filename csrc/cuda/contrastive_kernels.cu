@@ -448,8 +448,10 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Pass& p, cudaStr
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<grid, NT, smem, stream>>>(p);
-  return cudaGetLastError();
+  // cudaLaunchKernel rather than <<<>>>: plain C++, so csrc/emulation runs this file on a CPU.
+  void* args[] = {const_cast<Pass*>(&p)};
+  const cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(NT), args, smem, stream);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 dim3 grid_for(const Pass& p, int64_t heads, int64_t slices) {

@@ -1,0 +1,333 @@
+// A CPU emulation of the CUDA subset the kernels in csrc/cuda use, so that CI
+// (no GPU) runs those kernels' own source: indexing, masking, shared-memory
+// staging, barriers, warp shuffles, the launch configuration and the launchers'
+// pass logic, against the float64 reference.
+//
+// How: every CUDA thread of a block is a fiber (ucontext) on one OS thread;
+// __syncthreads() and warp-collective calls yield until every thread of the
+// block (warp) has arrived, so a run is deterministic. Blocks run one after
+// another. WMMA fragments hold the whole 16x16 (or 16x8) tile in every lane:
+// load/mma/store have the API's matrix semantics, with TF32 inputs truncated
+// to 10 mantissa bits as the tensor cores do, and their preconditions checked
+// (32-byte aligned pointers, ldm a multiple of 16 bytes, arguments uniform
+// across the warp).
+//
+// What it checks beyond values: barrier divergence (a thread exits or waits at
+// another barrier while the block waits), dynamic shared memory over 48 KiB
+// without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
+// dynamic shared memory the launch asked for, launch bounds.
+//
+// What it cannot see: timing, bank conflicts, register pressure, races that a
+// real GPU would expose between barriers (fibers switch only at barriers).
+// Only dynamic shared memory (`extern __shared__ T name[]`) is emulated, and
+// kernels take one by-value argument. Used through csrc/emulation/kernels.cpp.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n)
+
+// --- runtime types ------------------------------------------------------------------
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
+  cudaErrorLaunchFailure = 719,
+};
+typedef cudaError_t cudaError;
+typedef struct CUstream_st* cudaStream_t;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+namespace mimac_emu {
+
+constexpr size_t kDefaultSmem = 48 * 1024;  // without cudaFuncSetAttribute
+constexpr size_t kMaxSmem = 166912;          // sm_80 opt-in maximum per block (163 KiB)
+constexpr int kWarp = 32;
+
+struct ThreadState {
+  dim3 thread_idx;
+  dim3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+  int lane;
+  int warp;
+};
+
+// The running fiber's state (valid only inside a kernel).
+const ThreadState& current();
+// Block-wide and warp-wide barriers: yield until everyone has arrived.
+void sync_block();
+void sync_warp();
+// Scratch slot of this lane in its warp (for shuffles and uniformity checks).
+void* warp_slot(int lane);
+// Abort the launch with a message (never returns to the caller).
+[[noreturn]] void fail(const char* what);
+
+// This lane's next collective call (load_matrix_sync, mma_sync) since its warp's
+// last barrier. The first lane to reach a call records it in `key` (and its
+// result in `value`); the other lanes compare with it: the arguments must be
+// uniform across a warp, and an mma with identical operands reuses the result
+// instead of recomputing the tile 32 times.
+struct Record {
+  std::vector<unsigned char> key, value;
+};
+Record& next_record(bool& first);
+
+using Body = void (*)(void* kernel, void* arg);
+cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 block, size_t smem);
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+cudaError_t last_error();
+// The dynamic shared memory all blocks use (blocks run one at a time).
+void register_dynamic_smem(unsigned char* base, size_t size);
+
+}  // namespace mimac_emu
+
+#define threadIdx (::mimac_emu::current().thread_idx)
+#define blockIdx (::mimac_emu::current().block_idx)
+#define blockDim (::mimac_emu::current().block_dim)
+#define gridDim (::mimac_emu::current().grid_dim)
+
+inline void __syncthreads() { ::mimac_emu::sync_block(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::mimac_emu::fail("__syncwarp: only the full mask is emulated");
+  ::mimac_emu::sync_warp();
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+  if (mask != 0xffffffffu) ::mimac_emu::fail("__shfl_xor_sync: only the full mask is emulated");
+  const int lane = ::mimac_emu::current().lane;
+  std::memcpy(::mimac_emu::warp_slot(lane), &v, sizeof(T));
+  ::mimac_emu::sync_warp();
+  T out;
+  std::memcpy(&out, ::mimac_emu::warp_slot((lane ^ lane_mask) & 31), sizeof(T));
+  ::mimac_emu::sync_warp();  // nobody overwrites a slot before every lane has read
+  return out;
+}
+
+// Fibers run on one OS thread: a plain add is atomic here.
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+inline double atomicAdd(double* p, double v) {
+  const double old = *p;
+  *p = old + v;
+  return old;
+}
+
+inline cudaError_t cudaGetLastError() { return ::mimac_emu::last_error(); }
+const char* cudaGetErrorString(cudaError_t e);
+
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return ::mimac_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
+}
+
+// cuda_runtime.h's typed overload, for kernels of one argument.
+template <typename A>
+cudaError_t cudaLaunchKernel(void (*kernel)(A), dim3 grid, dim3 block, void** args,
+                             size_t smem = 0, cudaStream_t = nullptr) {
+  struct Call {
+    static void body(void* k, void* arg) {
+      reinterpret_cast<void (*)(A)>(k)(*static_cast<typename std::remove_reference<A>::type*>(arg));
+    }
+  };
+  return ::mimac_emu::launch(reinterpret_cast<const void*>(kernel), &Call::body, args[0], grid,
+                             block, smem);
+}
+
+// --- half and bfloat16 (storage types; no implicit conversions, as torch builds) -----
+
+namespace mimac_emu {
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);  // round to nearest even
+inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+}  // namespace mimac_emu
+
+struct __half {
+  uint16_t __x = 0;
+};
+typedef __half half;
+struct __nv_bfloat16 {
+  uint16_t __x = 0;
+};
+
+inline float __half2float(__half h) { return ::mimac_emu::half_to_float(h.__x); }
+inline __half __float2half(float f) { return __half{::mimac_emu::float_to_half(f)}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return ::mimac_emu::bf16_to_float(h.__x); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16{::mimac_emu::float_to_bf16(f)}; }
+
+// --- WMMA -------------------------------------------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero; the low 13 bits cleared.
+inline float __float_to_tf32(float v) {
+  const uint32_t u = ::mimac_emu::float_bits(v);
+  if ((u & 0x7f800000u) == 0x7f800000u) return v;  // inf, NaN
+  return ::mimac_emu::bits_float((u + 0x1000u) & 0xffffe000u);
+}
+
+namespace detail {
+template <typename T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+template <typename Use, int M, int N, int K>
+struct shape;
+template <int M, int N, int K>
+struct shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+
+// A fragment operand as float, as the tensor cores read it.
+inline float operand(float v, std::true_type /*tf32*/) {
+  return ::mimac_emu::bits_float(::mimac_emu::float_bits(v) & 0xffffe000u);  // truncated
+}
+inline float operand(float v, std::false_type) { return v; }
+inline float operand(__half v, std::false_type) { return __half2float(v); }
+inline float operand(__nv_bfloat16 v, std::false_type) { return __bfloat162float(v); }
+
+// Alignment and stride as the hardware needs them; `uniform`: every lane of the
+// warp passes the same pointer and stride (checked against the first lane's record).
+void check_pointer(const char* what, const void* ptr, unsigned ldm, size_t elem_bytes, bool uniform);
+void check_uniform_fragment(const char* what, const void* data, size_t bytes);
+// d = a b + c through the warp's record: computed by the first lane, reused by the others.
+bool reuse_mma(const void* parts[3], const size_t sizes[3], void* d, size_t d_bytes, bool& first,
+               ::mimac_emu::Record*& rec);
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  using element_type = typename detail::storage<T>::type;
+  using shape = detail::shape<Use, M, N, K>;
+  static constexpr int rows = shape::rows, cols = shape::cols;
+  static constexpr int num_elements = rows * cols;  // the whole tile in every lane
+  static constexpr bool is_tf32 = std::is_same<T, precision::tf32>::value;
+  element_type x[num_elements];
+  // logical element (r, c) of the tile
+  element_type& at(int r, int c) { return x[r * cols + c]; }
+  const element_type& at(int r, int c) const { return x[r * cols + c]; }
+};
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, L>;
+  static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads are not emulated");
+  static_assert(std::is_same<P, typename F::element_type>::value, "pointer type must match the fragment");
+  detail::check_pointer("load_matrix_sync", p, ldm, sizeof(P), true);
+  constexpr bool row = std::is_same<L, row_major>::value;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.at(r, c) = row ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, typename T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm,
+                              layout_t layout) {
+  using F = fragment<accumulator, M, N, K, T, void>;
+  detail::check_pointer("store_matrix_sync", p, ldm, sizeof(T), false);
+  detail::check_uniform_fragment("store_matrix_sync", f.x, sizeof(f.x));
+  if (::mimac_emu::current().lane == 0) {
+    for (int r = 0; r < F::rows; ++r)
+      for (int c = 0; c < F::cols; ++c)
+        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.at(r, c);
+  }
+  ::mimac_emu::sync_warp();  // the store is complete for the warp when it returns
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float, void>& d,
+                     const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b,
+                     const fragment<accumulator, M, N, K, float, void>& c) {
+  using FA = fragment<matrix_a, M, N, K, TA, LA>;
+  using FB = fragment<matrix_b, M, N, K, TB, LB>;
+  const void* parts[3] = {a.x, b.x, c.x};
+  const size_t sizes[3] = {sizeof(a.x), sizeof(b.x), sizeof(c.x)};
+  bool first = false;
+  ::mimac_emu::Record* rec = nullptr;
+  if (detail::reuse_mma(parts, sizes, d.x, sizeof(d.x), first, rec)) return;
+  float out[M * N];
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < N; ++j) {
+      float acc = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) {
+        acc = fmaf(detail::operand(a.at(i, k), std::integral_constant<bool, FA::is_tf32>{}),
+                   detail::operand(b.at(k, j), std::integral_constant<bool, FB::is_tf32>{}), acc);
+      }
+      out[i * N + j] = acc;
+    }
+  }
+  std::memcpy(d.x, out, sizeof(out));  // d may alias c
+  if (first) rec->value.assign(reinterpret_cast<const unsigned char*>(out),
+                               reinterpret_cast<const unsigned char*>(out) + sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

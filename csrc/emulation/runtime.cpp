@@ -1,0 +1,386 @@
+// The fiber scheduler behind cuda_emu.h: one block at a time, one fiber per thread.
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+namespace mimac_emu {
+namespace {
+
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kCanaryBytes = 4096;
+constexpr unsigned char kCanary = 0xA5;
+// Shared memory starts as all-ones bytes: NaN in float, half and bfloat16, so a
+// read of a slot nobody wrote shows up in the results.
+constexpr unsigned char kUninitialised = 0xFF;
+
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Fiber {
+  ThreadState state{};
+  ucontext_t context{};
+  std::unique_ptr<char[]> stack;
+  bool done = false;
+  Barrier* waiting = nullptr;  // blocked until waiting->generation != wait_generation
+  uint64_t wait_generation = 0;
+  const char* wait_name = "";
+  size_t calls = 0;  // collective calls since the warp's last barrier
+};
+
+struct Slot {
+  uint64_t a, b;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<Slot> slots;  // one per thread
+  std::vector<std::vector<Record>> records;  // per warp, reused across phases
+  std::vector<size_t> recorded;              // per warp: records in use
+  ucontext_t scheduler{};
+  Fiber* running = nullptr;
+  Body body = nullptr;
+  void* kernel = nullptr;
+  void* arg = nullptr;
+  std::string error;  // non-empty: the launch failed
+};
+
+Block* g_block = nullptr;
+cudaError_t g_last_error = cudaSuccess;
+std::string g_last_message;
+std::map<const void*, int> g_max_smem;
+unsigned char* g_smem = nullptr;
+size_t g_smem_capacity = 0;
+
+Fiber& running_fiber() {
+  if (g_block == nullptr || g_block->running == nullptr) {
+    std::fprintf(stderr, "mimac cuda emulation: a device function ran outside a kernel\n");
+    std::abort();
+  }
+  return *g_block->running;
+}
+
+// Every thread of warp w is at a barrier: its collective records start afresh.
+void reset_warp(Block& blk, int w) {
+  blk.recorded[w] = 0;
+  const size_t begin = static_cast<size_t>(w) * kWarp;
+  for (size_t t = begin; t < begin + kWarp && t < blk.fibers.size(); ++t) blk.fibers[t].calls = 0;
+}
+
+void wait_at(Barrier& b, const char* name, int warp) {
+  Fiber& f = running_fiber();
+  const uint64_t generation = b.generation;
+  if (++b.arrived == b.expected) {  // the last one releases the others
+    b.arrived = 0;
+    ++b.generation;
+    if (warp >= 0) {
+      reset_warp(*g_block, warp);
+    } else {
+      for (size_t w = 0; w < g_block->records.size(); ++w) reset_warp(*g_block, static_cast<int>(w));
+    }
+    return;
+  }
+  f.waiting = &b;
+  f.wait_generation = generation;
+  f.wait_name = name;
+  swapcontext(&f.context, &g_block->scheduler);
+}
+
+void fiber_entry() {
+  Block& blk = *g_block;
+  blk.body(blk.kernel, blk.arg);
+  blk.running->done = true;
+}  // returns to uc_link: the scheduler
+
+std::string describe_deadlock(const Block& blk) {
+  int exited = 0;
+  std::map<std::string, int> at;
+  for (const Fiber& f : blk.fibers) {
+    if (f.done) {
+      ++exited;
+    } else {
+      ++at[f.wait_name];
+    }
+  }
+  std::string msg = "deadlock (barrier divergence) in block (" + std::to_string(blk.fibers[0].state.block_idx.x) +
+                    "," + std::to_string(blk.fibers[0].state.block_idx.y) + "," +
+                    std::to_string(blk.fibers[0].state.block_idx.z) + "):";
+  for (const auto& kv : at) msg += " " + std::to_string(kv.second) + " threads wait at " + kv.first + ";";
+  msg += " " + std::to_string(exited) + " have exited";
+  return msg;
+}
+
+// Runs every fiber of the block to completion; returns the failure, or "".
+std::string run_block(Block& blk) {
+  for (;;) {
+    bool progress = false;
+    int alive = 0;
+    for (Fiber& f : blk.fibers) {
+      if (f.done) continue;
+      ++alive;
+      if (f.waiting != nullptr && f.waiting->generation == f.wait_generation) continue;
+      f.waiting = nullptr;
+      blk.running = &f;
+      swapcontext(&blk.scheduler, &f.context);
+      blk.running = nullptr;
+      progress = true;
+      if (!blk.error.empty()) return blk.error;
+    }
+    if (alive == 0) return "";
+    if (!progress) return describe_deadlock(blk);
+  }
+}
+
+cudaError_t fail_launch(cudaError_t code, const std::string& message) {
+  g_last_error = code;
+  g_last_message = message;
+  return code;
+}
+
+}  // namespace
+
+const ThreadState& current() { return running_fiber().state; }
+
+void sync_block() { wait_at(g_block->block_barrier, "__syncthreads", -1); }
+
+void sync_warp() {
+  const int w = running_fiber().state.warp;
+  wait_at(g_block->warp_barriers[w], "a warp collective", w);
+}
+
+Record& next_record(bool& first) {
+  Fiber& f = running_fiber();
+  const int w = f.state.warp;
+  std::vector<Record>& recs = g_block->records[w];
+  size_t& used = g_block->recorded[w];
+  const size_t i = f.calls++;
+  first = i == used;
+  if (i > used) fail("a lane made more collective calls than the first lane of its warp");
+  if (first) {
+    if (used == recs.size()) recs.emplace_back();
+    ++used;
+  }
+  return recs[i];
+}
+
+void* warp_slot(int lane) {
+  const Fiber& f = running_fiber();
+  const size_t t = static_cast<size_t>(f.state.warp) * kWarp + lane;
+  if (t >= g_block->slots.size()) fail("a warp collective read a lane that does not exist (partial warp)");
+  return &g_block->slots[t];
+}
+
+void fail(const char* what) {
+  Fiber& f = running_fiber();
+  const ThreadState& s = f.state;
+  g_block->error = std::string(what) + " (block " + std::to_string(s.block_idx.x) + "," +
+                   std::to_string(s.block_idx.y) + "," + std::to_string(s.block_idx.z) + ", thread " +
+                   std::to_string(s.thread_idx.x) + ")";
+  swapcontext(&f.context, &g_block->scheduler);  // never resumed
+  std::abort();
+}
+
+void register_dynamic_smem(unsigned char* base, size_t size) {
+  g_smem = base;
+  g_smem_capacity = size;
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > kMaxSmem)
+    return fail_launch(cudaErrorInvalidValue,
+                       "cudaFuncSetAttribute: " + std::to_string(bytes) +
+                           " bytes of dynamic shared memory exceed sm_80's maximum of " +
+                           std::to_string(kMaxSmem));
+  g_max_smem[kernel] = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t last_error() {
+  const cudaError_t e = g_last_error;
+  g_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 block, size_t smem) {
+  const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu)
+    return fail_launch(cudaErrorInvalidConfiguration, "invalid grid or block dimensions");
+  const auto it = g_max_smem.find(kernel);
+  const size_t limit = it == g_max_smem.end() ? kDefaultSmem : static_cast<size_t>(it->second);
+  if (smem > limit)
+    return fail_launch(cudaErrorInvalidValue,
+                       std::to_string(smem) + " bytes of dynamic shared memory requested, the kernel allows " +
+                           std::to_string(limit) + " (cudaFuncSetAttribute raises it)");
+  if (g_smem == nullptr || smem + kCanaryBytes > g_smem_capacity)
+    return fail_launch(cudaErrorLaunchFailure, "no dynamic shared memory registered");
+  if (g_block != nullptr) return fail_launch(cudaErrorLaunchFailure, "nested launch");
+  g_last_message.clear();
+
+  Block blk;
+  blk.body = body;
+  blk.kernel = const_cast<void*>(kernel);
+  blk.arg = arg;
+  blk.fibers.resize(threads);
+  blk.slots.resize(threads);
+  const int warps = static_cast<int>((threads + kWarp - 1) / kWarp);
+  for (Fiber& f : blk.fibers) f.stack.reset(new char[kStackBytes]);
+  g_block = &blk;
+  std::string error;
+  for (unsigned bz = 0; bz < grid.z && error.empty(); ++bz) {
+    for (unsigned by = 0; by < grid.y && error.empty(); ++by) {
+      for (unsigned bx = 0; bx < grid.x && error.empty(); ++bx) {
+        std::memset(g_smem, kUninitialised, smem);
+        std::memset(g_smem + smem, kCanary, kCanaryBytes);
+        blk.block_barrier = Barrier{static_cast<int>(threads), 0, 0};
+        blk.warp_barriers.assign(warps, Barrier{});
+        blk.records.resize(warps);
+        blk.recorded.assign(warps, 0);
+        for (size_t t = 0; t < threads; ++t) blk.warp_barriers[t / kWarp].expected += 1;
+        for (size_t t = 0; t < threads; ++t) {
+          Fiber& f = blk.fibers[t];
+          f.done = false;
+          f.waiting = nullptr;
+          f.calls = 0;
+          f.state.thread_idx = dim3(static_cast<unsigned>(t % block.x),
+                                    static_cast<unsigned>(t / block.x % block.y),
+                                    static_cast<unsigned>(t / (block.x * block.y)));
+          f.state.block_idx = dim3(bx, by, bz);
+          f.state.block_dim = block;
+          f.state.grid_dim = grid;
+          f.state.lane = static_cast<int>(t % kWarp);
+          f.state.warp = static_cast<int>(t / kWarp);
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.get();
+          f.context.uc_stack.ss_size = kStackBytes;
+          f.context.uc_link = &blk.scheduler;
+          makecontext(&f.context, fiber_entry, 0);
+        }
+        error = run_block(blk);
+        for (size_t i = 0; i < kCanaryBytes && error.empty(); ++i) {
+          if (g_smem[smem + i] != kCanary)
+            error = "write past the " + std::to_string(smem) + " bytes of dynamic shared memory (byte " +
+                    std::to_string(smem + i) + ") in block (" + std::to_string(bx) + "," +
+                    std::to_string(by) + "," + std::to_string(bz) + ")";
+        }
+      }
+    }
+  }
+  g_block = nullptr;
+  if (!error.empty()) return fail_launch(cudaErrorLaunchFailure, error);
+  return cudaSuccess;
+}
+
+float half_to_float(uint16_t h) {
+  static const std::vector<float> table = [] {  // software half conversions are slow
+    std::vector<float> t(65536);
+    for (uint32_t i = 0; i < 65536; ++i) {
+      const uint16_t bits = static_cast<uint16_t>(i);
+      _Float16 v;
+      std::memcpy(&v, &bits, 2);
+      t[i] = static_cast<float>(v);
+    }
+    return t;
+  }();
+  return table[h];
+}
+
+uint16_t float_to_half(float f) {
+  const _Float16 v = static_cast<_Float16>(f);  // round to nearest even
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return h;
+}
+
+}  // namespace mimac_emu
+
+namespace nvcuda {
+namespace wmma {
+namespace detail {
+
+void check_pointer(const char* what, const void* ptr, unsigned ldm, size_t elem_bytes, bool uniform) {
+  using namespace ::mimac_emu;
+  if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0)
+    fail((std::string(what) + ": pointer not 32-byte aligned").c_str());
+  if ((ldm * elem_bytes) % 16 != 0)
+    fail((std::string(what) + ": ldm " + std::to_string(ldm) + " is not a multiple of 16 bytes").c_str());
+  if (!uniform) return;
+  unsigned char key[1 + sizeof(ptr) + sizeof(ldm)] = {'L'};
+  std::memcpy(key + 1, &ptr, sizeof(ptr));
+  std::memcpy(key + 1 + sizeof(ptr), &ldm, sizeof(ldm));
+  bool first = false;
+  Record& rec = next_record(first);
+  if (first) {
+    rec.key.assign(key, key + sizeof(key));
+  } else if (rec.key.size() != sizeof(key) || std::memcmp(rec.key.data(), key, sizeof(key)) != 0) {
+    fail((std::string(what) + ": lanes of one warp passed different pointers or strides").c_str());
+  }
+}
+
+bool reuse_mma(const void* parts[3], const size_t sizes[3], void* d, size_t d_bytes, bool& first,
+               ::mimac_emu::Record*& rec) {
+  using namespace ::mimac_emu;
+  rec = &next_record(first);
+  const size_t total = 1 + sizes[0] + sizes[1] + sizes[2];
+  if (first) {
+    rec->key.resize(total);
+    rec->key[0] = 'M';
+    size_t off = 1;
+    for (int i = 0; i < 3; ++i) {
+      std::memcpy(rec->key.data() + off, parts[i], sizes[i]);
+      off += sizes[i];
+    }
+    return false;
+  }
+  if (rec->key.size() != total || rec->key[0] != 'M')
+    fail("mma_sync: the lanes of one warp diverged (another collective call at this point in lane 0)");
+  size_t off = 1;
+  for (int i = 0; i < 3; ++i) {
+    if (std::memcmp(rec->key.data() + off, parts[i], sizes[i]) != 0) return false;  // compute our own
+    off += sizes[i];
+  }
+  if (rec->value.size() != d_bytes) return false;
+  std::memcpy(d, rec->value.data(), d_bytes);
+  return true;
+}
+
+void check_uniform_fragment(const char* what, const void* data, size_t bytes) {
+  using namespace ::mimac_emu;
+  const int lane = current().lane;
+  auto* mine = static_cast<uint64_t*>(warp_slot(lane));
+  mine[0] = reinterpret_cast<uintptr_t>(data);
+  sync_warp();
+  const void* first = reinterpret_cast<const void*>(static_cast<const uint64_t*>(warp_slot(0))[0]);
+  const bool same = std::memcmp(first, data, bytes) == 0;
+  sync_warp();
+  if (!same) fail((std::string(what) + ": the lanes of one warp hold different fragments").c_str());
+}
+
+}  // namespace detail
+}  // namespace wmma
+}  // namespace nvcuda
+
+const char* cudaGetErrorString(cudaError_t e) {
+  static std::string text;
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: text = "invalid argument"; break;
+    case cudaErrorInvalidConfiguration: text = "invalid configuration argument"; break;
+    case cudaErrorLaunchOutOfResources: text = "too many resources requested for launch"; break;
+    case cudaErrorLaunchFailure: text = "unspecified launch failure"; break;
+    default: text = "unknown error"; break;
+  }
+  if (!mimac_emu::g_last_message.empty()) text += " [emulation: " + mimac_emu::g_last_message + "]";
+  return text.c_str();
+}

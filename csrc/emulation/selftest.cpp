@@ -1,0 +1,36 @@
+// torch.ops.mimac_emu_selftest: runs the emulation's self-test kernels
+// (selftest_kernels.cuh) for tests/kernels/test_cuda_emulation.py.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "selftest.h"
+
+namespace {
+
+// Runs `kernel` ("neighbour", "defect", "wmma") in one block; raises with the
+// emulation's message when the launch fails.
+void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64_t variant,
+         int64_t threads, int64_t smem_bytes, int64_t smem_attribute) {
+  TORCH_CHECK(in.is_cpu() && in.scalar_type() == at::kFloat && in.is_contiguous(), "in: contiguous float32");
+  TORCH_CHECK(out.sizes() == in.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "out: like in");
+  const int id = kernel == "neighbour" ? 0 : kernel == "defect" ? 1 : kernel == "wmma" ? 2 : -1;
+  TORCH_CHECK(id >= 0, "unknown self-test kernel ", kernel);
+  MimacEmuArgs args{out.data_ptr<float>(), in.data_ptr<float>(), static_cast<int>(variant)};
+  const cudaError_t e = mimac_emu_selftest_launch(id, &args, static_cast<int>(threads),
+                                                  static_cast<size_t>(smem_bytes), static_cast<int>(smem_attribute));
+  TORCH_CHECK(e == cudaSuccess, "emulated launch failed: ", cudaGetErrorString(e));
+}
+
+double tf32(double v) { return nvcuda::wmma::__float_to_tf32(static_cast<float>(v)); }
+
+}  // namespace
+
+TORCH_LIBRARY(mimac_emu_selftest, m) {
+  m.def("run(str kernel, Tensor input, Tensor(a!) out, int variant, int threads, int smem_bytes, "
+        "int smem_attribute) -> ()",
+        &run);
+  m.def("tf32(float v) -> float", &tf32);
+}

@@ -1,0 +1,95 @@
+// Small kernels with known defects (and their correct twins) that show the
+// emulation catches what it claims to; compiled into kernels.cpp (the one
+// translation unit that owns the emulated shared memory), called by selftest.cpp.
+#pragma once
+#include "selftest.h"
+
+namespace {
+
+using namespace nvcuda;
+using Args = MimacEmuArgs;
+
+// out[t] = in[(t + 1) % n] through shared memory; variant 1 drops the barrier.
+__global__ void neighbour_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x, n = blockDim.x;
+  s[t] = a.in[t];
+  if (a.variant != 1) __syncthreads();
+  a.out[t] = s[(t + 1) % n];
+}
+
+// Variant 0: fine; 1: only half the block reaches the barrier; 2: a write one
+// float past the dynamic shared memory; 3: a partial-mask shuffle.
+__global__ void defect_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x;
+  if (a.variant != 1 || t < 64) __syncthreads();
+  if (a.variant == 2 && t == 0) s[blockDim.x] = 1.0f;
+  float v = a.in[t];
+  v += __shfl_xor_sync(a.variant == 3 ? 0xffffu : 0xffffffffu, v, 1);
+  a.out[t] = v;
+}
+
+// One warp: C = A B (16x16x16) from row-major A and B in shared memory.
+// Variant 0: half inputs; 1: tf32 (16x16x8, K = 16 in two steps); 2: A at a
+// misaligned address; 3: every lane passes its own A pointer; 4: ldm not a
+// multiple of 16 bytes.
+__global__ void wmma_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lane = threadIdx.x;
+  float* c = reinterpret_cast<float*>(smem);  // 16 x 16
+  if (a.variant == 1) {
+    float* fa = c + 256;
+    float* fb = fa + 256;
+    for (int i = lane; i < 256; i += 32) {
+      fa[i] = a.in[i];
+      fb[i] = a.in[256 + i];
+    }
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> A;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> B;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> C;
+    wmma::fill_fragment(C, 0.0f);
+    for (int k = 0; k < 16; k += 8) {
+      wmma::load_matrix_sync(A, fa + k, 16);
+      wmma::load_matrix_sync(B, fb + k * 16, 16);
+      wmma::mma_sync(C, A, B, C);
+    }
+    wmma::store_matrix_sync(c, C, 16, wmma::mem_row_major);
+  } else {
+    __half* ha = reinterpret_cast<__half*>(c + 256);
+    __half* hb = ha + 512;
+    for (int i = lane; i < 256; i += 32) {
+      ha[i] = __float2half(a.in[i]);
+      hb[i] = __float2half(a.in[256 + i]);
+    }
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> A;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> B;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> C;
+    wmma::fill_fragment(C, 0.0f);
+    const __half* pa = a.variant == 2 ? ha + 8 : a.variant == 3 ? ha + 256 * (lane & 1) : ha;
+    wmma::load_matrix_sync(A, pa, a.variant == 4 ? 12 : 16);
+    wmma::load_matrix_sync(B, hb, 16);
+    wmma::mma_sync(C, A, B, C);
+    wmma::store_matrix_sync(c, C, 16, wmma::mem_row_major);
+  }
+  __syncwarp();
+  for (int i = lane; i < 256; i += 32) a.out[i] = c[i];
+}
+
+}  // namespace
+
+extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs* args, int threads,
+                                                 size_t smem_bytes, int smem_attribute) {
+  void (*k)(Args) = kernel == 0 ? neighbour_kernel : kernel == 1 ? defect_kernel : wmma_kernel;
+  if (smem_attribute > 0) {
+    const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_attribute);
+    if (e != cudaSuccess) return e;
+  }
+  Args a = *args;
+  void* argv[] = {&a};
+  return cudaLaunchKernel(k, dim3(1), dim3(static_cast<unsigned>(threads)), argv, smem_bytes, nullptr);
+}

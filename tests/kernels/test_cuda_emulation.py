@@ -1,0 +1,109 @@
+"""The CPU emulation of csrc/emulation catches the defects it claims to.
+
+``test_cuda_backend.py`` runs the real CUDA kernels through it; here small
+kernels with one known defect each (``csrc/emulation/selftest_kernels.cuh``)
+must fail with the right message, and their correct twins must compute the
+right numbers, so a green emulated run means something.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from mimac_kernels import extension
+
+pytestmark = pytest.mark.emulated
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine: the emulation cannot be built")
+    extension.build(extension.cuda_emulation_spec())  # registers torch.ops.mimac_emu_selftest
+    return torch.ops.mimac_emu_selftest
+
+
+def run(ops, kernel, x, variant, threads=128, smem=512, attribute=0):
+    out = torch.zeros_like(x)
+    ops.run(kernel, x, out, variant, threads, smem, attribute)
+    return out
+
+
+def test_barrier_orders_shared_memory(selftest):
+    x = torch.arange(128.0)
+    torch.testing.assert_close(run(selftest, "neighbour", x, 0), x.roll(-1), rtol=0, atol=0)
+
+
+def test_missing_barrier_reads_unwritten_shared_memory(selftest):
+    # Shared memory starts as NaN bytes: thread 0 runs to its end before thread 1 writes.
+    out = run(selftest, "neighbour", torch.arange(128.0), 1)
+    assert torch.isnan(out[:-1]).all()
+
+
+def test_shuffle(selftest):
+    x = torch.arange(128.0)
+    torch.testing.assert_close(run(selftest, "defect", x, 0), x + (x.long() ^ 1).float())
+
+
+@pytest.mark.parametrize(
+    "variant,message",
+    [
+        (1, "deadlock (barrier divergence) in block (0,0,0): 64 threads wait at __syncthreads; 64 have exited"),
+        (2, "write past the 512 bytes of dynamic shared memory"),
+        (3, "__shfl_xor_sync: only the full mask is emulated"),
+    ],
+)
+def test_defects_fail_the_launch(selftest, variant, message):
+    with pytest.raises(RuntimeError) as err:
+        run(selftest, "defect", torch.arange(128.0), variant)
+    assert message in str(err.value)
+
+
+def test_dynamic_shared_memory_limits(selftest):
+    x = torch.arange(128.0)
+    with pytest.raises(RuntimeError, match="60000 bytes of dynamic shared memory requested, the kernel allows 49152"):
+        run(selftest, "neighbour", x, 0, smem=60000)
+    torch.testing.assert_close(run(selftest, "neighbour", x, 0, smem=60000, attribute=60000), x.roll(-1))
+    with pytest.raises(RuntimeError, match="exceed sm_80's maximum of 166912"):
+        run(selftest, "neighbour", x, 0, smem=200000, attribute=200000)
+
+
+def _tf32_truncated(t: torch.Tensor) -> torch.Tensor:
+    return (t.view(torch.int32) & -8192).view(torch.float32)  # low 13 mantissa bits cleared
+
+
+@pytest.mark.parametrize("variant", [0, 1], ids=["half", "tf32"])
+def test_wmma_matrix_semantics(selftest, variant):
+    x = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    c = run(selftest, "wmma", x, variant, threads=32, smem=4096)[:256].view(16, 16)
+    a, b = x[:256].view(16, 16), x[256:].view(16, 16)
+    # Tensor cores read TF32 operands truncated; half operands are converted exactly.
+    a, b = (_tf32_truncated(a), _tf32_truncated(b)) if variant else (a.half().float(), b.half().float())
+    expected = a.double() @ b.double()
+    torch.testing.assert_close(c.double(), expected, rtol=0, atol=1e-5)
+    if variant:  # and the truncation is real: rounded operands would differ visibly
+        rounded = x.double()  # unrounded product, about 1e-3 away
+        assert (c.double() - rounded[:256].view(16, 16) @ rounded[256:].view(16, 16)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "variant,message",
+    [
+        (2, "load_matrix_sync: pointer not 32-byte aligned"),
+        (3, "load_matrix_sync: lanes of one warp passed different pointers or strides"),
+        (4, "load_matrix_sync: ldm 12 is not a multiple of 16 bytes"),
+    ],
+)
+def test_wmma_preconditions(selftest, variant, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(selftest, "wmma", torch.randn(512), variant, threads=32, smem=4096)
+
+
+def test_tf32_rounding_is_to_nearest_ties_away(selftest):
+    assert selftest.tf32(1.0 + 2.0**-11) == 1.0 + 2.0**-10  # a tie rounds away from zero
+    assert selftest.tf32(1.0 + 2.0**-12) == 1.0
+    assert selftest.tf32(-(1.0 + 3 * 2.0**-12)) == -(1.0 + 2.0**-10)

@@ -1,14 +1,18 @@
-"""The CUDA C++ backend against float64 on the GPU (skipped without one).
+"""The CUDA C++ backend against float64: on the GPU, and (everywhere a C++
+compiler is) the same kernels' source on CPU tensors through the emulation of
+``csrc/emulation`` (``mimac_kernels.testing.emulated_cuda_backend``).
 
 Small shapes follow the tolerance rule of ``mimac_kernels.testing.error_bound``
 (at most 2x plain PyTorch's error in the same dtype, plus ``ATOL``); large N
-(marked slow) compare the kernel-level contract with the tiled float64
-reference, since the plain loss would need an M x M matrix.
+(marked slow, GPU only) compare the kernel-level contract with the tiled
+float64 reference, since the plain loss would need an M x M matrix.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,39 +22,60 @@ import mimac_kernels
 from mimac_kernels import cuda_backend, reference
 from mimac_kernels.testing import (
     assert_backend_matches_float64,
+    emulated_cuda_backend,
     make_views,
     max_abs_err,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA device: the cuda backend runs only on a GPU"
-    ),
-]
-
-DEV = torch.device("cuda")
 TAU = {"cosine": 0.1, "dot": 0.5, "log_dot": 0.5}  # log_dot at tau = 1 bypasses the backends
 PAIRINGS = [("all", True), ("cross", True), ("cross", False)]
 CRITICS = ("cosine", "dot", "log_dot")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# dot rows scaled by 0.3 keep x.y / tau moderate; views on the backend's device.
-make_views = functools.partial(make_views, device="cuda", dot_scale=0.3)
 assert_close_to_float64 = functools.partial(assert_backend_matches_float64, "cuda")
+NO_GPU = "no CUDA device: the cuda backend runs only on a GPU"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built_extension():
-    """Build (or load) the extension once; on a GPU machine a failure fails."""
-    why = cuda_backend.unavailable_reason(DEV, torch.float32)
-    assert why is None, why
+def _gpu() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    why = cuda_backend.unavailable_reason(torch.device("cuda"), torch.float32)
+    assert why is None, why  # on a GPU machine a failed build fails
+    return torch.device("cuda")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("gpu", marks=pytest.mark.gpu),
+        pytest.param("emulated", marks=pytest.mark.emulated),
+    ],
+)
+def dev(request):
+    """Where the kernels run: the GPU, or the CPU emulation (CPU tensors)."""
+    if request.param == "gpu":
+        yield _gpu()
+        return
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine: the emulation cannot be built")
+    with emulated_cuda_backend():
+        yield torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return _gpu()
+
+
+def views(shape, critic, dev, seed=0):
+    """Two correlated views on ``dev``; dot rows scaled by 0.3 keep x.y / tau moderate."""
+    return make_views(shape, critic, seed=seed, device=dev, dot_scale=0.3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
 @pytest.mark.parametrize("critic", CRITICS)
-def test_matches_float64(critic, negatives, symmetric, dtype):
-    a, b = make_views((67, 33), critic)
+def test_matches_float64(critic, negatives, symmetric, dtype, dev):
+    a, b = views((67, 33), critic, dev)
     assert_close_to_float64(
         a, b, dtype, tau=TAU[critic], critic=critic, negatives=negatives, symmetric=symmetric
     )
@@ -58,8 +83,8 @@ def test_matches_float64(critic, negatives, symmetric, dtype):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
-def test_reductions(negatives, symmetric, reduction):
-    a, b = make_views((3, 40, 24), "cosine", seed=4)
+def test_reductions(negatives, symmetric, reduction, dev):
+    a, b = views((3, 40, 24), "cosine", dev, seed=4)
     assert_close_to_float64(
         a,
         b,
@@ -80,15 +105,15 @@ def test_reductions(negatives, symmetric, reduction):
     # 1 row; heads; exactly one tile; D over several staging chunks and output slices
     [(1, 5), (2, 1, 7), (3, 5, 7), (64, 16), (130, 200), (3, 150, 129)],
 )
-def test_edge_shapes(shape, critic, negatives, dtype):
-    a, b = make_views(shape, critic, seed=5)
+def test_edge_shapes(shape, critic, negatives, dtype, dev):
+    a, b = views(shape, critic, dev, seed=5)
     assert_close_to_float64(a, b, dtype, tau=TAU[critic], critic=critic, negatives=negatives)
 
 
 @pytest.mark.parametrize("critic", CRITICS)
 @pytest.mark.parametrize("negatives", ["all", "cross"])
-def test_nan_propagates(critic, negatives):
-    a, b = make_views((70, 9), critic)
+def test_nan_propagates(critic, negatives, dev):
+    a, b = views((70, 9), critic, dev)
     a[3, 2] = float("nan")
     a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
     out = mimac_kernels.fused_contrastive_loss(
@@ -99,19 +124,19 @@ def test_nan_propagates(critic, negatives):
     assert torch.isnan(a_.grad).any()
 
 
-def _kernel_check(n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
+def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
     """Kernel-level contract vs the tiled float64 reference on the same rounded inputs."""
-    a, b = make_views((h, n, d), critic, seed=seed)
+    a, b = views((h, n, d), critic, dev, seed=seed)
     if critic == "cosine":
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     a, b = a.to(dtype), b.to(dtype)
-    inv_tau = torch.tensor(1.0 / TAU[critic], device=DEV)
+    inv_tau = torch.tensor(1.0 / TAU[critic], device=dev)
     rows = 2 * n if negatives == "all" else n
     gen = torch.Generator().manual_seed(seed + 1)
-    g_row = torch.rand(h, rows, generator=gen).to(DEV) / rows
-    g_col = (torch.rand(h, n if negatives == "cross" else 0, generator=gen) / n).to(DEV)
-    c_row = torch.randn(g_row.shape, generator=gen).to(DEV)  # temperature centres
-    c_col = torch.randn(g_col.shape, generator=gen).to(DEV)
+    g_row = torch.rand(h, rows, generator=gen).to(dev) / rows
+    g_col = (torch.rand(h, n if negatives == "cross" else 0, generator=gen) / n).to(dev)
+    c_row = torch.randn(g_row.shape, generator=gen).to(dev)  # temperature centres
+    c_col = torch.randn(g_col.shape, generator=gen).to(dev)
     d64 = [t.double() for t in (a, b, inv_tau)]
     r_row, r_col = reference.forward(*d64, critic, negatives, 1e-12)
     row, col = cuda_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
@@ -136,23 +161,23 @@ def _kernel_check(n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("critic", CRITICS)
 @pytest.mark.parametrize("negatives", ["all", "cross"])
-def test_kernel_level_matches_reference(critic, negatives, dtype):
-    _kernel_check(300, 64, critic, negatives, dtype, h=2)
+def test_kernel_level_matches_reference(critic, negatives, dtype, dev):
+    _kernel_check(dev, 300, 64, critic, negatives, dtype, h=2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("negatives", ["all", "cross"])
-def test_large_n(n, dtype, negatives, monkeypatch):
+def test_large_n(n, dtype, negatives, monkeypatch, gpu):
     monkeypatch.setattr(reference, "TILE_ELEMS", 1 << 26)  # fewer, larger float64 reference tiles
-    _kernel_check(n, 128, "cosine", negatives, dtype)
+    _kernel_check(gpu, n, 128, "cosine", negatives, dtype)
 
 
-def test_reasons():
-    assert cuda_backend.unavailable_reason(DEV, torch.float32) is None
+def test_reasons(gpu):
+    assert cuda_backend.unavailable_reason(gpu, torch.float32) is None
     assert (
-        cuda_backend.unavailable_reason(DEV, torch.float64)
+        cuda_backend.unavailable_reason(gpu, torch.float64)
         == "dtype float64 not supported (use backend='torch')"
     )
     assert "CUDA tensors" in cuda_backend.unavailable_reason(torch.device("cpu"), torch.float32)

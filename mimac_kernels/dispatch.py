@@ -87,6 +87,12 @@ def _cached_reason(name: str, device_type: str, dtype: torch.dtype) -> str | Non
     return get_backend(name).unavailable_reason(torch.device(device_type), dtype)
 
 
+def forget_probes() -> None:
+    """Drop the cached answers of ``unavailable_reason`` (after a backend's
+    extension was rebuilt or substituted; tests)."""
+    _cached_reason.cache_clear()
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn ``backend`` (a name or ``"auto"``) into a backend that can run.
 

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -31,6 +32,7 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -210,6 +212,16 @@ def skip_reason(spec: ExtensionSpec) -> str | None:
             return "this torch is built without CUDA"
         if _nvcc() is None:
             return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+        from torch.utils import cpp_extension
+
+        home = cpp_extension.CUDA_HOME
+        if home and not (Path(home) / "include" / "cuda_runtime_api.h").is_file():
+            # torch guesses the toolkit root from nvcc's folder, which a wrapper
+            # script in /usr/local/bin (say) gets wrong.
+            return (
+                f"CUDA_HOME={home} has no include/cuda_runtime_api.h "
+                "(set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda)"
+            )
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             return "no GPU visible and TORCH_CUDA_ARCH_LIST unset: nothing to build for"
     return None
@@ -353,3 +365,20 @@ def reset() -> None:
     """Forget load results (tests; a later ``load`` tries again)."""
     with _LOCK:
         _RESULTS.clear()
+
+
+@contextlib.contextmanager
+def substitute(kind: str, module: ModuleType) -> Iterator[ModuleType]:
+    """Inside the block, ``load(kind)`` returns ``module`` (a stand-in build, such as
+    the CUDA emulation); the previous result, built or not, is restored after."""
+    with _LOCK:
+        previous = _RESULTS.get(kind)
+        _RESULTS[kind] = module
+    try:
+        yield module
+    finally:
+        with _LOCK:
+            if previous is None:
+                _RESULTS.pop(kind, None)
+            else:
+                _RESULTS[kind] = previous

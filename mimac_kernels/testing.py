@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from types import ModuleType
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -269,19 +270,10 @@ def emulated_cuda_backend() -> Iterator[ModuleType]:
             return "the emulated cuda backend runs on CPU tensors"
         return extension_backend.dtype_reason(dtype)
 
-    real_reason = cuda_backend.unavailable_reason
-    with extension._LOCK:
-        real_result = extension._RESULTS.get("cuda")
-        extension._RESULTS["cuda"] = module
-    cuda_backend.unavailable_reason = reason
-    dispatch._cached_reason.cache_clear()
+    dispatch.forget_probes()
     try:
-        yield module
+        with extension.substitute("cuda", module), \
+                mock.patch.object(cuda_backend, "unavailable_reason", reason):
+            yield module
     finally:
-        cuda_backend.unavailable_reason = real_reason
-        with extension._LOCK:
-            if real_result is None:
-                extension._RESULTS.pop("cuda", None)
-            else:
-                extension._RESULTS["cuda"] = real_result
-        dispatch._cached_reason.cache_clear()
+        dispatch.forget_probes()

@@ -3,8 +3,10 @@
 
 #include <torch/extension.h>
 
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS and
+// cuSPARSE headers, which a CUDA install need not have and these kernels do not use.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <vector>
 
@@ -25,13 +27,16 @@ int dtype_id(at::ScalarType t) {
 #ifdef MIMAC_CUDA_EMULATION
 // csrc/emulation runs these kernels on the CPU (tests): the tensors are host tensors.
 bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+constexpr const char* kKernelDevice = "CPU tensors (the CUDA emulation)";
 #else
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+constexpr const char* kKernelDevice = "CUDA tensors";
 #endif
 
 void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau, int64_t critic) {
   TORCH_CHECK(on_kernel_device(a) && on_kernel_device(b) && on_kernel_device(inv_tau),
-              "the cuda backend takes CUDA tensors");
+              "the cuda backend takes ", kKernelDevice, ", got a on ", a.device(), ", b on ", b.device(),
+              ", inv_tau on ", inv_tau.device());
   TORCH_CHECK(a.device() == b.device() && a.device() == inv_tau.device(),
               "a, b and inv_tau must be on one device");
   TORCH_CHECK(a.dim() == 3 && a.sizes() == b.sizes(), "a and b must be (H, N, D) of one shape");
@@ -62,7 +67,7 @@ std::vector<at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in, 
   check_launch(mimac_lse_forward(dtype_id(a.scalar_type()), a.data_ptr(), b.data_ptr(), it.data_ptr<float>(),
                                  h, n, d, static_cast<int>(critic), all ? 1 : 0, static_cast<float>(eps),
                                  row.data_ptr<float>(), all ? nullptr : col.data_ptr<float>(),
-                                 at::cuda::getCurrentCUDAStream()),
+                                 c10::cuda::getCurrentCUDAStream()),
                "forward");
   return {row, col};
 }
@@ -98,7 +103,7 @@ std::vector<at::Tensor> backward(const at::Tensor& a_in, const at::Tensor& b_in,
                                   gr.data_ptr<float>(), all ? nullptr : gc.data_ptr<float>(),
                                   cr.data_ptr<float>(), all ? nullptr : cc.data_ptr<float>(),
                                   ga.data_ptr<float>(), gb.data_ptr<float>(), gt.data_ptr<float>(),
-                                  at::cuda::getCurrentCUDAStream()),
+                                  c10::cuda::getCurrentCUDAStream()),
                "backward");
   return {ga, gb, gt};
 }

@@ -242,10 +242,10 @@ def test_reasons_and_auto_choice():
 def fresh_caches():
     """Forget build results and dispatch's cached reasons, before and after."""
     extension.reset()
-    dispatch._cached_reason.cache_clear()
+    dispatch.forget_probes()
     yield
     extension.reset()
-    dispatch._cached_reason.cache_clear()
+    dispatch.forget_probes()
 
 
 def test_failed_build_gives_reason_not_crash(monkeypatch, fresh_caches):
@@ -325,3 +325,21 @@ def test_cache_key(tmp_path, monkeypatch):
         (copy / "cpu" / "tile_impl.h").read_text() + "\n// x\n"
     )
     assert extension.source_hash(spec2) != extension.source_hash(spec)
+
+
+def test_cuda_home_without_headers_is_named(tmp_path, monkeypatch):
+    """A toolkit root guessed wrong (nvcc behind a wrapper script) gives a reason
+    naming CUDA_HOME before any compiler runs, on any machine."""
+    from torch.utils import cpp_extension
+
+    home = tmp_path / "wrapper-root"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    why = extension.skip_reason(extension.cuda_spec())
+    assert why is not None and f"CUDA_HOME={home} has no include/cuda_runtime_api.h" in why
+    (home / "include").mkdir()
+    (home / "include" / "cuda_runtime_api.h").write_text("")
+    assert extension.skip_reason(extension.cuda_spec()) is None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import mimac_kernels
-from mimac_kernels import cuda_backend, reference
+from mimac_kernels import cuda_backend, extension, reference
 from mimac_kernels.testing import (
     assert_backend_matches_float64,
     emulated_cuda_backend,
@@ -182,3 +182,22 @@ def test_reasons(gpu):
     )
     assert "CUDA tensors" in cuda_backend.unavailable_reason(torch.device("cpu"), torch.float32)
     assert "cuda" in mimac_kernels.available_backends("cuda")
+
+
+def test_binding_refuses_bad_arguments(dev):
+    """binding.cpp's own checks, below the Python layer, name what is wrong."""
+    ext = extension.load("cuda")
+    a = torch.randn(1, 8, 16, device=dev)
+    it = torch.tensor(10.0, device=dev)
+    bad = [
+        ((a, a[:, :4], it, 0, True, 1e-12), "a and b must be \\(H, N, D\\) of one shape"),
+        ((a[0], a[0], it, 0, True, 1e-12), "a and b must be \\(H, N, D\\) of one shape"),
+        ((a, a.half(), it, 0, True, 1e-12), "a and b must have one dtype"),
+        ((a.double(), a.double(), it, 0, True, 1e-12), "takes float32, float16 or bfloat16"),
+        ((a, a, torch.ones(2, device=dev), 0, True, 1e-12), "inv_tau must be a 0-dim tensor"),
+        ((a, a, it, 3, True, 1e-12), "unknown critic id 3"),
+        ((a, a, it.to("meta"), 0, True, 1e-12), "the cuda backend takes .*inv_tau on meta"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            ext.forward(*args)

@@ -2,11 +2,11 @@
 #pragma once
 #include "../../cuda_emu.h"
 
-namespace at {
+namespace c10 {
 namespace cuda {
 struct EmulatedStream {
   operator cudaStream_t() const { return nullptr; }
 };
 inline EmulatedStream getCurrentCUDAStream() { return {}; }
 }  // namespace cuda
-}  // namespace at
+}  // namespace c10

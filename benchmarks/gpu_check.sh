@@ -22,8 +22,8 @@
 # (default gpu) and BENCH_ARGS (extra pytest options, e.g. -k M65536) adjust
 # the benchmark step; `STEPS=bench,report BENCH_SIZE=smoke` is a CPU dry run.
 #
-# Writes at most 6 files (the device tool returns 8): benchmark.json,
-# max_batch.json, report.md, time.png, memory.png, gpu_check.log.
+# Writes at most 7 files (the device tool returns 8): benchmark.json,
+# max_batch.json, report.md, time.png, memory.png, tests.xml, gpu_check.log.
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/$(date -u +%F)-gpu}}
@@ -88,8 +88,14 @@ if want build; then
 fi
 
 if want tests; then
-  run tests $((120 < $(left) ? 120 : $(left))) $PY -m pytest tests/kernels -x -q -p no:cacheprovider \
-    -m "not emulated" || RC=1  # the CPU emulation is CI's job; the chip's time is for the chip
+  # The CUDA and Triton suites first (a cut drops the rest), every failure up to 25
+  # reported rather than the first; the CPU emulation is CI's job, not the chip's.
+  # (files named one by one: pytest keeps that order, not with a folder among them).
+  first=(tests/kernels/test_cuda_backend.py tests/kernels/test_triton.py)
+  mapfile -t rest < <(ls tests/kernels/test_*.py | grep -v -e test_cuda_backend.py -e test_triton.py)
+  run tests $((120 < $(left) ? 120 : $(left))) $PY -m pytest "${first[@]}" "${rest[@]}" \
+    --maxfail=25 -q -p no:cacheprovider -m "not emulated" -rfE --durations=10 \
+    --junitxml="$OUTDIR/tests.xml" || RC=1
 fi
 
 if want bench; then

@@ -227,75 +227,40 @@ def test_autotune_wrappers_build() -> None:
 
 
 _COMPILE_SCRIPT = r"""
-import os
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import sys
-import triton
-from mimac_kernels.triton import configs, kernels as K
-try:  # offline compilation API of triton >= 3.2; older ones are skipped
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as exc:
+try:
+    from benchmarks.triton_resources import SM90_SHARED, compile_variants, resource_usage
+    cases = [("bf16", 128, True, False), ("bf16", 300, False, False), ("fp16", 64, True, True),
+             ("fp32", 64, False, True)]
+    compiled = list(compile_variants(cases))
+except (ImportError, TypeError) as exc:  # triton < 3.2: no offline compile API
     print("NOAPI", exc)
     sys.exit(0)
-
-COMMON = {"R": "i32", "C": "i32", "D": "i32", "eps": "fp32"}
-def sig(names, dt):
-    out = {n: (dt if n in ("X", "Y") else "*fp32") for n in names}
-    out.update(COMMON)
-    return out
-for dt, d, all_pairs, log_dot in [
-    ("*bf16", 128, True, False), ("*bf16", 300, False, False), ("*fp16", 64, True, True),
-    ("*fp32", 64, False, True),
-]:
-    itemsize = 4 if dt == "*fp32" else 2
-    for fn, cfg_of, names, extra in [
-        (K.fwd_exp_sums_kernel, configs.forward_config,
-         ["X", "Y", "INV_TAU", "SHIFT", "ROW_SUM", "COL_SUM"], {"COL_BLOCKS": "i32"}),
-        (K.lse_finalize_kernel, configs.finalize_config,
-         ["X", "Y", "INV_TAU", "SHIFT", "SUM", "LSE"], {}),
-        (K.bwd_rows_kernel, configs.backward_config,
-         ["X", "Y", "INV_TAU", "LSE_R", "LSE_C", "G_R", "G_C", "CENTER_R", "GSCALE", "DX",
-          "TAU_PART"],
-         {"COL_BLOCKS": "i32"}),
-    ]:
-        cfg = cfg_of(d, itemsize, log_dot) if fn is K.bwd_rows_kernel else cfg_of(d, itemsize)
-        s = sig(names, dt)
-        s.update(extra)
-        consts = {"ALL": all_pairs, "LOG_DOT": log_dot, "BLOCK_M": cfg.block_m,
-                  "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "SINGLE_D": cfg.single_d,
-                  "PREC": "ieee", "DOT_F32": False}
-        if fn is K.bwd_rows_kernel:
-            consts["ATOMIC"] = not cfg.single_d
-            consts["GRAD_TF32"] = log_dot and dt == "*fp16"
-        full = dict(s)
-        full.update({k: "constexpr" for k in consts})
-        try:
-            src = ASTSource(fn=fn, signature=full, constexprs=consts)
-        except TypeError as exc:
-            print("NOAPI", exc)
-            sys.exit(0)
-        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        assert ck.metadata.shared <= 227 * 1024, (fn.__name__, ck.metadata.shared)
+for desc, ck in compiled:
+    use = resource_usage(ck)
+    assert use["shared"] <= SM90_SHARED, (desc, use)
+    print(desc["kernel"], desc["dtype"], desc["D"], use)
 print("COMPILED")
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90() -> None:
-    """The heuristic configs compile to sm_90 cubins (no GPU needed: Triton's own ptxas)."""
+    """The heuristic configs compile to sm_90 cubins that fit in shared memory, and
+    cuobjdump reads their resources (no GPU needed: Triton's own ptxas and cuobjdump)."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-c", _COMPILE_SCRIPT]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=root)
     if proc.stdout.startswith("NOAPI"):
         pytest.skip(f"this triton has no offline compile API: {proc.stdout.strip()}")
     assert "COMPILED" in proc.stdout, proc.stderr[-3000:]
+    assert proc.stdout.count("'registers'") == 12, proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")

@@ -77,7 +77,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
 def _read(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict):
-        raise ValueError("not a checkpoint dict")
+        raise ValueError("not a checkpoint dict")  # noqa: TRY004 -- bad content, like a bad zip
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(f"missing keys {missing}")
@@ -104,7 +104,7 @@ def load_checkpoint(run_dir: str | Path, quarantine: bool = True) -> tuple[dict[
             continue
         try:
             state = _read(path)
-        except Exception as exc:  # truncated zip, pickle error, wrong content ...
+        except Exception as exc:  # noqa: BLE001 -- truncated zip, pickle error, wrong content ...
             problems.append(f"{name}: {type(exc).__name__}: {exc}")
             warnings.warn(f"checkpoint {path} is corrupt ({type(exc).__name__}: {exc}); "
                           "trying the previous one", RuntimeWarning, stacklevel=2)

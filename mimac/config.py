@@ -248,7 +248,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a (possibly partial) nested dict."""
     if not isinstance(values, dict):
-        raise ValueError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
+        raise ValueError(  # noqa: TRY004 -- every config error is a ValueError
+            f"a config must be a mapping of keys to values, got {type(values).__name__}"
+        )
     cfg = _build(Config, values)
     validate(cfg)
     return cfg

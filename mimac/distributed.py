@@ -168,7 +168,7 @@ def on_main(fn: Callable[[], T], info: DistInfo) -> T:
     if info.is_main:
         try:
             box[0] = ("ok", fn())
-        except Exception as exc:  # re-raised on every rank below
+        except Exception as exc:  # noqa: BLE001 -- re-raised on every rank below
             box[0] = ("error", exc)
     dist.broadcast_object_list(box, src=0, group=info.group)
     kind, value = box[0]

@@ -32,9 +32,12 @@ def _as_int_array(a: Any, name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"{name} must hold integer ids, got dtype {arr.dtype}")
+    if (
+        arr.size
+        and not np.issubdtype(arr.dtype, np.integer)
+        and not np.all(np.equal(np.mod(arr, 1), 0))
+    ):
+        raise ValueError(f"{name} must hold integer ids, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
 
 

@@ -47,7 +47,7 @@ class RunLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except Exception:  # tensorboard not installed: CSV and plots only
+            except Exception:  # noqa: BLE001 -- tensorboard not installed: CSV and plots only
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=upto_epoch + 1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "BatchAugment", "DATASET_STATS", "normalize", "preset", "to_float"]
+__all__ = ["DATASET_STATS", "AugmentConfig", "BatchAugment", "normalize", "preset", "to_float"]
 
 # Columns of the uniform block drawn per call.
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop also makes 10 attempts, then falls back

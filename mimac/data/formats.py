@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["read_idx", "read_cifar_pickle", "read_stl10_images", "read_stl10_labels"]
+__all__ = ["read_cifar_pickle", "read_idx", "read_stl10_images", "read_stl10_labels"]
 
 # IDX type byte -> numpy dtype (all multi-byte types are big-endian, per the format).
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -92,7 +92,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     Plain ``pickle.load`` would run arbitrary code from a file a user points us at.
     """
 
-    _ALLOWED = {
+    _ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
@@ -103,9 +103,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         # Protocol-2 pickles written by Python 3 encode bytes objects with _codecs.encode.
         ("_codecs", "encode"),
-    }
+    })
 
-    def find_class(self, module: str, name: str):  # noqa: D102 - pickle hook
+    def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
@@ -134,7 +134,9 @@ def read_cifar_pickle(path: str | os.PathLike, label_key: bytes) -> tuple[np.nda
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not a CIFAR python pickle ({err})") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+        raise ValueError(  # noqa: TRY004 -- a bad file, not a bad argument
+            f"{path}: expected a pickled dict, got {type(obj).__name__}"
+        )
     # Files re-saved by Python 3 may have str keys; accept both spellings.
     obj = {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
     if b"data" not in obj or label_key not in obj:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimac.distributed import batch_sum, all_reduce_, world_size
+from mimac.distributed import all_reduce_, batch_sum, world_size
 from mimac.models.backbones import build_backbone, resolve_backbone_name
 from mimac.models.method import ClusteringMethod, ViewSpec
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mimac_kernels import fused_contrastive_loss
-from mimac_kernels import reference
+from mimac_kernels import fused_contrastive_loss, reference
 from mimac_kernels.testing import error_bound, max_abs_err, naive_contrastive_loss
 
 CASES = [
@@ -34,7 +33,7 @@ def test_matches_naive_float64(critic, negatives, symmetric, shape, reduction, m
     monkeypatch.setattr(reference, "TILE_ELEMS", 300)  # force several row blocks
     a, b = _inputs(shape, critic)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    kw = dict(critic=critic, negatives=negatives, symmetric=symmetric, reduction=reduction)
+    kw = {"critic": critic, "negatives": negatives, "symmetric": symmetric, "reduction": reduction}
     out = fused_contrastive_loss(a, b, temperature=tau, backend="torch", **kw)
     ref = naive_contrastive_loss(a, b, temperature=tau, **kw)
     assert out.shape == ref.shape and out.dtype == torch.float64
@@ -67,7 +66,7 @@ def test_low_precision_within_bound(dtype, critic, negatives, symmetric):
     a64, b64 = _inputs((67, 33), critic, seed=2)
     a, b = a64.detach().to(dtype).requires_grad_(), b64.detach().to(dtype).requires_grad_()
     t = 0.5 if critic == "log_dot" else 0.1  # tau = 1 would take the closed form
-    kw = dict(temperature=t, critic=critic, negatives=negatives, symmetric=symmetric)
+    kw = {"temperature": t, "critic": critic, "negatives": negatives, "symmetric": symmetric}
     ref = naive_contrastive_loss(a.detach(), b.detach(), **kw)  # float64 of the same inputs
     a_r, b_r = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     ga_ref, gb_ref = torch.autograd.grad(naive_contrastive_loss(a_r, b_r, **kw), (a_r, b_r))
@@ -88,7 +87,7 @@ def test_low_precision_within_bound(dtype, critic, negatives, symmetric):
 def test_log_dot_closed_form_exact(negatives, symmetric):
     """tau = 1 takes the linear closed form; it equals the full formula, values and grads."""
     a, b = _inputs((3, 41, 10), "log_dot", seed=3)
-    kw = dict(critic="log_dot", negatives=negatives, symmetric=symmetric, reduction="none")
+    kw = {"critic": "log_dot", "negatives": negatives, "symmetric": symmetric, "reduction": "none"}
     out = fused_contrastive_loss(a, b, temperature=1.0, **kw)
     ref = naive_contrastive_loss(a, b, temperature=1.0, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

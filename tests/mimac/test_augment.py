@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mimac.data import AugmentConfig, BatchAugment, normalize, preset, to_float
 from mimac.data.augment import DATASET_STATS, _shift_hue
 
-OFF = dict(crop_scale=(1.0, 1.0), hflip=0.0, jitter_p=0.0, grey_p=0.0, blur_p=0.0)
+OFF = {"crop_scale": (1.0, 1.0), "hflip": 0.0, "jitter_p": 0.0, "grey_p": 0.0, "blur_p": 0.0}
 
 
 def gen(seed: int) -> torch.Generator:
@@ -67,7 +67,7 @@ def test_noop_config_is_exact_identity():
     g = images(8, 1, 9)
     assert torch.equal(BatchAugment(AugmentConfig(**OFF))(g, gen(0)), g)
     # Blur switched on with probability 0 and jitter with zero strength are no-ops too.
-    cfg = AugmentConfig(**(OFF | dict(jitter=(0, 0, 0, 0), jitter_p=1.0)))
+    cfg = AugmentConfig(**(OFF | {"jitter": (0, 0, 0, 0), "jitter_p": 1.0}))
     assert torch.equal(BatchAugment(cfg)(x, gen(0)), x)
 
 
@@ -94,8 +94,8 @@ def test_full_crop_resize_matches_bilinear_interpolate(flip):
 def test_crop_scale_sets_zoom(flip):
     # Area 1/4 with ratio 1 is a half-side crop: resized to 16 px from a 32-px ramp, each
     # output pixel advances one input pixel; a flip reverses the slope.
-    cfg = AugmentConfig(**(OFF | dict(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0),
-                                      size=16, hflip=flip)))
+    cfg = AugmentConfig(**(OFF | {"crop_scale": (0.25, 0.25), "crop_ratio": (1.0, 1.0),
+                                      "size": 16, "hflip": flip}))
     y = BatchAugment(cfg)(ramp(8, 32), gen(0))
     step = torch.diff(y, dim=-1)
     expect = (-1 if flip else 1) / 31
@@ -105,18 +105,18 @@ def test_crop_scale_sets_zoom(flip):
 
 
 def test_affine_zoom_and_translate():
-    cfg = AugmentConfig(**(OFF | dict(affine_scale=(2.0, 2.0))))
+    cfg = AugmentConfig(**(OFF | {"affine_scale": (2.0, 2.0)}))
     y = BatchAugment(cfg)(ramp(4, 32), gen(0))
     step = torch.diff(y, dim=-1)
     torch.testing.assert_close(step, torch.full_like(step, 0.5 / 31), atol=1e-5, rtol=0)
     # A shift with zero padding brings black in from one side on some images.
-    cfg = AugmentConfig(**(OFF | dict(affine_translate=0.25, padding="zeros")))
+    cfg = AugmentConfig(**(OFF | {"affine_translate": 0.25, "padding": "zeros"}))
     y = BatchAugment(cfg)(torch.ones(16, 1, 16, 16), gen(0))
     assert (y.flatten(1).min(1).values < 0.5).float().mean() > 0.8
     # A rotation keeps a centred disc's mass (it is rotation invariant).
     yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
     disc = (((yy - 7.5) ** 2 + (xx - 7.5) ** 2) < 25).float().expand(8, 1, 16, 16)
-    y = BatchAugment(AugmentConfig(**(OFF | dict(affine_deg=45.0))))(disc, gen(0))
+    y = BatchAugment(AugmentConfig(**(OFF | {"affine_deg": 45.0})))(disc, gen(0))
     torch.testing.assert_close(y.sum((1, 2, 3)), disc.sum((1, 2, 3)), rtol=0.03, atol=0)
 
 
@@ -132,7 +132,7 @@ def test_greyscale_correct_and_skipped_for_one_channel():
 
 def test_jitter_factors_per_sample():
     x = images(32, 3, 8) * 0.5  # no clamping at brightness <= 1.5
-    cfg = AugmentConfig(**(OFF | dict(jitter=(0.5, 0, 0, 0), jitter_p=1.0)))
+    cfg = AugmentConfig(**(OFF | {"jitter": (0.5, 0, 0, 0), "jitter_p": 1.0}))
     y = BatchAugment(cfg)(x, gen(0))
     ratio = (y / x).flatten(1)
     torch.testing.assert_close(ratio.min(1).values, ratio.max(1).values, rtol=1e-4, atol=0)
@@ -140,10 +140,10 @@ def test_jitter_factors_per_sample():
     assert ratio[:, 0].std() > 0.1
     # Grey images have no hue or saturation to change.
     grey = images(8, 1, 8).expand(8, 3, 8, 8)
-    cfg = AugmentConfig(**(OFF | dict(jitter=(0, 0, 0.4, 0.1), jitter_p=1.0)))
+    cfg = AugmentConfig(**(OFF | {"jitter": (0, 0, 0.4, 0.1), "jitter_p": 1.0}))
     torch.testing.assert_close(BatchAugment(cfg)(grey, gen(0)), grey, atol=1e-6, rtol=0)
     # jitter_p = 0.5: the untouched half is exactly the input.
-    cfg = AugmentConfig(**(OFF | dict(jitter_p=0.5)))
+    cfg = AugmentConfig(**(OFF | {"jitter_p": 0.5}))
     same = (BatchAugment(cfg)(x, gen(1)) == x).flatten(1).all(1)
     assert 4 < same.sum() < 28
 
@@ -163,7 +163,7 @@ def test_hue_shift_matches_colorsys():
 
 
 def test_blur():
-    cfg = AugmentConfig(**(OFF | dict(blur_p=1.0, blur_sigma=(1.0, 2.0))))
+    cfg = AugmentConfig(**(OFF | {"blur_p": 1.0, "blur_sigma": (1.0, 2.0)}))
     const = torch.full((4, 3, 16, 16), 0.7)
     torch.testing.assert_close(BatchAugment(cfg)(const, gen(0)), const)
     imp = torch.zeros(4, 1, 17, 17)
@@ -173,7 +173,7 @@ def test_blur():
     assert (y[:, 0, 8, 8] < 0.2).all() and y[:, 0, 8, 8].std() > 0  # per-sample sigma
     assert torch.equal(y, y.flip(-1))  # symmetric kernel
     imps = imp[:1].expand(32, 1, 17, 17)
-    half = BatchAugment(AugmentConfig(**(OFF | dict(blur_p=0.5))))(imps, gen(0))
+    half = BatchAugment(AugmentConfig(**(OFF | {"blur_p": 0.5})))(imps, gen(0))
     kept = (half == imp[:1]).flatten(1).all(1)
     assert 4 < kept.sum() < 28
 

@@ -28,7 +28,9 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import threading
 import warnings
@@ -202,6 +204,39 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _has_runtime_headers(root: str | Path) -> bool:
+    return (Path(root) / "include" / "cuda_runtime_api.h").is_file()
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit root to build with, or ``None`` if no toolkit with headers is found.
+
+    torch's guess (``CUDA_HOME``, else nvcc's folder's parent) when it holds the
+    runtime headers; else the root nvcc itself reports (``nvcc --dryrun`` prints
+    it as TOP), which finds a toolkit whose nvcc is a wrapper script elsewhere.
+    """
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and _has_runtime_headers(home):
+        return home
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "mimac_probe.cu"], capture_output=True, text=True, timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if top is None:
+        return None
+    root = Path(top.group(1).strip()).resolve()
+    return str(root) if _has_runtime_headers(root) else None
+
+
 def skip_reason(spec: ExtensionSpec) -> str | None:
     """Why this machine cannot build ``spec`` at all (before trying), or ``None``."""
     missing = [str(s) for s in spec.sources if not s.is_file()]
@@ -212,18 +247,16 @@ def skip_reason(spec: ExtensionSpec) -> str | None:
             return "this torch is built without CUDA"
         if _nvcc() is None:
             return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-        from torch.utils import cpp_extension
-
-        home = cpp_extension.CUDA_HOME
-        if home and not (Path(home) / "include" / "cuda_runtime_api.h").is_file():
-            # torch guesses the toolkit root from nvcc's folder, which a wrapper
-            # script in /usr/local/bin (say) gets wrong.
-            return (
-                f"CUDA_HOME={home} has no include/cuda_runtime_api.h "
-                "(set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda)"
-            )
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             return "no GPU visible and TORCH_CUDA_ARCH_LIST unset: nothing to build for"
+        if cuda_home() is None:
+            from torch.utils import cpp_extension
+
+            return (
+                f"no CUDA toolkit headers: CUDA_HOME={cpp_extension.CUDA_HOME} has no "
+                "include/cuda_runtime_api.h and nvcc reports no root that has "
+                "(set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda)"
+            )
     return None
 
 
@@ -292,6 +325,9 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
     from torch.utils import cpp_extension
 
     _ensure_ninja()
+    if spec.kind == "cuda":
+        # torch joins every CUDA path onto this module global; point it at a root with headers.
+        cpp_extension.CUDA_HOME = cuda_home()
     lib.parent.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(

@@ -12,13 +12,12 @@
 #      csrc/emulation's stand-ins), and loads it;
 #   2. runs the README's test command (Triton interpreted, CUDA emulated).
 # So an API or header difference between the two stacks shows up here, not in
-# the GPU machine's few minutes. Needs python3.12 ($PYTHON312), nvcc
-# ($CUDA_HOME, default /usr/local/cuda) and the internet.
+# the GPU machine's few minutes. Needs python3.12 ($PYTHON312), nvcc (found
+# like any build: $CUDA_HOME, else the root nvcc reports) and the internet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-/tmp/mimac-gpu-stack}
 PY312=${PYTHON312:-python3.12}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY312" -m venv "$VENV"

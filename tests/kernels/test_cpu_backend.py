@@ -327,19 +327,22 @@ def test_cache_key(tmp_path, monkeypatch):
     assert extension.source_hash(spec2) != extension.source_hash(spec)
 
 
-def test_cuda_home_without_headers_is_named(tmp_path, monkeypatch):
-    """A toolkit root guessed wrong (nvcc behind a wrapper script) gives a reason
-    naming CUDA_HOME before any compiler runs, on any machine."""
+def test_cuda_home_from_nvcc_when_torch_guesses_wrong(tmp_path, monkeypatch):
+    """nvcc behind a wrapper script: torch's CUDA_HOME guess lacks the headers, so the
+    root nvcc reports is used; with none, the reason names CUDA_HOME. Any machine."""
     from torch.utils import cpp_extension
 
-    home = tmp_path / "wrapper-root"
-    (home / "bin").mkdir(parents=True)
-    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    wrapper_root, toolkit = tmp_path / "wrapper-root", tmp_path / "toolkit"
+    (wrapper_root / "bin").mkdir(parents=True)
+    nvcc = wrapper_root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={toolkit}/bin/..'\n")
+    nvcc.chmod(0o755)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_root))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     why = extension.skip_reason(extension.cuda_spec())
-    assert why is not None and f"CUDA_HOME={home} has no include/cuda_runtime_api.h" in why
-    (home / "include").mkdir()
-    (home / "include" / "cuda_runtime_api.h").write_text("")
+    assert why is not None and f"CUDA_HOME={wrapper_root} has no include/cuda_runtime_api.h" in why
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    assert extension.cuda_home() == str(toolkit.resolve())
     assert extension.skip_reason(extension.cuda_spec()) is None

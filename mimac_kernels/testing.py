@@ -277,3 +277,28 @@ def emulated_cuda_backend() -> Iterator[ModuleType]:
             yield module
     finally:
         dispatch.forget_probes()
+
+
+#: Thread and block orders of the CUDA emulation (``csrc/emulation/cuda_emu.h``).
+EMULATION_SCHEDULES = ("in_order", "reversed", "shuffled", "warps_in_order", "warps_reversed")
+
+
+@contextlib.contextmanager
+def emulation_schedule(schedule: str, seed: int = 0) -> Iterator[None]:
+    """Inside the block, emulated CUDA launches run their blocks, and the threads of
+    each block between two barriers, in ``schedule`` order: every thread to its next
+    barrier per sweep ("in_order", "reversed", "shuffled" with ``seed``), or one warp
+    at a time to its next block barrier ("warps_in_order", "warps_reversed"). A
+    kernel without races between barriers gives the same bits under every order;
+    comparing them is the emulation's race check.
+    """
+    from mimac_kernels import extension
+
+    if schedule not in EMULATION_SCHEDULES:
+        raise ValueError(f"schedule must be one of {EMULATION_SCHEDULES}, got {schedule!r}")
+    extension.build(extension.cuda_emulation_spec())  # registers torch.ops.mimac_emu
+    torch.ops.mimac_emu.set_schedule(EMULATION_SCHEDULES.index(schedule), seed)
+    try:
+        yield
+    finally:
+        torch.ops.mimac_emu.set_schedule(0, 0)

@@ -17,8 +17,16 @@
 // without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
 // dynamic shared memory the launch asked for, launch bounds.
 //
-// What it cannot see: timing, bank conflicts, register pressure, races that a
-// real GPU would expose between barriers (fibers switch only at barriers).
+// Races between two barriers: a fiber runs from one barrier to the next without
+// a switch, so a race gives the right answer under one thread order and a
+// wrong one under another. set_schedule() picks the order: threads in
+// lockstep sweeps (in order, reversed, shuffled), or one warp at a time to its
+// next block barrier (warps in order or reversed); blocks in order or reversed
+// alike. A kernel without races gives the same bits under every schedule,
+// which is what the tests compare.
+//
+// What it cannot see: timing, bank conflicts, register pressure, and races
+// that only a finer interleaving than whole barrier-to-barrier runs exposes.
 // Only dynamic shared memory (`extern __shared__ T name[]`) is emulated, and
 // kernels take one by-value argument. Used through csrc/emulation/kernels.cpp.
 #pragma once
@@ -98,6 +106,13 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 cudaError_t last_error();
 // The dynamic shared memory all blocks use (blocks run one at a time).
 void register_dynamic_smem(unsigned char* base, size_t size);
+// Order of the blocks of a launch and of the threads of a block between two
+// barriers. kInOrder, kReversed, kShuffled (a fresh permutation per sweep, from
+// `seed`): every thread to its next barrier, block or warp, per sweep.
+// kWarpsInOrder, kWarpsReversed: one warp at a time through its warp
+// collectives to the next block barrier. Any of them is an order a GPU may run.
+enum Schedule : int { kInOrder = 0, kReversed = 1, kShuffled = 2, kWarpsInOrder = 3, kWarpsReversed = 4 };
+void set_schedule(Schedule schedule, uint64_t seed);
 
 }  // namespace mimac_emu
 

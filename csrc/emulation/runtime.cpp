@@ -1,9 +1,11 @@
 // The fiber scheduler behind cuda_emu.h: one block at a time, one fiber per thread.
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <numeric>
 #include <memory>
 #include <string>
 #include <vector>
@@ -62,6 +64,26 @@ std::string g_last_message;
 std::map<const void*, int> g_max_smem;
 unsigned char* g_smem = nullptr;
 size_t g_smem_capacity = 0;
+Schedule g_schedule = kInOrder;
+uint64_t g_rng = 0;
+
+uint64_t next_random() {  // splitmix64: a fixed seed gives a fixed sequence
+  uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// 0..n-1 in the order of the current schedule.
+std::vector<size_t> schedule_order(size_t n) {
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (g_schedule == kReversed || g_schedule == kWarpsReversed) std::reverse(order.begin(), order.end());
+  if (g_schedule == kShuffled) {
+    for (size_t i = n; i > 1; --i) std::swap(order[i - 1], order[next_random() % i]);
+  }
+  return order;
+}
 
 Fiber& running_fiber() {
   if (g_block == nullptr || g_block->running == nullptr) {
@@ -89,6 +111,10 @@ void wait_at(Barrier& b, const char* name, int warp) {
     } else {
       for (size_t w = 0; w < g_block->records.size(); ++w) reset_warp(*g_block, static_cast<int>(w));
     }
+    // It yields too, so the next sweep runs everyone past the barrier in the
+    // schedule's order (rather than this thread first).
+    f.waiting = nullptr;
+    swapcontext(&f.context, &g_block->scheduler);
     return;
   }
   f.waiting = &b;
@@ -121,25 +147,70 @@ std::string describe_deadlock(const Block& blk) {
   return msg;
 }
 
-// Runs every fiber of the block to completion; returns the failure, or "".
-std::string run_block(Block& blk) {
+bool runnable(const Fiber& f) {
+  return !f.done && (f.waiting == nullptr || f.waiting->generation != f.wait_generation);
+}
+
+// Resumes `f` until its next barrier (or its end); false if the launch failed.
+bool resume(Block& blk, Fiber& f) {
+  f.waiting = nullptr;
+  blk.running = &f;
+  swapcontext(&blk.scheduler, &f.context);
+  blk.running = nullptr;
+  return blk.error.empty();
+}
+
+// Threads in lockstep: each sweep takes every thread once, in the schedule's
+// order, to its next barrier (block or warp).
+std::string run_threads(Block& blk) {
+  std::vector<size_t> order = schedule_order(blk.fibers.size());
   for (;;) {
     bool progress = false;
-    int alive = 0;
-    for (Fiber& f : blk.fibers) {
-      if (f.done) continue;
-      ++alive;
-      if (f.waiting != nullptr && f.waiting->generation == f.wait_generation) continue;
-      f.waiting = nullptr;
-      blk.running = &f;
-      swapcontext(&blk.scheduler, &f.context);
-      blk.running = nullptr;
+    if (g_schedule == kShuffled) order = schedule_order(blk.fibers.size());
+    for (const size_t i : order) {
+      Fiber& f = blk.fibers[i];
+      if (!runnable(f)) continue;
       progress = true;
-      if (!blk.error.empty()) return blk.error;
+      if (!resume(blk, f)) return blk.error;
     }
-    if (alive == 0) return "";
+    if (std::all_of(blk.fibers.begin(), blk.fibers.end(), [](const Fiber& f) { return f.done; })) return "";
     if (!progress) return describe_deadlock(blk);
   }
+}
+
+// One warp at a time: a warp runs through its warp collectives to the next
+// block barrier before the next warp starts. Lockstep sweeps keep warps level
+// at every warp collective, which hides a missing block barrier between two
+// warps that pass the same number of collectives; this order does not.
+std::string run_warps(Block& blk) {
+  const size_t n = blk.fibers.size();
+  std::vector<size_t> warps((n + kWarp - 1) / kWarp);
+  std::iota(warps.begin(), warps.end(), size_t{0});
+  if (g_schedule == kWarpsReversed) std::reverse(warps.begin(), warps.end());
+  for (;;) {
+    bool progress = false;
+    for (const size_t w : warps) {
+      const uint64_t generation = blk.block_barrier.generation;
+      for (bool moved = true; moved && blk.block_barrier.generation == generation;) {
+        moved = false;
+        for (size_t t = w * kWarp; t < std::min(n, (w + 1) * kWarp); ++t) {
+          Fiber& f = blk.fibers[t];
+          if (!runnable(f)) continue;
+          moved = progress = true;
+          if (!resume(blk, f)) return blk.error;
+        }
+      }
+      // This warp released the block barrier: start again from the first warp.
+      if (blk.block_barrier.generation != generation) break;
+    }
+    if (std::all_of(blk.fibers.begin(), blk.fibers.end(), [](const Fiber& f) { return f.done; })) return "";
+    if (!progress) return describe_deadlock(blk);
+  }
+}
+
+// Runs every fiber of the block to completion; returns the failure, or "".
+std::string run_block(Block& blk) {
+  return g_schedule == kWarpsInOrder || g_schedule == kWarpsReversed ? run_warps(blk) : run_threads(blk);
 }
 
 cudaError_t fail_launch(cudaError_t code, const std::string& message) {
@@ -206,6 +277,11 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
   return cudaSuccess;
 }
 
+void set_schedule(Schedule schedule, uint64_t seed) {
+  g_schedule = schedule;
+  g_rng = seed;
+}
+
 cudaError_t last_error() {
   const cudaError_t e = g_last_error;
   g_last_error = cudaSuccess;
@@ -238,43 +314,44 @@ cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 blo
   for (Fiber& f : blk.fibers) f.stack.reset(new char[kStackBytes]);
   g_block = &blk;
   std::string error;
-  for (unsigned bz = 0; bz < grid.z && error.empty(); ++bz) {
-    for (unsigned by = 0; by < grid.y && error.empty(); ++by) {
-      for (unsigned bx = 0; bx < grid.x && error.empty(); ++bx) {
-        std::memset(g_smem, kUninitialised, smem);
-        std::memset(g_smem + smem, kCanary, kCanaryBytes);
-        blk.block_barrier = Barrier{static_cast<int>(threads), 0, 0};
-        blk.warp_barriers.assign(warps, Barrier{});
-        blk.records.resize(warps);
-        blk.recorded.assign(warps, 0);
-        for (size_t t = 0; t < threads; ++t) blk.warp_barriers[t / kWarp].expected += 1;
-        for (size_t t = 0; t < threads; ++t) {
-          Fiber& f = blk.fibers[t];
-          f.done = false;
-          f.waiting = nullptr;
-          f.calls = 0;
-          f.state.thread_idx = dim3(static_cast<unsigned>(t % block.x),
-                                    static_cast<unsigned>(t / block.x % block.y),
-                                    static_cast<unsigned>(t / (block.x * block.y)));
-          f.state.block_idx = dim3(bx, by, bz);
-          f.state.block_dim = block;
-          f.state.grid_dim = grid;
-          f.state.lane = static_cast<int>(t % kWarp);
-          f.state.warp = static_cast<int>(t / kWarp);
-          getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.get();
-          f.context.uc_stack.ss_size = kStackBytes;
-          f.context.uc_link = &blk.scheduler;
-          makecontext(&f.context, fiber_entry, 0);
-        }
-        error = run_block(blk);
-        for (size_t i = 0; i < kCanaryBytes && error.empty(); ++i) {
-          if (g_smem[smem + i] != kCanary)
-            error = "write past the " + std::to_string(smem) + " bytes of dynamic shared memory (byte " +
-                    std::to_string(smem + i) + ") in block (" + std::to_string(bx) + "," +
-                    std::to_string(by) + "," + std::to_string(bz) + ")";
-        }
-      }
+  const size_t blocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
+  for (const size_t b : schedule_order(blocks)) {
+    if (!error.empty()) break;
+    const unsigned bx = static_cast<unsigned>(b % grid.x);
+    const unsigned by = static_cast<unsigned>(b / grid.x % grid.y);
+    const unsigned bz = static_cast<unsigned>(b / grid.x / grid.y);
+    std::memset(g_smem, kUninitialised, smem);
+    std::memset(g_smem + smem, kCanary, kCanaryBytes);
+    blk.block_barrier = Barrier{static_cast<int>(threads), 0, 0};
+    blk.warp_barriers.assign(warps, Barrier{});
+    blk.records.resize(warps);
+    blk.recorded.assign(warps, 0);
+    for (size_t t = 0; t < threads; ++t) blk.warp_barriers[t / kWarp].expected += 1;
+    for (size_t t = 0; t < threads; ++t) {
+      Fiber& f = blk.fibers[t];
+      f.done = false;
+      f.waiting = nullptr;
+      f.calls = 0;
+      f.state.thread_idx = dim3(static_cast<unsigned>(t % block.x),
+                                static_cast<unsigned>(t / block.x % block.y),
+                                static_cast<unsigned>(t / (block.x * block.y)));
+      f.state.block_idx = dim3(bx, by, bz);
+      f.state.block_dim = block;
+      f.state.grid_dim = grid;
+      f.state.lane = static_cast<int>(t % kWarp);
+      f.state.warp = static_cast<int>(t / kWarp);
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.get();
+      f.context.uc_stack.ss_size = kStackBytes;
+      f.context.uc_link = &blk.scheduler;
+      makecontext(&f.context, fiber_entry, 0);
+    }
+    error = run_block(blk);
+    for (size_t i = 0; i < kCanaryBytes && error.empty(); ++i) {
+      if (g_smem[smem + i] != kCanary)
+        error = "write past the " + std::to_string(smem) + " bytes of dynamic shared memory (byte " +
+                std::to_string(smem + i) + ") in block (" + std::to_string(bx) + "," +
+                std::to_string(by) + "," + std::to_string(bz) + ")";
     }
   }
   g_block = nullptr;

@@ -1,5 +1,6 @@
 // torch.ops.mimac_emu_selftest: runs the emulation's self-test kernels
-// (selftest_kernels.cuh) for tests/kernels/test_cuda_emulation.py.
+// (selftest_kernels.cuh) for tests/kernels/test_cuda_emulation.py;
+// torch.ops.mimac_emu.set_schedule: the emulation's thread and block order.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -26,6 +27,14 @@ void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64
 
 double tf32(double v) { return nvcuda::wmma::__float_to_tf32(static_cast<float>(v)); }
 
+// The order of blocks and threads for every later launch (see cuda_emu.h).
+void set_schedule(int64_t schedule, int64_t seed) {
+  TORCH_CHECK(schedule >= 0 && schedule <= 4,
+              "schedule must be 0 (in order), 1 (reversed), 2 (shuffled), 3 (warps in order) or 4 "
+              "(warps reversed), got ", schedule);
+  mimac_emu::set_schedule(static_cast<mimac_emu::Schedule>(schedule), static_cast<uint64_t>(seed));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mimac_emu_selftest, m) {
@@ -34,3 +43,5 @@ TORCH_LIBRARY(mimac_emu_selftest, m) {
         &run);
   m.def("tf32(float v) -> float", &tf32);
 }
+
+TORCH_LIBRARY(mimac_emu, m) { m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule); }

@@ -9,14 +9,34 @@ namespace {
 using namespace nvcuda;
 using Args = MimacEmuArgs;
 
-// out[t] = in[(t + 1) % n] through shared memory; variant 1 drops the barrier.
+// Variants 0, 1: out[t] = in[(t + 1) % n] through shared memory; 1 drops the barrier.
+// Variants 2, 3: out[t] = in[t + 1] (0 for the last), then every thread overwrites
+// its own slot; 2 has no barrier between the read and the write, so thread t may
+// overwrite its slot before thread t - 1 read it (a write-after-read race): right
+// when the threads run in order, wrong reversed. 3 has the barrier.
+// Variants 4, 5: out[t] = in[(t + 32) % n], another warp's value; 4 syncs only its
+// own warp before reading (right whenever warps advance in step, wrong when one
+// warp runs ahead), 5 syncs the block.
 __global__ void neighbour_kernel(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* s = reinterpret_cast<float*>(smem);
   const int t = threadIdx.x, n = blockDim.x;
   s[t] = a.in[t];
+  if (a.variant >= 4) {
+    if (a.variant == 4) __syncwarp();
+    if (a.variant == 5) __syncthreads();
+    a.out[t] = s[(t + 32) % n];
+    return;
+  }
   if (a.variant != 1) __syncthreads();
-  a.out[t] = s[(t + 1) % n];
+  if (a.variant < 2) {
+    a.out[t] = s[(t + 1) % n];
+    return;
+  }
+  const float next = t + 1 < n ? s[t + 1] : 0.0f;
+  if (a.variant == 3) __syncthreads();
+  s[t] = -1.0f;
+  a.out[t] = next;
 }
 
 // Variant 0: fine; 1: only half the block reaches the barrier; 2: a write one

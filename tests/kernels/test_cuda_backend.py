@@ -21,8 +21,10 @@ import torch.nn.functional as F
 import mimac_kernels
 from mimac_kernels import cuda_backend, extension, reference
 from mimac_kernels.testing import (
+    EMULATION_SCHEDULES,
     assert_backend_matches_float64,
     emulated_cuda_backend,
+    emulation_schedule,
     make_views,
     max_abs_err,
 )
@@ -163,6 +165,48 @@ def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
 @pytest.mark.parametrize("negatives", ["all", "cross"])
 def test_kernel_level_matches_reference(critic, negatives, dtype, dev):
     _kernel_check(dev, 300, 64, critic, negatives, dtype, h=2)
+
+
+def _kernel_outputs(dev, n, d, critic, negatives, dtype, h=1, seed=8):
+    """Forward and backward kernel outputs on fixed random inputs (no reference)."""
+    a, b = views((h, n, d), critic, dev, seed=seed)
+    if critic == "cosine":
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    a, b = a.to(dtype), b.to(dtype)
+    inv_tau = torch.tensor(1.0 / TAU[critic], device=dev)
+    row, col = cuda_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
+    gen = torch.Generator().manual_seed(seed + 1)
+    g_row = (torch.rand(row.shape, generator=gen) / row.shape[1]).to(dev)
+    g_col = (torch.rand(col.shape, generator=gen) / max(col.shape[1], 1)).to(dev)
+    centres = [torch.randn(t.shape, generator=gen).to(dev) for t in (g_row, g_col)]
+    grads = cuda_backend.backward(
+        a, b, inv_tau, critic, negatives, 1e-12, row, col, g_row, g_col, *centres
+    )
+    return (row, col, *grads)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize(
+    "critic,negatives,dtype",
+    [("cosine", "all", torch.bfloat16), ("log_dot", "cross", torch.float32),
+     ("dot", "cross", torch.float16)],
+)  # fmt: skip
+def test_no_race_between_barriers(critic, negatives, dtype, dev):
+    """The kernels give the same bits whatever order the emulation runs their blocks
+    and threads in (several CTAs, D chunks and output slices): a race between two
+    barriers would make some order read a slot too early or too late."""
+    if dev.type != "cpu":
+        pytest.skip("thread order is the emulation's to choose; on a GPU see compute-sanitizer")
+    outputs = {}
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule, seed=5):
+            outputs[schedule] = _kernel_outputs(dev, 150, 200, critic, negatives, dtype, h=2)
+    names = ("row_lse", "col_lse", "grad_a", "grad_b")
+    for schedule in EMULATION_SCHEDULES[1:]:
+        for name, x, y in zip(names, outputs["in_order"], outputs[schedule]):
+            assert torch.equal(x, y), (schedule, name, max_abs_err(x, y))
+        # One atomicAdd per CTA: the block order may change the temperature sum's rounding.
+        torch.testing.assert_close(outputs[schedule][4], outputs["in_order"][4], rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow

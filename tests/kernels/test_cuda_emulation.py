@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mimac_kernels import extension
+from mimac_kernels.testing import EMULATION_SCHEDULES, emulation_schedule
 
 pytestmark = pytest.mark.emulated
 
@@ -42,6 +43,44 @@ def test_missing_barrier_reads_unwritten_shared_memory(selftest):
     # Shared memory starts as NaN bytes: thread 0 runs to its end before thread 1 writes.
     out = run(selftest, "neighbour", torch.arange(128.0), 1)
     assert torch.isnan(out[:-1]).all()
+
+
+def test_schedules_expose_a_race_between_barriers(selftest):
+    """A write-after-read race: right in order, wrong reversed or shuffled; the
+    twin with the barrier is right under every schedule."""
+    x = torch.arange(1.0, 129.0)
+    expected = torch.cat([x[1:], torch.zeros(1)])
+    racy = {}
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule, seed=3):
+            racy[schedule] = run(selftest, "neighbour", x, 2)
+            torch.testing.assert_close(run(selftest, "neighbour", x, 3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(racy["in_order"], expected, rtol=0, atol=0)  # the blind spot
+    assert (racy["reversed"][:-1] == -1).all()  # every reader came after the overwrite
+    assert not torch.equal(racy["shuffled"], expected)
+
+
+def test_warp_schedules_expose_a_missing_block_barrier(selftest):
+    """Reading another warp's value after only __syncwarp: lockstep sweeps keep the
+    warps level, so it passes there; one warp at a time reads unwritten (NaN) slots."""
+    x = torch.arange(1.0, 129.0)
+    expected = x.roll(-32)
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule):
+            racy = run(selftest, "neighbour", x, 4)
+            torch.testing.assert_close(run(selftest, "neighbour", x, 5), expected, rtol=0, atol=0)
+        if schedule.startswith("warps_"):
+            assert torch.isnan(racy).any(), schedule
+        else:
+            torch.testing.assert_close(racy, expected, rtol=0, atol=0)  # the lockstep blind spot
+
+
+def test_schedule_is_checked(selftest):
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        with emulation_schedule("backwards"):
+            pass
+    with pytest.raises(RuntimeError, match="schedule must be 0 \\(in order\\), 1 \\(reversed\\), 2"):
+        torch.ops.mimac_emu.set_schedule(7, 0)
 
 
 def test_shuffle(selftest):

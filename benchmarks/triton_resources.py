@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     spilling = [r for r in rows if r["local"] > 0]
     too_big = [r for r in rows if r["shared"] > SM90_SHARED]
-    print(f"{len(rows)} kernels, {len(spilling)} spill registers, "
-          f"{len(too_big)} need more than {SM90_SHARED} B of shared memory")
+    print(f"{len(rows)} kernels, {len(spilling)} with register spills, "
+          f"{len(too_big)} needing more than {SM90_SHARED} B of shared memory")
     if args.out:
         import torch
 

@@ -10,7 +10,9 @@
 #   1. builds both extensions: the CUDA one for sm_80 and sm_90 with the local
 #      nvcc against torch's real CUDA headers (CI only sees them through
 #      csrc/emulation's stand-ins), and loads it;
-#   2. runs the README's test command (Triton interpreted, CUDA emulated).
+#   2. compiles every Triton kernel configuration for sm_90 and reports spills
+#      (benchmarks/triton_resources.py);
+#   3. runs the README's test command (Triton interpreted, CUDA emulated).
 # So an API or header difference between the two stacks shows up here, not in
 # the GPU machine's few minutes. Needs python3.12 ($PYTHON312), nvcc (found
 # like any build: $CUDA_HOME, else the root nvcc reports) and the internet.
@@ -34,5 +36,7 @@ export MIMAC_KERNELS_CACHE="$VENV/kernels-cache" TORCH_CUDA_ARCH_LIST="8.0;9.0"
 # "skipped" is success for the build command; here the CUDA extension must load.
 "$VENV/bin/python" -c "from mimac_kernels import extension; print('cuda extension loads:', \
 extension.load('cuda').__file__)"
+# Registers and spills of every Triton kernel configuration under this triton, for sm_90.
+"$VENV/bin/python" -m benchmarks.triton_resources --out "$VENV/triton_resources.json" | tail -1
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q tests benchmarks --benchmark-disable \
   -p no:cacheprovider

@@ -76,9 +76,8 @@ def test_warp_schedules_expose_a_missing_block_barrier(selftest):
 
 
 def test_schedule_is_checked(selftest):
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        with emulation_schedule("backwards"):
-            pass
+    with pytest.raises(ValueError, match="schedule must be one of"), emulation_schedule("backwards"):
+        pass
     with pytest.raises(RuntimeError, match="schedule must be 0 \\(in order\\), 1 \\(reversed\\), 2"):
         torch.ops.mimac_emu.set_schedule(7, 0)
 

@@ -117,3 +117,23 @@ def test_cpu_memory_child_reports_a_peak() -> None:
     assert res["mimac-torch"].status == "ok"
     assert res["mimac-torch"].peak_bytes is not None and res["mimac-torch"].peak_bytes >= 0
     assert res["inf_cl"].status == "skip"
+
+
+_SCRIPTS = sorted(
+    p for d in ("benchmarks", "scripts", ".ci") for p in (Path(__file__).parents[1] / d).glob("*")
+    if p.suffix == ".sh" or p.name == "run"
+)
+
+
+@pytest.mark.parametrize("script", _SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shell_scripts_parse(script: Path) -> None:
+    """A syntax error in gpu_check.sh would cost a GPU call: bash -n them all here."""
+    import subprocess
+
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shell_scripts_found() -> None:
+    names = {p.name for p in _SCRIPTS}
+    assert {"gpu_check.sh", "fetch_peer_wheels.sh", "gpu_stack_check.sh", "run"} <= names

@@ -16,9 +16,11 @@
 #                 (cases run in priority order, so a cut drops the least important)
 #   max-batch     <= 75 s    report  <= 30 s
 # Each step is bounded with `timeout`; a step that fails is logged and the rest
-# still run. STEPS=env,wheels,build,tests,bench,maxbatch,report picks steps,
-# e.g. STEPS=build,tests in one call and STEPS=bench,maxbatch,report with
-# GPU_CHECK_BUDGET=560 in the next, for a fuller benchmark run. BENCH_SIZE
+# still run. STEPS=env,wheels,build,tests,bench,maxbatch,report picks steps
+# (`sanitize`, compute-sanitizer's racecheck/memcheck/synccheck on
+# benchmarks/sanitize_cuda.py, <= 60 s each, is not in the default list),
+# e.g. STEPS=env,wheels,build,tests,sanitize in one call and
+# STEPS=bench,maxbatch,report in the next, for a fuller benchmark run. BENCH_SIZE
 # (default gpu) and BENCH_ARGS (extra pytest options, e.g. -k M65536) adjust
 # the benchmark step; `STEPS=bench,report BENCH_SIZE=smoke` is a CPU dry run.
 #
@@ -96,6 +98,20 @@ if want tests; then
   run tests $((120 < $(left) ? 120 : $(left))) $PY -m pytest "${first[@]}" "${rest[@]}" \
     --maxfail=25 -q -p no:cacheprovider -m "not emulated" -rfE --durations=10 \
     --junitxml="$OUTDIR/tests.xml" || RC=1
+fi
+
+if want sanitize; then
+  # compute-sanitizer on a small workout of the CUDA kernels (Firecracker machines
+  # run it; gVisor ones do not): shared-memory races, memory errors, barrier misuse.
+  SAN=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  if [[ -x "$SAN" ]]; then
+    for tool in racecheck memcheck synccheck; do
+      run "sanitize-$tool" $((60 < $(left) ? 60 : $(left))) "$SAN" --tool "$tool" \
+        --error-exitcode 1 $PY -m benchmarks.sanitize_cuda || RC=1
+    done
+  else
+    log "sanitize: compute-sanitizer not found (not on PATH, not at $SAN)"
+  fi
 fi
 
 if want bench; then

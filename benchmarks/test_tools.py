@@ -137,3 +137,29 @@ def test_shell_scripts_parse(script: Path) -> None:
 def test_shell_scripts_found() -> None:
     names = {p.name for p in _SCRIPTS}
     assert {"gpu_check.sh", "fetch_peer_wheels.sh", "gpu_stack_check.sh", "run"} <= names
+
+
+@pytest.mark.emulated
+def test_sanitize_workout_runs_and_catches_a_wrong_result(monkeypatch, capsys) -> None:
+    """The compute-sanitizer workout, on the CPU emulation: passes as is, and
+    reports a case whose forward result is off."""
+    import os
+    import shutil
+
+    from benchmarks import sanitize_cuda
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine: the emulation cannot be built")
+    small = ["--emulated", "--dtypes", "bfloat16", "--n", "70", "--d", "72", "--heads", "1"]
+    assert sanitize_cuda.main(small) == 0
+    real_forward = sanitize_cuda.cuda_backend.forward
+
+    def off(*args):
+        row, col = real_forward(*args)
+        return row + 0.01, col
+
+    monkeypatch.setattr(sanitize_cuda.cuda_backend, "forward", off)
+    assert sanitize_cuda.main(small) == 1
+    assert "6 of 6 cases miss the float64 reference" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sanitize_cuda.main(["--dtypes", "float64"])

@@ -329,23 +329,60 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
         # torch joins every CUDA path onto this module global; point it at a root with headers.
         cpp_extension.CUDA_HOME = cuda_home()
     lib.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(lib.parent):
+        try:
+            return cpp_extension.load(
+                name=spec.name,
+                sources=[str(s) for s in spec.sources],
+                extra_cflags=list(spec.cflags),
+                extra_cuda_cflags=list(spec.cuda_cflags) or None,
+                extra_ldflags=list(spec.ldflags) or None,
+                extra_include_paths=[str(d) for d in spec.include_dirs or (spec.source_dir,)],
+                build_directory=str(lib.parent),
+                verbose=verbose,
+                with_cuda=spec.kind == "cuda",
+            )
+        except Exception as exc:  # compiler missing, compile error, ninja missing, ...
+            raise ExtensionUnavailable(
+                f"building the {spec.kind} extension failed: {_summarise(str(exc))} "
+                "(run `python -m mimac_kernels.build --verbose` for the full compiler output)"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an OS lock on ``directory`` for a build, and clear torch's lock file if a
+    killed build left it.
+
+    torch marks a build with a plain file, ``lock``, that a process killed
+    mid-build never removes; every later build of that folder then waits for it
+    forever, silently. The OS releases ``flock`` locks when their process dies,
+    so whoever holds ours knows that no live mimac build owns a ``lock`` it finds.
+    """
     try:
-        return cpp_extension.load(
-            name=spec.name,
-            sources=[str(s) for s in spec.sources],
-            extra_cflags=list(spec.cflags),
-            extra_cuda_cflags=list(spec.cuda_cflags) or None,
-            extra_ldflags=list(spec.ldflags) or None,
-            extra_include_paths=[str(d) for d in spec.include_dirs or (spec.source_dir,)],
-            build_directory=str(lib.parent),
-            verbose=verbose,
-            with_cuda=spec.kind == "cuda",
-        )
-    except Exception as exc:  # compiler missing, compile error, ninja missing, ...
-        raise ExtensionUnavailable(
-            f"building the {spec.kind} extension failed: {_summarise(str(exc))} "
-            "(run `python -m mimac_kernels.build --verbose` for the full compiler output)"
-        ) from exc
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        yield
+        return
+    with open(directory / ".mimac-build-lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("mimac_kernels: waiting for another process's build in %s", directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            warnings.warn(
+                f"mimac_kernels: removing {stale}, left by a build that was killed "
+                "(it would make this build wait forever)",
+                ExtensionBuildWarning,
+                stacklevel=4,
+            )
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _LOCK = threading.Lock()

@@ -346,3 +346,40 @@ def test_cuda_home_from_nvcc_when_torch_guesses_wrong(tmp_path, monkeypatch):
     (toolkit / "include" / "cuda_runtime_api.h").write_text("")
     assert extension.cuda_home() == str(toolkit.resolve())
     assert extension.skip_reason(extension.cuda_spec()) is None
+
+
+def test_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's ``lock`` file, on which every later
+    build would wait forever; the next build removes it, with a warning. Real
+    compiler, in a subprocess with a timeout, so a regression fails, not hangs."""
+    import subprocess
+    import sys
+    import textwrap
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.cpp").write_text("int mimac_lock_probe() { return 1; }\n")
+    script = textwrap.dedent(f"""
+        import warnings
+        from pathlib import Path
+        from mimac_kernels import extension
+        src = Path({str(src)!r})
+        spec = extension.ExtensionSpec(kind="cpu", name="mimac_lock_test", source_dir=src,
+                                       sources=(src / "ok.cpp",))
+        lock = extension.library_path(spec).parent / "lock"
+        lock.parent.mkdir(parents=True)
+        lock.touch()  # what a killed build leaves
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                extension.build(spec)
+            except extension.ExtensionUnavailable:
+                pass  # no PyInit in ok.cpp: importing it fails, after the build ran
+        assert not lock.exists()
+        assert any("left by a build that was killed" in str(w.message) for w in caught), caught
+        print("CLEARED")
+    """)
+    env = {**os.environ, extension.ENV_CACHE: str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+    assert "CLEARED" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -442,16 +442,24 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
 
 // --- launchers -------------------------------------------------------------------------------
 
+// A failed runtime call also stays behind as the thread's "last error", which the
+// next cudaGetLastError() reports, ours or torch's; the launchers return their
+// error and clear it, so it fails this call only.
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Pass& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      return e;
+    }
   }
   // cudaLaunchKernel rather than <<<>>>: plain C++, so csrc/emulation runs this file on a CPU.
   void* args[] = {const_cast<Pass*>(&p)};
   const cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(NT), args, smem, stream);
-  return e != cudaSuccess ? e : cudaGetLastError();
+  const cudaError_t last = cudaGetLastError();
+  return e != cudaSuccess ? e : last;
 }
 
 dim3 grid_for(const Pass& p, int64_t heads, int64_t slices) {

@@ -105,11 +105,18 @@ __global__ void wmma_kernel(Args a) {
 extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs* args, int threads,
                                                  size_t smem_bytes, int smem_attribute) {
   void (*k)(Args) = kernel == 0 ? neighbour_kernel : kernel == 1 ? defect_kernel : wmma_kernel;
+  // As contrastive_kernels.cu's launcher: return the error, and clear it so that it
+  // does not fail the next launch (a real kernel's) through cudaGetLastError().
   if (smem_attribute > 0) {
     const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_attribute);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      return e;
+    }
   }
   Args a = *args;
   void* argv[] = {&a};
-  return cudaLaunchKernel(k, dim3(1), dim3(static_cast<unsigned>(threads)), argv, smem_bytes, nullptr);
+  const cudaError_t e = cudaLaunchKernel(k, dim3(1), dim3(static_cast<unsigned>(threads)), argv, smem_bytes, nullptr);
+  (void)cudaGetLastError();
+  return e;
 }

@@ -145,3 +145,17 @@ def test_tf32_rounding_is_to_nearest_ties_away(selftest):
     assert selftest.tf32(1.0 + 2.0**-11) == 1.0 + 2.0**-10  # a tie rounds away from zero
     assert selftest.tf32(1.0 + 2.0**-12) == 1.0
     assert selftest.tf32(-(1.0 + 3 * 2.0**-12)) == -(1.0 + 2.0**-10)
+
+
+def test_a_failed_launch_does_not_fail_the_next(selftest):
+    """A failed launch's error is returned and cleared, as the CUDA launchers do: the
+    next launch (here the real kernels', which check cudaGetLastError) succeeds."""
+    import mimac_kernels
+    from mimac_kernels.testing import emulated_cuda_backend
+
+    with pytest.raises(RuntimeError, match="write past the 512 bytes"):
+        run(selftest, "defect", torch.arange(128.0), 2)
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    with emulated_cuda_backend():
+        loss = mimac_kernels.fused_contrastive_loss(a, b, backend="cuda")
+    assert torch.isfinite(loss)

@@ -19,13 +19,16 @@ import itertools
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from mimac_kernels import cuda_backend, reference
-from mimac_kernels.testing import emulated_cuda_backend, make_views
+from mimac_kernels import cuda_backend
+from mimac_kernels.testing import (
+    KERNEL_TAU,
+    emulated_cuda_backend,
+    kernel_case,
+    kernel_level_errors,
+)
 
-CRITICS = ("cosine", "dot", "log_dot")
-TAU = {"cosine": 0.1, "dot": 0.5, "log_dot": 0.5}  # log_dot at tau = 1 bypasses the kernels
+CRITICS = tuple(KERNEL_TAU)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,34 +36,10 @@ def workout(device: torch.device, n: int, d: int, h: int, dtypes: list[str]) -> 
     """Run every case once; returns the cases whose results miss the float64 reference."""
     bad = []
     for critic, negatives, name in itertools.product(CRITICS, ("all", "cross"), dtypes):
-        a, b = make_views((h, n, d), critic, seed=3, device=device, dot_scale=0.3)
-        if critic == "cosine":
-            a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        a, b = a.to(DTYPES[name]), b.to(DTYPES[name])
-        inv_tau = torch.tensor(1.0 / TAU[critic], device=device)
-        row, col = cuda_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
-        g_row = torch.full_like(row, 1.0 / row.shape[1])
-        g_col = torch.full_like(col, 1.0 / max(col.shape[1], 1))
-        grads = cuda_backend.backward(
-            a, b, inv_tau, critic, negatives, 1e-12, row, col, g_row, g_col,
-            torch.zeros_like(row), torch.zeros_like(col),
-        )  # fmt: skip
-        d64 = [t.double() for t in (a, b, inv_tau)]
-        r_row, r_col = reference.forward(*d64, critic, negatives, 1e-12)
-        r_ga, r_gb, _ = reference.backward(
-            *d64, critic, negatives, 1e-12, r_row, r_col, g_row.double(), g_col.double(),
-            torch.zeros_like(r_row), torch.zeros_like(r_col),
-        )  # fmt: skip
-        tol = 1e-4 if name == "float32" else 3e-3
-        misses = [
-            (row.double() - r_row).abs().max() > tol * (1 + r_row.abs().max()),
-            (col.double() - r_col).abs().max() > tol * (1 + r_col.abs().max()) if col.numel() else False,
-            (grads[0].double() - r_ga).abs().max() > tol * (1e-12 + r_ga.abs().max()),
-            (grads[1].double() - r_gb).abs().max() > tol * (1e-12 + r_gb.abs().max()),
-        ]
-        status = "MISMATCH" if any(bool(m) for m in misses) else "ok"
-        print(f"{critic:8s} {negatives:5s} {name:8s} {status}", flush=True)
-        if status != "ok":
+        case = kernel_case((h, n, d), critic, negatives, DTYPES[name], device, seed=3)
+        errors = kernel_level_errors(cuda_backend, case)
+        print(f"{critic:8s} {negatives:5s} {name:8s} {'; '.join(errors) or 'ok'}", flush=True)
+        if errors:
             bad.append(f"{critic}/{negatives}/{name}")
     return bad
 

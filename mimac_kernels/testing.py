@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
 from unittest import mock
 
@@ -231,6 +233,96 @@ def assert_backend_matches_float64(
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({kw}, {dtype})"
 
 
+#: Temperatures the kernel-level checks use (log_dot at tau = 1 bypasses the backends).
+KERNEL_TAU = {"cosine": 0.1, "dot": 0.5, "log_dot": 0.5}
+
+
+@dataclass
+class KernelCase:
+    """Inputs of the kernel-level contract (``mimac_kernels.dispatch``) for one case.
+
+    Shape: a, b ``(H, N, D)`` in the case's dtype (cosine rows unit-normed);
+    inv_tau 0-dim; g_row/c_row ``(H, 2N)`` for ``all``, ``(H, N)`` for ``cross``;
+    g_col/c_col ``(H, N)`` for ``cross``, ``(H, 0)`` for ``all``; float32.
+    """
+
+    critic: str
+    negatives: str
+    a: Tensor
+    b: Tensor
+    inv_tau: Tensor
+    g_row: Tensor
+    g_col: Tensor
+    c_row: Tensor  # temperature centres
+    c_col: Tensor
+
+
+def kernel_case(
+    shape: tuple[int, int, int], critic: str, negatives: str, dtype: torch.dtype,
+    device: str | torch.device, seed: int = 8,
+) -> KernelCase:
+    """Seeded inputs for a backend's ``forward``/``backward`` (``KERNEL_TAU[critic]``)."""
+    h, n, _ = shape
+    a, b = make_views(shape, critic, seed=seed, device=device, dot_scale=0.3)
+    if critic == "cosine":
+        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+    rows = 2 * n if negatives == "all" else n
+    gen = torch.Generator().manual_seed(seed + 1)
+    g_row = torch.rand(h, rows, generator=gen) / rows
+    g_col = torch.rand(h, n if negatives == "cross" else 0, generator=gen) / n
+    c_row, c_col = torch.randn(g_row.shape, generator=gen), torch.randn(g_col.shape, generator=gen)
+    return KernelCase(
+        critic, negatives, a.to(dtype), b.to(dtype),
+        torch.tensor(1.0 / KERNEL_TAU[critic], device=device),
+        *(t.to(device) for t in (g_row, g_col, c_row, c_col)),
+    )  # fmt: skip
+
+
+def kernel_outputs(backend: ModuleType, case: KernelCase) -> tuple[Tensor, ...]:
+    """``backend``'s forward, then its backward from its own log-sum-exps:
+    (row_lse, col_lse, grad_a, grad_b, grad_temperature_sum)."""
+    row, col = backend.forward(case.a, case.b, case.inv_tau, case.critic, case.negatives, 1e-12)
+    grads = backend.backward(
+        case.a, case.b, case.inv_tau, case.critic, case.negatives, 1e-12, row, col,
+        case.g_row, case.g_col, case.c_row, case.c_col,
+    )  # fmt: skip
+    return (row, col, *grads)
+
+
+def kernel_level_errors(
+    backend: ModuleType, case: KernelCase, grad_rtol: float | None = None
+) -> list[str]:
+    """Where ``backend`` misses the tiled float64 reference on the same rounded inputs
+    (empty: it matches). Log-sum-exps within 2e-5 (float32) / 2e-4 (half types),
+    relative and absolute; gradients from the reference's log-sum-exps within
+    ``grad_rtol`` of their largest entry (default 1e-4 / 2e-3: for bf16/fp16 the
+    kernels round V to TF32, 11 significant bits) plus 1e-7.
+    """
+    from mimac_kernels import reference
+
+    dtype, crit, neg = case.a.dtype, case.critic, case.negatives
+    d64 = [t.double() for t in (case.a, case.b, case.inv_tau)]
+    r_row, r_col = reference.forward(*d64, crit, neg, 1e-12)
+    row, col = backend.forward(case.a, case.b, case.inv_tau, crit, neg, 1e-12)
+    lse_tol = 2e-5 if dtype == torch.float32 else 2e-4
+    errors = []
+    for name, x, r in (("row_lse", row, r_row), ("col_lse", col, r_col)):
+        if not torch.isclose(x.double(), r, rtol=lse_tol, atol=lse_tol).all():
+            errors.append(f"{name}: {max_abs_err(x, r):.3g} off")
+    stats = [t.double() for t in (case.g_row, case.g_col, case.c_row, case.c_col)]
+    r_grads = reference.backward(*d64, crit, neg, 1e-12, r_row, r_col, *stats)
+    grads = backend.backward(
+        case.a, case.b, case.inv_tau, crit, neg, 1e-12, r_row.float(), r_col.float(),
+        case.g_row, case.g_col, case.c_row, case.c_col,
+    )  # fmt: skip
+    g_tol = grad_rtol if grad_rtol is not None else (1e-4 if dtype == torch.float32 else 2e-3)
+    for name, g, r in zip(("grad_a", "grad_b", "grad_temperature"), grads, r_grads):
+        err, scale = max_abs_err(g, r), float(r.abs().max())
+        if not err <= g_tol * max(scale, 1e-12) + 1e-7:  # NaN fails too
+            errors.append(f"{name}: {err:.3g} off (scale {scale:.3g})")
+    return errors
+
+
 def run_ranks(worker, world: int, args: tuple, timeout: float = 180.0) -> None:
     """Spawn ``world`` processes running ``worker(rank, world, *args)``; fail after ``timeout`` s.
 
@@ -250,6 +342,16 @@ def run_ranks(worker, world: int, args: tuple, timeout: float = 180.0) -> None:
             raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s")
 
 
+@functools.cache
+def cuda_emulation() -> ModuleType:
+    """The CUDA emulation's extension (``extension.cuda_emulation_spec``), built or
+    loaded once per process; it also registers ``torch.ops.mimac_emu`` and
+    ``torch.ops.mimac_emu_selftest``."""
+    from mimac_kernels import extension
+
+    return extension.build(extension.cuda_emulation_spec())
+
+
 @contextlib.contextmanager
 def emulated_cuda_backend() -> Iterator[ModuleType]:
     """Inside the block, ``backend="cuda"`` runs the CUDA kernels' own source (and
@@ -263,7 +365,7 @@ def emulated_cuda_backend() -> Iterator[ModuleType]:
     """
     from mimac_kernels import cuda_backend, dispatch, extension, extension_backend
 
-    module = extension.build(extension.cuda_emulation_spec())
+    module = cuda_emulation()
 
     def reason(device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cpu":
@@ -292,11 +394,9 @@ def emulation_schedule(schedule: str, seed: int = 0) -> Iterator[None]:
     kernel without races between barriers gives the same bits under every order;
     comparing them is the emulation's race check.
     """
-    from mimac_kernels import extension
-
     if schedule not in EMULATION_SCHEDULES:
         raise ValueError(f"schedule must be one of {EMULATION_SCHEDULES}, got {schedule!r}")
-    extension.build(extension.cuda_emulation_spec())  # registers torch.ops.mimac_emu
+    cuda_emulation()  # registers torch.ops.mimac_emu
     torch.ops.mimac_emu.set_schedule(EMULATION_SCHEDULES.index(schedule), seed)
     try:
         yield

@@ -16,20 +16,23 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mimac_kernels
 from mimac_kernels import cuda_backend, extension, reference
 from mimac_kernels.testing import (
     EMULATION_SCHEDULES,
+    KERNEL_TAU,
     assert_backend_matches_float64,
     emulated_cuda_backend,
     emulation_schedule,
+    kernel_case,
+    kernel_level_errors,
+    kernel_outputs,
     make_views,
     max_abs_err,
 )
 
-TAU = {"cosine": 0.1, "dot": 0.5, "log_dot": 0.5}  # log_dot at tau = 1 bypasses the backends
+TAU = KERNEL_TAU
 PAIRINGS = [("all", True), ("cross", True), ("cross", False)]
 CRITICS = ("cosine", "dot", "log_dot")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -128,36 +131,9 @@ def test_nan_propagates(critic, negatives, dev):
 
 def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
     """Kernel-level contract vs the tiled float64 reference on the same rounded inputs."""
-    a, b = views((h, n, d), critic, dev, seed=seed)
-    if critic == "cosine":
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    a, b = a.to(dtype), b.to(dtype)
-    inv_tau = torch.tensor(1.0 / TAU[critic], device=dev)
-    rows = 2 * n if negatives == "all" else n
-    gen = torch.Generator().manual_seed(seed + 1)
-    g_row = torch.rand(h, rows, generator=gen).to(dev) / rows
-    g_col = (torch.rand(h, n if negatives == "cross" else 0, generator=gen) / n).to(dev)
-    c_row = torch.randn(g_row.shape, generator=gen).to(dev)  # temperature centres
-    c_col = torch.randn(g_col.shape, generator=gen).to(dev)
-    d64 = [t.double() for t in (a, b, inv_tau)]
-    r_row, r_col = reference.forward(*d64, critic, negatives, 1e-12)
-    row, col = cuda_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
-    lse_tol = 2e-5 if dtype == torch.float32 else 2e-4
-    torch.testing.assert_close(row.double(), r_row, rtol=lse_tol, atol=lse_tol)
-    torch.testing.assert_close(col.double(), r_col, rtol=lse_tol, atol=lse_tol)
-    r_grads = reference.backward(
-        *d64, critic, negatives, 1e-12, r_row, r_col, g_row.double(), g_col.double(),
-        c_row.double(), c_col.double(),
-    )
-    grads = cuda_backend.backward(
-        a, b, inv_tau, critic, negatives, 1e-12, r_row.float(), r_col.float(), g_row, g_col,
-        c_row, c_col,
-    )
-    # V is rounded to TF32 for bf16/fp16 inputs (11 significant bits): relative 1e-3 of the scale.
-    g_tol = rtol if rtol is not None else (1e-4 if dtype == torch.float32 else 2e-3)
-    for g, r in zip(grads, r_grads):
-        scale = float(r.abs().max())
-        assert max_abs_err(g, r) <= g_tol * max(scale, 1e-12) + 1e-7, (critic, negatives, dtype, n)
+    case = kernel_case((h, n, d), critic, negatives, dtype, dev, seed=seed)
+    errors = kernel_level_errors(cuda_backend, case, grad_rtol=rtol)
+    assert not errors, (critic, negatives, dtype, n, errors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -165,24 +141,6 @@ def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
 @pytest.mark.parametrize("negatives", ["all", "cross"])
 def test_kernel_level_matches_reference(critic, negatives, dtype, dev):
     _kernel_check(dev, 300, 64, critic, negatives, dtype, h=2)
-
-
-def _kernel_outputs(dev, n, d, critic, negatives, dtype, h=1, seed=8):
-    """Forward and backward kernel outputs on fixed random inputs (no reference)."""
-    a, b = views((h, n, d), critic, dev, seed=seed)
-    if critic == "cosine":
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    a, b = a.to(dtype), b.to(dtype)
-    inv_tau = torch.tensor(1.0 / TAU[critic], device=dev)
-    row, col = cuda_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
-    gen = torch.Generator().manual_seed(seed + 1)
-    g_row = (torch.rand(row.shape, generator=gen) / row.shape[1]).to(dev)
-    g_col = (torch.rand(col.shape, generator=gen) / max(col.shape[1], 1)).to(dev)
-    centres = [torch.randn(t.shape, generator=gen).to(dev) for t in (g_row, g_col)]
-    grads = cuda_backend.backward(
-        a, b, inv_tau, critic, negatives, 1e-12, row, col, g_row, g_col, *centres
-    )
-    return (row, col, *grads)
 
 
 @pytest.mark.emulated
@@ -200,7 +158,8 @@ def test_no_race_between_barriers(critic, negatives, dtype, dev):
     outputs = {}
     for schedule in EMULATION_SCHEDULES:
         with emulation_schedule(schedule, seed=5):
-            outputs[schedule] = _kernel_outputs(dev, 150, 200, critic, negatives, dtype, h=2)
+            case = kernel_case((2, 150, 200), critic, negatives, dtype, dev)
+            outputs[schedule] = kernel_outputs(cuda_backend, case)
     names = ("row_lse", "col_lse", "grad_a", "grad_b")
     for schedule in EMULATION_SCHEDULES[1:]:
         for name, x, y in zip(names, outputs["in_order"], outputs[schedule]):

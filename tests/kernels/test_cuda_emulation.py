@@ -14,8 +14,7 @@ import shutil
 import pytest
 import torch
 
-from mimac_kernels import extension
-from mimac_kernels.testing import EMULATION_SCHEDULES, emulation_schedule
+from mimac_kernels.testing import EMULATION_SCHEDULES, cuda_emulation, emulation_schedule
 
 pytestmark = pytest.mark.emulated
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.emulated
 def selftest():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on this machine: the emulation cannot be built")
-    extension.build(extension.cuda_emulation_spec())  # registers torch.ops.mimac_emu_selftest
+    cuda_emulation()  # registers torch.ops.mimac_emu_selftest
     return torch.ops.mimac_emu_selftest
 
 

@@ -125,12 +125,19 @@ def bound_seconds(
     """
     if mode != "fwd+bwd" or (critic == "log_dot" and tau == 1.0):
         return None
-    flops, exps = (
-        (4.0 * rows * rows * d, 1.0 * rows * rows)
-        if pairing == "all"
-        else (8.0 * rows * rows * d, 2.0 * rows * rows)
-    )
+    flops, exps = symmetric_work(pairing, rows, d)
     return max(flops / PEAK_MATMUL_FLOPS[dtype], exps / PEAK_EXP_PER_S)
+
+
+def symmetric_work(pairing: str, rows: int, d: int) -> tuple[float, float]:
+    """(FLOP, exp) of forward + backward in the symmetric recompute design.
+
+    ``all``: 4 M^2 d FLOP and M^2 exp (each unordered pair once); ``cross``:
+    8 N^2 d FLOP and 2 N^2 exp (performance.md).
+    """
+    if pairing == "all":
+        return 4.0 * rows * rows * d, 1.0 * rows * rows
+    return 8.0 * rows * rows * d, 2.0 * rows * rows
 
 
 def _ladder(base: Case, rows: list[int], **changes) -> list[Case]:

@@ -16,7 +16,15 @@ Usage:
     python benchmarks/cpu_ratio.py                       # M = 16,384 rows, D = 128, cosine, "all"
     python benchmarks/cpu_ratio.py --n 2048 --repeats 2  # quick look
 
-Prints a table and the ratios, writes JSON (default benchmarks/results/cpu_ratio.json).
+The CPU's floor: the symmetric design's matrix work (``all`` 4 M^2 d FLOP,
+``cross`` 8 N^2 d; ``benchmarks.cases.symmetric_work``) at this machine's
+float32 GEMM rate, measured in the same run (``torch.mm`` of two 2048 x 2048
+matrices in its own subprocess, same thread count). ``x floor`` is a provider's
+time over that floor: how far it is from doing nothing but the necessary GEMMs
+at library speed (the exps are left out of the floor).
+
+Prints a table and the ratios, writes JSON (default
+benchmarks/results/<date>-cpu-ratio/<negatives>-M<rows>-d<D>.json).
 Asserts nothing: machines are noisy, the ratios of one run are what count.
 """
 
@@ -34,7 +42,10 @@ import time
 from pathlib import Path
 
 PROVIDERS = ("eager", "torch", "cpu")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu_ratio.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script (the usage above): make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
 
 
 def _status_kib(field: str) -> int:
@@ -52,8 +63,36 @@ def _reset_peak() -> bool:
         return False
 
 
+GEMM_SIZE = 2048  # the reference GEMM: (GEMM_SIZE x GEMM_SIZE) @ (GEMM_SIZE x GEMM_SIZE)
+
+
+def _gemm_rate(repeats: int) -> dict:
+    """This machine's float32 GEMM rate through torch.mm (median of ``repeats``)."""
+    import torch
+
+    torch.manual_seed(0)
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE)
+    torch.mm(a, b)  # warm-up: thread pool, library dispatch
+    times = []
+    for _ in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {
+        "provider": "gemm",
+        "size": GEMM_SIZE,
+        "times_s": times,
+        "gflops": 2.0 * GEMM_SIZE**3 / median / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def _worker(args: argparse.Namespace) -> dict:
     """Runs in the subprocess: one provider, returns its timings and peak memory."""
+    if args.provider == "gemm":
+        return _gemm_rate(args.repeats)
     import torch
 
     import mimac_kernels
@@ -114,6 +153,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "peak_rss_mib": peak_kib / 1024.0,
         "peak_reset": reset_ok,
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "isa": _isa() if args.provider == "cpu" else None,
     }
 
@@ -148,23 +188,13 @@ def _run_provider(provider: str, args: argparse.Namespace) -> dict:
         str(args.temperature),
     ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = (
-        str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    )
+    # As in benchmarks/conftest.py: spinning OpenMP waits collapse on shared cores.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{provider} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--negatives", default="all")
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--providers", default=",".join(PROVIDERS))
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: see above)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--provider", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,22 +216,34 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from benchmarks.cases import symmetric_work
+    from benchmarks.labels import commit, cpu_name
+
+    print("measuring the GEMM rate ...", flush=True)
+    gemm = _run_provider("gemm", args)
     results = {}
     for prov in args.providers.split(","):
         print(f"running {prov} ...", flush=True)
         results[prov] = _run_provider(prov, args)
     rows = 2 * args.n if args.negatives == "all" else args.n
+    floor_s = symmetric_work(args.negatives, rows, args.d)[0] / (gemm["gflops"] * 1e9)
     print(
         f"\nM = {rows} rows, D = {args.d}, {args.critic}/{args.negatives}, float32, "
-        f"{results[next(iter(results))]['threads']} threads, {_cpu_name()}"
+        f"{results[next(iter(results))]['threads']} threads, {cpu_name()}"
+    )
+    print(
+        f"floor {floor_s:.3f} s: {symmetric_work(args.negatives, rows, args.d)[0] / 1e9:.1f} GFLOP "
+        f"at the measured GEMM rate of {gemm['gflops']:.0f} GFLOP/s"
     )
     print(
         f"{'provider':8s} {'fwd+bwd s (median)':>19s} {'fwd s':>8s} {'bwd s':>8s} {'peak MiB':>10s}"
+        f" {'x floor':>8s}"
     )
     for prov, r in results.items():
+        r["times_floor"] = r["median_total_s"] / floor_s
         print(
             f"{prov:8s} {r['median_total_s']:19.3f} {r['median_forward_s']:8.3f} "
-            f"{r['median_backward_s']:8.3f} {r['peak_mib_above_start']:10.1f}"
+            f"{r['median_backward_s']:8.3f} {r['peak_mib_above_start']:10.1f} {r['times_floor']:8.2f}"
         )
     ratios = {}
     if "eager" in results:
@@ -209,18 +251,27 @@ def main(argv: list[str] | None = None) -> int:
         for prov, r in results.items():
             if prov == "eager":
                 continue
+            # A peak below the page-count resolution reads as 0: no fraction then.
+            mem = (
+                r["peak_mib_above_start"] / e["peak_mib_above_start"]
+                if e["peak_mib_above_start"] > 0
+                else None
+            )
             ratios[prov] = {
                 "speedup_vs_eager": e["median_total_s"] / r["median_total_s"],
-                "memory_fraction_of_eager": r["peak_mib_above_start"] / e["peak_mib_above_start"],
+                "memory_fraction_of_eager": mem,
             }
-            print(
-                f"{prov}: {ratios[prov]['speedup_vs_eager']:.2f}x eager's speed, "
-                f"{100 * ratios[prov]['memory_fraction_of_eager']:.2f}% of eager's peak memory"
+            mem_text = (
+                "eager's peak too small to compare"
+                if mem is None
+                else (f"{100 * mem:.2f}% of eager's peak memory")
             )
+            print(f"{prov}: {ratios[prov]['speedup_vs_eager']:.2f}x eager's speed, {mem_text}")
     record = {
         "benchmark": "cpu_ratio",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _cpu_name(),
+        "device": cpu_name(),
+        "commit": commit(),
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
@@ -232,12 +283,19 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": args.temperature,
             "dtype": "float32",
         },
+        "gemm": gemm,
+        "floor_s": floor_s,
         "results": results,
         "ratios": ratios,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or (
+        RESULTS
+        / f"{_dt.date.today().isoformat()}-cpu-ratio"
+        / f"{args.negatives}-M{rows}-d{args.d}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

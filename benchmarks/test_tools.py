@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
-from benchmarks.cases import SIZES, Case, bound_seconds, flop_model
+from benchmarks.cases import SIZES, Case, bound_seconds, flop_model, symmetric_work
 from benchmarks.max_batch import Try, search
 from benchmarks.memory import measure_cpu
 
@@ -26,6 +26,8 @@ def test_flop_model_and_bound_match_performance_md() -> None:
     floor = bound_seconds("all", "cosine", 0.1, m, d, "bfloat16", "fwd+bwd")
     assert floor == pytest.approx(2.2e-3, rel=0.02)
     assert bound_seconds("all", "cosine", 0.1, m, d, "bfloat16", "forward") is None
+    assert symmetric_work("all", m, d) == (4 * m * m * d, m * m)
+    assert symmetric_work("cross", m, d) == (8 * m * m * d, 2 * m * m)
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -119,8 +121,38 @@ def test_cpu_memory_child_reports_a_peak() -> None:
     assert res["inf_cl"].status == "skip"
 
 
+def test_cpu_ratio_records_gemm_rate_floor_and_ratios(tmp_path: Path) -> None:
+    """The CPU ratio script end to end at a tiny size, run as its usage line says."""
+    import subprocess
+    import sys
+
+    from benchmarks import cpu_ratio
+
+    out = tmp_path / "ratio.json"
+    args = ["--n", "64", "--d", "16", "--repeats", "1", "--providers", "eager,torch"]
+    proc = subprocess.run(
+        [sys.executable, cpu_ratio.__file__, *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,  # not the repository: the script finds its own package
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x floor" in proc.stdout
+    rec = json.loads(out.read_text())
+    assert rec["gemm"]["gflops"] > 0 and rec["gemm"]["size"] == cpu_ratio.GEMM_SIZE
+    assert rec["floor_s"] == pytest.approx(4 * 128 * 128 * 16 / (rec["gemm"]["gflops"] * 1e9))
+    for prov in ("eager", "torch"):
+        r = rec["results"][prov]
+        assert r["times_floor"] == pytest.approx(r["median_total_s"] / rec["floor_s"])
+        assert r["loss"] == pytest.approx(rec["results"]["eager"]["loss"], rel=1e-5)
+    assert set(rec["ratios"]) == {"torch"}
+
+
 _SCRIPTS = sorted(
-    p for d in ("benchmarks", "scripts", ".ci") for p in (Path(__file__).parents[1] / d).glob("*")
+    p
+    for d in ("benchmarks", "scripts", ".ci")
+    for p in (Path(__file__).parents[1] / d).glob("*")
     if p.suffix == ".sh" or p.name == "run"
 )
 

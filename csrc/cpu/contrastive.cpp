@@ -158,20 +158,22 @@ void set_isa(const std::string& name) {
 
 struct Operand {
   at::Tensor rows;  // (H, nb*kBlock, Dp): zero rows and columns in the padding
-  at::Tensor trans; // (H, nb, D, kBlock): each block transposed
+  at::Tensor trans; // (H, nb, D, kBlock): each block transposed (column operands only)
   int64_t n, nb;
 };
 
 int64_t padded_dim(int64_t d) { return (d + 15) / 16 * 16; }
 
-Operand make_operand(const at::Tensor& x /* (H, n, D) float32 */) {
+// `columns`: the operand also serves as the tile's Y side, which the S micro-kernel
+// reads transposed ("cross" needs that for b only, "all" for its one operand).
+Operand make_operand(const at::Tensor& x /* (H, n, D) float32 */, bool columns) {
   const int64_t h = x.size(0), n = x.size(1), d = x.size(2);
   const int64_t nb = (n + kBlock - 1) / kBlock;
   Operand op;
   op.n = n;
   op.nb = nb;
   op.rows = at::constant_pad_nd(x, {0, padded_dim(d) - d, 0, nb * kBlock - n}).contiguous();
-  op.trans = op.rows.narrow(2, 0, d).reshape({h, nb, kBlock, d}).transpose(2, 3).contiguous();
+  if (columns) op.trans = op.rows.narrow(2, 0, d).reshape({h, nb, kBlock, d}).transpose(2, 3).contiguous();
   return op;
 }
 
@@ -276,8 +278,8 @@ std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const 
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   const float it = read_inv_tau(inv_tau);
   const auto af = a.to(at::kFloat), bf = b.to(at::kFloat);
-  const Operand xo = make_operand(all ? at::cat({af, bf}, 1) : af);
-  const Operand yo = all ? xo : make_operand(bf);
+  const Operand xo = make_operand(all ? at::cat({af, bf}, 1) : af, /*columns=*/all);
+  const Operand yo = all ? xo : make_operand(bf, /*columns=*/true);
   const int64_t rx = xo.nb * kBlock, ry = yo.nb * kBlock;
   auto opts = at::TensorOptions().dtype(at::kFloat);
   auto xm = at::full({h, rx}, -INFINITY, opts), xs = at::zeros({h, rx}, opts);
@@ -314,8 +316,8 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   const float it = read_inv_tau(inv_tau);
   const auto af = a.to(at::kFloat), bf = b.to(at::kFloat);
-  const Operand xo = make_operand(all ? at::cat({af, bf}, 1) : af);
-  const Operand yo = all ? xo : make_operand(bf);
+  const Operand xo = make_operand(all ? at::cat({af, bf}, 1) : af, /*columns=*/all);
+  const Operand yo = all ? xo : make_operand(bf, /*columns=*/true);
   const int64_t rx = xo.nb * kBlock, ry = yo.nb * kBlock, dp = xo.rows.size(2);
   // Padded rows get lse 0 and gradient 0: their weights vanish.
   const auto lx = pad_vec(row_lse, rx), gx = pad_vec(g_row, rx);
@@ -346,12 +348,13 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
       return k.bwd(ta, sc);
     });
   }
-  // dS/ds = inv_tau: applied once here instead of per element.
-  auto gz = gxo.narrow(2, 0, d) * it;
+  // dS/ds = inv_tau: applied once here instead of per element, in place (no extra copy).
+  gxo.mul_(it);
+  if (!all) gyo.mul_(it);
   auto g_tau = at::scalar_tensor(static_cast<float>(tau), at::kFloat);
+  const auto gz = gxo.narrow(2, 0, d), gw = gyo.narrow(2, 0, d);
   if (all) return {gz.narrow(1, 0, n).contiguous(), gz.narrow(1, n, n).contiguous(), g_tau};
-  return {gz.narrow(1, 0, n).contiguous(), (gyo.narrow(2, 0, d) * it).narrow(1, 0, n).contiguous(),
-          g_tau};
+  return {gz.narrow(1, 0, n).contiguous(), gw.narrow(1, 0, n).contiguous(), g_tau};
 }
 
 }  // namespace mimac_cpu

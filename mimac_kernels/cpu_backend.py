@@ -46,3 +46,13 @@ def available_isas() -> list[str]:
 def set_isa(name: str) -> None:
     """Use the tile kernels compiled for ``name`` (tests and benchmarks compare them)."""
     _ext().set_isa(name)
+
+
+def group(n_rows: int, d: int) -> int:
+    """Blocks per group tile the schedule uses for ``n_rows`` rows of width ``d``."""
+    return int(_ext().group(n_rows, d))
+
+
+def set_group(g: int) -> None:
+    """Force ``g`` blocks per group tile (0: automatic); tests and benchmarks compare them."""
+    _ext().set_group(g)

@@ -10,9 +10,11 @@
 // sums of B. Backward recomputes tiles from the saved log-sum-exps.
 //
 // Threads: tiles are scheduled in rounds in which no two tiles touch the same
-// row block (a round-robin tournament), so every thread writes its row and
-// column statistics and gradients in place: no atomics, no private copies to
-// merge, and a result that does not depend on the thread count.
+// row block (a round-robin tournament over groups of up to 4 blocks, whose
+// tiles one thread runs back to back while their blocks sit in its L2), so
+// every thread writes its row and column statistics and gradients in place: no
+// atomics, no private copies to merge, and a result that does not depend on
+// the thread count.
 
 #include <torch/extension.h>
 
@@ -186,34 +188,70 @@ struct Tile {
   int64_t h, bx, by;
 };
 
-// Round-robin schedule. "all": P = nb rounded up to odd; in round r block r
-// takes its diagonal tile and the others pair up as (r + j, r - j) mod P, so
-// every unordered pair appears once and no block twice in a round.
-// "cross": round r holds the tiles (I, I + r mod nb).
+// Round-robin schedule over groups of g consecutive blocks. "all": P = ng rounded
+// up to odd; in round r group r takes its diagonal group tile and the others pair
+// up as (r + j, r - j) mod P, so every unordered pair appears once and no group
+// twice in a round. "cross": round r holds the group tiles (I, I + r mod ng).
+// A thread runs the tiles of its group tile itself, in a fixed order: rows of
+// group I against the blocks of group K (for a diagonal group of "all", the
+// pairs i <= k), so the g X blocks, the g Y blocks and their gradient rows stay
+// in its L2 for g tiles each instead of coming from memory for every tile.
 struct Schedule {
   bool all;
-  int64_t nb, heads;
-  int64_t rounds() const { return all ? (nb | 1) : nb; }
-  int64_t per_round() const { return heads * (all ? ((nb | 1) + 1) / 2 : nb); }
-  bool tile(int64_t r, int64_t w, Tile& t) const {
-    const int64_t per_head = per_round() / heads;
+  int64_t nb, heads, g;
+  int64_t groups() const { return (nb + g - 1) / g; }
+  int64_t rounds() const { return all ? (groups() | 1) : groups(); }
+  int64_t per_round() const { return heads * (all ? ((groups() | 1) + 1) / 2 : groups()); }
+  // Group tile w of round r (group indices in bx, by); false if it is a bye.
+  bool group_tile(int64_t r, int64_t w, Tile& t) const {
+    const int64_t ng = groups(), per_head = per_round() / heads;
     t.h = w / per_head;
     const int64_t j = w % per_head;
     if (!all) {
       t.bx = j;
-      t.by = (j + r) % nb;
+      t.by = (j + r) % ng;
       return true;
     }
-    const int64_t p = nb | 1;
+    const int64_t p = ng | 1;
     t.bx = (r + j) % p;
     t.by = (r - j + p) % p;
-    return t.bx < nb && t.by < nb;
+    return t.bx < ng && t.by < ng;
   }
 };
 
+// Blocks per group when the caller has not set one (set_group): as many as keep
+// the group tile's working set (X, Y, Y^T, dX, dY: 5 blocks of kBlock x Dp floats
+// per block of the group) within kGroupBytes, at most 4, and fewer while that
+// would leave under kMinGroups groups to spread over the threads (a round of
+// "all" then still has 32 group tiles). Depends on the problem only, never on
+// the thread count, so neither does the result. Measured on a 2-core EPYC
+// (benchmarks/NOTES.md): at D = 512, groups of 4 (2.5 MiB) still beat 1 and 2,
+// so the cap is set by the L3 share rather than the 1 MiB L2.
+constexpr int64_t kGroupBytes = 4 * 1024 * 1024;
+constexpr int64_t kMaxGroup = 4, kMinGroups = 64;
+int64_t g_forced_group = 0;  // 0: automatic
+
+int64_t group_size(int64_t nb, int64_t dp) {
+  if (g_forced_group > 0) return g_forced_group;
+  int64_t g = kGroupBytes / (5 * kBlock * dp * static_cast<int64_t>(sizeof(float)));
+  g = std::max<int64_t>(1, std::min(g, kMaxGroup));
+  while (g > 1 && (nb + g - 1) / g < kMinGroups) --g;
+  return g;
+}
+
+void set_group(int64_t g) {
+  TORCH_CHECK(g >= 0, "group must be >= 0 (0: automatic), got ", g);
+  g_forced_group = g;
+}
+
+int64_t get_group(int64_t n_rows, int64_t d) {
+  return group_size((n_rows + kBlock - 1) / kBlock, padded_dim(d));
+}
+
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// Runs fn(tile, scratch, tau_accumulator) over the schedule, round by round.
+// Runs fn(tile, scratch) over the schedule, round by round; returns the sum of
+// what fn returns (the temperature-gradient shares).
 template <typename Fn>
 double run_schedule(const Schedule& sched, Fn fn) {
   double tau = 0.0;
@@ -224,14 +262,20 @@ double run_schedule(const Schedule& sched, Fn fn) {
   {
     Scratch sc;
     for (int64_t r = 0; r < rounds; ++r) {
-      // The implicit barrier at the end of each round keeps rounds apart: tiles of one
-      // round touch disjoint row blocks, tiles of different rounds may not.
+      // The implicit barrier at the end of each round keeps rounds apart: group
+      // tiles of one round touch disjoint row blocks, those of different rounds may not.
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
       for (int64_t w = 0; w < per_round; ++w) {
-        Tile t;
-        if (sched.tile(r, w, t)) tau += fn(t, sc);
+        Tile gt;
+        if (!sched.group_tile(r, w, gt)) continue;
+        const int64_t i1 = std::min(sched.nb, (gt.bx + 1) * sched.g);
+        const int64_t k1 = std::min(sched.nb, (gt.by + 1) * sched.g);
+        const bool diag_group = sched.all && gt.bx == gt.by;
+        for (int64_t i = gt.bx * sched.g; i < i1; ++i)
+          for (int64_t k = diag_group ? i : gt.by * sched.g; k < k1; ++k)
+            tau += fn(Tile{gt.h, i, k}, sc);
       }
     }
   }
@@ -288,7 +332,7 @@ std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const 
   float *pxm = xm.data_ptr<float>(), *pxs = xs.data_ptr<float>();
   float *pym = ym.data_ptr<float>(), *pys = ys.data_ptr<float>();
   const Kernels k = active_kernels();
-  const Schedule sched{all, xo.nb, h};
+  const Schedule sched{all, xo.nb, h, group_size(xo.nb, xo.rows.size(2))};
   {
     pybind11::gil_scoped_release no_gil;
     run_schedule(sched, [&](const Tile& t, Scratch& sc) {
@@ -330,7 +374,7 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
   const float *pcx = cx.data_ptr<float>(), *pcy = cy.data_ptr<float>();
   float *pdx = gxo.data_ptr<float>(), *pdy = gyo.data_ptr<float>();
   const Kernels k = active_kernels();
-  const Schedule sched{all, xo.nb, h};
+  const Schedule sched{all, xo.nb, h, group_size(xo.nb, xo.rows.size(2))};
   double tau;
   {
     pybind11::gil_scoped_release no_gil;
@@ -372,5 +416,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &mimac_cpu::get_isa, "instruction set the tile kernels use");
   m.def("set_isa", &mimac_cpu::set_isa, "use the tile kernels of another instruction set");
   m.def("available_isas", &mimac_cpu::available_isas, "instruction sets this CPU runs, best first");
+  m.def("set_group", &mimac_cpu::set_group,
+        "blocks per group tile of the schedule (0: automatic; tests compare them)");
+  m.def("group", &mimac_cpu::get_group, "blocks per group tile for n_rows rows of width d",
+        pybind11::arg("n_rows"), pybind11::arg("d"));
   m.attr("block") = mimac_cpu::kBlock;
 }

@@ -152,48 +152,93 @@ def _kernel_inputs(critic, negatives, h=2, n=70, d=19, seed=8):
     return a, b, inv_tau, g_row, g_col, c_row, c_col
 
 
+def _reference(inputs, critic, negatives):
+    a, b, inv_tau, g_row, g_col, c_row, c_col = (t.double() for t in inputs)
+    r_row, r_col = reference.forward(a, b, inv_tau, critic, negatives, 1e-12)
+    r_grads = reference.backward(
+        a, b, inv_tau, critic, negatives, 1e-12, r_row, r_col, g_row, g_col, c_row, c_col
+    )
+    return r_row, r_col, r_grads
+
+
+def _assert_kernel_matches(inputs, expected, critic, negatives, msg):
+    """The cpu backend's forward and backward against the float64 reference."""
+    a, b, inv_tau, g_row, g_col, c_row, c_col = inputs
+    r_row, r_col, r_grads = expected
+    row, col = cpu_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
+    assert row.dtype == col.dtype == torch.float32
+    assert row.shape == r_row.shape and col.shape == r_col.shape
+    torch.testing.assert_close(row.double(), r_row, rtol=1e-5, atol=1e-5, msg=msg)
+    torch.testing.assert_close(col.double(), r_col, rtol=1e-5, atol=1e-5, msg=msg)
+    grads = cpu_backend.backward(
+        a, b, inv_tau, critic, negatives, 1e-12, r_row.float(), r_col.float(), g_row, g_col,
+        c_row, c_col,
+    )
+    assert grads[2].shape == () and all(g.dtype == torch.float32 for g in grads)
+    for g, r in zip(grads, r_grads):
+        scale = float(r.abs().max())
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=msg)
+
+
 @pytest.mark.parametrize("critic", CRITICS)
 @pytest.mark.parametrize("negatives", ["all", "cross"])
 def test_kernel_level_matches_reference_every_isa(critic, negatives):
     """The backend contract of dispatch.py, against the torch backend in float64,
     for every instruction set this CPU runs (AVX-512, AVX2, baseline)."""
-    a, b, inv_tau, g_row, g_col, c_row, c_col = _kernel_inputs(critic, negatives)
-    d64 = [t.double() for t in (a, b, inv_tau)]
-    r_row, r_col = reference.forward(*d64, critic, negatives, 1e-12)
-    r_grads = reference.backward(
-        *d64, critic, negatives, 1e-12, r_row, r_col, g_row.double(), g_col.double(),
-        c_row.double(), c_col.double(),
-    )
+    inputs = _kernel_inputs(critic, negatives)
+    expected = _reference(inputs, critic, negatives)
     before = cpu_backend.isa()
     try:
         for isa in cpu_backend.available_isas():
             cpu_backend.set_isa(isa)
-            row, col = cpu_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
-            assert row.dtype == col.dtype == torch.float32
-            assert row.shape == r_row.shape and col.shape == r_col.shape
-            torch.testing.assert_close(row.double(), r_row, rtol=1e-5, atol=1e-5, msg=isa)
-            torch.testing.assert_close(col.double(), r_col, rtol=1e-5, atol=1e-5, msg=isa)
-            grads = cpu_backend.backward(
-                a, b, inv_tau, critic, negatives, 1e-12, r_row.float(), r_col.float(), g_row, g_col,
-                c_row, c_col,
-            )
-            assert grads[2].shape == () and all(g.dtype == torch.float32 for g in grads)
-            for g, r in zip(grads, r_grads):
-                scale = float(r.abs().max())
-                torch.testing.assert_close(
-                    g.double(), r, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=isa
-                )
+            _assert_kernel_matches(inputs, expected, critic, negatives, isa)
     finally:
         cpu_backend.set_isa(before)
 
 
-def test_result_does_not_depend_on_thread_count():
+@pytest.fixture
+def restore_group():
+    yield
+    cpu_backend.set_group(0)
+
+
+@pytest.mark.parametrize("critic", ["cosine", "log_dot"])
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_group_tiles_match_reference(critic, negatives, restore_group):
+    """Groups of 1 to 4 blocks, with a short last group (7 blocks of 64 rows) and
+    two heads: every tile is visited once, the diagonal group of "all" included."""
+    n = 200 if negatives == "all" else 400  # 400 rows either way: 7 blocks
+    inputs = _kernel_inputs(critic, negatives, n=n, d=24)
+    expected = _reference(inputs, critic, negatives)
+    for g in (1, 2, 3, 4, 7, 9):
+        cpu_backend.set_group(g)
+        _assert_kernel_matches(inputs, expected, critic, negatives, f"group {g}")
+
+
+def test_group_choice(restore_group):
+    """Automatic: up to 4 blocks while at least 64 groups remain and the group's
+    working set stays within 4 MiB; never the thread count."""
+    assert cpu_backend.group(4096, 128) == 1  # 64 blocks
+    assert cpu_backend.group(8192, 128) == 2
+    assert cpu_backend.group(16384, 128) == 4
+    assert cpu_backend.group(1 << 20, 128) == 4
+    assert cpu_backend.group(1 << 20, 1024) == 3  # 1.25 MiB per block of the group
+    assert cpu_backend.group(1 << 20, 4096) == 1
+    cpu_backend.set_group(3)
+    assert cpu_backend.group(64, 8) == 3
+    with pytest.raises(RuntimeError, match="group must be >= 0"):
+        cpu_backend.set_group(-1)
+
+
+@pytest.mark.parametrize("group", [0, 3])
+def test_result_does_not_depend_on_thread_count(group, restore_group):
     """Tiles of one round touch disjoint rows: the sums are the same for any thread count."""
     a, b, inv_tau, g_row, g_col, c_row, c_col = _kernel_inputs("cosine", "all", h=1, n=400, d=64)
     threads = torch.get_num_threads()
+    cpu_backend.set_group(group)
     outs = []
     try:
-        for t in (1, max(2, threads)):
+        for t in (1, max(2, threads), 3):
             torch.set_num_threads(t)
             row, col = cpu_backend.forward(a, b, inv_tau, "cosine", "all", 1e-12)
             outs.append(
@@ -207,8 +252,9 @@ def test_result_does_not_depend_on_thread_count():
             )
     finally:
         torch.set_num_threads(threads)
-    for x, y in zip(*outs):
-        assert torch.equal(x, y)
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            assert torch.equal(x, y)
 
 
 def test_half_inputs_are_upcast():

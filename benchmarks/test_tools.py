@@ -121,7 +121,7 @@ def test_cpu_memory_child_reports_a_peak() -> None:
     assert res["inf_cl"].status == "skip"
 
 
-def test_cpu_ratio_records_gemm_rate_floor_and_ratios(tmp_path: Path) -> None:
+def test_cpu_ratio_records_gemm_reference_and_ratios(tmp_path: Path) -> None:
     """The CPU ratio script end to end at a tiny size, run as its usage line says."""
     import subprocess
     import sys
@@ -138,13 +138,13 @@ def test_cpu_ratio_records_gemm_rate_floor_and_ratios(tmp_path: Path) -> None:
         cwd=tmp_path,  # not the repository: the script finds its own package
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "x floor" in proc.stdout
+    assert "x GEMM" in proc.stdout
     rec = json.loads(out.read_text())
     assert rec["gemm"]["gflops"] > 0 and rec["gemm"]["size"] == cpu_ratio.GEMM_SIZE
-    assert rec["floor_s"] == pytest.approx(4 * 128 * 128 * 16 / (rec["gemm"]["gflops"] * 1e9))
+    assert rec["gemm_ref_s"] == pytest.approx(4 * 128 * 128 * 16 / (rec["gemm"]["gflops"] * 1e9))
     for prov in ("eager", "torch"):
         r = rec["results"][prov]
-        assert r["times_floor"] == pytest.approx(r["median_total_s"] / rec["floor_s"])
+        assert r["times_gemm_ref"] == pytest.approx(r["median_total_s"] / rec["gemm_ref_s"])
         assert r["loss"] == pytest.approx(rec["results"]["eager"]["loss"], rel=1e-5)
     assert set(rec["ratios"]) == {"torch"}
 

@@ -9,7 +9,10 @@ forward+backward runs after that first call.
 Providers:
     eager  ``mimac_kernels.testing.naive_contrastive_loss(..., dtype=None)``: the
            full M x M matrix and autograd, as most code runs it.
-    cpu    ``fused_contrastive_loss(..., backend="cpu")``: the fused C++ kernel.
+    cpu    ``fused_contrastive_loss(..., backend="cpu")``: the fused C++ kernel;
+           ``cpu/g1`` .. ``cpu/g4`` force that many blocks per group tile
+           (``cpu_backend.set_group``), e.g. ``--providers cpu/g1,cpu`` for the
+           schedule without and with group tiles side by side.
     torch  ``fused_contrastive_loss(..., backend="torch")``: the row-chunked torch loop.
 
 Usage:
@@ -103,10 +106,18 @@ def _worker(args: argparse.Namespace) -> dict:
     n, d = args.n, args.d
     kw = {"temperature": args.temperature, "critic": args.critic, "negatives": args.negatives}
 
+    backend, _, group = args.provider.partition("/g")
+    if group:
+        from mimac_kernels import cpu_backend
+
+        if backend != "cpu":
+            raise SystemExit(f"provider {args.provider!r}: only cpu takes /g<blocks per group>")
+        cpu_backend.set_group(int(group))
+
     def loss_fn(a, b):
-        if args.provider == "eager":
+        if backend == "eager":
             return naive_contrastive_loss(a, b, dtype=None, **kw)
-        return mimac_kernels.fused_contrastive_loss(a, b, backend=args.provider, **kw)
+        return mimac_kernels.fused_contrastive_loss(a, b, backend=backend, **kw)
 
     # Warm-up on a small problem: builds/loads the extension, initialises threads.
     sa = torch.randn(128, d, requires_grad=True)
@@ -155,7 +166,8 @@ def _worker(args: argparse.Namespace) -> dict:
         "peak_reset": reset_ok,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "isa": _isa() if args.provider == "cpu" else None,
+        "isa": _isa() if backend == "cpu" else None,
+        "group": _group(args.n, args.d, args.negatives) if backend == "cpu" else None,
     }
 
 
@@ -164,6 +176,15 @@ def _isa() -> str | None:
         from mimac_kernels import cpu_backend
 
         return cpu_backend.isa()
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def _group(n: int, d: int, negatives: str) -> int | None:
+    try:
+        from mimac_kernels import cpu_backend
+
+        return cpu_backend.group(2 * n if negatives == "all" else n, d)
     except Exception:  # noqa: BLE001 - informational only
         return None
 

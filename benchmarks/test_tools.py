@@ -7,6 +7,10 @@ These are plain tests: ``--benchmark-only`` skips them, the smoke run
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,13 +127,13 @@ def test_cpu_memory_child_reports_a_peak() -> None:
 
 def test_cpu_ratio_records_gemm_reference_and_ratios(tmp_path: Path) -> None:
     """The CPU ratio script end to end at a tiny size, run as its usage line says."""
-    import subprocess
-    import sys
-
     from benchmarks import cpu_ratio
 
+    providers = ["eager", "torch"]
+    if shutil.which(os.environ.get("CXX", "c++")) is not None:  # the cpu kernel can be built
+        providers.append("cpu/g3")
     out = tmp_path / "ratio.json"
-    args = ["--n", "64", "--d", "16", "--repeats", "1", "--providers", "eager,torch"]
+    args = ["--n", "64", "--d", "16", "--repeats", "1", "--providers", ",".join(providers)]
     proc = subprocess.run(
         [sys.executable, cpu_ratio.__file__, *args, "--out", str(out)],
         capture_output=True,
@@ -142,11 +146,14 @@ def test_cpu_ratio_records_gemm_reference_and_ratios(tmp_path: Path) -> None:
     rec = json.loads(out.read_text())
     assert rec["gemm"]["gflops"] > 0 and rec["gemm"]["size"] == cpu_ratio.GEMM_SIZE
     assert rec["gemm_ref_s"] == pytest.approx(4 * 128 * 128 * 16 / (rec["gemm"]["gflops"] * 1e9))
-    for prov in ("eager", "torch"):
+    for prov in providers:
         r = rec["results"][prov]
         assert r["times_gemm_ref"] == pytest.approx(r["median_total_s"] / rec["gemm_ref_s"])
         assert r["loss"] == pytest.approx(rec["results"]["eager"]["loss"], rel=1e-5)
-    assert set(rec["ratios"]) == {"torch"}
+    assert set(rec["ratios"]) == set(providers[1:])
+    assert rec["results"]["torch"]["group"] is None
+    if "cpu/g3" in providers:
+        assert rec["results"]["cpu/g3"]["group"] == 3  # the forced group reached the kernel
 
 
 _SCRIPTS = sorted(
@@ -160,8 +167,6 @@ _SCRIPTS = sorted(
 @pytest.mark.parametrize("script", _SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shell_scripts_parse(script: Path) -> None:
     """A syntax error in gpu_check.sh would cost a GPU call: bash -n them all here."""
-    import subprocess
-
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
 
@@ -175,9 +180,6 @@ def test_shell_scripts_found() -> None:
 def test_sanitize_workout_runs_and_catches_a_wrong_result(monkeypatch, capsys) -> None:
     """The compute-sanitizer workout, on the CPU emulation: passes as is, and
     reports a case whose forward result is off."""
-    import os
-    import shutil
-
     from benchmarks import sanitize_cuda
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:

@@ -106,13 +106,11 @@ def _worker(args: argparse.Namespace) -> dict:
     n, d = args.n, args.d
     kw = {"temperature": args.temperature, "critic": args.critic, "negatives": args.negatives}
 
-    backend, _, group = args.provider.partition("/g")
-    if group:
+    backend, group = parse_provider(args.provider)
+    if group is not None:
         from mimac_kernels import cpu_backend
 
-        if backend != "cpu":
-            raise SystemExit(f"provider {args.provider!r}: only cpu takes /g<blocks per group>")
-        cpu_backend.set_group(int(group))
+        cpu_backend.set_group(group)
 
     def loss_fn(a, b):
         if backend == "eager":
@@ -166,27 +164,36 @@ def _worker(args: argparse.Namespace) -> dict:
         "peak_reset": reset_ok,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "isa": _isa() if backend == "cpu" else None,
-        "group": _group(args.n, args.d, args.negatives) if backend == "cpu" else None,
+        **_cpu_kernel_labels(backend, args),
     }
 
 
-def _isa() -> str | None:
-    try:
-        from mimac_kernels import cpu_backend
+def _cpu_kernel_labels(backend: str, args: argparse.Namespace) -> dict:
+    """Instruction set and group size of the cpu kernel that just ran (None otherwise)."""
+    if backend != "cpu":
+        return {"isa": None, "group": None}
+    from mimac_kernels import cpu_backend
 
-        return cpu_backend.isa()
-    except Exception:  # noqa: BLE001 - informational only
-        return None
+    return {"isa": cpu_backend.isa(), "group": cpu_backend.group(_rows(args), args.d)}
 
 
-def _group(n: int, d: int, negatives: str) -> int | None:
-    try:
-        from mimac_kernels import cpu_backend
+def _rows(args: argparse.Namespace) -> int:
+    """Rows M of the similarity matrix: 2N for "all", N for "cross"."""
+    return 2 * args.n if args.negatives == "all" else args.n
 
-        return cpu_backend.group(2 * n if negatives == "all" else n, d)
-    except Exception:  # noqa: BLE001 - informational only
-        return None
+
+def parse_provider(name: str) -> tuple[str, int | None]:
+    """``"cpu/g2"`` -> ``("cpu", 2)``; ``"eager"`` -> ``("eager", None)``."""
+    backend, sep, group = name.partition("/g")
+    if backend not in PROVIDERS:
+        raise ValueError(f"provider {name!r}: expected one of {', '.join(PROVIDERS)}")
+    if not sep:
+        return backend, None
+    if backend != "cpu" or not group.isdigit() or int(group) < 1:
+        raise ValueError(
+            f"provider {name!r}: only cpu takes a group, as cpu/g<blocks per group >= 1>"
+        )
+    return backend, int(group)
 
 
 def _run_provider(provider: str, args: argparse.Namespace) -> dict:
@@ -241,20 +248,27 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.cases import symmetric_work
     from benchmarks.labels import commit, cpu_name
 
+    providers = args.providers.split(",")
+    for prov in providers:
+        try:
+            parse_provider(prov)
+        except ValueError as exc:
+            p.error(f"--providers: {exc}")
     print("measuring the GEMM rate ...", flush=True)
     gemm = _run_provider("gemm", args)
     results = {}
-    for prov in args.providers.split(","):
+    for prov in providers:
         print(f"running {prov} ...", flush=True)
         results[prov] = _run_provider(prov, args)
-    rows = 2 * args.n if args.negatives == "all" else args.n
-    gemm_ref_s = symmetric_work(args.negatives, rows, args.d)[0] / (gemm["gflops"] * 1e9)
+    rows = _rows(args)
+    gemm_flop = symmetric_work(args.negatives, rows, args.d)[0]
+    gemm_ref_s = gemm_flop / (gemm["gflops"] * 1e9)
     print(
         f"\nM = {rows} rows, D = {args.d}, {args.critic}/{args.negatives}, float32, "
         f"{results[next(iter(results))]['threads']} threads, {cpu_name()}"
     )
     print(
-        f"GEMM reference {gemm_ref_s:.3f} s: {symmetric_work(args.negatives, rows, args.d)[0] / 1e9:.1f} GFLOP "
+        f"GEMM reference {gemm_ref_s:.3f} s: {gemm_flop / 1e9:.1f} GFLOP "
         f"at the measured GEMM rate of {gemm['gflops']:.0f} GFLOP/s"
     )
     print(

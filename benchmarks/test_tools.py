@@ -156,6 +156,18 @@ def test_cpu_ratio_records_gemm_reference_and_ratios(tmp_path: Path) -> None:
         assert rec["results"]["cpu/g3"]["group"] == 3  # the forced group reached the kernel
 
 
+def test_cpu_ratio_rejects_unknown_providers_and_groups() -> None:
+    from benchmarks import cpu_ratio
+
+    assert cpu_ratio.parse_provider("cpu/g2") == ("cpu", 2)
+    assert cpu_ratio.parse_provider("eager") == ("eager", None)
+    for bad in ("cuda", "torch/g2", "cpu/g0", "cpu/gx", "cpu/g"):
+        with pytest.raises(ValueError, match="provider"):
+            cpu_ratio.parse_provider(bad)
+    with pytest.raises(SystemExit):  # before any subprocess starts
+        cpu_ratio.main(["--providers", "eager,cpu/g0"])
+
+
 _SCRIPTS = sorted(
     p
     for d in ("benchmarks", "scripts", ".ci")

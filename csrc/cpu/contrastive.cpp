@@ -165,12 +165,13 @@ struct Operand {
 };
 
 int64_t padded_dim(int64_t d) { return (d + 15) / 16 * 16; }
+int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
 // `columns`: the operand also serves as the tile's Y side, which the S micro-kernel
 // reads transposed ("cross" needs that for b only, "all" for its one operand).
 Operand make_operand(const at::Tensor& x /* (H, n, D) float32 */, bool columns) {
   const int64_t h = x.size(0), n = x.size(1), d = x.size(2);
-  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const int64_t nb = num_blocks(n);
   Operand op;
   op.n = n;
   op.nb = nb;
@@ -245,7 +246,7 @@ void set_group(int64_t g) {
 }
 
 int64_t get_group(int64_t n_rows, int64_t d) {
-  return group_size((n_rows + kBlock - 1) / kBlock, padded_dim(d));
+  return group_size(num_blocks(n_rows), padded_dim(d));
 }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }

@@ -20,6 +20,8 @@ import mimac_kernels
 from mimac_kernels import cpu_backend, dispatch, extension, reference
 from mimac_kernels.testing import (
     assert_backend_matches_float64,
+    kernel_case,
+    kernel_level_errors,
     make_views,
     naive_contrastive_loss,
 )
@@ -152,46 +154,37 @@ def _kernel_inputs(critic, negatives, h=2, n=70, d=19, seed=8):
     return a, b, inv_tau, g_row, g_col, c_row, c_col
 
 
-def _reference(inputs, critic, negatives):
-    a, b, inv_tau, g_row, g_col, c_row, c_col = (t.double() for t in inputs)
-    r_row, r_col = reference.forward(a, b, inv_tau, critic, negatives, 1e-12)
-    r_grads = reference.backward(
-        a, b, inv_tau, critic, negatives, 1e-12, r_row, r_col, g_row, g_col, c_row, c_col
-    )
-    return r_row, r_col, r_grads
-
-
-def _assert_kernel_matches(inputs, expected, critic, negatives, msg):
-    """The cpu backend's forward and backward against the float64 reference."""
-    a, b, inv_tau, g_row, g_col, c_row, c_col = inputs
-    r_row, r_col, r_grads = expected
-    row, col = cpu_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
-    assert row.dtype == col.dtype == torch.float32
-    assert row.shape == r_row.shape and col.shape == r_col.shape
-    torch.testing.assert_close(row.double(), r_row, rtol=1e-5, atol=1e-5, msg=msg)
-    torch.testing.assert_close(col.double(), r_col, rtol=1e-5, atol=1e-5, msg=msg)
-    grads = cpu_backend.backward(
-        a, b, inv_tau, critic, negatives, 1e-12, r_row.float(), r_col.float(), g_row, g_col,
-        c_row, c_col,
-    )
-    assert grads[2].shape == () and all(g.dtype == torch.float32 for g in grads)
-    for g, r in zip(grads, r_grads):
-        scale = float(r.abs().max())
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=msg)
-
-
 @pytest.mark.parametrize("critic", CRITICS)
 @pytest.mark.parametrize("negatives", ["all", "cross"])
 def test_kernel_level_matches_reference_every_isa(critic, negatives):
     """The backend contract of dispatch.py, against the torch backend in float64,
     for every instruction set this CPU runs (AVX-512, AVX2, baseline)."""
-    inputs = _kernel_inputs(critic, negatives)
-    expected = _reference(inputs, critic, negatives)
+    a, b, inv_tau, g_row, g_col, c_row, c_col = _kernel_inputs(critic, negatives)
+    d64 = [t.double() for t in (a, b, inv_tau)]
+    r_row, r_col = reference.forward(*d64, critic, negatives, 1e-12)
+    r_grads = reference.backward(
+        *d64, critic, negatives, 1e-12, r_row, r_col, g_row.double(), g_col.double(),
+        c_row.double(), c_col.double(),
+    )
     before = cpu_backend.isa()
     try:
         for isa in cpu_backend.available_isas():
             cpu_backend.set_isa(isa)
-            _assert_kernel_matches(inputs, expected, critic, negatives, isa)
+            row, col = cpu_backend.forward(a, b, inv_tau, critic, negatives, 1e-12)
+            assert row.dtype == col.dtype == torch.float32
+            assert row.shape == r_row.shape and col.shape == r_col.shape
+            torch.testing.assert_close(row.double(), r_row, rtol=1e-5, atol=1e-5, msg=isa)
+            torch.testing.assert_close(col.double(), r_col, rtol=1e-5, atol=1e-5, msg=isa)
+            grads = cpu_backend.backward(
+                a, b, inv_tau, critic, negatives, 1e-12, r_row.float(), r_col.float(), g_row, g_col,
+                c_row, c_col,
+            )
+            assert grads[2].shape == () and all(g.dtype == torch.float32 for g in grads)
+            for g, r in zip(grads, r_grads):
+                scale = float(r.abs().max())
+                torch.testing.assert_close(
+                    g.double(), r, rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=isa
+                )
     finally:
         cpu_backend.set_isa(before)
 
@@ -205,14 +198,14 @@ def restore_group():
 @pytest.mark.parametrize("critic", ["cosine", "log_dot"])
 @pytest.mark.parametrize("negatives", ["all", "cross"])
 def test_group_tiles_match_reference(critic, negatives, restore_group):
-    """Groups of 1 to 4 blocks, with a short last group (7 blocks of 64 rows) and
-    two heads: every tile is visited once, the diagonal group of "all" included."""
+    """Groups of 1 to 9 blocks over 7 blocks of 64 rows (short last groups, one
+    group larger than the problem) and two heads: every tile is visited once, the
+    diagonal group of "all" included."""
     n = 200 if negatives == "all" else 400  # 400 rows either way: 7 blocks
-    inputs = _kernel_inputs(critic, negatives, n=n, d=24)
-    expected = _reference(inputs, critic, negatives)
+    case = kernel_case((2, n, 24), critic, negatives, torch.float32, "cpu")
     for g in (1, 2, 3, 4, 7, 9):
         cpu_backend.set_group(g)
-        _assert_kernel_matches(inputs, expected, critic, negatives, f"group {g}")
+        assert kernel_level_errors(cpu_backend, case) == [], f"group {g}"
 
 
 def test_group_choice(restore_group):

@@ -246,6 +246,8 @@ void set_group(int64_t g) {
 }
 
 int64_t get_group(int64_t n_rows, int64_t d) {
+  TORCH_CHECK(n_rows >= 0 && d >= 1, "group: expected n_rows >= 0 and d >= 1, got n_rows=", n_rows,
+              ", d=", d);
   return group_size(num_blocks(n_rows), padded_dim(d));
 }
 

@@ -221,6 +221,8 @@ def test_group_choice(restore_group):
     assert cpu_backend.group(64, 8) == 3
     with pytest.raises(RuntimeError, match="group must be >= 0"):
         cpu_backend.set_group(-1)
+    with pytest.raises(RuntimeError, match="expected n_rows >= 0 and d >= 1"):
+        cpu_backend.group(64, 0)
 
 
 @pytest.mark.parametrize("group", [0, 3])

@@ -7,6 +7,7 @@
 #include <map>
 #include <numeric>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -160,6 +161,14 @@ bool resume(Block& blk, Fiber& f) {
   return blk.error.empty();
 }
 
+// After a sweep over the fibers: "" once all are done, the deadlock when
+// none could move, nothing when another sweep is needed.
+std::optional<std::string> sweep_outcome(const Block& blk, bool progress) {
+  if (std::all_of(blk.fibers.begin(), blk.fibers.end(), [](const Fiber& f) { return f.done; })) return "";
+  if (!progress) return describe_deadlock(blk);
+  return std::nullopt;
+}
+
 // Threads in lockstep: each sweep takes every thread once, in the schedule's
 // order, to its next barrier (block or warp).
 std::string run_threads(Block& blk) {
@@ -173,8 +182,7 @@ std::string run_threads(Block& blk) {
       progress = true;
       if (!resume(blk, f)) return blk.error;
     }
-    if (std::all_of(blk.fibers.begin(), blk.fibers.end(), [](const Fiber& f) { return f.done; })) return "";
-    if (!progress) return describe_deadlock(blk);
+    if (std::optional<std::string> outcome = sweep_outcome(blk, progress)) return *outcome;
   }
 }
 
@@ -203,8 +211,7 @@ std::string run_warps(Block& blk) {
       // This warp released the block barrier: start again from the first warp.
       if (blk.block_barrier.generation != generation) break;
     }
-    if (std::all_of(blk.fibers.begin(), blk.fibers.end(), [](const Fiber& f) { return f.done; })) return "";
-    if (!progress) return describe_deadlock(blk);
+    if (std::optional<std::string> outcome = sweep_outcome(blk, progress)) return *outcome;
   }
 }
 

@@ -9,7 +9,27 @@ from torch import Tensor, nn
 from mimac_kernels.functional import fused_contrastive_loss
 
 
-class NTXentLoss(nn.Module):
+class _AllPairsLoss(nn.Module):
+    """Shared body of the fixed-temperature losses over all other rows (``critic`` set by each)."""
+
+    critic: str
+
+    def __init__(self, temperature: float, backend: str, group: Any) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.backend = backend
+        self.group = group
+
+    def _loss(self, a: Tensor, b: Tensor) -> Tensor:
+        return fused_contrastive_loss(
+            a, b, temperature=self.temperature, critic=self.critic, negatives="all",
+            backend=self.backend, group=self.group,
+        )
+
+
+class NTXentLoss(_AllPairsLoss):
     """lightly's ``NTXentLoss`` (no memory bank): cosine critic, all other rows as negatives.
 
     Args:
@@ -25,19 +45,13 @@ class NTXentLoss(nn.Module):
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 32), torch.randn(8, 32))
     """
 
+    critic = "cosine"
+
     def __init__(self, temperature: float = 0.5, backend: str = "auto", group: Any = None) -> None:
-        super().__init__()
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.backend = backend
-        self.group = group
+        super().__init__(temperature, backend, group)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return fused_contrastive_loss(
-            out0, out1, temperature=self.temperature, critic="cosine", negatives="all",
-            backend=self.backend, group=self.group,
-        )
+        return self._loss(out0, out1)
 
 
 class ClipLoss(nn.Module):
@@ -72,7 +86,7 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class ProbabilityContrastLoss(nn.Module):
+class ProbabilityContrastLoss(_AllPairsLoss):
     """CRLC's probability contrastive loss: log-of-dot-product critic, all negatives.
 
     At the default ``temperature=1.0`` it runs the exact linear-time closed form
@@ -83,16 +97,10 @@ class ProbabilityContrastLoss(nn.Module):
         products stay away from 0). Output: scalar, averaged over heads and rows.
     """
 
+    critic = "log_dot"
+
     def __init__(self, temperature: float = 1.0, backend: str = "auto", group: Any = None) -> None:
-        super().__init__()
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.backend = backend
-        self.group = group
+        super().__init__(temperature, backend, group)
 
     def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
-        return fused_contrastive_loss(
-            p1, p2, temperature=self.temperature, critic="log_dot", negatives="all",
-            backend=self.backend, group=self.group,
-        )
+        return self._loss(p1, p2)

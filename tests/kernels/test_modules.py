@@ -65,7 +65,7 @@ def test_probability_contrast_matches_formula(shape, temperature):
 
 
 @pytest.mark.parametrize("cls", [NTXentLoss, ProbabilityContrastLoss])
-@pytest.mark.parametrize("bad", [0.0, -1.0, "0.5", float("nan")])
+@pytest.mark.parametrize("bad", [0.0, -1.0, "0.5", float("nan"), True])
 def test_modules_reject_bad_temperature(cls, bad):
     with pytest.raises((ValueError, TypeError), match="temperature"):
         cls(temperature=bad)

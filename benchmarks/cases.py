@@ -27,7 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-#: H100 SXM rates from performance.md (dense datasheet figures). float32 inputs
+#: H100 SXM rates (dense datasheet figures). float32 inputs
 #: are bounded by the TF32 tensor-core rate, which is what fast kernels use.
 PEAK_MATMUL_FLOPS: dict[str, float] = {"bfloat16": 989e12, "float16": 989e12, "float32": 494.7e12}
 PEAK_EXP_PER_S = 3.9e12  # 16 exp/clock/SM on the special-function units
@@ -96,7 +96,7 @@ class Case:
 
 
 def flop_model(pairing: str, critic: str, tau: float, rows: int, d: int, mode: str) -> float:
-    """Nominal FLOPs of one call, the same for every provider (performance.md).
+    """Nominal FLOPs of one call, the same for every provider.
 
     Quadratic (recompute design): ``all`` 2 M^2 d forward + 4 M^2 d backward
     (6 M^2 d); ``cross`` 2 N^2 d + 6 N^2 d (8 N^2 d). log_dot at tau = 1 is the
@@ -117,7 +117,7 @@ def flop_model(pairing: str, critic: str, tau: float, rows: int, d: int, mode: s
 def bound_seconds(
     pairing: str, critic: str, tau: float, rows: int, d: int, dtype: str, mode: str
 ) -> float | None:
-    """The physical floor of performance.md for forward + backward on an H100/H200.
+    """The physical floor of forward + backward on an H100/H200, at datasheet rates.
 
     Uses the symmetric design: ``all`` 4 M^2 d FLOP and M^2 exp, ``cross``
     8 N^2 d FLOP and 2 N^2 exp; matrix and exp units overlapped (max, not sum).
@@ -133,7 +133,7 @@ def symmetric_work(pairing: str, rows: int, d: int) -> tuple[float, float]:
     """(FLOP, exp) of forward + backward in the symmetric recompute design.
 
     ``all``: 4 M^2 d FLOP and M^2 exp (each unordered pair once); ``cross``:
-    8 N^2 d FLOP and 2 N^2 exp (performance.md).
+    8 N^2 d FLOP and 2 N^2 exp (docs/losses.md, "Symmetry saves work").
     """
     if pairing == "all":
         return 4.0 * rows * rows * d, 1.0 * rows * rows

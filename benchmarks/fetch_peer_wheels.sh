@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Download the peer baselines (Inf-CL, Cut Cross-Entropy) as wheels for the lent
-# GPU machines (Python 3.12, no internet there) into benchmarks/wheels/, which git
-# ignores: name it in the device call's `carry` and gpu_check.sh installs them.
+# Download the peer baselines (Inf-CL, Cut Cross-Entropy) as wheels for the target
+# GPU hosts (Python 3.12, no internet there) into benchmarks/wheels/, which git
+# ignores: copy it along with the checkout and gpu_check.sh installs them.
 #
 #   bash benchmarks/fetch_peer_wheels.sh
 #

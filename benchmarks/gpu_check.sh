@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine: build, check, benchmark, probe, report.
+# One command for a GPU host: build, check, benchmark, probe, report.
 #
 #   MIMAC_COMMIT=<sha> bash benchmarks/gpu_check.sh [OUTDIR]
 #
-# OUTDIR defaults to $OUT (the device tool's return folder), else
+# OUTDIR defaults to $OUT (the job's output folder, if the host sets one), else
 # benchmarks/results/<date>-gpu. The machine has no internet: peers' wheels
 # (inf_cl, cut-cross-entropy) travel as files in $WHEELS (default: the first of
 # benchmarks/wheels/ and .whl/ that holds *.whl) and are installed with
 # `pip install --no-index --no-deps --target`. There is no .git there either,
 # so pass the commit in MIMAC_COMMIT for the labels.
 #
-# Time budget (one device call runs at most 600 s; default GPU_CHECK_BUDGET=560):
+# Time budget (for a 600 s job limit; default GPU_CHECK_BUDGET=560):
 #   env + wheels  ~15 s      build   <= 150 s     tests <= 120 s
 #   bench         what is left minus 110 s, its pytest deadline 45 s earlier
 #                 (cases run in priority order, so a cut drops the least important)
@@ -24,7 +24,7 @@
 # (default gpu) and BENCH_ARGS (extra pytest options, e.g. -k M65536) adjust
 # the benchmark step; `STEPS=bench,report BENCH_SIZE=smoke` is a CPU dry run.
 #
-# Writes at most 7 files (the device tool returns 8): benchmark.json,
+# Writes at most 7 files (for output folders that keep 8): benchmark.json,
 # max_batch.json, report.md, time.png, memory.png, tests.xml, gpu_check.log.
 set -u
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@ Usage::
 writes ``DIR/report.md``, ``DIR/time.png`` and ``DIR/memory.png``.
 
 Columns: median and IQR of the rounds, peak memory above the inputs, achieved
-TFLOP/s under the nominal FLOP model of performance.md (the same work for
+TFLOP/s under the nominal FLOP model of ``cases.flop_model`` (the same work for
 every provider: 6 M^2 d for NT-Xent, 8 N^2 d for CLIP, linear for the log_dot
 closed form), the time and memory ratio to our fastest backend at the same
 point, and on an H100/H200 the ratio to the physical floor (``benchmarks/cases.py``).
@@ -268,7 +268,7 @@ def markdown(rows: list[Row], meta: dict, max_batch: dict | None = None) -> str:
         (
             "TFLOP/s use the nominal FLOP model (NT-Xent fwd 2·M²·d, bwd 4·M²·d; CLIP fwd "
             "2·N²·d, bwd 6·N²·d; log_dot at τ = 1 linear, 6·M·d + 12·M·d), the same for every "
-            "provider. × floor: time over the physical floor of performance.md "
+            "provider. × floor: time over the physical floor at datasheet rates "
             "(H100/H200 only; fwd+bwd, symmetric design).\n"
         ),
     ]

@@ -2,7 +2,7 @@
 
 Examples::
 
-    mimac train                                    # CRLC on digits, CPU, ~2 minutes
+    mimac train                                    # CRLC on digits, CPU, about a minute
     mimac train --config configs/crlc_fashion_mnist.yaml epochs=50 device=cuda
     mimac train resume=runs/crlc-digits-20250101-120000 [epochs=300]
     mimac eval runs/crlc-digits-20250101-120000 [data.split=test]

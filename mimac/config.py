@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class CRLCConfig:
-    """CRLC hyper-parameters (methods.md section 1); defaults are the paper's."""
+    """CRLC hyper-parameters; defaults are the paper's."""
 
     heads: int = 10
     alpha: float = 0.1  # smoothing p~ = (1 - alpha) p + alpha / C
@@ -72,7 +72,7 @@ class CRLCConfig:
 
 @dataclass
 class IMCSwAVConfig:
-    """IMC-SwAV hyper-parameters (methods.md section 2); defaults are the paper's.
+    """IMC-SwAV hyper-parameters; defaults are the paper's.
 
     Multi-crop sizes are in pixels and must fit in the image (checked when the
     method is built); ``None`` sizes: large = the image size, small = 18/28 of it.
@@ -99,7 +99,7 @@ class IMCSwAVConfig:
 
 @dataclass
 class DECContrastiveConfig:
-    """DEC + contrastive + anchor hyper-parameters (methods.md section 3); paper defaults."""
+    """DEC + contrastive + anchor hyper-parameters; paper defaults."""
 
     proj_dim: int = 128
     hidden_dim: int | None = None  # None: the backbone's feature size

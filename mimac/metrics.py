@@ -1,6 +1,6 @@
 """Clustering metrics: ACC (best cluster-to-class mapping), NMI and ARI.
 
-The pitfalls handled here (see the project's methods notes):
+The pitfalls handled here:
 
 * The contingency matrix is sized by the configured number of clusters K, not by the cluster
   ids that happen to occur, so an empty cluster never shifts the others' ids.

@@ -29,7 +29,7 @@ def naive_contrastive_loss(
     dtype: torch.dtype | None = torch.float64,
     positives_only: bool = False,
 ) -> Tensor:
-    """The losses of losses.md written out directly, with the full similarity matrix.
+    """The losses of docs/losses.md written out directly, with the full similarity matrix.
 
     This is also "plain PyTorch": with ``dtype=None`` it computes in the inputs'
     dtype (float32 accumulation is *not* forced), as the eager baseline does.

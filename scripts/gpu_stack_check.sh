@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lent GPU machines' software stack, checked on a machine without a GPU.
+# The target GPU machines' software stack, checked on a machine without a GPU.
 #
 #   bash scripts/gpu_stack_check.sh [VENV]        (default VENV: /tmp/mimac-gpu-stack)
 #

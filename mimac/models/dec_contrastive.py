@@ -1,5 +1,5 @@
 """DEC + contrastive + anchor loss ("Cluster Analysis with Deep Embeddings and Contrastive
-Learning", Sundareswaran et al. 2021; methods.md section 3).
+Learning", Sundareswaran et al. 2021).
 
 Three views per image: the clean image ``x`` and two augmentations ``x1, x2``.
 

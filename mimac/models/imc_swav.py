@@ -1,5 +1,5 @@
 """IMC-SwAV: Information Maximization Clustering via Multi-View Self-Labelling
-(Ntelemis, Jin, Thomas; Knowledge-Based Systems 2022; methods.md section 2).
+(Ntelemis, Jin, Thomas; Knowledge-Based Systems 2022).
 
 Per image, ``L`` large and ``S`` small random crops (multi-crop). Every crop goes
 through the backbone (``h``), a linear projection (``z``, 512 -> 512 -> 128, no

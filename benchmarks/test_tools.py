@@ -119,10 +119,16 @@ def test_report_ratios_oom_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
-def test_cpu_memory_child_reports_a_peak() -> None:
-    res = measure_cpu(Case(rows=512, d=64), ["mimac-torch", "inf_cl"])
-    assert res["mimac-torch"].status == "ok"
-    assert res["mimac-torch"].peak_bytes is not None and res["mimac-torch"].peak_bytes >= 0
+def test_cpu_memory_child_measures_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager holds N x N matrices; the torch backend, at one-row blocks, holds none."""
+    n = 4096
+    matrix = n * n * 4  # one float32 N x N matrix, 64 MiB
+    # One-row blocks: a backend that kept a per-block (N,) partial would store N x N.
+    monkeypatch.setenv("MIMAC_KERNELS_TORCH_TILE", str(n))
+    res = measure_cpu(Case(rows=n, d=64, pairing="cross"), ["eager", "mimac-torch", "inf_cl"])
+    assert res["eager"].status == res["mimac-torch"].status == "ok"
+    assert res["eager"].peak_bytes >= matrix
+    assert res["mimac-torch"].peak_bytes < matrix / 2
     assert res["inf_cl"].status == "skip"
 
 

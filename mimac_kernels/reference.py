@@ -66,13 +66,13 @@ def forward(
             row_lse[:, i0:i1] = torch.logsumexp(s, dim=-1)
         return row_lse, a.new_empty(h, 0)
     row_lse = torch.empty(h, n, dtype=a.dtype, device=a.device)
-    col_parts = []
+    col_lse = torch.full((h, n), float("-inf"), dtype=a.dtype, device=a.device)
     bs = _block(n)
     for i0 in range(0, n, bs):
         s = it * _scores(a[:, i0 : i0 + bs], b, critic, eps)[0]
         row_lse[:, i0 : i0 + bs] = torch.logsumexp(s, dim=-1)
-        col_parts.append(torch.logsumexp(s, dim=-2))  # (H, N) partial over this block
-    col_lse = torch.logsumexp(torch.stack(col_parts, dim=0), dim=0)
+        # Merged block by block: keeping every block's (H, N) partial would cost N^2 / block.
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(s, dim=-2))
     return row_lse, col_lse
 
 

@@ -48,7 +48,9 @@ def fused_contrastive_loss(
         temperature: ``tau > 0``, a float or a 0-dim tensor (may require grad).
         critic, negatives, symmetric: see above.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row values).
-        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``. The
+            log_dot closed form and ``group=`` run plain torch ops whatever it is; an
+            explicit backend that cannot run these inputs still raises.
         eps: clamp for norms (cosine) and dot products (log_dot).
         group: a ``torch.distributed`` process group (or ``dist.group.WORLD``): this
             rank's rows are scored against the all-gathered rows of every rank; the
@@ -76,13 +78,15 @@ def fused_contrastive_loss(
     if squeeze:
         a, b = a.unsqueeze(0), b.unsqueeze(0)
     if critic == "cosine":
-        a, b = F.normalize(a, dim=-1, eps=eps), F.normalize(b, dim=-1, eps=eps)
+        a, b = _normalize(a, eps), _normalize(b, eps)
 
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     pos_dot = (a.to(acc) * b.to(acc)).sum(-1)  # (H, N), linear work
     pos_raw = pos_dot.clamp_min(eps).log() if critic == "log_dot" else pos_dot  # unscaled s_ii
     closed = critic == "log_dot" and _is_unit_temperature(temperature)
     if closed or group is not None:
+        if backend != "auto" and not torch.compiler.is_compiling():
+            dispatch.resolve(backend, a.device, a.dtype)  # an explicit backend must be able to run
         row_loss, col_loss = _losses_without_op(a, b, inv_tau, pos_raw, critic, negatives, eps, group,
                                          closed)
     else:
@@ -145,13 +149,34 @@ def _log_dot_unit_lse(
         total = x.sum(dim=1, keepdim=True)
         return total if group is None else distributed.sum_with_grad(total, group)
 
+    # The critic clamps each term, max(z_i . z_k, eps); the sum of n non-negative
+    # terms clamped at n * eps agrees wherever no term is below eps, and where all are.
+    world = 1 if group is None else torch.distributed.get_world_size(group)
     if negatives == "all":
+        # z_i . s - |z_i|^2 cancels when z_i is nearly orthogonal to the other rows
+        # (sharp probabilities): float64 keeps the digits float32 would lose.
         z = torch.cat([a, b], dim=1)
-        denom = (z * column_sum(z)).sum(-1) - (z * z).sum(-1)
-        return denom.clamp_min(eps).log(), z.new_empty(z.shape[0], 0)
+        z64 = z.to(_wide_dtype(z))
+        denom = (z64 * column_sum(z64)).sum(-1) - (z64 * z64).sum(-1)
+        terms = z.shape[1] * world - 1
+        return denom.clamp_min(terms * eps).log().to(z.dtype), z.new_empty(z.shape[0], 0)
+    terms = a.shape[1] * world
     row = (a * column_sum(b)).sum(-1)
     col = (b * column_sum(a)).sum(-1)
-    return row.clamp_min(eps).log(), col.clamp_min(eps).log()
+    return row.clamp_min(terms * eps).log(), col.clamp_min(terms * eps).log()
+
+
+def _wide_dtype(x: Tensor) -> torch.dtype:
+    """float64 where the device has it (MPS does not), else ``x``'s dtype."""
+    return x.dtype if x.device.type == "mps" else torch.float64
+
+
+def _normalize(x: Tensor, eps: float) -> Tensor:
+    """``x / max(|x|, eps)`` along the last axis, computed in float32 for half inputs
+    (in float16, eps = 1e-12 is 0 and a norm above 65504 is inf), returned in x's dtype."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.normalize(x.float(), dim=-1, eps=eps).to(x.dtype)
+    return F.normalize(x, dim=-1, eps=eps)
 
 
 def _is_unit_temperature(temperature: float | Tensor) -> bool:
@@ -189,9 +214,9 @@ def _inverse_temperature(temperature: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor(1.0 / temperature, dtype=dt, device=like.device)
 
 
-def _check_positive_tensor(t: Tensor) -> None:
+def _check_positive_tensor(t: Tensor, name: str = "temperature") -> None:
     ok = torch.isfinite(t) & (t > 0)
-    msg = "temperature must be finite and > 0"
+    msg = f"{name} must be finite and > 0"
     if torch.compiler.is_compiling() or t.device.type != "cpu":
         torch._assert_async(ok, msg)  # no host sync on accelerators / in graphs
     elif not bool(ok):

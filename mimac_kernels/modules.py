@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor, nn
 
-from mimac_kernels.functional import fused_contrastive_loss
+from mimac_kernels.functional import _check_positive_tensor, fused_contrastive_loss
 
 
 class _AllPairsLoss(nn.Module):
@@ -79,6 +80,7 @@ class ClipLoss(nn.Module):
         logit_scale: float | Tensor,
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
+        _check_logit_scale(logit_scale)
         loss = fused_contrastive_loss(
             image_features, text_features, temperature=1.0 / logit_scale, critic="dot",
             negatives="cross", symmetric=True, backend=self.backend, group=self.group,
@@ -104,3 +106,18 @@ class ProbabilityContrastLoss(_AllPairsLoss):
 
     def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
         return self._loss(p1, p2)
+
+
+def _check_logit_scale(logit_scale: float | Tensor) -> None:
+    """``logit_scale`` (= 1 / tau) must be a finite float > 0 or such a 0-dim float tensor."""
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.dim() != 0 or not logit_scale.is_floating_point():
+            raise ValueError(
+                "logit_scale must be a float or a 0-dim floating-point tensor, got a "
+                f"{logit_scale.dtype} tensor of shape {tuple(logit_scale.shape)}"
+            )
+        _check_positive_tensor(logit_scale, "logit_scale")
+    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a float or a 0-dim tensor, got {type(logit_scale).__name__}")
+    elif not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimac_kernels import ClipLoss, NTXentLoss, ProbabilityContrastLoss, fused_contrastive_loss
+from mimac_kernels import (
+    BackendUnavailable,
+    ClipLoss,
+    NTXentLoss,
+    ProbabilityContrastLoss,
+    fused_contrastive_loss,
+)
 from mimac_kernels.distributed import gather_with_grad
 from mimac_kernels.testing import run_ranks
 
@@ -147,6 +153,14 @@ def _world_one_worker(rank: int, world: int, init_file: str, out_dir: str, pg_ba
                 per_call.append([loss.detach().cpu()] + [g.cpu() for g in grads])
             results[(critic, negatives, tau_value)] = per_call
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if device == "cpu":  # an explicit backend that cannot run is refused here too
+            try:
+                fused_contrastive_loss(a0, b0, backend="cuda", group=dist.group.WORLD)
+                refusal = "no error"
+            except BackendUnavailable as e:
+                refusal = str(e)
+            with open(os.path.join(out_dir, "refusal.txt"), "w") as f:
+                f.write(refusal)
     finally:
         dist.destroy_process_group()
 
@@ -162,3 +176,5 @@ def test_world_of_one_equals_the_plain_call(tmp_path, pg_backend):
     for key, (with_group, plain) in results.items():
         for got, want in zip(with_group, plain):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=str(key))
+    if pg_backend == "gloo":
+        assert "backend 'cuda' cannot run" in (tmp_path / "refusal.txt").read_text()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from mimac_kernels import BackendUnavailable, available_backends, fused_contrastive_loss
+from mimac_kernels import BackendUnavailable, available_backends, dispatch, fused_contrastive_loss
+from mimac_kernels.testing import naive_contrastive_loss
 
 A = torch.randn(4, 3)
 
@@ -47,9 +50,17 @@ def test_device_mismatch_message():
         fused_contrastive_loss(A, meta)
 
 
-def test_explicit_backend_that_cannot_run_says_why():
-    with pytest.raises(BackendUnavailable, match="cuda"):
-        fused_contrastive_loss(A, A, backend="cuda")
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"critic": "log_dot", "temperature": 1.0}],  # the tiled op; the linear closed form
+    ids=["tiled", "closed-form"],
+)
+def test_explicit_backend_that_cannot_run_says_why(kw):
+    if torch.cuda.is_available():
+        pytest.skip("the cuda backend can run here")
+    reason = dispatch.unavailable_reason("cuda", A.device, A.dtype)
+    with pytest.raises(BackendUnavailable, match=re.escape(reason)):
+        fused_contrastive_loss(A.softmax(-1), A.softmax(-1), backend="cuda", **kw)
 
 
 def test_available_backends_lists_torch():
@@ -58,5 +69,24 @@ def test_available_backends_lists_torch():
 
 def test_float64_refused_by_fast_backends_with_reason():
     for name in ("cpu", "cuda", "triton"):
-        with pytest.raises(BackendUnavailable, match=name):
+        reason = dispatch.unavailable_reason(name, A.device, torch.float64)
+        assert reason is not None, name
+        with pytest.raises(BackendUnavailable, match=re.escape(f"backend {name!r} cannot run on cpu/torch.float64: {reason}")):
             fused_contrastive_loss(A.double(), A.double(), backend=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_cosine_normalises_in_float32(dtype):
+    """In float16 eps = 1e-12 is 0 and a norm above 65504 is inf: normalising in the input
+    dtype gave NaN for a zero row and a finite wrong loss (every score 0) for large rows."""
+    g = torch.Generator().manual_seed(0)
+    big = (torch.randn(6, 64, generator=g) * 1e4).to(dtype)  # entries < 65504, norms ~ 80,000
+    other = (torch.randn(6, 64, generator=g) * 1e4).to(dtype)
+    big[2] = 0
+    a, b = big.requires_grad_(), other.requires_grad_()
+    out = fused_contrastive_loss(a, b, temperature=0.5)
+    ref = naive_contrastive_loss(big.detach(), other.detach(), temperature=0.5)  # float64
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-2)
+    ga, gb = torch.autograd.grad(out, (a, b))
+    # The zero row's gradient is ~1/eps by definition (x / max(|x|, eps)); the rest is finite.
+    assert torch.isfinite(ga[[0, 1, 3, 4, 5]]).all() and torch.isfinite(gb).all()

@@ -69,3 +69,16 @@ def test_probability_contrast_matches_formula(shape, temperature):
 def test_modules_reject_bad_temperature(cls, bad):
     with pytest.raises((ValueError, TypeError), match="temperature"):
         cls(temperature=bad)
+
+
+@pytest.mark.parametrize(
+    "bad,exc",
+    [(0.0, ValueError), (-2.0, ValueError), (float("inf"), ValueError), ("14", TypeError),
+     (True, TypeError), (torch.tensor(0.0), ValueError), (torch.tensor(-2.0), ValueError),
+     (torch.tensor([14.0]), ValueError), (torch.tensor(14), ValueError)],
+)
+def test_clip_loss_rejects_bad_logit_scale(bad, exc):
+    x = F.normalize(torch.randn(5, 4), dim=-1)
+    with pytest.raises(exc, match="logit_scale"):
+        ClipLoss()(x, x, bad)
+

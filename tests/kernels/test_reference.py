@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -95,6 +97,42 @@ def test_log_dot_closed_form_exact(negatives, symmetric):
     want = torch.autograd.grad(ref.sum(), (a, b))
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def _sharp_probabilities(n: int, c: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot rows mixed with the uniform at weight alpha; the two views disagree."""
+    eye = torch.eye(c)
+    a = (1 - alpha) * eye[:n] + alpha / c
+    b = (1 - alpha) * eye[n : 2 * n] + alpha / c
+    return a, b
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 1e-5])
+def test_log_dot_closed_form_keeps_float32_digits_on_sharp_rows(alpha):
+    """z_i . sum_k z_k - |z_i|^2 nearly cancels when z_i is orthogonal to the rest; the
+    float32 closed form must still be as accurate as the float32 full-matrix loss."""
+    a, b = _sharp_probabilities(32, 64, alpha)
+    kw = {"critic": "log_dot", "negatives": "all", "reduction": "none"}
+    ref = naive_contrastive_loss(a.double(), b.double(), temperature=1.0, **kw)
+    plain = naive_contrastive_loss(a, b, temperature=1.0, dtype=None, **kw)
+    out = fused_contrastive_loss(a, b, temperature=1.0, **kw)
+    assert out.dtype == torch.float32
+    assert max_abs_err(out, ref) <= error_bound(max_abs_err(plain, ref), torch.float32, ref)
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_log_dot_closed_form_clamps_like_the_tiled_loss(negatives):
+    """Views with disjoint supports: every dot product is 0, each term is clamped at eps,
+    and the loss is log(number of terms), at tau = 1 (closed form) as at any other tau."""
+    n = 4
+    eye = torch.eye(2 * n)
+    a, b = eye[:n], eye[n:]
+    kw = {"critic": "log_dot", "negatives": negatives, "reduction": "none"}
+    closed = fused_contrastive_loss(a, b, temperature=1.0, **kw)
+    tiled = fused_contrastive_loss(a, b, temperature=torch.tensor(1.0, requires_grad=True), **kw)
+    terms = 2 * n - 1 if negatives == "all" else n
+    torch.testing.assert_close(closed, torch.full_like(closed, math.log(terms)))
+    torch.testing.assert_close(tiled.detach(), closed)
 
 
 def test_log_dot_closed_form_is_taken(monkeypatch):

@@ -70,7 +70,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mimac.config import load_config
+    from mimac.config import check_resume_overrides, load_config
     from mimac.train import CONFIG_FILE, train
 
     overrides = []
@@ -87,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg_file = Path(resume) / CONFIG_FILE
         if not cfg_file.is_file():
             raise FileNotFoundError(f"cannot resume {resume!r}: no {CONFIG_FILE} there (is it a run folder?)")
+        check_resume_overrides(overrides)
         cfg = load_config(cfg_file, overrides)
     else:
         cfg = load_config(args.config, overrides)

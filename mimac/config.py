@@ -291,6 +291,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: What a resumed run may change: the checkpoint restores the optimizer (learning
+#: rate, momentum, weight decay) and the random streams, so any other key would be
+#: written to the run's config.yaml without taking effect.
+RESUME_KEYS = ("epochs", "eval_every", "eval_batch_size", "progress", "threads", "device",
+               "kernel_backend", "data.root")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Raise ValueError for an override a resumed run could not honour."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in RESUME_KEYS:
+            raise ValueError(
+                f"a resumed run keeps its config; {key!r} cannot change on resume (the checkpoint "
+                f"restores optimizer and random state). Keys that may: {', '.join(RESUME_KEYS)}")
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` overrides to a nested dict of config values."""
     out = values

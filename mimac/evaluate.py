@@ -65,7 +65,7 @@ def predict_all(
 
 def evaluate_method(
     method: ClusteringMethod, images: Tensor, labels: Tensor, views: ViewMaker, *,
-    batch_size: int, eval_batch_size: int, seed: int,
+    batch_size: int, eval_batch_size: int, seed: int, num_classes: int | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Choose the head without labels, predict, and score against ``labels`` if any.
@@ -73,11 +73,13 @@ def evaluate_method(
     Args:
         images: ``(N, C, H, W)`` uint8 on the method's device.
         labels: ``(N,)`` int64, -1 for unlabelled (ignored by the metrics).
+        num_classes: the dataset's number of classes (else the largest label + 1).
 
     Returns:
         ``head`` (chosen index), ``head_scores``, ``cluster_sizes`` of the chosen
         head, ``pred`` (``(N,)`` numpy, chosen head), and when labelled: ``acc``,
-        ``nmi``, ``ari`` of the chosen head, ``mean_acc``/``mean_nmi``/``mean_ari``
+        ``nmi``, ``ari`` of the chosen head, ``mapping`` (``"hungarian"``, or
+        ``"majority"`` with more clusters than classes), ``mean_acc``/``mean_nmi``/``mean_ari``
         and ``std_*`` over all heads, ``per_head`` lists, ``confusion``
         (classes x clusters), ``n_labelled``.
     """
@@ -102,10 +104,10 @@ def evaluate_method(
     }
     y = labels.cpu().numpy()
     if (y >= 0).any():
-        per_head = [evaluate_clustering(y, p, k) for p in head_pred]
+        per_head = [evaluate_clustering(y, p, k, num_classes=num_classes) for p in head_pred]
         chosen = per_head[head]
         out.update(acc=chosen["acc"], nmi=chosen["nmi"], ari=chosen["ari"],
-                   n_labelled=int(chosen["n_labelled"]))
+                   mapping=chosen["mapping"], n_labelled=int(chosen["n_labelled"]))
         for m in ("acc", "nmi", "ari"):
             vals = np.array([r[m] for r in per_head], dtype=np.float64)
             out[f"mean_{m}"], out[f"std_{m}"] = float(vals.mean()), float(vals.std())

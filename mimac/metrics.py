@@ -41,7 +41,7 @@ def _as_int_array(a: Any, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _prepare(y_true: Any, y_pred: Any, num_clusters: int | None
+def _prepare(y_true: Any, y_pred: Any, num_clusters: int | None, num_classes: int | None = None
              ) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Validate, drop unlabelled samples; return (labels, preds, num_classes, num_clusters)."""
     t = _as_int_array(y_true, "y_true")
@@ -64,7 +64,11 @@ def _prepare(y_true: Any, y_pred: Any, num_clusters: int | None
                          "ground truth")
     t, p = t[keep], p[keep]
     k = num_clusters if num_clusters is not None else int(p.max()) + 1
-    return t, p, int(t.max()) + 1, k
+    if num_classes is None:
+        return t, p, int(t.max()) + 1, k
+    if t.max() >= num_classes:
+        raise ValueError(f"label {t.max()} is out of range [0, {num_classes}) for num_classes={num_classes}")
+    return t, p, num_classes, k
 
 
 def _contingency(t: np.ndarray, p: np.ndarray, num_classes: int, num_clusters: int
@@ -107,7 +111,7 @@ def _accuracy(t: np.ndarray, p: np.ndarray, c: int, k: int, mapping: Mapping
 
 
 def cluster_accuracy(y_true: Any, y_pred: Any, num_clusters: int | None = None, *,
-                     mapping: Mapping = "auto") -> float:
+                     mapping: Mapping = "auto", num_classes: int | None = None) -> float:
     """Clustering accuracy under the best mapping of clusters to classes.
 
     Args:
@@ -116,6 +120,8 @@ def cluster_accuracy(y_true: Any, y_pred: Any, num_clusters: int | None = None, 
         num_clusters: the configured K. Pass it: without it K is inferred as
             ``max(y_pred) + 1``, which is only right when the last cluster is not empty.
         mapping: ``"auto"`` (Hungarian when K <= C, majority when K > C), or force one.
+        num_classes: the dataset's C. Pass it: without it C is inferred as
+            ``max(y_true) + 1``, too small when the labelled rows lack the last class.
 
     Returns:
         accuracy in [0, 1].
@@ -128,12 +134,12 @@ def cluster_accuracy(y_true: Any, y_pred: Any, num_clusters: int | None = None, 
         >>> cluster_accuracy([0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 2, 2], num_clusters=3)
         0.6666666666666666
     """
-    t, p, c, k = _prepare(y_true, y_pred, num_clusters)
+    t, p, c, k = _prepare(y_true, y_pred, num_clusters, num_classes)
     return _accuracy(t, p, c, k, mapping)[0]
 
 
 def evaluate_clustering(y_true: Any, y_pred: Any, num_clusters: int | None = None, *,
-                        mapping: Mapping = "auto") -> dict[str, Any]:
+                        mapping: Mapping = "auto", num_classes: int | None = None) -> dict[str, Any]:
     """ACC, NMI and ARI on the labelled samples.
 
     NMI is scikit-learn's ``normalized_mutual_info_score`` (arithmetic mean normalisation),
@@ -147,7 +153,7 @@ def evaluate_clustering(y_true: Any, y_pred: Any, num_clusters: int | None = Non
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    t, p, c, k = _prepare(y_true, y_pred, num_clusters)
+    t, p, c, k = _prepare(y_true, y_pred, num_clusters, num_classes)
     acc, used = _accuracy(t, p, c, k, mapping)
     return {
         "acc": acc,

@@ -107,6 +107,7 @@ class Setup:
     views: ViewMaker
     autocast: Callable[[], Any]
     dist: DistInfo = mdist.SINGLE
+    num_classes: int | None = None  # the dataset's, for the metrics (None: unlabelled)
 
 
 def load_run_data(cfg: Config) -> Any:
@@ -149,7 +150,14 @@ def build(cfg: Config, info: DistInfo = mdist.SINGLE) -> Setup:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     views = ViewMaker(base, method.view_specs(), side)
     return Setup(cfg, device, ds.images.to(device), ds.labels.cpu(), method, views,
-                 _autocast(cfg, device), info)
+                 _autocast(cfg, device), info, ds.num_classes or None)
+
+
+def _evaluate(s: Setup, batch_size: int) -> dict[str, Any]:
+    """``evaluate_method`` on the run's method and data."""
+    return evaluate_method(s.method, s.images, s.labels, s.views, batch_size=batch_size,
+                           eval_batch_size=s.cfg.eval_batch_size, seed=s.cfg.seed,
+                           num_classes=s.num_classes, autocast=s.autocast)
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -294,9 +302,7 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
                                        "lr": optimizer.param_groups[0]["lr"],
                                        **{f"loss_{k}": v for k, v in means.items()}}
                 if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                    evaluation = evaluate_method(
-                        method, s.images, s.labels, s.views, batch_size=bs,
-                        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, autocast=s.autocast)
+                    evaluation = _evaluate(s, bs)
                     row.update({k: evaluation[k] for k in
                                 ("acc", "nmi", "ari", "mean_acc", "mean_nmi", "mean_ari", "head")
                                 if k in evaluation})
@@ -317,9 +323,7 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
     def finish() -> dict[str, Any]:
         ev = evaluation
         if ev is None:  # resumed a finished run: evaluate the checkpoint
-            ev = evaluate_method(method, s.images, s.labels, s.views, batch_size=bs,
-                                 eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                 autocast=s.autocast)
+            ev = _evaluate(s, bs)
         final = _final_metrics(cfg, s, ev, train_time, runlog.rows)
         final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
         write_outputs(run_dir, final, ev["pred"])
@@ -445,6 +449,8 @@ def format_metrics(m: dict[str, Any]) -> str:
         return f"{m['dataset']}/{m['split']}: unlabelled, metrics skipped ({head}); cluster sizes {m['cluster_sizes']}"
     text = (f"{m['method']} on {m['dataset']} (split {m['split']}, {m.get('n_labelled')} labelled):\n"
             f"  ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}   [{head}]")
+    if m.get("mapping") == "majority":
+        text += "\n  ACC by majority mapping (more clusters than classes), not one-to-one"
     if m["num_heads"] > 1:
         text += (f"\n  mean over {m['num_heads']} heads: ACC {m['mean_acc']:.4f} +- {m['std_acc']:.4f}"
                  f"  NMI {m['mean_nmi']:.4f}  ARI {m['mean_ari']:.4f}")
@@ -472,8 +478,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
     s = build(cfg)
     state, path = load_checkpoint(run_dir, quarantine=False)
     s.method.load_state_dict(state["model"])
-    ev = evaluate_method(s.method, s.images, s.labels, s.views, batch_size=min(cfg.batch_size, len(s.images)),
-                         eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, autocast=s.autocast)
+    ev = _evaluate(s, min(cfg.batch_size, len(s.images)))
     final = _final_metrics(cfg, s, ev, float(state.get("train_time_s", 0.0)), [])
     final["checkpoint"], final["checkpoint_epoch"] = path.name, int(state["epoch"])
     saved = json.loads((run_dir / FINAL_METRICS).read_text()) if (run_dir / FINAL_METRICS).exists() else {}

@@ -42,6 +42,10 @@ def test_compare_three_methods_writes_table_plot_json(tmp_path: Path) -> None:
                         baseline=False, log=logs.append)
     assert sum("reusing" in line for line in logs) == 6
     assert [r["acc"] for r in again["runs"]] == [r["acc"] for r in res["runs"][:6]]
+    # ...but never under another config: the table would show results of other settings.
+    with pytest.raises(ValueError, match="differing keys: data.limit, epochs"):
+        run_compare("digits", [0], ("crlc",), tmp_path, [*TINY, "epochs=2", "data.limit=200"],
+                    baseline=False, log=logs.append)
 
 
 def test_compare_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,3 +90,14 @@ def test_every_config_builds(method: str, dataset: str, channels: int, size: int
     assert cfg.method == method and cfg.data.name == dataset
     k = cfg.model.num_clusters or 10
     assert build_method(cfg, channels, size, k).num_clusters == k
+
+
+def test_table_says_when_acc_used_the_majority_mapping() -> None:
+    runs = [{"method": m, "seed": 0, "acc": 0.5, "nmi": 0.5, "ari": 0.5, "train_time_s": 1.0,
+             "images_per_s": None, "mapping": mapping}
+            for m, mapping in (("crlc", "majority"), ("imc_swav", "hungarian"))]
+    table = format_table("digits", runs, summarise(runs))
+    assert "majority mapping (more clusters than classes), not one-to-one: crlc\n" in table
+    runs[0]["mapping"] = "hungarian"
+    assert "majority" not in format_table("digits", runs, summarise(runs))
+

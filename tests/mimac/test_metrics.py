@@ -66,6 +66,18 @@ def test_fewer_clusters_than_classes():
     assert r["acc"] == pytest.approx(4 / 6) and r["mapping"] == "hungarian"
 
 
+def test_num_classes_from_the_dataset_not_the_labels_seen():
+    # Three clusters, three classes, but the labelled rows hold only classes 0 and 1:
+    # inferred from the labels, C = 2 < K would switch to the lenient majority mapping.
+    y_true, y_pred = [0, 0, 1, 1], [0, 1, 2, 2]
+    assert evaluate_clustering(y_true, y_pred, 3)["mapping"] == "majority"
+    r = evaluate_clustering(y_true, y_pred, 3, num_classes=3)
+    assert r["mapping"] == "hungarian" and r["acc"] == pytest.approx(3 / 4)
+    assert cluster_accuracy(y_true, y_pred, 3, num_classes=3) == pytest.approx(3 / 4)
+    with pytest.raises(ValueError, match="label 1 is out of range"):
+        evaluate_clustering(y_true, y_pred, 3, num_classes=1)
+
+
 def test_more_clusters_than_classes_uses_majority_mapping():
     # Over-clustering: clusters 0 and 1 both hold class 0, clusters 2 and 3 class 1.
     y_true = [0, 0, 0, 1, 1, 1]

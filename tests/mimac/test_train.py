@@ -15,7 +15,7 @@ from mimac.cli import main
 from mimac.config import load_config
 from mimac.models.crlc import CRLC
 from mimac.runlog import read_metrics
-from mimac.train import NonFiniteLossError, lr_factor, train
+from mimac.train import NonFiniteLossError, format_metrics, lr_factor, train
 
 #: A tiny, fast CRLC on digits (a couple of seconds per run on one core).
 TINY = ["model.width=8", "crlc.heads=2", "crlc.hidden_dim=32", "crlc.proj_dim=16", "batch_size=300",
@@ -45,7 +45,7 @@ def test_smoke_run_writes_everything(tmp_path: Path) -> None:
     saved = json.loads((run / "final_metrics.json").read_text())
     assert saved["split"] == "all" and saved["device"] == "cpu" and saved["num_heads"] == 2
     assert 0 <= saved["acc"] <= 1 and 0 <= saved["mean_nmi"] <= 1 and saved["head"] in (0, 1)
-    assert "no labels" in saved["head_selection"]
+    assert "no labels" in saved["head_selection"] and saved["mapping"] == "hungarian"
     assert saved["acc"] == final["acc"] and len(saved["per_head"]["acc"]) == 2
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -154,6 +154,24 @@ def test_cli_eval_recomputes_metrics(tmp_path: Path, capsys) -> None:
     again = json.loads((run / "eval_metrics.json").read_text())
     _same_result(final, again)
     assert main(["eval", str(tmp_path / "nope")]) == 2
+
+
+def test_resume_refuses_keys_it_cannot_honour(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train(_cfg(run, "epochs=1"), log=lambda s: None)
+    saved = (run / "config.yaml").read_text()
+    assert main(["train", f"resume={run}", "optim.lr=0.5"]) == 2
+    assert "'optim.lr' cannot change on resume" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == saved  # nothing recorded that did not happen
+    assert main(["train", f"resume={run}", "epochs=2", "progress=false"]) == 0
+    assert load_checkpoint(run)[0]["epoch"] == 2
+
+
+def test_over_clustering_reports_the_majority_mapping(tmp_path: Path) -> None:
+    final = train(_cfg(tmp_path / "run", "epochs=1", "model.num_clusters=20", "data.limit=300"),
+                  log=lambda s: None)
+    assert final["mapping"] == "majority"
+    assert "majority mapping" in format_metrics(final)
 
 
 def test_lr_schedules() -> None:

@@ -395,6 +395,24 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config key 'crlc.alpha' must be in [0, 1], got {cfg.crlc.alpha}")
     if cfg.optim.weight_decay < 0 or cfg.optim.warmup_epochs < 0:
         raise ValueError("config keys 'optim.weight_decay' and 'optim.warmup_epochs' must be >= 0")
+    if not cfg.optim.gamma > 0:
+        raise ValueError(f"config key 'optim.gamma' must be > 0 (a negative factor reverses the steps), "
+                         f"got {cfg.optim.gamma}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ValueError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    weights = {"crlc.lambda_fc": cfg.crlc.lambda_fc, "crlc.lambda_ent": cfg.crlc.lambda_ent,
+               "crlc.penalty_weight": cfg.crlc.penalty_weight,
+               "imc_swav.entropy_weight": cfg.imc_swav.entropy_weight,
+               "imc_swav.penalty_weight": cfg.imc_swav.penalty_weight}
+    for key, v in weights.items():
+        if not v >= 0:
+            raise ValueError(f"config key {key!r} is a loss weight and must be >= 0, got {v}")
+    # None means "the default"; 0 would silently mean the same through a truthiness test.
+    for key, v in {"crlc.hidden_dim": cfg.crlc.hidden_dim, "imc_swav.hidden_dim": cfg.imc_swav.hidden_dim,
+                   "dec_contrastive.hidden_dim": cfg.dec_contrastive.hidden_dim,
+                   "data.image_size": cfg.data.image_size}.items():
+        if v is not None and v < 1:
+            raise ValueError(f"config key {key!r} must be >= 1 or null (the default), got {v}")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")

@@ -117,7 +117,7 @@ def load_run_data(cfg: Config) -> Any:
     from mimac.data import load_dataset
 
     ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, **(
-        {"image_size": cfg.data.image_size} if cfg.data.image_size else {}))
+        {"image_size": cfg.data.image_size} if cfg.data.image_size is not None else {}))
     limit = cfg.data.limit
     if limit is None or limit >= len(ds):
         return ds

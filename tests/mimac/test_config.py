@@ -68,7 +68,12 @@ def test_wrong_types_rejected(override: str, needle: str) -> None:
 @pytest.mark.parametrize("override,key", [
     ("data.split=validation", "data.split"), ("optim.name=lamb", "optim.name"),
     ("epochs=0", "epochs"), ("batch_size=1", "batch_size"), ("crlc.alpha=2", "crlc.alpha"),
-    ("device=tpu", "device"),
+    ("device=tpu", "device"), ("optim.gamma=-1", "optim.gamma"),
+    ("optim.min_lr_ratio=3", "optim.min_lr_ratio"), ("crlc.lambda_ent=-1", "crlc.lambda_ent"),
+    ("crlc.penalty_weight=-0.01", "crlc.penalty_weight"),
+    ("imc_swav.entropy_weight=-4", "imc_swav.entropy_weight"), ("crlc.hidden_dim=0", "crlc.hidden_dim"),
+    ("dec_contrastive.hidden_dim=0", "dec_contrastive.hidden_dim"),
+    ("data.image_size=0", "data.image_size"),
 ])
 def test_bad_values_rejected(override: str, key: str) -> None:
     with pytest.raises(ValueError, match=f"'{key}'"):

@@ -130,7 +130,12 @@ def _context(config: pytest.Config) -> BenchContext:
         provs = providers(device, interpreted=size == "smoke")
         wanted = config.getoption("--bench-providers")
         if wanted:
-            keep = {w.strip() for w in wanted.split(",")}
+            keep = {w.strip() for w in wanted.split(",") if w.strip()}
+            unknown = sorted(keep - provs.keys())
+            if unknown:  # a typo would otherwise select nothing and pass silently
+                raise pytest.UsageError(
+                    f"--bench-providers: {', '.join(unknown)} not among the providers of this "
+                    f"device and size ({', '.join(provs)})")
             provs = {k: v for k, v in provs.items() if k in keep}
         _CONTEXT = BenchContext(
             device, size, provs, time.monotonic(), config.getoption("--bench-deadline")

@@ -92,6 +92,26 @@ def _entry(provider: str, kind: str, rows: int, median: float | None, peak: int,
     return {"name": f"{provider}-{rows}", "extra_info": info, "stats": stats}
 
 
+def test_tf32_row_is_never_the_reference(tmp_path: Path) -> None:
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [
+        _entry("mimac-triton", "ours", 32768, 0.010, 100 << 20),
+        _entry("mimac-triton-tf32", "ours", 32768, 0.004, 100 << 20),
+    ]}))
+    rows, _ = report.load([path])
+    (best,) = report.fastest_ours(rows).values()
+    assert best.provider == "mimac-triton"
+
+
+def test_unknown_bench_provider_is_refused() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_throughput.py", "--benchmark-disable",
+         "--collect-only", "-q", "--bench-providers=eager,mimac_cpu"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert proc.returncode != 0
+    assert "--bench-providers: mimac_cpu not among the providers" in proc.stdout + proc.stderr
+
+
 def test_report_ratios_oom_and_plots(tmp_path: Path) -> None:
     data = {
         "benchmarks": [

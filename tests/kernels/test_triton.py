@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from mimac_kernels import fused_contrastive_loss, reference
 from mimac_kernels.testing import (
     assert_backend_matches_float64,
+    kernel_case,
+    kernel_level_errors,
     loss_and_grads,
     make_views,
     max_abs_err,
@@ -93,7 +95,15 @@ def test_float_temperature_and_wide_features(negatives: str, dtype: torch.dtype)
 
 @pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
 def test_underflowing_shift_falls_back_to_running_max(negatives: str, symmetric: bool) -> None:
-    """cosine at tau = 0.01 on unrelated rows: exp(S - 1/tau) underflows float32."""
+    """cosine at tau = 0.01: exp(S - 1/tau) underflows float32's normal range.
+
+    Unrelated random rows land between the fallback's trigger (2^-60) and float32's
+    smallest normal; orthogonal rows (S = 0, e^-100 < ~e^-87) lose their digits
+    without the fallback. The orthogonal case leaves the temperature fixed: its
+    tau-gradient is ~2e-5, while each row whose positive takes P ~ 1 adds
+    g * (s_pos of the tile - s_pos of the row dot) / tau^2: float32's rounding of
+    one dot product computed two ways (~1e-7) times 1e4. Every backend shares it
+    (measured 7.7e-5 off on torch, cpu and triton; eager float32: 8e-6)."""
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(40, 16, generator=gen)
     b = torch.randn(40, 16, generator=gen)
@@ -101,6 +111,13 @@ def test_underflowing_shift_falls_back_to_running_max(negatives: str, symmetric:
     assert_close_to_float64(
         a.to(DEVICE), b.to(DEVICE), torch.float32, tau=0.01, negatives=negatives,
         symmetric=symmetric,
+    )  # fmt: skip
+    q = torch.linalg.qr(torch.randn(128, 128, generator=gen))[0]
+    a, b = q[:40].clone(), q[40:80].clone()  # every pair orthogonal
+    b[:5] = a[:5]
+    assert_close_to_float64(
+        a.to(DEVICE), b.to(DEVICE), torch.float32, tau=0.01, learnable=False,
+        negatives=negatives, symmetric=symmetric,
     )  # fmt: skip
 
 
@@ -147,6 +164,19 @@ def test_kernel_level_matches_reference(critic: str, negatives: str) -> None:
     torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gt, rt, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("critic", ["cosine", "dot", "log_dot"])
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_kernel_level_half_inputs(dtype: torch.dtype, critic: str, negatives: str) -> None:
+    """Half inputs against float64 on the same rounded values: far tighter than the
+    end-to-end rule (2x plain PyTorch in that dtype), which bf16's own error makes loose.
+    bf16 gradients get 1e-2 of their largest entry: the backward's second product takes
+    the weights in bf16 (8 significant bits; measured 0.2-0.5 %). float16 keeps 2e-3."""
+    case = kernel_case((2, 45, 20), critic, negatives, dtype, DEVICE)
+    grad_rtol = 1e-2 if dtype == torch.bfloat16 else None
+    assert kernel_level_errors(triton_backend, case, grad_rtol=grad_rtol) == []
 
 
 @pytest.mark.parametrize("critic", ["cosine", "dot", "log_dot"])

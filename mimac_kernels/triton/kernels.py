@@ -372,6 +372,8 @@ def bwd_rows_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
         )  # fmt: skip
         sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+        # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
+        # row's lse at tiny tau); every use below selects with `valid`, which drops it.
         w_r = g_r[:, None] * _exp(sc - lse_r[:, None])
         w = w_r + g_c[None, :] * _exp(sc - lse_c[None, :])
         valid = _valid(rows, rmask, cols, cmask, ALL)

@@ -41,7 +41,7 @@ _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL/torchvision greyscale
 
 # Per-channel (mean, std) of the training images in [0, 1], for optional normalisation.
 DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "digits": ((0.305,), (0.385,)),
+    "digits": ((0.305,), (0.376,)),
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -253,48 +253,92 @@ def _image_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _is_grey(mode: str) -> bool:
+    return mode in {"L", "1", "LA", "I"} or mode.startswith("I;16")
+
+
+def _to_uint8(im):
+    """8-bit image of any PIL mode; 16-bit greyscale is scaled (>> 8), not clipped at 255.
+
+    Mode ``"I"`` (32-bit) holds 16-bit PNGs in older Pillow versions: values above 255
+    are read as 16-bit data, values up to 255 as 8-bit data.
+    """
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        arr = np.asarray(im).astype(np.int64)
+        if im.mode != "I" or arr.max(initial=0) > 255:
+            arr = np.clip(arr, 0, 65535) >> 8
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    return im
+
+
 def _read_image(path: Path, mode: str, image_size: int | None):
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert(mode)
-        if image_size is not None and im.size != (image_size, image_size):
-            # Shorter side to image_size, then a centre crop: keeps the aspect ratio.
-            w, h = im.size
-            s = image_size / min(w, h)
-            nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - image_size) // 2, (nh - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-        arr = np.asarray(im, dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = _to_uint8(im).convert(mode)
+            if image_size is not None and im.size != (image_size, image_size):
+                # Shorter side to image_size, then a centre crop: keeps the aspect ratio.
+                w, h = im.size
+                s = image_size / min(w, h)
+                nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+                left, top = (nw - image_size) // 2, (nh - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except OSError as err:  # e.g. a truncated file: its header read fine, its pixels do not
+        raise ValueError(f"folder: cannot read image {path} ({err})") from err
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+_FOLDER_LAYOUT = (
+    "expected <root>/<class_name>/*.png|jpg (labelled, classes in sorted folder order) or "
+    "<root>/*.png|jpg (unlabelled); or the same under <root>/train and <root>/test, which "
+    "split='train'/'test' pick and split='all' merges"
+)
+
+
+def _folder_files(d: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Image files of one folder with their labels (-1: unlabelled), and the class names."""
+    if not d.is_dir():
+        raise FileNotFoundError(f"folder: {d} is not a directory; {_FOLDER_LAYOUT}")
+    class_dirs = sorted(p for p in d.iterdir() if p.is_dir() and _image_files(p))
+    flat = _image_files(d)
+    if class_dirs and flat:
+        raise ValueError(f"folder: {d} holds both images and class folders "
+                         f"({flat[0].name}, {class_dirs[0].name}/); {_FOLDER_LAYOUT}")
+    if class_dirs:
+        files = [(f, k) for k, c in enumerate(class_dirs) for f in _image_files(c)]
+    else:
+        files = [(f, -1) for f in flat]
+    if not files:
+        raise FileNotFoundError(f"folder: no images under {d}; {_FOLDER_LAYOUT}")
+    return files, [c.name for c in class_dirs]
 
 
 def _load_folder(root: Path | None, split: str, image_size: int | None) -> ImageDataset:
     from PIL import Image
 
     _check_split("folder", split)
-    layout = ("expected <root>/<class_name>/*.png|jpg (labelled, classes in sorted folder "
-              "order) or <root>/*.png|jpg (unlabelled); for split='train'/'test' the same "
-              "under <root>/train and <root>/test")
     if root is None:
-        raise ValueError(f"folder: pass root=<your image folder>; {layout}")
-    d = root if split == "all" else root / split
-    if not d.is_dir():
-        raise FileNotFoundError(f"folder: {d} is not a directory; {layout}")
-    class_dirs = sorted(p for p in d.iterdir() if p.is_dir() and _image_files(p))
-    flat = _image_files(d)
-    if class_dirs and flat:
-        raise ValueError(f"folder: {d} holds both images and class folders "
-                         f"({flat[0].name}, {class_dirs[0].name}/); {layout}")
-    if class_dirs:
-        files = [(f, k) for k, c in enumerate(class_dirs) for f in _image_files(c)]
-        num_classes = len(class_dirs)
-    else:
-        files = [(f, -1) for f in flat]
-        num_classes = 0
-    if not files:
-        raise FileNotFoundError(f"folder: no images under {d}; {layout}")
+        raise ValueError(f"folder: pass root=<your image folder>; {_FOLDER_LAYOUT}")
+    parts = [root / p for p in ("train", "test") if (root / p).is_dir()]
+    if split != "all":
+        parts = [root / split]
+    elif not parts:
+        parts = [root]
+    files: list[tuple[Path, int]] = []
+    names: list[str] | None = None
+    for d in parts:
+        part_files, part_names = _folder_files(d)
+        if names is not None and part_names != names:
+            raise ValueError(f"folder: {parts[0]} and {d} hold different classes "
+                             f"({names} vs {part_names}); split='all' merges them")
+        names = part_names
+        files += part_files
+    d = parts[0] if len(parts) == 1 else root
     # First pass reads headers only (lazy open): pick one mode and check the sizes agree.
     modes, sizes = set(), set()
     for f, _ in files:
@@ -304,14 +348,14 @@ def _load_folder(root: Path | None, split: str, image_size: int | None) -> Image
                 sizes.add(im.size)
         except OSError as err:
             raise ValueError(f"folder: cannot read image {f} ({err})") from err
-    mode = "L" if modes <= {"L", "1", "LA", "I", "I;16"} else "RGB"
+    mode = "L" if all(_is_grey(m) for m in modes) else "RGB"
     if image_size is None and len(sizes) > 1:
         raise ValueError(f"folder: images under {d} have different sizes "
                          f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:3])}...); pass "
                          f"image_size=<side> to resize them")
     images = np.stack([_read_image(f, mode, image_size) for f, _ in files]).transpose(0, 3, 1, 2)
     labels = np.array([k for _, k in files], dtype=np.int64)
-    return _make(images, labels, num_classes, "folder", split)
+    return _make(images, labels, len(names or []), "folder", split)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def _read_maybe_gzip(path: Path) -> bytes:
     if raw[:2] == _GZIP_MAGIC:
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise ValueError(f"{path}: corrupt gzip stream ({err})") from err
     return raw
 
@@ -131,8 +132,11 @@ def read_cifar_pickle(path: str | os.PathLike, label_key: bytes) -> tuple[np.nda
         with open(path, "rb") as f:
             # encoding="bytes": the official files were written by Python 2 (byte-string keys).
             obj = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: not a CIFAR python pickle ({err})") from err
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- a corrupt pickle can raise nearly anything
+        # (MemoryError for a huge declared length, OverflowError, IndexError, LookupError...)
+        raise ValueError(f"{path}: not a CIFAR python pickle ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict):
         raise ValueError(  # noqa: TRY004 -- a bad file, not a bad argument
             f"{path}: expected a pickled dict, got {type(obj).__name__}"

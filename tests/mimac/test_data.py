@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mimac.data import DATASETS, ImageDataset, load_dataset
-from mimac.data.formats import read_idx
+from mimac.data.formats import read_cifar_pickle, read_idx
 
 RNG = np.random.default_rng(0)
 
@@ -128,6 +130,12 @@ def test_idx_errors(tmp_path):
     img.write_bytes(b"\x08\x03\x00\x00" + bytes(100))  # bad magic
     with pytest.raises(ValueError, match="magic"):
         read_idx(img)
+    # A damaged deflate stream raises zlib.error, not OSError: still a ValueError naming the file.
+    packed = bytearray(gzip.compress(bytes(range(256)) * 40))
+    packed[40:48] = b"\xff" * 8
+    img.write_bytes(bytes(packed))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: corrupt gzip"):
+        read_idx(img)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
         load_dataset("mnist", tmp_path, "test")
@@ -195,6 +203,11 @@ def test_cifar_errors(tmp_path):
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="3072"):
         load_dataset("cifar10", tmp_path)
+    # A corrupt length field makes the unpickler ask for 2^62 bytes: MemoryError, reported
+    # as a bad file like every other corruption.
+    (d / "test_batch").write_bytes(b"\x8e" + (2**62).to_bytes(8, "little"))
+    with pytest.raises(ValueError, match="test_batch: not a CIFAR python pickle"):
+        read_cifar_pickle(d / "test_batch", b"labels")
 
 
 class _Evil:
@@ -292,6 +305,34 @@ def test_folder_splits_and_errors(tmp_path):
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read"):
         load_dataset("folder", tmp_path / "bad")
+    buf = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    (tmp_path / "bad" / "x.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match=r"cannot read image .*x\.png"):  # header fine, pixels cut
+        load_dataset("folder", tmp_path / "bad")
+
+
+def test_folder_all_merges_train_and_test(tmp_path):
+    for part, n in (("train", 2), ("test", 1)):
+        for c in ("cat", "dog"):
+            for i in range(n):
+                write_png(tmp_path / "lab" / part / c / f"{i}.png", np.zeros((4, 4, 3), np.uint8))
+            write_png(tmp_path / "flat" / part / f"{c}.png", np.zeros((4, 4, 3), np.uint8))
+    ds = load_dataset("folder", tmp_path / "lab")
+    assert len(ds) == 6 and ds.num_classes == 2 and ds.labels.tolist() == [0, 0, 1, 1, 0, 1]
+    flat = load_dataset("folder", tmp_path / "flat")  # train/ and test/ are splits, not classes
+    assert len(flat) == 4 and flat.num_classes == 0 and flat.labels.tolist() == [-1] * 4
+    write_png(tmp_path / "lab" / "test" / "emu" / "0.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="different classes"):
+        load_dataset("folder", tmp_path / "lab")
+
+
+def test_folder_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    a16 = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)  # 0 .. 63,000
+    Image.fromarray(a16).save(tmp_path / "g.png")
+    ds = load_dataset("folder", tmp_path)
+    assert ds.image_shape == (1, 8, 8)
+    np.testing.assert_array_equal(ds.images[0, 0].numpy(), a16 >> 8)
 
 
 # ---------------------------------------------------------------- names and splits

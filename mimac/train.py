@@ -290,7 +290,10 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
         for epoch in range(start + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             if epoch == method.prepare_epoch() + 1:  # once; a resumed run past it has its result
-                if info.is_main:  # on the whole data, then handed to every rank
+                # On the whole data by rank 0, then handed to every rank. Synchronised batch
+                # norms in train mode gather statistics from every rank on each forward, so
+                # then all ranks run it (on identical batches: the same result).
+                if info.is_main or (info.distributed and cfg.sync_batchnorm):
                     method.prepare(s.views.clean(s.images[sl].float().div_(255.0))
                                    for sl in (slice(i, i + bs) for i in range(0, n, bs)))
                 mdist.broadcast_module(method, info)

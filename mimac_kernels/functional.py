@@ -53,11 +53,14 @@ def fused_contrastive_loss(
             explicit backend that cannot run these inputs still raises.
         eps: clamp for norms (cosine) and dot products (log_dot).
         group: a ``torch.distributed`` process group (or ``dist.group.WORLD``): this
-            rank's rows are scored against the all-gathered rows of every rank; the
-            value is the mean over this rank's rows, so the ranks' mean is the
-            single-process loss, and input gradients are ``world_size x`` the
-            single-process ones (what DDP's averaging expects). Every rank must
-            pass the same N. See ``mimac_kernels.distributed``.
+            rank's rows are scored against the all-gathered rows of every rank. With
+            ``reduction="mean"`` the value is the mean over this rank's rows, so the
+            ranks' mean is the single-process loss, and input gradients are
+            ``world_size x`` the single-process ones (what DDP's averaging expects).
+            With ``"sum"`` the ranks' values add up to the single-process sum and the
+            gradients equal its gradients (DDP's averaging then divides them by
+            ``world_size``); ``"none"`` gives this rank's rows. Every rank must pass the
+            same N, H, D and dtype. See ``mimac_kernels.distributed``.
 
     Shape:
         a, b: ``(N, D)`` or ``(H, N, D)`` (H independent heads).
@@ -127,7 +130,7 @@ def _losses_without_op(
     if not closed:
         return distributed.distributed_losses(a, b, inv_tau, pos_raw, critic, negatives, eps, group)
     if group is not None:
-        distributed.check_equal_sizes(a.shape[1], a.device, group)
+        distributed.check_equal_sizes(a, group)
     a, b = a.to(pos_raw.dtype), b.to(pos_raw.dtype)
     row_lse, col_lse = _log_dot_unit_lse(a, b, negatives, eps, group)
     pos = inv_tau * pos_raw

@@ -81,6 +81,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results["unequal"] = "no error"
         except ValueError as exc:
             results["unequal"] = str(exc)
+        try:  # so are unequal widths (the all-gather itself would abort the process)
+            fused_contrastive_loss(torch.randn(N_LOCAL, D + rank), torch.randn(N_LOCAL, D + rank),
+                                   group=dist.group.WORLD)
+            results["unequal_d"] = "no error"
+        except ValueError as exc:
+            results["unequal_d"] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -123,6 +129,7 @@ def test_matches_single_process(world, tmp_path):
         want = world * up[:, rank * N_LOCAL : (rank + 1) * N_LOCAL]
         torch.testing.assert_close(grad, want)
         assert "same batch size" in r["unequal"]
+        assert f"H=1, D={D + world - 1}, torch.float32" in r["unequal_d"]
 
 
 def test_group_without_init_is_refused():

@@ -174,8 +174,13 @@ def cuda_arch_tag() -> str:
 
 
 def build_directory(spec: ExtensionSpec) -> Path:
-    """Cache folder of this spec for this Python, torch, CUDA and target."""
+    """Cache folder of this spec for this Python, torch, CUDA, target and source checkout.
+
+    The checkout's location is part of the key because ninja's build file names the
+    sources by absolute path: two checkouts sharing a folder would rebuild each other.
+    """
     target = cuda_arch_tag() if spec.kind == "cuda" else platform.machine()
+    where = hashlib.sha256(str(spec.source_dir.resolve()).encode()).hexdigest()[:8]
     key = "-".join(
         (
             spec.name,
@@ -184,15 +189,24 @@ def build_directory(spec: ExtensionSpec) -> Path:
             "cu" + (torch.version.cuda or "none"),
             target,
             source_hash(spec),
+            "at" + where,
         )
     )
     return cache_root() / key.replace("+", "_").replace("/", "_")
 
 
+def module_name(spec: ExtensionSpec) -> str:
+    """The extension's module name, unique per cache folder: torch renames a module
+    built again in one process from other sources (``name_v1``), which a later process
+    would not find under the plain name."""
+    digest = hashlib.sha256(build_directory(spec).name.encode()).hexdigest()[:12]
+    return f"{spec.name}_{digest}"
+
+
 def library_path(spec: ExtensionSpec) -> Path:
     """The shared library the build produces."""
     suffix = ".pyd" if sys.platform == "win32" else ".so"
-    return build_directory(spec) / f"{spec.name}{suffix}"
+    return build_directory(spec) / f"{module_name(spec)}{suffix}"
 
 
 def _nvcc() -> str | None:
@@ -316,23 +330,25 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
         raise ExtensionUnavailable(why)
     lib = library_path(spec)
     if os.environ.get(ENV_NO_BUILD, "") not in ("", "0"):
-        if lib.is_file():
-            return _import_library(spec.name, lib)
-        raise ExtensionUnavailable(
-            f"{ENV_NO_BUILD}=1 is set and no prebuilt {spec.kind} extension is in {lib.parent} "
-            "(run `python -m mimac_kernels.build` where building is allowed)"
-        )
+        return _load_prebuilt(spec, lib)
     from torch.utils import cpp_extension
 
     _ensure_ninja()
     if spec.kind == "cuda":
         # torch joins every CUDA path onto this module global; point it at a root with headers.
         cpp_extension.CUDA_HOME = cuda_home()
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(lib.parent):
+    with contextlib.ExitStack() as stack:
+        try:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_build_lock(lib.parent))
+        except OSError as exc:  # a read-only or missing cache location
+            raise ExtensionUnavailable(
+                f"cannot use the build cache {lib.parent} ({exc}); set {ENV_CACHE} to a "
+                "writable folder"
+            ) from exc
         try:
             return cpp_extension.load(
-                name=spec.name,
+                name=module_name(spec),
                 sources=[str(s) for s in spec.sources],
                 extra_cflags=list(spec.cflags),
                 extra_cuda_cflags=list(spec.cuda_cflags) or None,
@@ -346,6 +362,28 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
             raise ExtensionUnavailable(
                 f"building the {spec.kind} extension failed: {_summarise(str(exc))} "
                 "(run `python -m mimac_kernels.build --verbose` for the full compiler output)"
+            ) from exc
+
+
+def _load_prebuilt(spec: ExtensionSpec, lib: Path) -> ModuleType:
+    """Import a library built earlier (``MIMAC_KERNELS_NO_BUILD=1``), waiting for a build
+    of it that is still running; a missing or unloadable file is a reason, not a crash."""
+    if not lib.is_file():
+        raise ExtensionUnavailable(
+            f"{ENV_NO_BUILD}=1 is set and no prebuilt {spec.kind} extension is in {lib.parent} "
+            "(run `python -m mimac_kernels.build` where building is allowed)"
+        )
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_build_lock(lib.parent))
+        except OSError:  # a read-only shared cache: no build can be writing to it
+            pass
+        try:
+            return _import_library(module_name(spec), lib)
+        except (ImportError, OSError) as exc:
+            raise ExtensionUnavailable(
+                f"the prebuilt {spec.kind} extension {lib} does not load ({exc}); rebuild it "
+                "with `python -m mimac_kernels.build`"
             ) from exc
 
 
@@ -407,7 +445,12 @@ def load(kind: str) -> ModuleType:
 def _try_build(kind: str) -> ModuleType | str:
     spec = spec_for(kind)
     try:
-        module = build(spec)
+        try:
+            module = build(spec)
+        except ExtensionUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- importing mimac_kernels never fails on a build
+            raise ExtensionUnavailable(f"loading the {kind} extension failed: {exc!r}") from exc
     except ExtensionUnavailable as exc:
         reason = str(exc)
         if exc.__cause__ is not None:  # a real failure, not "nothing to build for"

@@ -285,8 +285,9 @@ double run_schedule(const Schedule& sched, Fn fn) {
   return tau;
 }
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau) {
+void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau, int64_t critic) {
   TORCH_CHECK(a.dim() == 3 && a.sizes() == b.sizes(), "a and b must be (H, N, D) of one shape");
+  TORCH_CHECK(critic >= 0 && critic <= 2, "unknown critic id ", critic);
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && inv_tau.device().is_cpu(),
               "the cpu backend takes CPU tensors");
   for (const auto& t : {a, b})
@@ -321,7 +322,7 @@ float read_inv_tau(const at::Tensor& inv_tau) { return inv_tau.to(at::kFloat).it
 
 std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau,
                                 int64_t critic, bool all, double eps) {
-  check_inputs(a, b, inv_tau);
+  check_inputs(a, b, inv_tau, critic);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   const float it = read_inv_tau(inv_tau);
   const auto af = a.to(at::kFloat), bf = b.to(at::kFloat);
@@ -359,8 +360,16 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
                                  const at::Tensor& col_lse, const at::Tensor& g_row,
                                  const at::Tensor& g_col, const at::Tensor& row_center,
                                  const at::Tensor& col_center) {
-  check_inputs(a, b, inv_tau);
+  check_inputs(a, b, inv_tau, critic);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
+  // The statistics are read per head at fixed offsets: a wrong shape would read past them.
+  const int64_t rows = all ? 2 * n : n, cols = all ? 0 : n;
+  for (const auto* v : {&row_lse, &g_row, &row_center})
+    TORCH_CHECK(v->dim() == 2 && v->size(0) == h && v->size(1) == rows,
+                "row statistics must be (H, ", rows, "), got ", v->sizes());
+  for (const auto* v : {&col_lse, &g_col, &col_center})
+    TORCH_CHECK(v->dim() == 2 && v->size(0) == h && v->size(1) == cols,
+                "column statistics must be (H, ", cols, "), got ", v->sizes());
   const float it = read_inv_tau(inv_tau);
   const auto af = a.to(at::kFloat), bf = b.to(at::kFloat);
   const Operand xo = make_operand(all ? at::cat({af, bf}, 1) : af, /*columns=*/all);

@@ -77,7 +77,8 @@ static inline vf vexp(vf x) {
   return sel(under, vf{}, y * scale);
 }
 
-// log(x) for x > 0 in float32, ~1 ulp (Cephes). NaN stays NaN.
+// log(x) for x > 0 in float32, ~1 ulp (Cephes). NaN and +inf come back as themselves
+// (the bit decoding would turn +inf into log(2^128)).
 static inline vf vlog(vf x) {
   const vf one = splat(1.0f);
   vi bits = (vi)x;
@@ -100,7 +101,7 @@ static inline vf vlog(vf x) {
   y = y + ef * -2.12194440e-4f;
   y = y - 0.5f * z;
   vf r = m + y + ef * 0.693359375f;
-  return sel(x != x, x, r);
+  return sel((x != x) | (x == splat(__builtin_inff())), x, r);
 }
 
 // ---------------------------------------------------------------------------

@@ -137,6 +137,31 @@ def test_nan_propagates(critic, negatives):
     assert torch.isnan(a_.grad).any() and torch.isnan(b_.grad).any()
 
 
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_inf_probability_is_not_hidden(negatives):
+    """log(+inf) must stay inf: the vector log once turned it into log(2^128), a finite loss.
+    Which non-finite value (inf or NaN) a row gets may differ from torch's logsumexp."""
+    a, b = make_views((6, 8), "log_dot")
+    a[2, 3] = float("inf")
+    kw = {"temperature": 0.5, "critic": "log_dot", "negatives": negatives, "reduction": "none"}
+    a_ = a.clone().requires_grad_()
+    out = mimac_kernels.fused_contrastive_loss(a_, b, backend="cpu", **kw)
+    ref = mimac_kernels.fused_contrastive_loss(a, b, backend="torch", **kw)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref)) and not torch.isfinite(ref).any()
+    out.sum().backward()
+    assert not torch.isfinite(a_.grad).all()
+
+
+def test_backward_refuses_statistics_of_the_wrong_shape():
+    a, b, inv_tau, g_row, g_col, c_row, c_col = _kernel_inputs("dot", "all", h=4)
+    row_lse, col_lse = cpu_backend.forward(a, b, inv_tau, "dot", "all", 1e-12)
+    args = (a, b, inv_tau, "dot", "all", 1e-12)
+    with pytest.raises(RuntimeError, match="row statistics must be"):  # one head for four
+        cpu_backend.backward(*args, row_lse[:1], col_lse, g_row[:1], g_col, c_row[:1], c_col)
+    with pytest.raises(RuntimeError, match="column statistics must be"):
+        cpu_backend.backward(*args, row_lse, col_lse, g_row, torch.zeros(4, 3), c_row, c_col)
+
+
 # --- kernel level ---------------------------------------------------------------------
 
 
@@ -362,10 +387,31 @@ def test_cache_key(tmp_path, monkeypatch):
     shutil.copytree(spec.source_dir, copy / "cpu")
     spec2 = extension.cpu_spec(csrc=copy)
     assert extension.source_hash(spec2) == extension.source_hash(spec)
+    # Same sources, another checkout: another folder (ninja's build file names sources by
+    # absolute path, so a shared folder would rebuild at every switch) and module name.
+    assert extension.build_directory(spec2) != d1
+    assert extension.module_name(spec2) != extension.module_name(spec)
+    assert extension.library_path(spec).name.startswith(extension.module_name(spec) + ".")
     (copy / "cpu" / "tile_impl.h").write_text(
         (copy / "cpu" / "tile_impl.h").read_text() + "\n// x\n"
     )
     assert extension.source_hash(spec2) != extension.source_hash(spec)
+
+
+def test_unusable_cache_is_a_reason(tmp_path, monkeypatch):
+    """A cache that cannot be created (read-only home, a file in the way) or a prebuilt
+    library that does not load: a reason to fall back, never an exception at the call."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "file" / "cache"))
+    with pytest.raises(extension.ExtensionUnavailable, match="cannot use the build cache"):
+        extension.build(extension.cpu_spec())
+    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(extension.ENV_NO_BUILD, "1")
+    lib = extension.library_path(extension.cpu_spec())
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"not a shared library")
+    with pytest.raises(extension.ExtensionUnavailable, match="does not load"):
+        extension.build(extension.cpu_spec())
 
 
 def test_cuda_home_from_nvcc_when_torch_guesses_wrong(tmp_path, monkeypatch):

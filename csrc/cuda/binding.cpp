@@ -50,7 +50,11 @@ void check_launch(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "mimac_kernels cuda ", what, " failed: ", cudaGetErrorString(e));
 }
 
-at::Tensor stat(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// A per-row statistic as dense float32; on another device the kernels would read host memory.
+at::Tensor stat(const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), "the statistics must be on ", like.device(), ", got ", t.device());
+  return t.to(at::kFloat).contiguous();
+}
 
 }  // namespace
 
@@ -59,7 +63,7 @@ std::vector<at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in, 
   check_inputs(a_in, b_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
-  const auto it = stat(inv_tau);
+  const auto it = stat(inv_tau, a);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   const auto opts = a.options().dtype(at::kFloat);
   auto row = at::empty({h, all ? 2 * n : n}, opts);
@@ -79,17 +83,17 @@ std::vector<at::Tensor> backward(const at::Tensor& a_in, const at::Tensor& b_in,
   check_inputs(a_in, b_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
-  const auto it = stat(inv_tau);
+  const auto it = stat(inv_tau, a);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   const int64_t rows = all ? 2 * n : n;
-  const auto lr = stat(row_lse), gr = stat(g_row), cr = stat(row_center);
+  const auto lr = stat(row_lse, a), gr = stat(g_row, a), cr = stat(row_center, a);
   TORCH_CHECK(lr.numel() == h * rows && gr.numel() == h * rows && cr.numel() == h * rows,
               "row_lse/g_row/row_center must be (H, ", rows, ")");
   at::Tensor lc, gc, cc;
   if (!all) {
-    lc = stat(col_lse);
-    gc = stat(g_col);
-    cc = stat(col_center);
+    lc = stat(col_lse, a);
+    gc = stat(g_col, a);
+    cc = stat(col_center, a);
     TORCH_CHECK(lc.numel() == h * n && gc.numel() == h * n && cc.numel() == h * n,
                 "col_lse/g_col/col_center must be (H, N)");
   }

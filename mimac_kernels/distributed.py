@@ -103,24 +103,23 @@ class _RectLoss(torch.autograd.Function):
         return gx.to(x.dtype), gy.to(y.dtype), gt.to(inv_tau.dtype), g_pos, None, None, None
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_equal_sizes(x: Tensor, group) -> None:
+def check_equal_inputs(x: Tensor, group) -> None:
     """Refuse per-rank inputs of different shapes or dtypes, on every rank alike.
 
     Unequal N: the mean of rank means would not be the global mean. Unequal H, D or
     dtype: the all-gather itself would fail (gloo aborts the process, NCCL may hang).
-    ``x``: this rank's ``(H, N, D)`` rows.
+    ``x``: this rank's ``(H, N, D)`` rows, of a dtype ``fused_contrastive_loss`` checked.
     """
+    from mimac_kernels.functional import DTYPES  # functional imports this module
+
     world = dist.get_world_size(group)
-    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1
+    code = DTYPES.index(x.dtype)
     mine = torch.tensor([*x.shape, code], dtype=torch.int64, device=x.device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     got = [tuple(int(v) for v in t) for t in every]
     if len({(h, d, c) for h, _, d, c in got}) != 1:
-        shown = [f"H={h}, D={d}, {_DTYPES[c] if c >= 0 else 'other'}" for h, _, d, c in got]
+        shown = [f"H={h}, D={d}, {DTYPES[c]}" for h, _, d, c in got]
         raise ValueError(
             f"with group=, every rank must pass the same heads H, features D and dtype; "
             f"got per rank: {shown}"
@@ -151,7 +150,7 @@ def distributed_losses(
         ``[a_all; b_all]``), ``(H, N)`` and ``(H, N)`` for ``cross`` (``a`` against
         ``b_all``, ``b`` against ``a_all``).
     """
-    check_equal_sizes(a, group)
+    check_equal_inputs(a, group)
     n = a.shape[1]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)

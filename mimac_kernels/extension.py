@@ -445,16 +445,13 @@ def load(kind: str) -> ModuleType:
 def _try_build(kind: str) -> ModuleType | str:
     spec = spec_for(kind)
     try:
-        try:
-            module = build(spec)
-        except ExtensionUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- importing mimac_kernels never fails on a build
-            raise ExtensionUnavailable(f"loading the {kind} extension failed: {exc!r}") from exc
-    except ExtensionUnavailable as exc:
-        reason = str(exc)
-        if exc.__cause__ is not None:  # a real failure, not "nothing to build for"
-            full = str(exc.__cause__)
+        module = build(spec)
+    except Exception as exc:  # noqa: BLE001 -- a build problem is a reason, never a crash
+        expected = isinstance(exc, ExtensionUnavailable)
+        reason = str(exc) if expected else f"loading the {kind} extension failed: {exc!r}"
+        cause = exc.__cause__ if expected else exc
+        if cause is not None:  # a real failure, not "nothing to build for"
+            full = str(cause)
             warnings.warn(
                 f"mimac_kernels: the {kind} backend is unavailable: {reason}\n"
                 f"compiler output (tail):\n{full[-4000:]}",

@@ -130,7 +130,7 @@ def _losses_without_op(
     if not closed:
         return distributed.distributed_losses(a, b, inv_tau, pos_raw, critic, negatives, eps, group)
     if group is not None:
-        distributed.check_equal_sizes(a, group)
+        distributed.check_equal_inputs(a, group)
     a, b = a.to(pos_raw.dtype), b.to(pos_raw.dtype)
     row_lse, col_lse = _log_dot_unit_lse(a, b, negatives, eps, group)
     pos = inv_tau * pos_raw
@@ -208,13 +208,18 @@ def _inverse_temperature(temperature: float | Tensor, like: Tensor) -> Tensor:
             )
         _check_positive_tensor(temperature)
         return 1.0 / temperature.to(dt)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(
-            f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}"
-        )
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return torch.tensor(1.0 / temperature, dtype=dt, device=like.device)
+    value = check_positive_number(temperature, "temperature", "a float or a 0-dim tensor")
+    return torch.tensor(1.0 / value, dtype=dt, device=like.device)
+
+
+def check_positive_number(value: object, name: str, accepted: str = "a float") -> float:
+    """``value`` as a float if it is a finite real number > 0 (not a bool); else TypeError
+    or ValueError naming ``name`` (``accepted``: what the caller takes, for the message)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
 
 
 def _check_positive_tensor(t: Tensor, name: str = "temperature") -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor, nn
 
-from mimac_kernels.functional import _check_positive_tensor, fused_contrastive_loss
+from mimac_kernels.functional import _check_positive_tensor, check_positive_number, fused_contrastive_loss
 
 
 class _AllPairsLoss(nn.Module):
@@ -17,9 +16,7 @@ class _AllPairsLoss(nn.Module):
 
     def __init__(self, temperature: float, backend: str, group: Any) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive_number(temperature, "temperature")
         self.backend = backend
         self.group = group
 
@@ -117,7 +114,5 @@ def _check_logit_scale(logit_scale: float | Tensor) -> None:
                 f"{logit_scale.dtype} tensor of shape {tuple(logit_scale.shape)}"
             )
         _check_positive_tensor(logit_scale, "logit_scale")
-    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-        raise TypeError(f"logit_scale must be a float or a 0-dim tensor, got {type(logit_scale).__name__}")
-    elif not math.isfinite(logit_scale) or logit_scale <= 0:
-        raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
+    else:
+        check_positive_number(logit_scale, "logit_scale", "a float or a 0-dim tensor")

@@ -253,8 +253,13 @@ def _image_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _is_high_bit(mode: str) -> bool:
+    """32-bit integer or 16-bit greyscale (PIL modes ``I`` and ``I;16*``)."""
+    return mode == "I" or mode.startswith("I;16")
+
+
 def _is_grey(mode: str) -> bool:
-    return mode in {"L", "1", "LA", "I"} or mode.startswith("I;16")
+    return mode in {"L", "1", "LA"} or _is_high_bit(mode)
 
 
 def _to_uint8(im):
@@ -265,7 +270,7 @@ def _to_uint8(im):
     """
     from PIL import Image
 
-    if im.mode == "I" or im.mode.startswith("I;16"):
+    if _is_high_bit(im.mode):
         arr = np.asarray(im).astype(np.int64)
         if im.mode != "I" or arr.max(initial=0) > 255:
             arr = np.clip(arr, 0, 65535) >> 8

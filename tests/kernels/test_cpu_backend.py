@@ -346,6 +346,19 @@ def test_failed_build_gives_reason_not_crash(monkeypatch, fresh_caches):
     assert torch.isfinite(mimac_kernels.fused_contrastive_loss(a, b))
 
 
+def test_unexpected_build_error_is_a_reason(monkeypatch, fresh_caches):
+    """Any exception from a build, not only the expected ones, becomes a reason to fall back."""
+
+    def crashing_build(spec, *, verbose=False):
+        raise RuntimeError("unexpected (simulated)")
+
+    monkeypatch.setattr(extension, "build", crashing_build)
+    with pytest.warns(extension.ExtensionBuildWarning, match="simulated"):
+        why = extension.unavailable_reason("cpu")
+    assert "loading the cpu extension failed" in why and "simulated" in why
+    assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
+
+
 def test_real_compile_error_is_captured(tmp_path, monkeypatch):
     """A source that does not compile: ExtensionUnavailable with the compiler's line."""
     monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "cache"))

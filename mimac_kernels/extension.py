@@ -1,17 +1,12 @@
 """Build the C++/CUDA extensions in ``csrc/`` on first use and load them.
 
-``torch.utils.cpp_extension.load`` compiles with ninja into a cache directory
-keyed by Python, torch and CUDA versions, the target (CPU machine or GPU
-architectures) and a hash of the sources and flags, so a build happens once per
-machine image and is reused by every later process. ``MIMAC_KERNELS_CACHE``
-moves the cache (default ``~/.cache/mimac_kernels``);
-``MIMAC_KERNELS_NO_BUILD=1`` forbids compiling (a prebuilt extension from
-``python -m mimac_kernels.build`` is still loaded).
-
-Nothing here runs at import time. A missing compiler or a failed build is
-reported once, as an ``ExtensionBuildWarning`` carrying the compiler's message,
-and the backend's ``unavailable_reason`` returns the reason, so dispatch falls
-back and no import ever fails because of it.
+``torch.utils.cpp_extension.load`` compiles (ninja), locks and loads; this module
+adds what it lacks: a cache folder per Python, torch, CUDA, target, sources and
+checkout (``MIMAC_KERNELS_CACHE``, default ``~/.cache/mimac_kernels``), so a
+build happens once and ``MIMAC_KERNELS_NO_BUILD=1`` can load it without a
+compiler; an OS lock that survives a killed build; the CUDA toolkit root of an
+nvcc behind a wrapper script; and failures as reasons to fall back, never as
+errors at import or at the call. A build prints one line to stderr saying so.
 
 Example:
     >>> from mimac_kernels import extension
@@ -23,9 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.machinery
+import importlib
 import importlib.util
-import logging
 import os
 import platform
 import re
@@ -41,7 +35,10 @@ from types import ModuleType
 
 import torch
 
-logger = logging.getLogger("mimac_kernels")
+try:
+    import fcntl
+except ImportError:  # not POSIX: torch's own lock file only
+    fcntl = None  # type: ignore[assignment]
 
 #: Repository folder holding the C++/CUDA sources.
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -49,7 +46,7 @@ ENV_CACHE = "MIMAC_KERNELS_CACHE"
 ENV_NO_BUILD = "MIMAC_KERNELS_NO_BUILD"
 KINDS = ("cpu", "cuda")
 #: Bumped when the way extensions are built changes (invalidates every cache entry).
-BUILD_SCHEMA = "1"
+BUILD_SCHEMA = "2"
 _SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 
 
@@ -76,27 +73,21 @@ class ExtensionSpec:
     include_dirs: tuple[Path, ...] = ()
 
 
-def _openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    # GCC on Linux: -fopenmp links libgomp.so.1, the runtime torch already loaded
-    # (same soname), so our threads and torch's share one pool.
-    if sys.platform.startswith("linux"):
-        return ("-fopenmp",), ("-fopenmp",)
-    return (), ()
-
-
 def cpu_spec(csrc: Path = CSRC) -> ExtensionSpec:
     """The fused CPU kernel. No ``-march=native``: the tile kernels are compiled
     for AVX-512, AVX2 and the baseline and picked at run time, so a cached build
     runs on any x86-64 machine."""
-    omp_c, omp_l = _openmp_flags()
+    # GCC on Linux: -fopenmp links libgomp.so.1, the runtime torch already loaded
+    # (same soname), so our threads and torch's share one pool.
+    omp = ("-fopenmp",) if sys.platform.startswith("linux") else ()
     src = csrc / "cpu"
     return ExtensionSpec(
         kind="cpu",
         name="mimac_kernels_cpu",
         source_dir=src,
         sources=(src / "contrastive.cpp",),
-        cflags=("-O3", "-ffp-contract=fast", *omp_c),
-        ldflags=omp_l,
+        cflags=("-O3", "-ffp-contract=fast", *omp),
+        ldflags=omp,
     )
 
 
@@ -134,11 +125,15 @@ def cuda_emulation_spec(csrc: Path = CSRC) -> ExtensionSpec:
 
 
 def spec_for(kind: str) -> ExtensionSpec:
+    """The spec of extension ``kind`` ("cpu" or "cuda")."""
     if kind == "cpu":
         return cpu_spec()
     if kind == "cuda":
         return cuda_spec()
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+# --- where a build goes -----------------------------------------------------------------
 
 
 def cache_root() -> Path:
@@ -149,64 +144,56 @@ def cache_root() -> Path:
 
 def source_hash(spec: ExtensionSpec) -> str:
     """Hash of every source/header file in ``spec.source_dir`` and of the flags."""
-    h = hashlib.sha256()
-    h.update(f"{BUILD_SCHEMA}|{spec.name}|{spec.cflags}|{spec.cuda_cflags}|{spec.ldflags}".encode())
+    h = hashlib.sha256(repr((spec.name, spec.cflags, spec.cuda_cflags, spec.ldflags)).encode())
     files = sorted(p for p in spec.source_dir.rglob("*") if p.suffix in _SOURCE_SUFFIXES)
     for p in (*files, *(s for s in spec.sources if s not in files)):
-        h.update(
-            str(p.relative_to(spec.source_dir) if p.is_relative_to(spec.source_dir) else p).encode()
-        )
+        h.update(str(p.relative_to(spec.source_dir) if p.is_relative_to(spec.source_dir) else p)
+                 .encode())
         h.update(p.read_bytes() if p.is_file() else b"<missing>")
     return h.hexdigest()[:16]
 
 
 def cuda_arch_tag() -> str:
-    """GPU architectures the CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` or the visible GPUs."""
+    """GPU architectures the CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` or the visible GPUs
+    (torch's own choice of ``-gencode`` flags)."""
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if env:
-        return "arch" + "-".join(env.replace(";", " ").replace("+PTX", "ptx").split())
+        return "arch" + "-".join(env.replace(";", " ").split())
     if torch.cuda.is_available():
-        caps = sorted(
-            {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        )
-        return "sm" + "-".join(f"{a}{b}" for a, b in caps)
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return "sm" + "-".join(f"{a}{b}" for a, b in sorted(caps))
     return "nogpu"
 
 
-def build_directory(spec: ExtensionSpec) -> Path:
-    """Cache folder of this spec for this Python, torch, CUDA, target and source checkout.
+def module_name(spec: ExtensionSpec) -> str:
+    """The extension's module name, which is also its cache folder's name.
 
-    The checkout's location is part of the key because ninja's build file names the
-    sources by absolute path: two checkouts sharing a folder would rebuild each other.
+    It hashes everything the library depends on: Python, torch, CUDA, the target
+    (CPU machine or GPU architectures), sources and flags, and the checkout's
+    location, because ninja's build file names sources by absolute path (two
+    checkouts sharing one folder would rebuild each other). One name per content
+    also keeps torch from renaming a rebuild within a process to ``name_v1``,
+    which ``MIMAC_KERNELS_NO_BUILD`` would not find.
     """
     target = cuda_arch_tag() if spec.kind == "cuda" else platform.machine()
-    where = hashlib.sha256(str(spec.source_dir.resolve()).encode()).hexdigest()[:8]
-    key = "-".join(
-        (
-            spec.name,
-            sys.implementation.cache_tag or "py",
-            "torch" + torch.__version__,
-            "cu" + (torch.version.cuda or "none"),
-            target,
-            source_hash(spec),
-            "at" + where,
-        )
-    )
-    return cache_root() / key.replace("+", "_").replace("/", "_")
+    key = (BUILD_SCHEMA, torch.version.cuda, target, str(spec.source_dir.resolve()),
+           source_hash(spec))
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    return re.sub(r"\W", "_", f"{spec.name}_{sys.implementation.cache_tag}_torch"
+                              f"{torch.__version__}_{digest}")
 
 
-def module_name(spec: ExtensionSpec) -> str:
-    """The extension's module name, unique per cache folder: torch renames a module
-    built again in one process from other sources (``name_v1``), which a later process
-    would not find under the plain name."""
-    digest = hashlib.sha256(build_directory(spec).name.encode()).hexdigest()[:12]
-    return f"{spec.name}_{digest}"
+def build_directory(spec: ExtensionSpec) -> Path:
+    """Cache folder of ``spec`` (see ``module_name``)."""
+    return cache_root() / module_name(spec)
 
 
 def library_path(spec: ExtensionSpec) -> Path:
     """The shared library the build produces."""
-    suffix = ".pyd" if sys.platform == "win32" else ".so"
-    return build_directory(spec) / f"{module_name(spec)}{suffix}"
+    return build_directory(spec) / f"{module_name(spec)}{'.pyd' if os.name == 'nt' else '.so'}"
+
+
+# --- what a machine can build -----------------------------------------------------------
 
 
 def _nvcc() -> str | None:
@@ -231,24 +218,19 @@ def cuda_home() -> str | None:
     """
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
-    if home and _has_runtime_headers(home):
-        return home
+    if cpp_extension.CUDA_HOME and _has_runtime_headers(cpp_extension.CUDA_HOME):
+        return cpp_extension.CUDA_HOME
     nvcc = _nvcc()
     if nvcc is None:
         return None
     try:
-        out = subprocess.run(
-            [nvcc, "--dryrun", "-c", "mimac_probe.cu"], capture_output=True, text=True, timeout=30,
-            check=False,
-        )
+        out = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu"], capture_output=True,
+                             text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
-    if top is None:
-        return None
-    root = Path(top.group(1).strip()).resolve()
-    return str(root) if _has_runtime_headers(root) else None
+    root = Path(top.group(1).strip()).resolve() if top else None
+    return str(root) if root and _has_runtime_headers(root) else None
 
 
 def skip_reason(spec: ExtensionSpec) -> str | None:
@@ -256,108 +238,149 @@ def skip_reason(spec: ExtensionSpec) -> str | None:
     missing = [str(s) for s in spec.sources if not s.is_file()]
     if missing:
         return f"source files not found: {', '.join(missing)} (is the repository's csrc/ present?)"
-    if spec.kind == "cuda":
-        if torch.version.cuda is None:
-            return "this torch is built without CUDA"
-        if _nvcc() is None:
-            return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            return "no GPU visible and TORCH_CUDA_ARCH_LIST unset: nothing to build for"
-        if cuda_home() is None:
-            from torch.utils import cpp_extension
+    if spec.kind != "cuda":
+        return None
+    if torch.version.cuda is None:
+        return "this torch is built without CUDA"
+    if _nvcc() is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return "no GPU visible and TORCH_CUDA_ARCH_LIST unset: nothing to build for"
+    if cuda_home() is None:
+        from torch.utils import cpp_extension
 
-            return (
-                f"no CUDA toolkit headers: CUDA_HOME={cpp_extension.CUDA_HOME} has no "
-                "include/cuda_runtime_api.h and nvcc reports no root that has "
-                "(set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda)"
-            )
+        return (
+            f"no CUDA toolkit headers: CUDA_HOME={cpp_extension.CUDA_HOME} has no "
+            "include/cuda_runtime_api.h and nvcc reports no root that has "
+            "(set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda)"
+        )
     return None
 
 
-def _ensure_ninja() -> None:
-    # torch looks for a `ninja` executable on PATH; the pip package `ninja` puts
-    # one next to the interpreter, which is not on PATH when python is run by path.
-    if shutil.which("ninja"):
-        return
-    try:
-        import ninja  # type: ignore[import-not-found]
-
-        bin_dir = getattr(ninja, "BIN_DIR", None)
-    except ImportError:
-        bin_dir = None
-    for cand in (bin_dir, str(Path(sys.executable).parent)):
-        if cand and Path(cand, "ninja").exists():
-            os.environ["PATH"] = cand + os.pathsep + os.environ.get("PATH", "")
-            return
+# --- building and loading ---------------------------------------------------------------
 
 
 def _summarise(message: str, limit: int = 6) -> str:
     """The compiler's error lines (not the command lines), for a one-line reason."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-
-    def is_noise(ln: str) -> bool:  # ninja progress, compiler command lines, torch's wrapper
-        return (
-            " -MMD " in ln
-            or " -c " in ln
-            or ln.startswith(("[", "FAILED", "ninja:", "Error building"))
-        )
-
+    # ninja progress, compiler command lines and torch's wrapper are noise
+    kept = [ln for ln in lines if not (" -MMD " in ln or " -c " in ln
+            or ln.startswith(("[", "FAILED", "ninja:", "Error building")))]
     keys = ("error", "not found", "no such file", "fatal", "cannot")
-    errs = [ln for ln in lines if not is_noise(ln) and any(k in ln.lower() for k in keys)]
-    picked = errs[:limit] or [ln for ln in lines if not is_noise(ln)][-limit:] or lines[-limit:]
-    return " | ".join(picked)[:1500]
+    errs = [ln for ln in kept if any(k in ln.lower() for k in keys)]
+    return " | ".join(errs[:limit] or kept[-limit:] or lines[-limit:])[:1500]
 
 
-def _import_library(name: str, path: Path) -> ModuleType:
-    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
-    if spec is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+@contextlib.contextmanager
+def _build_lock(directory: Path, *, create: bool = True) -> Iterator[None]:
+    """Hold an OS lock on ``directory``; clear torch's lock file if a killed build left it.
+
+    torch marks a build with a plain file, ``lock``, that a process killed
+    mid-build never removes; every later build of that folder then waits for it
+    forever, silently. The OS releases ``flock`` locks when their process dies,
+    so whoever holds ours knows that no live build of ours owns a ``lock`` it
+    finds. ``create=False`` (loading only): a folder that cannot be locked, such
+    as a read-only shared cache, has no build running and is read unlocked.
+    """
+    handle = None
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".mimac-build-lock", "a")  # noqa: SIM115 -- closed below
+    except OSError as exc:
+        if create:
+            raise ExtensionUnavailable(f"cannot use the build cache {directory} ({exc}); set "
+                                       f"{ENV_CACHE} to a writable folder") from exc
+    if handle is None or fcntl is None:  # unlockable read-only cache, or not POSIX
+        yield
+        return
+    with handle:  # closing it releases the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"mimac_kernels: waiting for another process's build in {directory}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            warnings.warn(f"mimac_kernels: removing {stale}, left by a build that was killed "
+                          "(it would make this build wait forever)", ExtensionBuildWarning,
+                          stacklevel=4)
+            stale.unlink(missing_ok=True)
+        yield
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _toolchain(spec: ExtensionSpec) -> Iterator[None]:
+    """For the build only: ninja on ``PATH`` (pip's ``ninja`` sits next to the
+    interpreter, which is not on ``PATH`` when python is run by its path) and
+    torch's ``CUDA_HOME`` at a root with headers (torch joins every CUDA path onto it)."""
+    from torch.utils import cpp_extension
+
+    old_path, old_home = os.environ.get("PATH"), cpp_extension.CUDA_HOME
+    if shutil.which("ninja") is None:
+        pip_ninja = importlib.util.find_spec("ninja")
+        pip_bin = getattr(importlib.import_module("ninja"), "BIN_DIR", None) if pip_ninja else None
+        for folder in (pip_bin, str(Path(sys.executable).parent)):
+            if folder and Path(folder, "ninja").exists():
+                os.environ["PATH"] = os.pathsep.join(p for p in (folder, old_path) if p)
+                break
+    if spec.kind == "cuda":
+        cpp_extension.CUDA_HOME = cuda_home()
+    try:
+        yield
+    finally:
+        cpp_extension.CUDA_HOME = old_home
+        if old_path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old_path
 
 
 def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
-    """Compile ``spec`` (or reuse the cached build) and import it.
+    """Compile ``spec`` (or reuse the cached build) and import it; with
+    ``MIMAC_KERNELS_NO_BUILD=1``, import the cached build or fail.
 
     Raises:
-        ExtensionUnavailable: the machine cannot build it, or compiling failed
-            (the message holds the compiler's errors; ``__cause__`` the full log).
+        ExtensionUnavailable: the machine cannot build it, the cache is unusable,
+            or compiling or loading failed (the message says why, with the
+            compiler's error lines; ``__cause__`` holds the full log).
     """
     why = skip_reason(spec)
     if why is not None:
         raise ExtensionUnavailable(why)
     lib = library_path(spec)
-    if os.environ.get(ENV_NO_BUILD, "") not in ("", "0"):
-        return _load_prebuilt(spec, lib)
-    from torch.utils import cpp_extension
+    no_build = os.environ.get(ENV_NO_BUILD, "") not in ("", "0")
+    if no_build and not lib.is_file():
+        raise ExtensionUnavailable(
+            f"{ENV_NO_BUILD}=1 is set and no prebuilt {spec.kind} extension is in {lib.parent} "
+            "(run `python -m mimac_kernels.build` where building is allowed)"
+        )
+    with _build_lock(lib.parent, create=not no_build):  # a load waits for a running build
+        if no_build:
+            return _import_library(spec, lib)
+        if not lib.is_file():
+            _say(f"mimac_kernels: building the {spec.kind} kernel extension, once for this "
+                 "Python, torch and source (about a minute on 2 cores); later runs load it from "
+                 f"{lib.parent}")
+        from torch.utils import cpp_extension
 
-    _ensure_ninja()
-    if spec.kind == "cuda":
-        # torch joins every CUDA path onto this module global; point it at a root with headers.
-        cpp_extension.CUDA_HOME = cuda_home()
-    with contextlib.ExitStack() as stack:
         try:
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_build_lock(lib.parent))
-        except OSError as exc:  # a read-only or missing cache location
-            raise ExtensionUnavailable(
-                f"cannot use the build cache {lib.parent} ({exc}); set {ENV_CACHE} to a "
-                "writable folder"
-            ) from exc
-        try:
-            return cpp_extension.load(
-                name=module_name(spec),
-                sources=[str(s) for s in spec.sources],
-                extra_cflags=list(spec.cflags),
-                extra_cuda_cflags=list(spec.cuda_cflags) or None,
-                extra_ldflags=list(spec.ldflags) or None,
-                extra_include_paths=[str(d) for d in spec.include_dirs or (spec.source_dir,)],
-                build_directory=str(lib.parent),
-                verbose=verbose,
-                with_cuda=spec.kind == "cuda",
-            )
+            with _toolchain(spec):
+                return cpp_extension.load(
+                    name=module_name(spec),
+                    sources=[str(s) for s in spec.sources],
+                    extra_cflags=list(spec.cflags),
+                    extra_cuda_cflags=list(spec.cuda_cflags),
+                    extra_ldflags=list(spec.ldflags),
+                    extra_include_paths=[str(d) for d in spec.include_dirs or (spec.source_dir,)],
+                    build_directory=str(lib.parent),
+                    verbose=verbose,
+                    with_cuda=spec.kind == "cuda",
+                )
         except Exception as exc:  # compiler missing, compile error, ninja missing, ...
             raise ExtensionUnavailable(
                 f"building the {spec.kind} extension failed: {_summarise(str(exc))} "
@@ -365,63 +388,21 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
             ) from exc
 
 
-def _load_prebuilt(spec: ExtensionSpec, lib: Path) -> ModuleType:
-    """Import a library built earlier (``MIMAC_KERNELS_NO_BUILD=1``), waiting for a build
-    of it that is still running; a missing or unloadable file is a reason, not a crash."""
-    if not lib.is_file():
-        raise ExtensionUnavailable(
-            f"{ENV_NO_BUILD}=1 is set and no prebuilt {spec.kind} extension is in {lib.parent} "
-            "(run `python -m mimac_kernels.build` where building is allowed)"
-        )
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(_build_lock(lib.parent))
-        except OSError:  # a read-only shared cache: no build can be writing to it
-            pass
-        try:
-            return _import_library(module_name(spec), lib)
-        except (ImportError, OSError) as exc:
-            raise ExtensionUnavailable(
-                f"the prebuilt {spec.kind} extension {lib} does not load ({exc}); rebuild it "
-                "with `python -m mimac_kernels.build`"
-            ) from exc
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """Hold an OS lock on ``directory`` for a build, and clear torch's lock file if a
-    killed build left it.
-
-    torch marks a build with a plain file, ``lock``, that a process killed
-    mid-build never removes; every later build of that folder then waits for it
-    forever, silently. The OS releases ``flock`` locks when their process dies,
-    so whoever holds ours knows that no live mimac build owns a ``lock`` it finds.
-    """
+def _import_library(spec: ExtensionSpec, lib: Path) -> ModuleType:
+    """Import a library built earlier; one that does not load is a reason, not a crash."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's own lock only
-        yield
-        return
-    with open(directory / ".mimac-build-lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning("mimac_kernels: waiting for another process's build in %s", directory)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        stale = directory / "lock"
-        if stale.exists():
-            warnings.warn(
-                f"mimac_kernels: removing {stale}, left by a build that was killed "
-                "(it would make this build wait forever)",
-                ExtensionBuildWarning,
-                stacklevel=4,
-            )
-            stale.unlink(missing_ok=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        found = importlib.util.spec_from_file_location(module_name(spec), lib)
+        module = importlib.util.module_from_spec(found)  # type: ignore[arg-type]
+        found.loader.exec_module(module)  # type: ignore[union-attr]
+    except (ImportError, OSError) as exc:
+        raise ExtensionUnavailable(
+            f"the prebuilt {spec.kind} extension {lib} does not load ({exc}); rebuild it "
+            "with `python -m mimac_kernels.build`"
+        ) from exc
+    return module
 
+
+# --- one result per process -------------------------------------------------------------
 
 _LOCK = threading.Lock()
 _RESULTS: dict[str, ModuleType | str] = {}
@@ -431,7 +412,8 @@ def load(kind: str) -> ModuleType:
     """The built extension ``kind`` ("cpu" or "cuda"), built at most once per process.
 
     Raises:
-        ExtensionUnavailable: with the reason (reported once as a warning).
+        ExtensionUnavailable: with the reason (a failed build is reported once, as an
+            ``ExtensionBuildWarning`` with the compiler's output).
     """
     with _LOCK:
         if kind not in _RESULTS:
@@ -443,26 +425,20 @@ def load(kind: str) -> ModuleType:
 
 
 def _try_build(kind: str) -> ModuleType | str:
-    spec = spec_for(kind)
     try:
-        module = build(spec)
+        return build(spec_for(kind))
     except Exception as exc:  # noqa: BLE001 -- a build problem is a reason, never a crash
         expected = isinstance(exc, ExtensionUnavailable)
         reason = str(exc) if expected else f"loading the {kind} extension failed: {exc!r}"
         cause = exc.__cause__ if expected else exc
         if cause is not None:  # a real failure, not "nothing to build for"
-            full = str(cause)
             warnings.warn(
                 f"mimac_kernels: the {kind} backend is unavailable: {reason}\n"
-                f"compiler output (tail):\n{full[-4000:]}",
+                f"compiler output (tail):\n{str(cause)[-4000:]}",
                 ExtensionBuildWarning,
                 stacklevel=3,
             )
-        else:
-            logger.debug("mimac_kernels: %s extension not built: %s", kind, reason)
         return reason
-    logger.debug("mimac_kernels: loaded %s extension from %s", kind, library_path(spec).parent)
-    return module
 
 
 def unavailable_reason(kind: str) -> str | None:

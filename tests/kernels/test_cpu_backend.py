@@ -1,4 +1,5 @@
-"""The fused C++ CPU backend against the float64 formula, plus its build and dispatch.
+"""The fused C++ CPU backend against the float64 formula, and its dispatch (the build
+layer's own tests are in ``test_extension.py``).
 
 Tolerance rule (``mimac_kernels.testing.error_bound``): a backend's error
 against float64 is at most twice plain PyTorch's error in the same dtype, plus
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -286,7 +286,7 @@ def test_half_inputs_are_upcast():
     assert torch.equal(row32, row16) and torch.equal(col32, col16)
 
 
-# --- dispatch, reasons, build ---------------------------------------------------------
+# --- dispatch and reasons -------------------------------------------------------------
 
 
 def test_reasons_and_auto_choice():
@@ -302,184 +302,3 @@ def test_reasons_and_auto_choice():
     with pytest.raises(mimac_kernels.BackendUnavailable, match="float64 not supported"):
         mimac_kernels.fused_contrastive_loss(a, a, backend="cpu")
     assert "cpu" in mimac_kernels.available_backends("cpu")
-
-
-@pytest.fixture
-def fresh_caches():
-    """Forget build results and dispatch's cached reasons, before and after."""
-    extension.reset()
-    dispatch.forget_probes()
-    yield
-    extension.reset()
-    dispatch.forget_probes()
-
-
-def test_failed_build_gives_reason_not_crash(monkeypatch, fresh_caches):
-    """A missing compiler / broken source: one warning with the compiler's message,
-    the reason in dispatch, auto falls back to torch, and nothing crashes."""
-    calls = []
-
-    def broken_build(spec, *, verbose=False):
-        calls.append(spec.kind)
-        try:
-            raise RuntimeError(
-                "c++: error: unrecognized command-line option '-fbroken' (simulated)"
-            )
-        except RuntimeError as exc:
-            raise extension.ExtensionUnavailable(
-                f"building the {spec.kind} extension failed: c++: error: simulated"
-            ) from exc
-
-    monkeypatch.setattr(extension, "build", broken_build)
-    with pytest.warns(extension.ExtensionBuildWarning, match="simulated"):
-        why = cpu_backend.unavailable_reason(CPU, torch.float32)
-    assert "building the cpu extension failed" in why
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # reported once: no second warning
-        assert extension.unavailable_reason("cpu") == why
-        assert dispatch.unavailable_reason("cpu", CPU, torch.float32) == why
-    assert calls == ["cpu"]  # built (tried) once
-    a, b = make_views((9, 4), "cosine")
-    with pytest.raises(mimac_kernels.BackendUnavailable, match="simulated"):
-        mimac_kernels.fused_contrastive_loss(a, b, backend="cpu")
-    assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
-    assert torch.isfinite(mimac_kernels.fused_contrastive_loss(a, b))
-
-
-def test_unexpected_build_error_is_a_reason(monkeypatch, fresh_caches):
-    """Any exception from a build, not only the expected ones, becomes a reason to fall back."""
-
-    def crashing_build(spec, *, verbose=False):
-        raise RuntimeError("unexpected (simulated)")
-
-    monkeypatch.setattr(extension, "build", crashing_build)
-    with pytest.warns(extension.ExtensionBuildWarning, match="simulated"):
-        why = extension.unavailable_reason("cpu")
-    assert "loading the cpu extension failed" in why and "simulated" in why
-    assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
-
-
-def test_real_compile_error_is_captured(tmp_path, monkeypatch):
-    """A source that does not compile: ExtensionUnavailable with the compiler's line."""
-    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "cache"))
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "bad.cpp").write_text("int f() { return undeclared_mimac_symbol; }\n")
-    spec = extension.ExtensionSpec(
-        kind="cpu", name="mimac_broken_test", source_dir=src, sources=(src / "bad.cpp",)
-    )
-    with pytest.raises(extension.ExtensionUnavailable, match="undeclared_mimac_symbol") as info:
-        extension.build(spec)
-    assert "failed" in str(info.value)
-
-
-def test_missing_sources_and_no_build(tmp_path, monkeypatch):
-    spec = extension.cpu_spec(csrc=tmp_path)
-    assert "not found" in extension.skip_reason(spec)
-    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "empty"))
-    monkeypatch.setenv(extension.ENV_NO_BUILD, "1")
-    with pytest.raises(extension.ExtensionUnavailable, match="MIMAC_KERNELS_NO_BUILD=1"):
-        extension.build(extension.cpu_spec())
-
-
-def test_no_build_still_loads_a_prebuilt_extension(monkeypatch):
-    monkeypatch.setenv(extension.ENV_NO_BUILD, "1")
-    assert extension.library_path(extension.cpu_spec()).is_file()  # built by the fixture
-    module = extension.build(extension.cpu_spec())
-    assert hasattr(module, "forward")
-
-
-def test_cache_key(tmp_path, monkeypatch):
-    """The cache folder follows MIMAC_KERNELS_CACHE and changes with any source byte."""
-    spec = extension.cpu_spec()
-    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path))
-    d1 = extension.build_directory(spec)
-    assert d1.parent == tmp_path
-    assert torch.__version__.replace("+", "_") in d1.name
-    copy = tmp_path / "csrc"
-    shutil.copytree(spec.source_dir, copy / "cpu")
-    spec2 = extension.cpu_spec(csrc=copy)
-    assert extension.source_hash(spec2) == extension.source_hash(spec)
-    # Same sources, another checkout: another folder (ninja's build file names sources by
-    # absolute path, so a shared folder would rebuild at every switch) and module name.
-    assert extension.build_directory(spec2) != d1
-    assert extension.module_name(spec2) != extension.module_name(spec)
-    assert extension.library_path(spec).name.startswith(extension.module_name(spec) + ".")
-    (copy / "cpu" / "tile_impl.h").write_text(
-        (copy / "cpu" / "tile_impl.h").read_text() + "\n// x\n"
-    )
-    assert extension.source_hash(spec2) != extension.source_hash(spec)
-
-
-def test_unusable_cache_is_a_reason(tmp_path, monkeypatch):
-    """A cache that cannot be created (read-only home, a file in the way) or a prebuilt
-    library that does not load: a reason to fall back, never an exception at the call."""
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "file" / "cache"))
-    with pytest.raises(extension.ExtensionUnavailable, match="cannot use the build cache"):
-        extension.build(extension.cpu_spec())
-    monkeypatch.setenv(extension.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.setenv(extension.ENV_NO_BUILD, "1")
-    lib = extension.library_path(extension.cpu_spec())
-    lib.parent.mkdir(parents=True)
-    lib.write_bytes(b"not a shared library")
-    with pytest.raises(extension.ExtensionUnavailable, match="does not load"):
-        extension.build(extension.cpu_spec())
-
-
-def test_cuda_home_from_nvcc_when_torch_guesses_wrong(tmp_path, monkeypatch):
-    """nvcc behind a wrapper script: torch's CUDA_HOME guess lacks the headers, so the
-    root nvcc reports is used; with none, the reason names CUDA_HOME. Any machine."""
-    from torch.utils import cpp_extension
-
-    wrapper_root, toolkit = tmp_path / "wrapper-root", tmp_path / "toolkit"
-    (wrapper_root / "bin").mkdir(parents=True)
-    nvcc = wrapper_root / "bin" / "nvcc"
-    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={toolkit}/bin/..'\n")
-    nvcc.chmod(0o755)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_root))
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    why = extension.skip_reason(extension.cuda_spec())
-    assert why is not None and f"CUDA_HOME={wrapper_root} has no include/cuda_runtime_api.h" in why
-    (toolkit / "include").mkdir(parents=True)
-    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
-    assert extension.cuda_home() == str(toolkit.resolve())
-    assert extension.skip_reason(extension.cuda_spec()) is None
-
-
-def test_lock_left_by_a_killed_build_is_cleared(tmp_path, monkeypatch):
-    """A build killed mid-way leaves torch's ``lock`` file, on which every later
-    build would wait forever; the next build removes it, with a warning. Real
-    compiler, in a subprocess with a timeout, so a regression fails, not hangs."""
-    import subprocess
-    import sys
-    import textwrap
-
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "ok.cpp").write_text("int mimac_lock_probe() { return 1; }\n")
-    script = textwrap.dedent(f"""
-        import warnings
-        from pathlib import Path
-        from mimac_kernels import extension
-        src = Path({str(src)!r})
-        spec = extension.ExtensionSpec(kind="cpu", name="mimac_lock_test", source_dir=src,
-                                       sources=(src / "ok.cpp",))
-        lock = extension.library_path(spec).parent / "lock"
-        lock.parent.mkdir(parents=True)
-        lock.touch()  # what a killed build leaves
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                extension.build(spec)
-            except extension.ExtensionUnavailable:
-                pass  # no PyInit in ok.cpp: importing it fails, after the build ran
-        assert not lock.exists()
-        assert any("left by a build that was killed" in str(w.message) for w in caught), caught
-        print("CLEARED")
-    """)
-    env = {**os.environ, extension.ENV_CACHE: str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
-    assert "CLEARED" in proc.stdout, proc.stdout + proc.stderr[-3000:]

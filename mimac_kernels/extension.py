@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import importlib.util
 import os
 import platform
@@ -153,18 +152,6 @@ def source_hash(spec: ExtensionSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def cuda_arch_tag() -> str:
-    """GPU architectures the CUDA build targets: ``TORCH_CUDA_ARCH_LIST`` or the visible GPUs
-    (torch's own choice of ``-gencode`` flags)."""
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return "arch" + "-".join(env.replace(";", " ").split())
-    if torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return "sm" + "-".join(f"{a}{b}" for a, b in sorted(caps))
-    return "nogpu"
-
-
 def module_name(spec: ExtensionSpec) -> str:
     """The extension's module name, which is also its cache folder's name.
 
@@ -175,7 +162,11 @@ def module_name(spec: ExtensionSpec) -> str:
     also keeps torch from renaming a rebuild within a process to ``name_v1``,
     which ``MIMAC_KERNELS_NO_BUILD`` would not find.
     """
-    target = cuda_arch_tag() if spec.kind == "cuda" else platform.machine()
+    target = platform.machine()
+    if spec.kind == "cuda":  # the GPU targets torch compiles for: the list, else the visible GPUs
+        target = os.environ.get("TORCH_CUDA_ARCH_LIST") or str(
+            sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        )
     key = (BUILD_SCHEMA, torch.version.cuda, target, str(spec.source_dir.resolve()),
            source_hash(spec))
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
@@ -320,24 +311,15 @@ def _toolchain(spec: ExtensionSpec) -> Iterator[None]:
     torch's ``CUDA_HOME`` at a root with headers (torch joins every CUDA path onto it)."""
     from torch.utils import cpp_extension
 
-    old_path, old_home = os.environ.get("PATH"), cpp_extension.CUDA_HOME
-    if shutil.which("ninja") is None:
-        pip_ninja = importlib.util.find_spec("ninja")
-        pip_bin = getattr(importlib.import_module("ninja"), "BIN_DIR", None) if pip_ninja else None
-        for folder in (pip_bin, str(Path(sys.executable).parent)):
-            if folder and Path(folder, "ninja").exists():
-                os.environ["PATH"] = os.pathsep.join(p for p in (folder, old_path) if p)
-                break
-    if spec.kind == "cuda":
-        cpp_extension.CUDA_HOME = cuda_home()
-    try:
+    path, here = os.environ.get("PATH", ""), str(Path(sys.executable).parent)
+    with contextlib.ExitStack() as undo:
+        if shutil.which("ninja") is None and Path(here, "ninja").exists():
+            os.environ["PATH"] = os.pathsep.join(p for p in (here, path) if p)
+            undo.callback(os.environ.__setitem__, "PATH", path)
+        if spec.kind == "cuda":
+            undo.callback(setattr, cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+            cpp_extension.CUDA_HOME = cuda_home()
         yield
-    finally:
-        cpp_extension.CUDA_HOME = old_home
-        if old_path is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = old_path
 
 
 def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:

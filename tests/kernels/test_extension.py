@@ -197,6 +197,8 @@ def test_rebuild_in_one_process_keeps_a_loadable_name(tmp_path, cache, monkeypat
 
 @needs_compiler
 def test_no_build_loads_a_prebuilt_extension_without_compiling(tmp_path, cache, monkeypatch):
+    """MIMAC_KERNELS_NO_BUILD=1 imports the cached library and never compiles, also from
+    a cache it cannot lock."""
     from torch.utils import cpp_extension
 
     spec = tiny_spec(tmp_path / "src")
@@ -207,6 +209,12 @@ def test_no_build_loads_a_prebuilt_extension_without_compiling(tmp_path, cache, 
         raise AssertionError("compiled under MIMAC_KERNELS_NO_BUILD=1")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiling)
+    assert extension.build(spec).VALUE == 1
+    # A shared cache this process cannot write, so cannot lock (a folder where the lock
+    # file would be opened stands in, as root writes anywhere): no build runs there.
+    lock_file = extension.build_directory(spec) / ".mimac-build-lock"
+    lock_file.unlink()
+    lock_file.mkdir()
     assert extension.build(spec).VALUE == 1
 
 

@@ -28,8 +28,11 @@ slower, so a kernel that only reaches a target here has not reached it.
 
 from __future__ import annotations
 
+from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
+
+# isort: split
+
 import argparse
-import heapq
 import json
 import math
 import platform
@@ -40,62 +43,11 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks import (
-    sass_counts,
-    sm90_compile,  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
-)
+from benchmarks import sass_counts, sm90_rates
 from benchmarks.sm90_compile import compile_kernel, resource_usage, sass, warps_per_cta
+from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan
 from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
 from mimac_kernels.triton import kernels as K
-
-
-@dataclass(frozen=True)
-class Rates:
-    """H100 SXM5 rates the estimate uses, each with its source."""
-
-    #: NVIDIA H100 datasheet / whitepaper: 132 SMs on the SXM5 board.
-    sms: int = 132
-    #: Max boost clock 1,980 MHz: the datasheet's FP32 rate, 66.9 TFLOP/s
-    #: = 132 SMs x 128 lanes x 2 FLOP x 1.98 GHz (H100 whitepaper, table of specs).
-    clock_hz: float = 1.98e9
-    #: Warp instructions issued per clock per SM: 4 sub-partitions, one warp
-    #: scheduler each, one instruction per clock (H100 whitepaper, SM diagram).
-    issue_per_clock: float = 4.0
-    #: MUFU results per clock per SM for exp2/log2/rcp on compute capability 9.0
-    #: (CUDA C++ Programming Guide, "Arithmetic Instructions" throughput table).
-    mufu_per_clock: float = 16.0
-    #: Dense bf16 tensor-core rate, 989.4 TFLOP/s (H100 SXM datasheet; it is
-    #: 132 SMs x 4,096 FLOP/clock x 1.83 GHz, the clock the datasheet rates it at).
-    tensor_flops: float = 989.4e12
-    #: Shared-memory bandwidth per SM: 32 banks x 4 bytes per clock (CUDA C++
-    #: Programming Guide, "Shared Memory" of compute capability 5.x and later).
-    shared_bytes_per_clock: float = 128.0
-    #: HBM3 bandwidth, 3.35 TB/s (H100 SXM datasheet).
-    dram_bytes_per_s: float = 3.35e12
-    #: Per-SM limits of compute capability 9.0 (CUDA C++ Programming Guide,
-    #: "Technical Specifications"): registers, shared memory (228 KiB, of which
-    #: 1 KiB is reserved per resident block), warps and blocks.
-    registers_per_sm: int = 65536
-    shared_per_sm: int = 228 * 1024
-    shared_reserved_per_block: int = 1024
-    warps_per_sm: int = 64
-    blocks_per_sm: int = 32
-
-    @property
-    def exp_per_s(self) -> float:
-        return self.mufu_per_clock * self.sms * self.clock_hz
-
-
-H100 = Rates()
-
-
-def ctas_per_sm(registers: int, shared: int, num_warps: int, rates: Rates = H100) -> int:
-    """Resident CTAs per SM from registers (allocated per warp in units of 256), shared
-    memory and warp/block limits; 0 if one CTA does not fit."""
-    regs_per_warp = math.ceil(registers * 32 / 256) * 256
-    by_regs = rates.registers_per_sm // max(regs_per_warp * num_warps, 1)
-    by_shared = rates.shared_per_sm // (shared + rates.shared_reserved_per_block)
-    return int(min(by_regs, by_shared, rates.warps_per_sm // num_warps, rates.blocks_per_sm))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -180,18 +132,6 @@ def profile(launch: Launch) -> Profile:
                    redundancy, per_tile, outside)  # fmt: skip
 
 
-def makespan(program_seconds: list[float], slots: int, slowdown: float) -> float:
-    """Finish time of programs dealt in order to ``slots`` slots, each as soon as one frees.
-
-    ``slowdown``: how much slower a program runs for sharing its SM (CTAs per SM).
-    """
-    heap = [0.0] * max(slots, 1)
-    for t in program_seconds:
-        start = heapq.heappop(heap)
-        heapq.heappush(heap, start + t * slowdown)
-    return max(heap)
-
-
 def compulsory_bytes(launch: Launch) -> int:
     """DRAM bytes a launch cannot avoid: its inputs read once, its outputs written once."""
     size = ELEMENT[launch.args["X"].dtype]
@@ -262,14 +202,8 @@ NOT_MODELLED = {
 
 
 def floor(case: StaticCase, rates: Rates = H100) -> dict:
-    """Physical floor of forward + backward (performance.md): NT-Xent 4 M^2 D FLOP and M^2
-    exp; CLIP 8 N^2 D FLOP and 4 N^2 exp; matrix and exp units overlapped."""
-    m, d = case.rows, case.d
-    flops, exps = (4.0 * m * m * d, 1.0 * m * m) if case.pairing == "all" else (
-        8.0 * m * m * d, 4.0 * m * m)  # fmt: skip
-    t_mm, t_exp = flops / rates.tensor_flops, exps / rates.exp_per_s
-    return {"flops": flops, "exps": exps, "seconds": max(t_mm, t_exp),
-            "bound": "tensor" if t_mm >= t_exp else "sfu"}  # fmt: skip
+    """Physical floor of ``case``'s forward + backward (``sm90_rates.floor``)."""
+    return sm90_rates.floor(case.pairing, case.rows, case.d, rates)
 
 
 def synthetic_views(n: int, d: int, positive_cos: float, seed: int = 0) -> tuple:

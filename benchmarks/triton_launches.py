@@ -11,9 +11,12 @@ launcher changes, this function is what to re-point. It imports only
 
 from __future__ import annotations
 
+from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
+
+# isort: split
+
 from dataclasses import dataclass, field
 
-from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
 from benchmarks.sm90_compile import Ptr
 from mimac_kernels.triton import configs
 from mimac_kernels.triton import kernels as K

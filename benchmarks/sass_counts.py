@@ -115,6 +115,8 @@ class Counts:
     global_bytes: int = 0
     shared_bytes: int = 0
     barriers: int = 0
+    #: Issue slots by opcode family (``FADD``, ``SHFL``, ``MUFU``, ...).
+    opcodes: Counter = field(default_factory=Counter)
     #: wgmma MACs counted per warp (a warpgroup's instruction shared by its 4 warps).
     _hgmma_macs_x4: int = 0
     _hmma_macs: int = 0
@@ -122,6 +124,7 @@ class Counts:
     def add(self, ins: Instr, times: int = 1) -> None:
         op = ins.opcode
         self.issue += times
+        self.opcodes[op.split(".")[0]] += times
         if ins.never:
             return
         if op.startswith("MUFU"):
@@ -160,6 +163,8 @@ class Counts:
             self.hgmma[key] += times * value
         for key, value in other.hmma.items():
             self.hmma[key] += times * value
+        for key, value in other.opcodes.items():
+            self.opcodes[key] += times * value
 
     def macs_per_cta(self, num_warps: int) -> int:
         """Tensor-core multiply-adds of the whole CTA (wgmma per warpgroup, mma.sync per warp)."""
@@ -172,6 +177,7 @@ class Counts:
             "atomic_bytes": self.atomic_bytes, "global_bytes": self.global_bytes,
             "shared_bytes": self.shared_bytes, "barriers": self.barriers,
             "tensor_macs_per_cta": self.macs_per_cta(num_warps),
+            "opcodes": dict(self.opcodes.most_common()),
         }  # fmt: skip
 
 

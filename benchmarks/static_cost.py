@@ -156,11 +156,23 @@ def estimate_launch(launch: Launch, prof: Profile, resweep_blocks: int = 0,
     dram = compulsory_bytes(launch) / rates.dram_bytes_per_s
     seconds = max(span, dram)
     binding = "dram" if dram > span else max(bounds, key=bounds.get)
-    l2 = prof.per_tile["global_bytes"] * warps + prof.per_tile["atomic_bytes"] * warps
+    t = prof.per_tile
+    l2 = (t["global_bytes"] + t["atomic_bytes"]) * warps
     busy = sum(tiles) * tile
+    elements = launch.cfg.block_m * launch.cfg.block_n  # useful score elements of a tile
+    per_element = {
+        "issue_slots": t["issue"] * warps / elements,
+        "mufu_ex2": t["mufu_ex2"] * warps * 32 / elements,
+        "mufu_all": t["mufu_all"] * warps * 32 / elements,
+        "tensor_macs": t["tensor_macs_per_cta"] / elements,
+        "atomic_bytes": t["atomic_bytes"] * warps / elements,
+        "global_bytes": t["global_bytes"] * warps / elements,
+        "shared_bytes": t["shared_bytes"] * warps / elements,
+    }
     return {
         "kernel": launch.name, "grid": list(launch.grid), "programs": len(tiles),
-        "tiles": sum(tiles), "tile_us": {k: v * 1e6 for k, v in bounds.items()},
+        "tiles": sum(tiles), "tile_us": {name: v * 1e6 for name, v in bounds.items()},
+        "per_element": per_element,
         "binding": binding, "seconds": seconds, "dram_seconds": dram,
         "balance": busy / (span * rates.sms) if span > 0 else 1.0,
         "l2_bytes_per_tile": l2,
@@ -290,15 +302,22 @@ def estimate_case(case: StaticCase, rates: Rates = H100, cache: dict | None = No
     }  # fmt: skip
 
 
+def _shapes(*counters: dict) -> str:
+    """``8 x 64x128x16 HGMMA`` etc. for the tensor-core shapes of the counters."""
+    parts = [f"{v:g} x {k} {name}" for name, c in zip(("HGMMA", "HMMA"), counters)
+             for k, v in c.items()]  # fmt: skip
+    return ", ".join(parts) or "-"
+
+
 def markdown(results: list[dict], meta: dict) -> str:
-    """The results as a Markdown table, labelled as a static estimate."""
+    """The results as Markdown tables, labelled as a static estimate."""
     lines = [
-        f"# Static estimate (not a measurement), sm_90 SASS from triton {meta['triton']}",
+        f"# Static estimate (not a measurement): sm_90 SASS from triton {meta['triton']}",
         "",
-        "H100 SXM rates of `benchmarks/static_cost.py` (datasheet; sources in the file).",
-        "Forward + backward, bf16, one head. Every figure below is an *estimate* from",
-        "instruction counts: the model sees no latency, stalls, L2 misses or atomic",
-        "contention, so real kernels will be slower.",
+        f"`python -m benchmarks.static_cost` ({meta['date']}). H100 SXM rates with their",
+        "sources in `benchmarks/sm90_rates.py`. Forward + backward, bf16, one head. Every",
+        "figure is an *estimate* from instruction counts: the model sees no latency, stalls,",
+        "L2 misses or atomic contention, so real kernels will be slower.",
         "",
         "| case | estimated ms | floor ms | share of floor | binding bound (launch) |",
         "|---|---:|---:|---:|---|",
@@ -306,23 +325,59 @@ def markdown(results: list[dict], meta: dict) -> str:
     for r in results:
         lines.append(f"| {r['case']['name']} | {r['estimate_ms']:.2f} | {r['floor_ms']:.2f} | "
                      f"{100 * r['share_of_floor']:.0f} % | {r['binding']} |")  # fmt: skip
-    lines += ["", "Per launch (tile bounds in microseconds per column tile on one SM):", "",
-              "| case | kernel | grid | tiles | CTAs/SM | issue | SFU | tensor | shared "
-              + "| binding | ms |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines += ["", ("Per launch: tile bounds in microseconds per column tile on one SM, "
+              "balance = share of SM time the schedule keeps busy."), "",
+              "| case | kernel | grid | tiles | issue | SFU | tensor | shared | binding "
+              + "| balance | L2 TB/s to keep up | ms |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in results:
         for e in r["launches"]:
             t = e["tile_us"]
-            k = r["profiles"][e["kind"]]["ctas_per_sm"]
             lines.append(
                 f"| {r['case']['name']} | {e['kind']} | {'x'.join(map(str, e['grid']))} | "
-                f"{e['tiles']} | {k} | {t['issue']:.3f} | {t['sfu']:.3f} | {t['tensor']:.3f} | "
-                f"{t['shared']:.3f} | {e['binding']} | {1e3 * e['seconds']:.3f} |"
+                f"{e['tiles']} | {t['issue']:.3f} | {t['sfu']:.3f} | {t['tensor']:.3f} | "
+                f"{t['shared']:.3f} | {e['binding']} | {100 * e['balance']:.0f} % | "
+                f"{e['l2_break_even_tb_s']:.1f} | {1e3 * e['seconds']:.3f} |"
             )
-    lines += ["", "Re-sweep of underflowed row blocks (finalize), *estimated* on synthetic",
-              "data (unit rows, positives at the stated cosine, sampled row blocks):", ""]
+    lines += ["", ("Hot loop per useful score element (whole CTA; tensor-core instructions per "
+              "tile and warp), and resources:"), "",
+              "| case | kernel | tile (M x N x D step), warps, stages | issue slots | EX2 | "
+              + "MACs (issued / useful) | tensor instructions per warp | atomic B | regs | "
+              + "spill B | shared B | warpsPerCTA | CTAs/SM |",
+              "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
     for r in results:
-        lines.append(f"- {r['case']['name']}: " + ", ".join(
-            f"{side} {100 * v['rows']:.0f} % of rows, {100 * v['blocks']:.0f} % of blocks"
+        seen = set()
+        for e in r["launches"]:
+            if e["kind"] in seen:
+                continue
+            seen.add(e["kind"])
+            p, pe, c = r["profiles"][e["kind"]], e["per_element"], e["config"]
+            res = p["resources"]
+            lines.append(
+                f"| {r['case']['name']} | {e['kind']} | {c['block_m']} x {c['block_n']} x "
+                f"{c['block_d']}, {c['num_warps']}, {c['num_stages']} | "
+                f"{pe['issue_slots']:.3f} | {pe['mufu_ex2']:.2f} | {pe['tensor_macs']:.0f} "
+                f"({p['tensor_redundancy']:.2f}x) | "
+                f"{_shapes(p['per_tile']['hgmma'], p['per_tile']['hmma'])} | "
+                f"{pe['atomic_bytes']:.3f} | {res['registers']} | {res['local']} | "
+                f"{res['shared']} | {p['warps_per_cta']} | {p['ctas_per_sm']} |"
+            )
+    lines += ["", ("Where the issue slots of a tile go (whole CTA, per useful element, top 8 "
+              "opcode families):"), ""]
+    for r in results:
+        for kind, p in r["profiles"].items():
+            e = next(x for x in r["launches"] if x["kind"] == kind)
+            elements = e["config"]["block_m"] * e["config"]["block_n"]
+            top = list(p["per_tile"]["opcodes"].items())[:8]
+            lines.append(f"- {r['case']['name']}, {kind}: " + ", ".join(
+                f"{op} {v * p['num_warps'] / elements:.3f}" for op, v in top))  # fmt: skip
+    lines += ["", "Re-sweep of underflowed row blocks (finalize), *estimated* on synthetic",
+              "data (unit rows, positives at the stated cosine; sampled row blocks of the",
+              "full-size problem, the launcher's shift rule and the kernel's threshold):", ""]
+    for r in results:
+        lines.append(f"- {r['case']['name']} (tau = {r['case']['tau']:g}): " + "; ".join(
+            f"{side}: {100 * v['rows']:.0f} % of {v['sampled_rows']} sampled rows, "
+            f"{100 * v['blocks']:.0f} % of their blocks"
             for side, v in r["resweep_fraction_estimated"].items()))  # fmt: skip
     lines += ["", "Not modelled:", ""]
     lines += [f"- {k}: {v}." for k, v in NOT_MODELLED.items()]

@@ -16,8 +16,13 @@ and a program costs its tiles plus its instructions outside the loop (issue
 only). Programs are dealt to ``SMs x CTAs-per-SM`` slots in launch order, each
 slot running at ``1 / CTAs-per-SM`` of its SM; a launch lasts until its last
 slot is done, and at least its compulsory DRAM traffic at the HBM rate. The
-case is the sum of its launches. The floor (``cases``' symmetric design) over
-the estimate is the share of the floor.
+case is the sum of its launches. The floor (``sm90_rates.floor``, the symmetric
+design of design/performance.md) over the estimate is the share of the floor.
+
+Tiles per hot-loop iteration come from the MACs (a whole number of tiles; the
+rest is reported as redundant tensor work), so a loop whose every GEMM is
+issued twice would read as unrolled twice: the tests pin the real kernels at
+one tile per iteration.
 
 The model sees no latency: dependency stalls, barriers, L2 hit rates and
 atomic throughput, launch gaps and clocks under load all make real kernels
@@ -122,11 +127,8 @@ def profile(launch: Launch) -> Profile:
     per_tile = {k: (v / unroll if isinstance(v, int) else {s: c / unroll for s, c in v.items()})
                 for k, v in per.items()}  # fmt: skip
     res = resource_usage(compiled)
-    others = [lp for lp in loops if lp is not best]
+    # Once per program: everything outside the hot loop, other loops' bodies once each.
     outside = sass_counts.outside_counts(instrs, [best]).issue
-    if others:  # other top-level loops (the finalize's re-sweep is the hot one) count once
-        outside = sass_counts.outside_counts(instrs, loops).issue + sum(
-            sass_counts.count_range(instrs, lp.start, lp.end).issue for lp in others)
     return Profile(launch.name, res, warps_per_cta(compiled.asm["ttgir"]),
                    ctas_per_sm(res["registers"], res["shared"], cfg.num_warps), unroll,
                    redundancy, per_tile, outside)  # fmt: skip

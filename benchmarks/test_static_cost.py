@@ -117,9 +117,17 @@ sig, consts, attrs = specialise(P.atomic_loop_kernel, dict(X=f32, SUM=f32, n=2**
                                                           BLOCK=16))
 out["spec_big"] = [sig, sorted(k[0] for k in attrs)]
 
+try:
+    specialise(P.atomic_loop_kernel, dict(X=f32, SUM=f32, BLOCK=16))
+except ValueError as exc:
+    out["spec_error"] = str(exc)
+
 from benchmarks import static_cost
-from benchmarks.triton_launches import launch_plan
+from benchmarks.triton_launches import launch_plan, tiles_per_program
 plan = launch_plan("all", 32768, 128)
+out["plan"] = [[lc.kind, list(lc.grid), lc.cfg.block_m, lc.cfg.block_n, sum(tiles_per_program(lc)),
+                sum(tiles_per_program(lc, resweep_blocks=3))] for lc in plan]
+out["plan_cross"] = [[lc.kind, sum(tiles_per_program(lc))] for lc in launch_plan("cross", 1000, 64)]
 for lc in plan:
     if lc.kind in ("fwd", "bwd"):
         prof = static_cost.profile(lc)
@@ -182,6 +190,20 @@ def test_specialisation_follows_the_jit(compiled: dict) -> None:
     assert consts["K_EXP"] == 3 and hinted == [0]  # OUT unaligned, n == 1 is a constant
     sig, hinted = compiled["spec_big"]
     assert sig["n"] == "i64" and hinted == [0, 1, 2]  # 2^31 + 16: 64-bit, multiple of 16
+    assert "missing ['n']" in compiled["spec_error"]
+
+
+def test_launch_plan_covers_every_tile(compiled: dict) -> None:
+    """NT-Xent with 65,536 rows of Z: the forward visits each unordered pair of row blocks
+    once (T (T + 1) / 2 tiles), the backward every tile, the finalize none unless asked."""
+    (fwd, grid, bm, bn, tiles, _), fin, bwd = compiled["plan"]
+    assert fwd == "fwd" and bm == bn
+    t = 65536 // bm
+    assert grid[0] == t and tiles == t * (t + 1) // 2
+    assert fin[0] == "finalize" and fin[4] == 0 and fin[5] == 3 * (65536 // fin[3])
+    assert bwd[0] == "bwd" and bwd[4] == (65536 // bwd[2]) * (65536 // bwd[3])
+    kinds = [k for k, _ in compiled["plan_cross"]]
+    assert kinds == ["fwd", "finalize", "finalize", "bwd", "bwd"]  # dA and dB, rows and columns
 
 
 def test_real_kernels_count_one_tile_per_iteration(compiled: dict) -> None:

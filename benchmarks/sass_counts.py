@@ -19,8 +19,9 @@ What one instruction means per warp (``Counts`` fields):
 - ``atomics``/``atomic_bytes``: global ``RED``/``ATOM`` instructions and their
   bytes if all 32 lanes are active (an upper bound: masked lanes are not seen).
 - ``global_bytes``: global loads/stores/``cp.async`` (``LDG``/``STG``/``LDGSTS``)
-  likewise per 32 lanes; ``shared_bytes``: ``LDS``/``STS``/``LDSM`` plus the
-  operands wgmma reads from shared memory (B always, A when given by descriptor).
+  likewise per 32 lanes (TMA copies are not counted: none in these kernels);
+  ``shared_bytes``: ``LDS``/``STS``/``LDSM``/``STSM`` plus the operands wgmma
+  reads from shared memory (B always, A when given by descriptor).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _width(opcode: str) -> int:
 
 
 def _ldsm_bytes(opcode: str) -> int:
-    """``LDSM.16.M88.4``: four 8x8 matrices of 16-bit values per warp."""
+    """``LDSM.16.M88.4`` / ``STSM``: four 8x8 matrices of 16-bit values per warp."""
     parts = opcode.split(".")
     count = int(parts[-1]) if parts[-1].isdigit() and len(parts) > 3 else 1
     return 8 * 8 * 2 * count
@@ -142,12 +143,12 @@ class Counts:
             m, n, k = _hmma_shape(h.group(1))
             self.hmma[f"{m}x{n}x{k}"] += times
             self._hmma_macs += m * n * k * times
-        elif op.startswith(("RED", "ATOM")) and not op.startswith("ATOMS"):
-            self.atomics += times
+        elif op.startswith(("RED", "ATOM")) and not op.startswith(("ATOMS", "REDUX")):
+            self.atomics += times  # REDUX is a warp reduction, ATOMS a shared-memory atomic
             self.atomic_bytes += LANES * _width(op) * times
-        elif op.startswith(("LDG", "STG")):
+        elif op.startswith(("LDG", "STG")) and not op.startswith("LDGDEPBAR"):
             self.global_bytes += LANES * _width(op) * times
-        elif op.startswith("LDSM"):
+        elif op.startswith(("LDSM", "STSM")):
             self.shared_bytes += _ldsm_bytes(op) * times
         elif op.startswith(("LDS", "STS", "ATOMS")):
             self.shared_bytes += LANES * _width(op) * times

@@ -30,6 +30,9 @@ _SASS = """
         /*0060*/              @!P0 BRA 0x40 ;
         /*0070*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR16][R24.64], R8 ;
         /*0080*/              @!PT LDS RZ, [RZ] ;
+        /*0084*/                   LDGDEPBAR ;
+        /*0088*/                   REDUX.SUM UR4, R2 ;
+        /*008c*/                   STSM.16.M88.4 [R3], R8 ;
         /*0090*/                   HGMMA.64x64x16.F32.BF16 R24, R88, gdesc[UR12].tnspB, R24 ;
         /*00a0*/               @P0 BRA 0x20 ;
         /*00b0*/                   EXIT ;
@@ -45,15 +48,16 @@ def test_sass_loops_and_counts_of_hand_written_code() -> None:
     assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xA0)]
     assert [(lp.start, lp.end) for lp in loops[0].inner] == [(0x40, 0x60)]
     c = S.iteration_counts(instrs, loops[0], [3])
-    assert c.issue == 6 + 3 * 3
+    assert c.issue == 9 + 3 * 3
     assert (c.ex2, c.mufu) == (1, 1)
     assert dict(c.hgmma) == {"64x128x16": 1, "64x64x16": 1}
     assert dict(c.hmma) == {"16x8x16": 3}
-    assert (c.atomics, c.atomic_bytes) == (1, 32 * 16)
-    assert c.global_bytes == 3 * 32 * 16
+    assert (c.atomics, c.atomic_bytes) == (1, 32 * 16)  # REDUX is no atomic
+    assert c.global_bytes == 3 * 32 * 16  # LDGDEPBAR moves nothing
     # wgmma operands from shared memory, per warp (a quarter of the warpgroup's):
-    # B always, A only when given by descriptor; the @!PT load moves nothing.
-    assert c.shared_bytes == ((128 * 16 + 64 * 16) * 2 + 64 * 16 * 2) // 4
+    # B always, A only when given by descriptor; the @!PT load moves nothing; STSM.4
+    # stores four 8x8 bf16 matrices.
+    assert c.shared_bytes == ((128 * 16 + 64 * 16) * 2 + 64 * 16 * 2) // 4 + 4 * 8 * 8 * 2
     warps = 8
     wgmma = (64 * 128 * 16 + 64 * 64 * 16) * warps // 4
     assert c.macs_per_cta(warps) == wgmma + 3 * 16 * 8 * 16 * warps

@@ -327,11 +327,17 @@ def markdown(results: list[dict], meta: dict) -> str:
     for r in results:
         lines.append(f"| {r['case']['name']} | {r['estimate_ms']:.2f} | {r['floor_ms']:.2f} | "
                      f"{100 * r['share_of_floor']:.0f} % | {r['binding']} |")  # fmt: skip
-    lines += ["", ("Per launch: tile bounds in microseconds per column tile on one SM, "
-              "balance = share of SM time the schedule keeps busy."), "",
-              "| case | kernel | grid | tiles | issue | SFU | tensor | shared | binding "
-              + "| balance | L2 TB/s to keep up | ms |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines += [
+        "",
+        (
+            "Per launch: tile bounds in microseconds per column tile on one SM, "
+            "balance = share of SM time the schedule keeps busy."
+        ),
+        "",
+        "| case | kernel | grid | tiles | issue | SFU | tensor | shared | binding "
+        + "| balance | L2 TB/s to keep up | ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for r in results:
         for e in r["launches"]:
             t = e["tile_us"]
@@ -341,12 +347,18 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"{t['shared']:.3f} | {e['binding']} | {100 * e['balance']:.0f} % | "
                 f"{e['l2_break_even_tb_s']:.1f} | {1e3 * e['seconds']:.3f} |"
             )
-    lines += ["", ("Hot loop per useful score element (whole CTA; tensor-core instructions per "
-              "tile and warp), and resources:"), "",
-              "| case | kernel | tile (M x N x D step), warps, stages | issue slots | EX2 | "
-              + "MACs (issued / useful) | tensor instructions per warp | atomic B | regs | "
-              + "spill B | shared B | warpsPerCTA | CTAs/SM |",
-              "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
+    lines += [
+        "",
+        (
+            "Hot loop per useful score element (whole CTA; tensor-core instructions per "
+            "tile and warp), and resources:"
+        ),
+        "",
+        "| case | kernel | tile (M x N x D step), warps, stages | issue slots | EX2 | "
+        + "MACs (issued / useful) | tensor instructions per warp | atomic B | regs | "
+        + "spill B | shared B | warpsPerCTA | CTAs/SM |",
+        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|",
+    ]
     for r in results:
         seen = set()
         for e in r["launches"]:
@@ -364,8 +376,14 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"{pe['atomic_bytes']:.3f} | {res['registers']} | {res['local']} | "
                 f"{res['shared']} | {p['warps_per_cta']} | {p['ctas_per_sm']} |"
             )
-    lines += ["", ("Where the issue slots of a tile go (whole CTA, per useful element, top 8 "
-              "opcode families):"), ""]
+    lines += [
+        "",
+        (
+            "Where the issue slots of a tile go (whole CTA, per useful element, top 8 "
+            "opcode families):"
+        ),
+        "",
+    ]
     for r in results:
         for kind, p in r["profiles"].items():
             e = next(x for x in r["launches"] if x["kind"] == kind)
@@ -373,9 +391,13 @@ def markdown(results: list[dict], meta: dict) -> str:
             top = list(p["per_tile"]["opcodes"].items())[:8]
             lines.append(f"- {r['case']['name']}, {kind}: " + ", ".join(
                 f"{op} {v * p['num_warps'] / elements:.3f}" for op, v in top))  # fmt: skip
-    lines += ["", "Re-sweep of underflowed row blocks (finalize), *estimated* on synthetic",
-              "data (unit rows, positives at the stated cosine; sampled row blocks of the",
-              "full-size problem, the launcher's shift rule and the kernel's threshold):", ""]
+    lines += [
+        "",
+        "Re-sweep of underflowed row blocks (finalize), *estimated* on synthetic",
+        "data (unit rows, positives at the stated cosine; sampled row blocks of the",
+        "full-size problem, the launcher's shift rule and the kernel's threshold):",
+        "",
+    ]
     for r in results:
         lines.append(f"- {r['case']['name']} (tau = {r['case']['tau']:g}): " + "; ".join(
             f"{side}: {100 * v['rows']:.0f} % of {v['sampled_rows']} sampled rows, "

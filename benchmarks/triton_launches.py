@@ -108,9 +108,19 @@ def launch_plan(
     cb = configs.column_blocks_per_program(tr, tc, tr * tc, target)
     chunks = _cdiv(tc, cb)
     ptrs = ("INV_TAU", "LSE_R", "LSE_C", "G_R", "G_C", "CENTER_R", "GSCALE", "DX", "TAU_PART")
-    args = {"X": x, "Y": x, **{p: f32 for p in ptrs}, "R": m, "C": m, "D": d, "eps": 1e-12,
-            "COL_BLOCKS": cb, "ATOMIC": chunks > 1 or not cfg.single_d,
-            "GRAD_TF32": log_dot and dtype == "fp16", **_common(dtype, cfg, all_pairs, log_dot)}
+    args = {
+        "X": x,
+        "Y": x,
+        **{p: f32 for p in ptrs},
+        "R": m,
+        "C": m,
+        "D": d,
+        "eps": 1e-12,
+        "COL_BLOCKS": cb,
+        "ATOMIC": chunks > 1 or not cfg.single_d,
+        "GRAD_TF32": log_dot and dtype == "fp16",
+        **_common(dtype, cfg, all_pairs, log_dot),
+    }
     bwd = Launch("bwd", K.bwd_rows_kernel, cfg, (tr, chunks, 1), args, m, m, d, cb, all_pairs)
     plan += [bwd] if all_pairs else [bwd, bwd]  # cross: dA, then dB with a and b swapped
     return plan

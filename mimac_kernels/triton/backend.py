@@ -178,53 +178,53 @@ def _lse_finalize(
     return lse
 
 
+def _exp_sums(
+    p: Problem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor,
+    sums: tuple[Tensor, Tensor],
+) -> None:
+    """One launch of ``fwd_exp_sums_kernel``: the shifted exp-sums of the rows of ``x``
+    against ``y`` (``operands``) into ``sums`` (rows, columns; one buffer twice for
+    ``all``, whose symmetric tiles add to both their rows and their columns)."""
+    x, y = operands
+    h, r, d = x.shape
+    c = y.shape[1]
+    cfg = configs.forward_config(d, x.element_size())
+    tr = triton.cdiv(r, cfg.block_m)
+    # all: only the tiles on and above the diagonal run; cross: every tile.
+    tc = tr if p.all_pairs else triton.cdiv(c, cfg.block_n)
+    tiles = tr * (tr + 1) // 2 * h if p.all_pairs else tr * tc * h
+    col_blocks = configs.column_blocks_per_program(
+        tr * h, tc, tiles, configs.target_programs(x.device)
+    )
+    _launch(
+        "fwd",
+        kernels.fwd_exp_sums_kernel,
+        lambda bm, bn: (triton.cdiv(r, bm), _col_chunks(c, bn, col_blocks), h),
+        cfg,
+        x, y, inv_tau, shift, sums[0], sums[1], r, c, d, p.eps, col_blocks,
+        ALL=p.all_pairs, LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
+        SINGLE_D=cfg.single_d, **_precision(x.dtype),
+    )  # fmt: skip
+
+
 def forward(problem: Problem) -> Stats:
     """Row (and column) log-sum-exp of ``S = inv_tau * s(a, b)`` (shapes: ``contract``),
     float32."""
     inv_tau = _require(problem)
     a, b, critic, eps = problem.a, problem.b, problem.critic, problem.eps
-    h, n, d = a.shape
-    log_dot = critic == "log_dot"
-    prec = _precision(a.dtype)
-    cfg = configs.forward_config(d, a.element_size())
+    h, n, _ = a.shape
     with _device_guard(a):
         if problem.all_pairs:
             z = torch.cat([a, b], dim=1)  # (H, 2N, D): rows and columns are the same matrix
-            m = 2 * n
             shift = _shift(z, None, inv_tau, critic, eps)
-            sums = torch.zeros(h, m, dtype=torch.float32, device=a.device)
-            t = triton.cdiv(m, cfg.block_m)
-            col_blocks = configs.column_blocks_per_program(
-                t * h, t, t * (t + 1) // 2 * h, configs.target_programs(a.device)
-            )
-            _launch(
-                "fwd",
-                kernels.fwd_exp_sums_kernel,
-                lambda bm, bn: (triton.cdiv(m, bm), _col_chunks(m, bn, col_blocks), h),
-                cfg,
-                z, z, inv_tau, shift, sums, sums, m, m, d, eps, col_blocks,
-                ALL=True, LOG_DOT=log_dot, BLOCK_D=cfg.block_d, SINGLE_D=cfg.single_d,
-                **prec,
-            )  # fmt: skip
+            sums = torch.zeros(h, 2 * n, dtype=torch.float32, device=a.device)
+            _exp_sums(problem, inv_tau, (z, z), shift, (sums, sums))
             row_lse = _lse_finalize(problem, inv_tau, (z, z), shift, sums)
             return Stats(row_lse, row_lse.new_empty(h, 0))
-
         shift = _shift(a, b, inv_tau, critic, eps)
         row_sum = torch.zeros(h, n, dtype=torch.float32, device=a.device)
         col_sum = torch.zeros(h, n, dtype=torch.float32, device=a.device)
-        tr, tc = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
-        col_blocks = configs.column_blocks_per_program(
-            tr * h, tc, tr * tc * h, configs.target_programs(a.device)
-        )
-        _launch(
-            "fwd",
-            kernels.fwd_exp_sums_kernel,
-            lambda bm, bn: (triton.cdiv(n, bm), _col_chunks(n, bn, col_blocks), h),
-            cfg,
-            a, b, inv_tau, shift, row_sum, col_sum, n, n, d, eps, col_blocks,
-            ALL=False, LOG_DOT=log_dot, BLOCK_D=cfg.block_d, SINGLE_D=cfg.single_d,
-            **prec,
-        )  # fmt: skip
+        _exp_sums(problem, inv_tau, (a, b), shift, (row_sum, col_sum))
         row_lse = _lse_finalize(problem, inv_tau, (a, b), shift, row_sum)
         # Columns of S(a, b) are the rows of S(b, a): the same kernel, operands swapped.
         col_lse = _lse_finalize(problem, inv_tau, (b, a), shift, col_sum)

@@ -37,6 +37,11 @@ class Runner:
     def impl(self) -> Backend:
         return dispatch.get_backend(self.name)
 
+    @property
+    def interpreted(self) -> bool:
+        """Triton on CPU tensors: its interpreter, slow at larger shapes."""
+        return self.name == "triton" and self.device.type == "cpu"
+
 
 RUNNERS = [
     pytest.param("torch", id="torch"),

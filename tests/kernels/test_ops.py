@@ -23,9 +23,8 @@ def test_opcheck_forward(negatives, critic):
     a, b = _sample(negatives, critic)
     inv_tau = torch.tensor(2.0, requires_grad=True)
     pos_row, pos_col = _positives(a, b, negatives)
-    torch.library.opcheck(
-        ops.lse_fwd, (a, b, inv_tau, pos_row, pos_col, critic, negatives, 1e-12, "torch")
-    )
+    options = {"critic": critic, "negatives": negatives, "eps": 1e-12, "backend": "torch"}
+    torch.library.opcheck(ops.lse_fwd, (a, b, inv_tau, pos_row, pos_col), options)
 
 
 def _positives(a, b, negatives):
@@ -40,11 +39,11 @@ def test_opcheck_backward(negatives):
     a, b = _sample(negatives, "dot")
     inv_tau = torch.tensor(2.0)
     pos_row, pos_col = (p.detach() for p in _positives(a, b, negatives))
-    _, _, row, col = ops.lse_fwd(a.detach(), b.detach(), inv_tau, pos_row, pos_col, "dot",
-                                 negatives, 1e-12, "torch")
-    args = (a.detach(), b.detach(), inv_tau, row, col, torch.rand_like(row), torch.rand_like(col),
-            pos_row, pos_col, "dot", negatives, 1e-12, "torch")
-    torch.library.opcheck(ops.lse_bwd, args)
+    options = {"critic": "dot", "negatives": negatives, "eps": 1e-12, "backend": "torch"}
+    _, _, row, col = ops.lse_fwd(a.detach(), b.detach(), inv_tau, pos_row, pos_col, **options)
+    upstream = [torch.rand_like(row), torch.rand_like(col), pos_row, pos_col]
+    args = (a.detach(), b.detach(), inv_tau, [row, col], upstream)
+    torch.library.opcheck(ops.lse_bwd, args, options)
 
 
 class _Tiny(torch.nn.Module):

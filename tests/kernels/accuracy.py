@@ -153,6 +153,18 @@ def assert_backend_matches_float64(
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({kw}, {dtype})"
 
 
+def assert_within_bound(
+    ours: list[Tensor], plain: list[Tensor], ref: list[Tensor], dtype: torch.dtype,
+    names: list[str] | None = None,
+) -> None:
+    """Each of ``ours`` within ``error_bound`` of ``ref`` (float64), given ``plain`` (the
+    same quantities from plain PyTorch in ``dtype``)."""
+    names = names or [str(i) for i in range(len(ours))]
+    for name, x, p, r in zip(names, ours, plain, ref, strict=True):
+        err, bound = max_abs_err(x, r), error_bound(max_abs_err(p, r), dtype, r)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+
+
 @dataclass(frozen=True)
 class KernelCase:
     """One kernel-level call: the problem (cosine rows unit-normed, ``inv_tau`` = 1 /

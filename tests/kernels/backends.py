@@ -43,12 +43,13 @@ class Runner:
         return self.name == "triton" and self.device.type == "cpu"
 
 
+#: GPU backends first: a time-boxed run on a GPU machine reaches them before a cut.
 RUNNERS = [
-    pytest.param("torch", id="torch"),
-    pytest.param("cpu", id="cpu"),
     pytest.param("triton", id="triton"),
-    pytest.param("cuda-emulated", id="cuda-emulated", marks=pytest.mark.emulated),
     pytest.param("cuda-gpu", id="cuda-gpu", marks=pytest.mark.gpu),
+    pytest.param("cuda-emulated", id="cuda-emulated", marks=pytest.mark.emulated),
+    pytest.param("cpu", id="cpu"),
+    pytest.param("torch", id="torch"),
 ]
 
 

@@ -22,7 +22,7 @@ import torch
 
 from mimac_kernels import cuda_backend
 from mimac_kernels.options import CRITICS, KERNEL_DTYPES, NEGATIVES
-from tests.kernels.accuracy import kernel_case, kernel_level_errors
+from tests.kernels.accuracy import kernel_case, kernel_level_errors, weight_eps
 from tests.kernels.emulation import emulated_cuda_backend
 
 DTYPES = {str(dt).removeprefix("torch."): dt for dt in KERNEL_DTYPES}
@@ -33,7 +33,7 @@ def workout(device: torch.device, n: int, d: int, h: int, dtypes: list[str]) -> 
     bad = []
     for critic, negatives, name in itertools.product(CRITICS, NEGATIVES, dtypes):
         case = kernel_case((h, n, d), critic, negatives, DTYPES[name], device, seed=3)
-        errors = kernel_level_errors(cuda_backend, case)
+        errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", DTYPES[name]))
         print(f"{critic:8s} {negatives:5s} {name:8s} {'; '.join(errors) or 'ok'}", flush=True)
         if errors:
             bad.append(f"{critic}/{negatives}/{name}")

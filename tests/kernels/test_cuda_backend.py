@@ -17,7 +17,13 @@ import torch
 
 import mimac_kernels
 from mimac_kernels import cuda_backend, extension, torch_backend
-from tests.kernels.accuracy import kernel_case, kernel_level_errors, kernel_outputs, max_abs_err
+from tests.kernels.accuracy import (
+    kernel_case,
+    kernel_level_errors,
+    kernel_outputs,
+    max_abs_err,
+    weight_eps,
+)
 from tests.kernels.emulation import (
     EMULATION_SCHEDULES,
     emulated_cuda_backend,
@@ -61,7 +67,7 @@ def gpu():
 def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8):
     """Kernel-level contract vs the tiled float64 torch backend on the same rounded inputs."""
     case = kernel_case((h, n, d), critic, negatives, dtype, dev, seed=seed)
-    errors = kernel_level_errors(cuda_backend, case)
+    errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", dtype))
     assert not errors, (critic, negatives, dtype, n, errors)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mimac_kernels import fused_contrastive_loss, reference_contrastive_loss
+from mimac_kernels.options import CRITICS, KERNEL_DTYPES, NEGATIVES
 from tests.kernels.accuracy import (
     PAIRINGS,
     TAU,
@@ -25,15 +26,13 @@ from tests.kernels.accuracy import (
     weight_eps,
 )
 
-CRITICS = tuple(TAU)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: 1 row, 1 feature; heads; a single tile; several row blocks (odd and even counts);
 #: D over several staging chunks and output slices.
 EDGE_SHAPES = [(1, 1), (1, 5), (2, 3), (2, 1, 7), (3, 5, 7), (3, 19, 10), (64, 16), (96, 48),
                (200, 20), (130, 200), (3, 150, 129)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
 @pytest.mark.parametrize("critic", CRITICS)
 def test_matches_float64(runner, critic, negatives, symmetric, dtype):
@@ -55,7 +54,7 @@ def test_reductions(runner, negatives, symmetric, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 @pytest.mark.parametrize("critic", CRITICS)
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=str)
 def test_edge_shapes(runner, shape, critic, negatives, dtype):
@@ -83,8 +82,8 @@ def test_nan_propagates(runner, critic, negatives, symmetric):
     assert torch.isnan(a_.grad).any() and torch.isnan(b_.grad).any()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("negatives", NEGATIVES)
 @pytest.mark.parametrize("critic", CRITICS)
 def test_kernel_level_matches_reference(runner, critic, negatives, dtype):
     """The contract of ``mimac_kernels.contract`` against the torch backend in float64 on

@@ -18,6 +18,7 @@ import torch
 import mimac_kernels
 from mimac_kernels import cpu_backend, dispatch, extension
 from mimac_kernels.contract import Problem, Stats, Upstream
+from mimac_kernels.options import CRITICS, NEGATIVES
 from tests.kernels.accuracy import (
     assert_backend_matches_float64,
     kernel_case,
@@ -26,7 +27,6 @@ from tests.kernels.accuracy import (
     make_views,
 )
 
-CRITICS = ("cosine", "dot", "log_dot")
 CPU = torch.device("cpu")
 
 
@@ -47,7 +47,7 @@ def built_extension():
 # --- values and gradients -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_wide_spread_takes_two_exponentials(negatives):
     """Rows of very different norms (dot critic): no common shift suits a tile, so
     each row and column keeps its own; values and gradients must stay accurate."""
@@ -65,7 +65,7 @@ def test_wide_spread_takes_two_exponentials(negatives):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_inf_probability_is_not_hidden(negatives):
     """log(+inf) must stay inf: the vector log once turned it into log(2^128), a finite loss.
     Which non-finite value (inf or NaN) a row gets may differ from torch's logsumexp."""
@@ -99,7 +99,7 @@ def test_backward_refuses_statistics_of_the_wrong_shape():
 
 
 @pytest.mark.parametrize("critic", CRITICS)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_kernel_level_matches_reference_every_isa(critic, negatives):
     """The backend contract against the torch backend in float64, for every
     instruction set this CPU runs (AVX-512, AVX2, baseline)."""
@@ -120,7 +120,7 @@ def restore_group():
 
 
 @pytest.mark.parametrize("critic", ["cosine", "log_dot"])
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_group_tiles_match_reference(critic, negatives, restore_group):
     """Groups of 1 to 9 blocks over 7 blocks of 64 rows (short last groups, one
     group larger than the problem) and two heads: every tile is visited once, the

@@ -17,6 +17,7 @@ import torch
 
 import mimac_kernels
 from mimac_kernels import cuda_backend, extension, torch_backend
+from mimac_kernels.options import NEGATIVES
 from tests.kernels.accuracy import (
     kernel_case,
     kernel_level_errors,
@@ -99,7 +100,7 @@ def test_no_race_between_barriers(critic, negatives, dtype, dev):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_large_n(n, dtype, negatives, monkeypatch, gpu):
     monkeypatch.setattr(torch_backend, "TILE_ELEMS", 1 << 26)  # fewer, larger float64 reference tiles
     _kernel_check(gpu, n, 128, "cosine", negatives, dtype)

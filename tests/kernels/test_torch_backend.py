@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from mimac_kernels import fused_contrastive_loss, reference_contrastive_loss, torch_backend
+from mimac_kernels.options import CRITICS, NEGATIVES
 from tests.kernels.accuracy import error_bound, max_abs_err
 
 CASES = [
     (critic, neg, sym)
-    for critic in ("cosine", "dot", "log_dot")
-    for neg in ("all", "cross")
+    for critic in CRITICS
+    for neg in NEGATIVES
     for sym in ((True, False) if neg == "cross" else (True,))
 ]
 
@@ -85,7 +86,7 @@ def test_low_precision_within_bound(dtype, critic, negatives, symmetric):
     assert max_abs_err(gb, gb_ref) <= error_bound(max_abs_err(gb_p, gb_ref), dtype, gb_ref)
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_log_dot_closed_form_exact(negatives, symmetric):
     """tau = 1 takes the linear closed form; it equals the full formula, values and grads."""
@@ -121,7 +122,7 @@ def test_log_dot_closed_form_keeps_float32_digits_on_sharp_rows(alpha):
     assert max_abs_err(out, ref) <= error_bound(max_abs_err(plain, ref), torch.float32, ref)
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_log_dot_closed_form_clamps_like_the_tiled_loss(negatives):
     """Views with disjoint supports: every dot product is 0, each term is clamped at eps,
     and the loss is log(number of terms), at tau = 1 (closed form) as at any other tau."""
@@ -163,8 +164,8 @@ def test_closed_form_linear_at_large_m():
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
 
 
-@pytest.mark.parametrize("critic", ["cosine", "dot", "log_dot"])
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("critic", CRITICS)
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_nan_propagates(critic, negatives):
     a, b = _inputs((8, 5), critic, dtype=torch.float32)
     a = a.detach().clone()

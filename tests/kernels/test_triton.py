@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mimac_kernels import dispatch, fused_contrastive_loss, reference_contrastive_loss
 from mimac_kernels.contract import Problem
+from mimac_kernels.options import NEGATIVES
 from tests.kernels.accuracy import (
     PAIRINGS,
     TAU,
@@ -41,7 +42,7 @@ assert_close_to_float64 = functools.partial(assert_backend_matches_float64, "tri
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_float_temperature_and_wide_features(negatives: str, dtype: torch.dtype) -> None:
     """D wider than one register tile walks D in chunks (and adds dX chunk by chunk)."""
     a, b = make_views((2, 9, 300), "cosine", seed=4)
@@ -83,7 +84,7 @@ def _small_tiles(d: int, itemsize: int, log_dot: bool = False) -> configs.TileCo
 
 
 @pytest.mark.parametrize("critic", ["cosine", "dot"])
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_split_columns_and_atomics(monkeypatch, critic: str, negatives: str) -> None:
     """16x16 tiles, one column block per program: many programs share a row block."""
     for name in ("forward_config", "finalize_config", "backward_config"):

@@ -10,9 +10,9 @@ End to end (``assert_backend_matches_float64``) "plain" is the full-matrix loss 
 the inputs' dtype. At the kernel level (``kernel_level_errors``) it is the torch
 backend in float32 on the same rounded inputs, and the slack is two float32 ulps of
 the result's largest entry (no absolute ``ATOL``: the statistics and gradients of
-the contract are small numbers). For half inputs a backend's backward may round its
-weights to fewer bits (``weight_eps``): the bound of the gradients adds twice that
-rounding of their largest entry.
+the contract are small numbers). A backend's backward may round its products'
+operands to fewer bits than float32 (``weight_eps``: tensor-core formats): the bound
+of the gradients adds twice that rounding of their largest entry.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ TF32_EPS = 2.0**-10
 
 
 def weight_eps(backend: str, dtype: torch.dtype) -> float:
-    """Relative rounding of the weights ``W`` in ``backend``'s backward for inputs of
-    ``dtype`` (0: float32). cuda: half inputs multiply W rounded to TF32 on tensor
-    cores; triton: W in the inputs' dtype for ``tl.dot``; torch and cpu: float32."""
+    """Relative rounding of the products in ``backend``'s backward for inputs of
+    ``dtype``, beyond float32's own (0: none). cuda: half inputs multiply the weights
+    rounded to TF32 on tensor cores, float32 inputs go through 3xTF32, which drops the
+    product of the two low parts (up to about ``TF32_EPS**2`` of each product);
+    triton: the weights in the inputs' dtype for ``tl.dot``; torch and cpu: float32."""
     if dtype not in HALF_DTYPES:
-        return 0.0
+        return 2.0 * TF32_EPS**2 if backend == "cuda" else 0.0
     return {"cuda": TF32_EPS, "triton": torch.finfo(dtype).eps}.get(backend, 0.0)
 
 

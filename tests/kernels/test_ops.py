@@ -23,9 +23,9 @@ def _sample(negatives: str, critic: str, dtype=torch.float32):
 def test_opcheck_forward(negatives, critic):
     a, b = _sample(negatives, critic)
     inv_tau = torch.tensor(2.0, requires_grad=True)
-    pos_row, pos_col = _positives(a, b, negatives)
+    row_center, col_center = _positives(a, b, negatives)
     options = {"critic": critic, "negatives": negatives, "eps": 1e-12, "backend": "torch"}
-    torch.library.opcheck(ops.lse_fwd, (a, b, inv_tau, pos_row, pos_col), options)
+    torch.library.opcheck(ops.lse_fwd, (a, b, inv_tau, row_center, col_center), options)
 
 
 def _positives(a, b, negatives):
@@ -39,10 +39,10 @@ def _positives(a, b, negatives):
 def test_opcheck_backward(negatives):
     a, b = _sample(negatives, "dot")
     inv_tau = torch.tensor(2.0)
-    pos_row, pos_col = (p.detach() for p in _positives(a, b, negatives))
+    row_center, col_center = (p.detach() for p in _positives(a, b, negatives))
     options = {"critic": "dot", "negatives": negatives, "eps": 1e-12, "backend": "torch"}
-    _, _, row, col = ops.lse_fwd(a.detach(), b.detach(), inv_tau, pos_row, pos_col, **options)
-    upstream = [torch.rand_like(row), torch.rand_like(col), pos_row, pos_col]
+    _, _, row, col = ops.lse_fwd(a.detach(), b.detach(), inv_tau, row_center, col_center, **options)
+    upstream = [torch.rand_like(row), torch.rand_like(col), row_center, col_center]
     args = (a.detach(), b.detach(), inv_tau, [row, col], upstream)
     torch.library.opcheck(ops.lse_bwd, args, options)
 

@@ -7,7 +7,7 @@ just before the first full-size call. Time is the median of ``--repeats``
 forward+backward runs after that first call.
 
 Providers:
-    eager  ``mimac_kernels.testing.naive_contrastive_loss(..., dtype=None)``: the
+    eager  ``mimac_kernels.reference_contrastive_loss(..., dtype=None)``: the
            full M x M matrix and autograd, as most code runs it.
     cpu    ``fused_contrastive_loss(..., backend="cpu")``: the fused C++ kernel;
            ``cpu/g1`` .. ``cpu/g4`` force that many blocks per group tile
@@ -100,7 +100,6 @@ def _worker(args: argparse.Namespace) -> dict:
     import torch
 
     import mimac_kernels
-    from mimac_kernels.testing import naive_contrastive_loss
 
     torch.manual_seed(0)
     n, d = args.n, args.d
@@ -114,7 +113,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
     def loss_fn(a, b):
         if backend == "eager":
-            return naive_contrastive_loss(a, b, dtype=None, **kw)
+            return mimac_kernels.reference_contrastive_loss(a, b, dtype=None, **kw)
         return mimac_kernels.fused_contrastive_loss(a, b, backend=backend, **kw)
 
     # Warm-up on a small problem: builds/loads the extension, initialises threads.

@@ -93,8 +93,11 @@ if want tests; then
   # The CUDA and Triton suites first (a cut drops the rest), every failure up to 25
   # reported rather than the first; the CPU emulation is CI's job, not the chip's.
   # (files named one by one: pytest keeps that order, not with a folder among them).
-  first=(tests/kernels/test_cuda_backend.py tests/kernels/test_triton.py)
-  mapfile -t rest < <(ls tests/kernels/test_*.py | grep -v -e test_cuda_backend.py -e test_triton.py)
+  # test_backends.py runs its GPU backends (triton, cuda) before the CPU ones.
+  first=(tests/kernels/test_backends.py tests/kernels/test_cuda_backend.py
+         tests/kernels/test_triton.py)
+  mapfile -t rest < <(ls tests/kernels/test_*.py \
+    | grep -v -e test_backends.py -e test_cuda_backend.py -e test_triton.py)
   run tests $((120 < $(left) ? 120 : $(left))) $PY -m pytest "${first[@]}" "${rest[@]}" \
     --maxfail=25 -q -p no:cacheprovider -m "not emulated" -rfE --durations=10 \
     --junitxml="$OUTDIR/tests.xml" || RC=1

@@ -3,7 +3,7 @@
 Providers:
 
 ``eager``
-    The plain full-matrix PyTorch loss (``mimac_kernels.testing.naive_contrastive_loss``
+    The plain full-matrix PyTorch loss (``mimac_kernels.reference_contrastive_loss``
     with ``dtype=None``: S = f(Z, Z) / tau, diagonal masked, log-sum-exp), what
     lightly and most papers run.
 ``compile``
@@ -37,8 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.cases import Case
-from mimac_kernels import available_backends, dispatch, fused_contrastive_loss
-from mimac_kernels.testing import naive_contrastive_loss
+from mimac_kernels import (
+    available_backends,
+    dispatch,
+    fused_contrastive_loss,
+    reference_contrastive_loss,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: Backends that run in an interpreter on the CPU: correct but not a speed.
@@ -88,7 +92,7 @@ def tiny(case: Case) -> Case:
 
 
 def _eager_loss(a: Tensor, b: Tensor, tau: float, critic: str, pairing: str) -> Tensor:
-    return naive_contrastive_loss(
+    return reference_contrastive_loss(
         a, b, temperature=tau, critic=critic, negatives=pairing, symmetric=True, dtype=None
     )
 

@@ -21,23 +21,19 @@ import sys
 import torch
 
 from mimac_kernels import cuda_backend
-from mimac_kernels.testing import (
-    KERNEL_TAU,
-    emulated_cuda_backend,
-    kernel_case,
-    kernel_level_errors,
-)
+from mimac_kernels.options import CRITICS, KERNEL_DTYPES, NEGATIVES
+from tests.kernels.accuracy import kernel_case, kernel_level_errors, weight_eps
+from tests.kernels.emulation import emulated_cuda_backend
 
-CRITICS = tuple(KERNEL_TAU)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {str(dt).removeprefix("torch."): dt for dt in KERNEL_DTYPES}
 
 
 def workout(device: torch.device, n: int, d: int, h: int, dtypes: list[str]) -> list[str]:
     """Run every case once; returns the cases whose results miss the float64 reference."""
     bad = []
-    for critic, negatives, name in itertools.product(CRITICS, ("all", "cross"), dtypes):
+    for critic, negatives, name in itertools.product(CRITICS, NEGATIVES, dtypes):
         case = kernel_case((h, n, d), critic, negatives, DTYPES[name], device, seed=3)
-        errors = kernel_level_errors(cuda_backend, case)
+        errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", DTYPES[name]))
         print(f"{critic:8s} {negatives:5s} {name:8s} {'; '.join(errors) or 'ok'}", flush=True)
         if errors:
             bad.append(f"{critic}/{negatives}/{name}")
@@ -60,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.emulated:
         scope, device = emulated_cuda_backend(), torch.device("cpu")
     else:
-        why = cuda_backend.unavailable_reason(torch.device("cuda"), torch.float32)
+        why = cuda_backend.probe(torch.device("cuda"), torch.float32)
         if why is not None:
             print(f"the cuda backend cannot run here: {why}", file=sys.stderr)
             return 2
         scope, device = contextlib.nullcontext(), torch.device("cuda")
     with scope:
         bad = workout(device, args.n, args.d, args.heads, dtypes)
-    print(f"{len(bad)} of {len(CRITICS) * 2 * len(dtypes)} cases miss the float64 reference"
+    print(f"{len(bad)} of {len(CRITICS) * len(NEGATIVES) * len(dtypes)} cases miss the float64 reference"
           + (f": {', '.join(bad)}" if bad else ""))
     return 1 if bad else 0
 

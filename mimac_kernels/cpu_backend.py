@@ -1,6 +1,6 @@
 """The ``cpu`` backend: the fused C++ kernel of ``csrc/cpu`` (OpenMP, built on first use).
 
-Kernel-level contract: see ``mimac_kernels.dispatch``. Computes in float32
+Kernel-level contract: ``mimac_kernels.contract``. Computes in float32
 (float16/bfloat16 inputs are upcast); float64 stays with the ``torch`` backend.
 The tile kernels exist for AVX-512, AVX2 and baseline x86-64 and are chosen at
 run time (``isa()``/``set_isa()`` inspect and override the choice).
@@ -13,16 +13,19 @@ import functools
 import torch
 
 from mimac_kernels import extension, extension_backend
+from mimac_kernels.contract import Problem, kernel_dtype_refusal
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+def probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` if the CPU kernel runs ``device``/``dtype`` (building it on first call)."""
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, not {device.type}"
-    why = extension_backend.dtype_reason(dtype)
-    if why is not None:
-        return why
-    return extension.unavailable_reason("cpu")
+    return kernel_dtype_refusal(dtype) or extension.unavailable_reason("cpu")
+
+
+def refusal(problem: Problem) -> str | None:
+    """Never by shape: the kernel loops over any number of heads, rows and features."""
+    return None
 
 
 forward = functools.partial(extension_backend.forward, "cpu")

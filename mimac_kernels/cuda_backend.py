@@ -1,9 +1,9 @@
 """The ``cuda`` backend: the CUDA C++ kernels of ``csrc/cuda`` (built on first use).
 
-Kernel-level contract: see ``mimac_kernels.dispatch``. Tensor-core tiles
-(WMMA): bf16/fp16 inputs natively, float32 through 3xTF32 (float32-level
-accuracy); sums, exp and the outputs in float32. Needs compute capability
-8.0 or newer. Nothing here touches CUDA at import time.
+Kernel-level contract: ``mimac_kernels.contract``. Tensor-core tiles (WMMA):
+bf16/fp16 inputs natively, float32 through 3xTF32 (float32-level accuracy); sums,
+exp and the outputs in float32. Needs compute capability 8.0 or newer on the
+inputs' GPU. Nothing here touches CUDA at import time.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import functools
 import torch
 
 from mimac_kernels import extension, extension_backend
+from mimac_kernels.contract import Problem, heads_refusal, kernel_dtype_refusal
 
 MIN_CAPABILITY = (8, 0)
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """``None`` if the CUDA kernels run ``device``/``dtype`` (building them on first call)."""
+def probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` if the CUDA kernels run on ``device`` (the inputs' GPU, by index) and
+    ``dtype``, building them on first call."""
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors, not {device.type}"
-    why = extension_backend.dtype_reason(dtype)
+    why = kernel_dtype_refusal(dtype)
     if why is not None:
         return why
     if torch.version.cuda is None:
@@ -32,9 +34,14 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if cap < MIN_CAPABILITY:
         return (
             f"needs compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
-            f"(bf16/TF32 tensor cores), this GPU has {cap[0]}.{cap[1]}"
+            f"(bf16/TF32 tensor cores), {device} has {cap[0]}.{cap[1]}"
         )
     return extension.unavailable_reason("cuda")
+
+
+def refusal(problem: Problem) -> str | None:
+    """The heads lie on one grid axis (at most 65,535)."""
+    return heads_refusal(problem)
 
 
 forward = functools.partial(extension_backend.forward, "cuda")

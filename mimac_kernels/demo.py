@@ -8,12 +8,61 @@ timed in this process and memory-probed in a fresh one.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 
 import torch
 
-from mimac_kernels import available_backends, fused_contrastive_loss
-from mimac_kernels.testing import loss_memory_code, naive_contrastive_loss, peak_rss_mb
+from mimac_kernels import available_backends, fused_contrastive_loss, reference_contrastive_loss
+
+
+def peak_rss_mb(code: str, timeout: float = 600.0) -> float:
+    """Peak resident memory (MiB) of a fresh Python process running ``code``.
+
+    Each measurement gets its own process, so earlier allocations in the caller
+    cannot hide or inflate it. It reads ``VmHWM`` (KiB) from ``/proc/self/status``:
+    unlike ``ru_maxrss``, which survives ``exec`` and so reports the parent's peak
+    when the parent was larger, it belongs to the new process image alone. Linux only.
+    """
+    probe = code + (
+        "\nfor _l in open('/proc/self/status'):\n"
+        "    if _l.startswith('VmHWM:'): print('PEAK_KB', _l.split()[1])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_KB")][-1]
+    return int(line.split()[1]) / 1024.0
+
+
+def loss_memory_code(n: int, d: int, provider: str, critic: str = "cosine", seed: int = 0) -> str:
+    """Source of a probe that allocates ``(n, d)`` views and, unless ``provider`` is
+    ``"inputs"``, runs one forward + backward of the loss (``"plain"``: the full-matrix
+    loss in float32, or a backend name)."""
+    setup = (
+        "import torch, mimac_kernels\n"
+        "torch.set_num_threads(1)\n"  # thread pools would add per-thread noise
+        f"g = torch.Generator().manual_seed({seed})\n"
+        f"a = torch.randn({n}, {d}, generator=g).requires_grad_()\n"
+        f"b = torch.randn({n}, {d}, generator=g).requires_grad_()\n"
+        "x = (a.sum() + b.sum()).item()\n"  # touch the pages so the baseline counts them
+    )
+    if provider == "inputs":
+        return setup
+    if provider == "plain":
+        call = (
+            f"mimac_kernels.reference_contrastive_loss(a, b, temperature=0.1, critic={critic!r}, "
+            "dtype=None)"
+        )
+    else:
+        call = (
+            f"mimac_kernels.fused_contrastive_loss(a, b, temperature=0.1, critic={critic!r}, "
+            f"backend={provider!r})"
+        )
+    return setup + f"loss = {call}\nloss.backward()\n"
 
 
 def _time_fwd_bwd(fn, a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
@@ -39,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, d, generator=g).requires_grad_()
     b = torch.randn(n, d, generator=g).requires_grad_()
-    providers = {"plain": lambda x, y: naive_contrastive_loss(x, y, temperature=0.1, dtype=None)}
+    providers = {
+        "plain": lambda x, y: reference_contrastive_loss(x, y, temperature=0.1, dtype=None)
+    }
     for name in available_backends("cpu"):
         if name != "triton":  # on CPU Triton only runs in its (slow) interpreter
             providers[name] = lambda x, y, name=name: fused_contrastive_loss(

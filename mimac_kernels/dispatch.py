@@ -1,55 +1,44 @@
 """Backend selection: which implementation runs a call, and why the others cannot.
 
-Every backend module exposes the same three functions on the *kernel-level*
-problem (heads already explicit, cosine inputs already normalised):
-
-``unavailable_reason(device, dtype) -> str | None``
-    ``None`` if the backend can run on this device and dtype, else the reason.
-``forward(a, b, inv_tau, critic, negatives, eps) -> (row_lse, col_lse)``
-    ``a``, ``b``: ``(H, N, D)`` contiguous; ``inv_tau``: 0-dim float32 tensor.
-    ``negatives="all"``: ``row_lse`` is ``(H, 2N)``, ``log sum_{k != i} exp(S_ik)``
-    over the stacked rows ``Z = [a; b]``, ``col_lse`` is ``(H, 0)``.
-    ``negatives="cross"``: ``row_lse[h, i] = log sum_j exp(S_ij)`` and
-    ``col_lse[h, j] = log sum_i exp(S_ij)``, both ``(H, N)``. All float32.
-``backward(a, b, inv_tau, critic, negatives, eps, row_lse, col_lse, g_row, g_col,
-row_center, col_center)``
-    Gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse)`` w.r.t. a and b:
-    float32 ``(H, N, D)``. With ``W_row_ik = g_row_i exp(S_ik - row_lse_i)`` (the
-    self-pair excluded for ``all``) and ``W_col_ik = g_col_k exp(S_ik - col_lse_k)``,
-    ``dL/dS = W_row + W_col``. The third output, a 0-dim float32 tensor, is the
-    *centred* temperature sum ``sum_ik W_row_ik (s_ik - row_center_i) +
-    sum_ik W_col_ik (s_ik - col_center_k)``: with the raw positive scores as
-    centres (shapes of row_lse/col_lse) it is the temperature gradient of the
-    losses, formed element by element so that nothing cancels in float32.
-
-The kernel critics are ``"dot"`` (``s = x.y``), ``"cosine"`` (``x.y`` on
-unit rows, so ``|s| <= 1`` and a fixed shift is safe) and ``"log_dot"``
-(``s = log(max(x.y, eps))``); ``S = inv_tau * s``.
+Every backend implements ``contract.Backend``. Whether it can run a call is asked in
+two steps: ``probe(device, dtype)``, the expensive part (a compiler build, a driver
+query, the capability of the inputs' GPU), answered once per backend, device (with
+its index) and dtype and cached here; then ``refusal(problem)``, a cheap look at the
+whole problem (e.g. more heads than a grid axis holds) at every call. Under
+``backend="auto"`` a refusal of either kind moves on to the next backend in order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
+from collections.abc import Iterator
 from types import ModuleType
+from typing import cast
 
 import torch
 
+from mimac_kernels.contract import Backend, Problem
+
 logger = logging.getLogger("mimac_kernels")
 
-#: Backend name -> module implementing it, in order of preference per device.
+#: Backend name -> module implementing it.
 BACKEND_MODULES: dict[str, str] = {
     "triton": "mimac_kernels.triton.backend",
     "cuda": "mimac_kernels.cuda_backend",
     "cpu": "mimac_kernels.cpu_backend",
-    "torch": "mimac_kernels.reference",
+    "torch": "mimac_kernels.torch_backend",
 }
 BACKENDS: tuple[str, ...] = tuple(BACKEND_MODULES)
+#: Order of preference of ``backend="auto"`` per device type.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
 }
+#: Implementations put in place of a backend by ``override_backend``.
+_OVERRIDES: dict[str, Backend] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -65,61 +54,105 @@ def _load(name: str) -> ModuleType | str:
         return f"cannot import {BACKEND_MODULES[name]}: {type(exc).__name__}: {exc}"
 
 
-def get_backend(name: str) -> ModuleType:
-    """The module implementing ``name`` (raises ``BackendUnavailable``)."""
+def get_backend(name: str) -> Backend:
+    """The implementation of ``name`` (raises ``BackendUnavailable`` if it cannot be imported)."""
+    if name in _OVERRIDES:
+        return _OVERRIDES[name]
     mod = _load(name)
     if isinstance(mod, str):
         raise BackendUnavailable(f"backend {name!r} is unavailable: {mod}")
-    return mod
+    return cast(Backend, mod)
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``name`` cannot run on ``device``/``dtype``, or ``None`` if it can."""
-    mod = _load(name)
-    if isinstance(mod, str):
-        return mod
-    return _cached_reason(name, device.type, dtype)
+    """Why ``name`` cannot run on ``device``/``dtype`` whatever the shapes, or ``None``."""
+    if name not in _OVERRIDES:
+        mod = _load(name)
+        if isinstance(mod, str):
+            return mod
+    return _cached_probe(name, torch.device(device), dtype)
 
 
 @functools.cache
-def _cached_reason(name: str, device_type: str, dtype: torch.dtype) -> str | None:
-    # Probes (compiler builds, driver queries) are expensive: ask once per key.
-    return get_backend(name).unavailable_reason(torch.device(device_type), dtype)
+def _cached_probe(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    # Probes (compiler builds, driver queries) are expensive: ask once per key. The
+    # device keeps its index: GPUs of one node may differ in capability.
+    return get_backend(name).probe(device, dtype)
 
 
 def forget_probes() -> None:
-    """Drop the cached answers of ``unavailable_reason`` (after a backend's
-    extension was rebuilt or substituted; tests)."""
-    _cached_reason.cache_clear()
+    """Drop the cached probe answers (after a backend's extension was rebuilt or
+    substituted, or an override entered or left)."""
+    _cached_probe.cache_clear()
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn ``backend`` (a name or ``"auto"``) into a backend that can run.
+def refusal(name: str, problem: Problem) -> str | None:
+    """Why ``name`` cannot run ``problem``, or ``None`` if it can."""
+    return unavailable_reason(name, problem.device, problem.dtype) or get_backend(name).refusal(
+        problem
+    )
+
+
+def resolve(backend: str, problem: Problem) -> str:
+    """Turn ``backend`` (a name or ``"auto"``) into a backend that can run ``problem``.
 
     Raises:
         ValueError: unknown name.
-        BackendUnavailable: an explicit backend that cannot run here, with the reason.
+        BackendUnavailable: an explicit backend that cannot run ``problem``, or no
+            backend under ``"auto"``, with the reasons.
     """
     if backend == "auto":
         reasons = []
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
-            why = unavailable_reason(name, device, dtype)
+        for name in _AUTO_ORDER.get(problem.device.type, ("torch",)):
+            why = refusal(name, problem)
             if why is None:
-                _log_choice(name, device.type, dtype)
+                _log_choice(name, _describe(problem), tuple(reasons))
                 return name
             reasons.append(f"{name}: {why}")
-        raise BackendUnavailable("no backend can run here: " + "; ".join(reasons))
+        raise BackendUnavailable(
+            f"no backend can run {_describe(problem)}: " + "; ".join(reasons)
+        )
     if backend not in BACKEND_MODULES:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    why = unavailable_reason(backend, device, dtype)
+    why = refusal(backend, problem)
     if why is not None:
-        raise BackendUnavailable(f"backend {backend!r} cannot run on {device.type}/{dtype}: {why}")
+        raise BackendUnavailable(f"backend {backend!r} cannot run {_describe(problem)}: {why}")
     return backend
 
 
+def _describe(problem: Problem) -> str:
+    """The inputs, as messages name them: ``cpu/torch.float32 inputs of shape (H, N, D)``."""
+    return f"{problem.device}/{problem.dtype} inputs of shape {tuple(problem.a.shape)}"
+
+
 @functools.cache
-def _log_choice(name: str, device_type: str, dtype: torch.dtype) -> None:
-    logger.debug("backend='auto' chose %r for %s/%s", name, device_type, dtype)
+def _log_choice(name: str, inputs: str, passed_over: tuple[str, ...]) -> None:
+    # Cached: one line per distinct choice, not one per call.
+    logger.debug("backend='auto' chose %r for %s%s", name, inputs,
+                 "".join(f"; passed over {why}" for why in passed_over))
+
+
+@contextlib.contextmanager
+def override_backend(name: str, impl: Backend) -> Iterator[Backend]:
+    """Inside the block, backend ``name`` is ``impl`` (any object with the four functions
+    of ``contract.Backend``), for explicit requests and ``"auto"`` alike.
+
+    For tests and emulation, e.g. the CUDA kernels' source run on CPU tensors; not
+    thread-safe, and the probes are forgotten on entry and exit.
+    """
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"name must be one of {BACKENDS}, got {name!r}")
+    previous = _OVERRIDES.get(name)
+    _OVERRIDES[name] = impl
+    forget_probes()
+    try:
+        yield impl
+    finally:
+        if previous is None:
+            del _OVERRIDES[name]
+        else:
+            _OVERRIDES[name] = previous
+        forget_probes()
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

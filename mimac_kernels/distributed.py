@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mimac_kernels import reference
+from mimac_kernels import torch_backend
+from mimac_kernels.contract import Problem
+from mimac_kernels.options import DTYPES
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -83,12 +85,12 @@ def sum_with_grad(x: Tensor, group=None) -> Tensor:
 
 class _RectLoss(torch.autograd.Function):
     """Per-row losses ``lse - inv_tau * pos`` of ``x`` against ``y`` (self-pairs skipped),
-    tiled; see ``reference.rect_*``. As in ``ops``, the positive enters here so that
+    tiled; see ``torch_backend.rect_*``. As in ``ops``, the positive enters here so that
     the temperature gradient is summed centred, element by element."""
 
     @staticmethod
     def forward(ctx, x, y, inv_tau, pos, critic, eps, skip):
-        lse = reference.rect_forward(x, y, inv_tau, critic, eps, skip)
+        lse = torch_backend.rect_forward(x, y, inv_tau, critic=critic, eps=eps, skip=skip)
         ctx.save_for_backward(x, y, inv_tau, pos, lse)
         ctx.args = (critic, eps, skip)
         return lse - inv_tau.to(lse.dtype) * pos.to(lse.dtype)
@@ -98,7 +100,9 @@ class _RectLoss(torch.autograd.Function):
         x, y, inv_tau, pos, lse = ctx.saved_tensors
         critic, eps, skip = ctx.args
         g = g.contiguous()
-        gx, gy, gt = reference.rect_backward(x, y, inv_tau, critic, eps, skip, lse, g, pos)
+        gx, gy, gt = torch_backend.rect_backward(
+            x, y, inv_tau, critic=critic, eps=eps, skip=skip, lse=lse, g=g, center=pos
+        )
         g_pos = (-inv_tau.to(g.dtype) * g).to(pos.dtype)
         return gx.to(x.dtype), gy.to(y.dtype), gt.to(inv_tau.dtype), g_pos, None, None, None
 
@@ -110,8 +114,6 @@ def check_equal_inputs(x: Tensor, group) -> None:
     dtype: the all-gather itself would fail (gloo aborts the process, NCCL may hang).
     ``x``: this rank's ``(H, N, D)`` rows, of a dtype ``fused_contrastive_loss`` checked.
     """
-    from mimac_kernels.functional import DTYPES  # functional imports this module
-
     world = dist.get_world_size(group)
     code = DTYPES.index(x.dtype)
     mine = torch.tensor([*x.shape, code], dtype=torch.int64, device=x.device)
@@ -132,30 +134,23 @@ def check_equal_inputs(x: Tensor, group) -> None:
         )
 
 
-def distributed_losses(
-    a: Tensor,
-    b: Tensor,
-    inv_tau: Tensor,
-    pos_raw: Tensor,
-    critic: str,
-    negatives: str,
-    eps: float,
-    group,
-) -> tuple[Tensor, Tensor]:
+def distributed_losses(problem: Problem, pos_raw: Tensor, group) -> tuple[Tensor, Tensor]:
     """Per-row (and per-column) losses of this rank's rows against every rank's columns.
 
     Shape:
-        a, b: ``(H, N, D)`` local; pos_raw: ``(H, N)`` unscaled positive scores.
+        problem.a, problem.b: ``(H, N, D)`` local; pos_raw: ``(H, N)`` unscaled positive
+        scores.
         Returns ``(H, 2N)`` and ``(H, 0)`` for ``all`` (rows ``[a; b]`` against
         ``[a_all; b_all]``), ``(H, N)`` and ``(H, N)`` for ``cross`` (``a`` against
         ``b_all``, ``b`` against ``a_all``).
     """
+    a, b, inv_tau, critic, eps = problem.a, problem.b, problem.inv_tau, problem.critic, problem.eps
     check_equal_inputs(a, group)
     n = a.shape[1]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
     own = torch.arange(n, device=a.device) + rank * n
-    if negatives == "all":
+    if problem.all_pairs:
         z_all = torch.cat([a_all, b_all], dim=1)
         row_a = _RectLoss.apply(a, z_all, inv_tau, pos_raw, critic, eps, own)
         row_b = _RectLoss.apply(b, z_all, inv_tau, pos_raw, critic, eps, own + world * n)

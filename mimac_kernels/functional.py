@@ -9,12 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mimac_kernels import dispatch, distributed, ops
-
-CRITICS = ("cosine", "dot", "log_dot")
-NEGATIVES = ("all", "cross")
-REDUCTIONS = ("mean", "sum", "none")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DEFAULT_EPS = 1e-12
+from mimac_kernels.contract import Problem
+from mimac_kernels.options import CRITICS, DEFAULT_EPS, DTYPES, NEGATIVES, REDUCTIONS
 
 
 def fused_contrastive_loss(
@@ -88,16 +84,18 @@ def fused_contrastive_loss(
     pos_raw = pos_dot.clamp_min(eps).log() if critic == "log_dot" else pos_dot  # unscaled s_ii
     closed = critic == "log_dot" and _is_unit_temperature(temperature)
     if closed or group is not None:
+        problem = Problem(a, b, inv_tau, critic, negatives, eps)
         if backend != "auto" and not torch.compiler.is_compiling():
-            dispatch.resolve(backend, a.device, a.dtype)  # an explicit backend must be able to run
-        row_loss, col_loss = _losses_without_op(a, b, inv_tau, pos_raw, critic, negatives, eps, group,
-                                         closed)
+            dispatch.resolve(backend, problem)  # an explicit backend must be able to run
+        row_loss, col_loss = _losses_without_op(problem, pos_raw, group, closed)
     else:
-        # The backend is resolved inside the op, where tracing does not look.
-        pos_row = torch.cat([pos_raw, pos_raw], dim=-1) if negatives == "all" else pos_raw
-        pos_col = pos_raw[..., :0] if negatives == "all" else pos_raw
+        # The backend is resolved inside the op, where tracing does not look. The
+        # positives are the centres of the temperature sum (see ``ops``).
+        row_center = torch.cat([pos_raw, pos_raw], dim=-1) if negatives == "all" else pos_raw
+        col_center = pos_raw[..., :0] if negatives == "all" else pos_raw
         row_loss, col_loss, _, _ = ops.lse_fwd(
-            a, b, inv_tau, pos_row, pos_col, critic, negatives, eps, backend
+            a, b, inv_tau, row_center, col_center, critic=critic, negatives=negatives, eps=eps,
+            backend=backend,
         )
 
     if negatives == "all" or not symmetric:
@@ -114,27 +112,19 @@ def fused_contrastive_loss(
 
 
 def _losses_without_op(
-    a: Tensor,
-    b: Tensor,
-    inv_tau: Tensor,
-    pos_raw: Tensor,
-    critic: str,
-    negatives: str,
-    eps: float,
-    group: object | None,
-    closed: bool,
+    problem: Problem, pos_raw: Tensor, group: object | None, closed: bool
 ) -> tuple[Tensor, Tensor]:
     """Row and column losses by the paths that need no fused op: the distributed loss
     and the log_dot closed form (linear time, plain torch, so autograd is exact; across
     ranks it needs only the summed columns)."""
     if not closed:
-        return distributed.distributed_losses(a, b, inv_tau, pos_raw, critic, negatives, eps, group)
+        return distributed.distributed_losses(problem, pos_raw, group)
     if group is not None:
-        distributed.check_equal_inputs(a, group)
-    a, b = a.to(pos_raw.dtype), b.to(pos_raw.dtype)
-    row_lse, col_lse = _log_dot_unit_lse(a, b, negatives, eps, group)
-    pos = inv_tau * pos_raw
-    if negatives == "all":
+        distributed.check_equal_inputs(problem.a, group)
+    a, b = problem.a.to(pos_raw.dtype), problem.b.to(pos_raw.dtype)
+    row_lse, col_lse = _log_dot_unit_lse(a, b, problem.negatives, problem.eps, group)
+    pos = problem.inv_tau * pos_raw
+    if problem.all_pairs:
         return row_lse - torch.cat([pos, pos], dim=-1), col_lse
     return row_lse - pos, col_lse - pos
 

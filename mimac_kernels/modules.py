@@ -6,7 +6,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mimac_kernels.functional import _check_positive_tensor, check_positive_number, fused_contrastive_loss
+from mimac_kernels.functional import (
+    _check_positive_tensor,
+    check_positive_number,
+    fused_contrastive_loss,
+)
 
 
 class _AllPairsLoss(nn.Module):

@@ -1,189 +1,108 @@
-"""The ``torch`` backend: pure PyTorch, tiled over row blocks.
+"""``reference_contrastive_loss``: the losses written out directly, with the full matrix.
 
-Forward and backward hold ``O(block x M)`` memory, never ``M x M``. It is the
-CPU fallback and the oracle the other backends are tested against (it also
-runs float64, for ``gradcheck``). Kernel-level contract: see ``dispatch``.
+The float64 oracle the library is checked against, and a baseline to compare with:
+it forms the ``M x M`` similarity matrix, so it is for small batches.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-#: Elements of one (rows x M) similarity tile; bounds the working set.
-TILE_ELEMS = int(os.environ.get("MIMAC_KERNELS_TORCH_TILE", str(1 << 21)))
+from mimac_kernels.options import DEFAULT_EPS
 
 
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"dtype {dtype} is not a floating type this backend handles"
-    return None
-
-
-def _block(m: int) -> int:
-    return max(1, min(m, TILE_ELEMS // max(m, 1)))
-
-
-def _acc(x: Tensor) -> Tensor:
-    """Accumulation dtype: float32 for half types, float64 stays float64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _scores(x: Tensor, y: Tensor, critic: str, eps: float) -> tuple[Tensor, Tensor | None]:
-    """Raw similarities s (rows of x against rows of y) and, for log_dot, the dot products."""
-    dots = x @ y.transpose(-1, -2)
-    if critic == "log_dot":
-        return dots.clamp_min(eps).log(), dots
-    return dots, None
-
-
-def _dscore(w: Tensor, dots: Tensor | None, inv_tau: Tensor, eps: float) -> Tensor:
-    """Chain dL/dS = w through S = inv_tau * s to dL/d(dot)."""
-    w = w * inv_tau
-    if dots is not None:  # d log(max(d, eps)) / dd = 1/d where d > eps, else 0
-        w = torch.where(dots > eps, w / dots, torch.zeros_like(w))
-    return w
-
-
-def forward(
-    a: Tensor, b: Tensor, inv_tau: Tensor, critic: str, negatives: str, eps: float
-) -> tuple[Tensor, Tensor]:
-    a, b = _acc(a), _acc(b)
-    it = inv_tau.to(a.dtype)
-    h, n, _ = a.shape
-    if negatives == "all":
-        z = torch.cat([a, b], dim=1)
-        m = 2 * n
-        row_lse = torch.empty(h, m, dtype=a.dtype, device=a.device)
-        bs = _block(m)
-        for i0 in range(0, m, bs):
-            i1 = min(i0 + bs, m)
-            s = it * _scores(z[:, i0:i1], z, critic, eps)[0]
-            idx = torch.arange(i0, i1, device=a.device)
-            s[:, idx - i0, idx] = float("-inf")  # self-pair excluded
-            row_lse[:, i0:i1] = torch.logsumexp(s, dim=-1)
-        return row_lse, a.new_empty(h, 0)
-    row_lse = torch.empty(h, n, dtype=a.dtype, device=a.device)
-    col_lse = torch.full((h, n), float("-inf"), dtype=a.dtype, device=a.device)
-    bs = _block(n)
-    for i0 in range(0, n, bs):
-        s = it * _scores(a[:, i0 : i0 + bs], b, critic, eps)[0]
-        row_lse[:, i0 : i0 + bs] = torch.logsumexp(s, dim=-1)
-        # Merged block by block: keeping every block's (H, N) partial would cost N^2 / block.
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(s, dim=-2))
-    return row_lse, col_lse
-
-
-def backward(
+def reference_contrastive_loss(
     a: Tensor,
     b: Tensor,
-    inv_tau: Tensor,
-    critic: str,
-    negatives: str,
-    eps: float,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    g_row: Tensor,
-    g_col: Tensor,
-    row_center: Tensor,
-    col_center: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    a, b = _acc(a), _acc(b)
-    dt = a.dtype
-    it = inv_tau.to(dt)
-    row_lse, col_lse, g_row, g_col, row_center, col_center = (
-        t.to(dt) for t in (row_lse, col_lse, g_row, g_col, row_center, col_center)
-    )
-    n = a.shape[1]
-    g_it = torch.zeros((), dtype=dt, device=a.device)
-    if negatives == "all":
-        z = torch.cat([a, b], dim=1)
-        m = 2 * n
-        gz = torch.zeros_like(z)
-        bs = _block(m)
-        for i0 in range(0, m, bs):
-            i1 = min(i0 + bs, m)
-            s, dots = _scores(z[:, i0:i1], z, critic, eps)
-            w = torch.exp(it * s - row_lse[:, i0:i1, None]) * g_row[:, i0:i1, None]
-            idx = torch.arange(i0, i1, device=a.device)
-            w[:, idx - i0, idx] = 0.0
-            g_it = g_it + (w * (s - row_center[:, i0:i1, None])).sum()
-            wd = _dscore(w, dots, it, eps)
-            gz[:, i0:i1] += wd @ z  # row side: d s(z_i, z_k) / d z_i
-            gz += wd.transpose(-1, -2) @ z[:, i0:i1]  # column side: d / d z_k
-        return gz[:, :n], gz[:, n:], g_it
-    ga, gb = torch.zeros_like(a), torch.zeros_like(b)
-    bs = _block(n)
-    for i0 in range(0, n, bs):
-        i1 = min(i0 + bs, n)
-        s, dots = _scores(a[:, i0:i1], b, critic, eps)
-        s_t = it * s
-        w_row = torch.exp(s_t - row_lse[:, i0:i1, None]) * g_row[:, i0:i1, None]
-        w_col = torch.exp(s_t - col_lse[:, None, :]) * g_col[:, None, :]
-        g_it = g_it + (w_row * (s - row_center[:, i0:i1, None])).sum()
-        g_it = g_it + (w_col * (s - col_center[:, None, :])).sum()
-        wd = _dscore(w_row + w_col, dots, it, eps)
-        ga[:, i0:i1] = wd @ b
-        gb += wd.transpose(-1, -2) @ a[:, i0:i1]
-    return ga, gb, g_it
-
-
-def rect_forward(
-    x: Tensor, y: Tensor, inv_tau: Tensor, critic: str, eps: float, skip: Tensor | None
+    *,
+    temperature: float | Tensor = 0.1,
+    critic: str = "cosine",
+    negatives: str = "all",
+    symmetric: bool = True,
+    reduction: str = "mean",
+    eps: float = DEFAULT_EPS,
+    dtype: torch.dtype | None = torch.float64,
 ) -> Tensor:
-    """Row log-sum-exp of rows ``x`` against columns ``y``, optionally skipping one column per row.
+    """The losses of docs/losses.md with the full similarity matrix, in ``dtype``.
 
-    The distributed losses are built from this: each rank's local rows against the
-    gathered columns of every rank.
+    Arguments as ``fused_contrastive_loss`` (no backend, no group). By default it
+    computes in float64, the accuracy every backend is measured against. With
+    ``dtype=None`` it computes in the inputs' dtype (no float32 accumulation forced):
+    "plain PyTorch", the eager baseline whose own error bounds the backends'.
+    Differentiable; memory ``O(M^2)`` per head (``M = 2N`` for ``all``, ``N`` for
+    ``cross``).
 
     Shape:
-        x: ``(H, R, D)``; y: ``(H, C, D)``; skip: ``(R,)`` int64 column index to
-        leave out of row r's sum (its self-pair), or ``None``. Returns ``(H, R)``.
+        a, b: ``(N, D)`` or ``(H, N, D)``. Output: scalar for ``mean``/``sum``; for
+        ``none``, ``(2N,)`` (``all``) or ``(N,)`` (``cross``), with a leading ``H`` for
+        3-d inputs.
+
+    Example:
+        >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
+        >>> reference_contrastive_loss(a, b, temperature=0.5).dtype
+        torch.float64
     """
-    x, y = _acc(x), _acc(y)
-    it = inv_tau.to(x.dtype)
-    r = x.shape[1]
-    out = torch.empty(x.shape[0], r, dtype=x.dtype, device=x.device)
-    bs = _block(y.shape[1])
-    for i0 in range(0, r, bs):
-        i1 = min(i0 + bs, r)
-        s = it * _scores(x[:, i0:i1], y, critic, eps)[0]
-        if skip is not None:
-            s[:, torch.arange(i1 - i0, device=x.device), skip[i0:i1]] = float("-inf")
-        out[:, i0:i1] = torch.logsumexp(s, dim=-1)
-    return out
+    if dtype is not None:
+        a, b = a.to(dtype), b.to(dtype)
+        if isinstance(temperature, Tensor):
+            temperature = temperature.to(dtype)
+    squeeze = a.dim() == 2
+    if squeeze:
+        a, b = a[None], b[None]
+    per_row = _per_row(a, b, temperature, critic=critic, negatives=negatives,
+                       symmetric=symmetric, eps=eps)
+    if squeeze:
+        per_row = per_row[0]
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction != "none":
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return per_row
 
 
-def rect_backward(
-    x: Tensor,
-    y: Tensor,
-    inv_tau: Tensor,
-    critic: str,
-    eps: float,
-    skip: Tensor | None,
-    lse: Tensor,
-    g: Tensor,
-    center: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``sum(g * rect_forward(...))`` w.r.t. x and y (recomputed by tiles),
-    and the centred temperature sum ``sum_rk W_rk (s_rk - center_r)`` (see ``backward``)."""
-    x, y = _acc(x), _acc(y)
-    it = inv_tau.to(x.dtype)
-    lse, g, center = lse.to(x.dtype), g.to(x.dtype), center.to(x.dtype)
-    gx, gy = torch.zeros_like(x), torch.zeros_like(y)
-    g_it = torch.zeros((), dtype=x.dtype, device=x.device)
-    r = x.shape[1]
-    bs = _block(y.shape[1])
-    for i0 in range(0, r, bs):
-        i1 = min(i0 + bs, r)
-        s, dots = _scores(x[:, i0:i1], y, critic, eps)
-        w = torch.exp(it * s - lse[:, i0:i1, None]) * g[:, i0:i1, None]
-        if skip is not None:
-            w[:, torch.arange(i1 - i0, device=x.device), skip[i0:i1]] = 0.0
-        g_it = g_it + (w * (s - center[:, i0:i1, None])).sum()
-        wd = _dscore(w, dots, it, eps)
-        gx[:, i0:i1] = wd @ y
-        gy += wd.transpose(-1, -2) @ x[:, i0:i1]
-    return gx, gy, g_it
+def _similarities(
+    a: Tensor, b: Tensor, temperature: float | Tensor, critic: str, eps: float
+) -> Tensor:
+    """``S = s(a_i, b_j) / tau`` for every pair: ``(..., N, N)``."""
+    if critic == "cosine":
+        a = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
+        b = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
+    elif critic not in ("dot", "log_dot"):
+        raise ValueError(f"critic must be 'cosine', 'dot' or 'log_dot', got {critic!r}")
+    d = a @ b.transpose(-1, -2)
+    return (d.clamp_min(eps).log() if critic == "log_dot" else d) / temperature
+
+
+def _positive_pairs(n: int, negatives: str, device: torch.device) -> Tensor:
+    """Column of each row's positive in ``S``: ``(2N,)`` over ``[a; b]`` for ``all``
+    (row i pairs with i + N and back), ``(N,)`` (the diagonal) for ``cross``."""
+    if negatives == "all":
+        return torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(device)
+    return torch.arange(n, device=device)
+
+
+def _per_row(
+    a: Tensor, b: Tensor, temperature: float | Tensor, *, critic: str, negatives: str,
+    symmetric: bool, eps: float,
+) -> Tensor:
+    """Unreduced losses of ``(H, N, D)`` inputs: ``(H, 2N)`` or ``(H, N)``."""
+    n = a.shape[1]
+    pos = _positive_pairs(n, negatives, a.device)
+    if negatives == "all":
+        z = torch.cat([a, b], dim=1)
+        s = _similarities(z, z, temperature, critic, eps)
+        eye = torch.eye(2 * n, dtype=torch.bool, device=a.device)
+        s_pos = s.gather(-1, pos.expand(s.shape[0], -1)[..., None])[..., 0]
+        per_row = torch.logsumexp(s.masked_fill(eye, float("-inf")), dim=-1) - s_pos
+    elif negatives == "cross":
+        s = _similarities(a, b, temperature, critic, eps)
+        diag = s.diagonal(dim1=-2, dim2=-1)
+        rows = torch.logsumexp(s, dim=-1) - diag
+        cols = torch.logsumexp(s, dim=-2) - diag
+        per_row = 0.5 * (rows + cols) if symmetric else rows
+    else:
+        raise ValueError(f"negatives must be 'all' or 'cross', got {negatives!r}")
+    return per_row

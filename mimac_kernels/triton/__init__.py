@@ -1,7 +1,7 @@
-"""Triton backend of mimac_kernels (``backend.py`` is the entry point ``dispatch`` loads).
+"""Triton backend of mimac_kernels (``backend.py`` is the module ``dispatch`` loads).
 
-Modules: ``kernels`` (``@triton.jit`` functions only), ``launch`` (checks,
-buffers, grids), ``configs`` (block-size table; autotune with
-``MIMAC_KERNELS_AUTOTUNE=1``), ``backend`` (the dispatch contract). Importing
-this package imports nothing from triton.
+Modules: ``kernels`` (``@triton.jit`` functions only), ``backend`` (the contract of
+``mimac_kernels.contract``: checks, buffers, grids, launches), ``configs``
+(block-size table; autotune with ``MIMAC_KERNELS_AUTOTUNE=1``). Importing this
+package imports nothing from triton.
 """

@@ -1,36 +1,38 @@
-"""The ``triton`` backend: the kernel-level contract of ``mimac_kernels.dispatch``.
+"""The ``triton`` backend: checks, buffers, grids and kernel launches.
 
-``unavailable_reason`` never imports more than ``triton`` itself and never
-touches the GPU; the kernels (``kernels``/``launch``) are imported on the
-first call.
+Contract: ``mimac_kernels.contract``. Nothing here reads a device value back to the
+host: ``inv_tau``, the per-head shifts and the gradient scale stay on the device and
+the kernels load them. ``probe`` never touches the GPU beyond a capability query of
+the inputs' device. ``dispatch`` imports this module only when asked about Triton; an
+import failure (no triton) becomes the backend's reason.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
+import triton
 from torch import Tensor
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from mimac_kernels.contract import (
+    Grads,
+    Problem,
+    Stats,
+    Upstream,
+    heads_refusal,
+    kernel_dtype_refusal,
+)
+from mimac_kernels.triton import configs, kernels
+from mimac_kernels.triton.configs import TileConfig
+
+Grid = Callable[[int, int], tuple[int, ...]]
 
 
-@functools.cache
-def _import_error() -> str | None:
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any failure means "unavailable", with the reason
-        return f"cannot import triton ({type(exc).__name__}: {exc}); pip install triton"
-    return None
-
-
-def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+def probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` if the Triton kernels can run on ``device``/``dtype``, else why not."""
-    why = _import_error()
-    if why is not None:
-        return why
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             return "Triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
@@ -40,55 +42,268 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         why = _cuda_reason(device, dtype)
         if why is not None:
             return why
-    if dtype == torch.float64:
-        return "float64 is not supported by the Triton kernels (use backend='torch')"
-    if dtype not in _DTYPES:
-        return f"dtype {dtype} is not supported (float32, float16, bfloat16)"
-    return None
+    return kernel_dtype_refusal(dtype)
 
 
 def _cuda_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Driver and architecture checks (asked at call time, cached by ``dispatch``)."""
+    """Driver and architecture of ``device`` (the inputs' GPU; cached by ``dispatch``)."""
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (driver missing or CPU-only torch build)"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (7, 5):
-        return f"Triton kernels need compute capability >= 7.5, this GPU is {major}.{minor}"
+        return f"Triton kernels need compute capability >= 7.5, {device} is {major}.{minor}"
     if dtype == torch.bfloat16 and major < 8:
-        return f"bfloat16 tensor-core dots need compute capability >= 8.0, got {major}.{minor}"
+        return f"bfloat16 tensor-core dots need compute capability >= 8.0, {device} is {major}.{minor}"
     return None
 
 
-def forward(
-    a: Tensor, b: Tensor, inv_tau: Tensor, critic: str, negatives: str, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Row/column log-sum-exp; see ``mimac_kernels.dispatch``.
+def refusal(problem: Problem) -> str | None:
+    """The heads lie on one grid axis (at most 65,535)."""
+    return heads_refusal(problem)
 
-    Shape: a, b ``(H, N, D)``; returns ``(H, 2N), (H, 0)`` (all) or ``(H, N), (H, N)`` (cross).
+
+def _precision(dtype: torch.dtype) -> dict:
+    """``tl.dot`` settings: PREC (float32 inputs) and DOT_F32 (see ``kernels._mm``)."""
+    return {
+        "PREC": configs.float32_precision() if dtype == torch.float32 else "ieee",
+        "DOT_F32": configs.interpreting() and dtype == torch.bfloat16,
+    }
+
+
+def _device_guard(t: Tensor):
+    """Launch on ``t``'s GPU (Triton uses the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@functools.cache
+def _autotuned(name: str) -> Callable:
+    """``triton.autotune`` around kernel ``name`` (only with MIMAC_KERNELS_AUTOTUNE=1).
+
+    Buffers the kernel accumulates into atomically are zeroed between trials.
     """
-    from mimac_kernels.triton import launch
+    kernel, square, reset = {
+        "fwd": (kernels.fwd_exp_sums_kernel, True, ["ROW_SUM", "COL_SUM"]),
+        "finalize": (kernels.lse_finalize_kernel, False, []),
+        "bwd": (kernels.bwd_rows_kernel, False, ["DX", "TAU_PART"]),
+    }[name]
+    cands = [
+        triton.Config(
+            {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+            num_warps=c["num_warps"],
+            num_stages=c["num_stages"],
+        )
+        for c in configs.autotune_configs(square)
+    ]
+    key = ["R", "C", "D", "ALL", "LOG_DOT"]
+    return triton.autotune(configs=cands, key=key, reset_to_zero=reset or None)(kernel)
 
-    return launch.forward(a, b, inv_tau, critic, negatives, eps)
 
-
-def backward(
-    a: Tensor,
-    b: Tensor,
-    inv_tau: Tensor,
-    critic: str,
-    negatives: str,
-    eps: float,
-    row_lse: Tensor,
-    col_lse: Tensor,
-    g_row: Tensor,
-    g_col: Tensor,
-    row_center: Tensor,
-    col_center: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. a, b (float32 ``(H, N, D)``) and inv_tau (0-dim float32)."""
-    from mimac_kernels.triton import launch
-
-    return launch.backward(
-        a, b, inv_tau, critic, negatives, eps, row_lse, col_lse, g_row, g_col, row_center,
-        col_center,
+def _launch(name: str, kernel, grid: Grid, cfg: TileConfig, *args, **consts) -> None:
+    """Launch with the heuristic tiles, or through the autotuner when asked for."""
+    if configs.autotune_enabled() and not configs.interpreting():
+        _autotuned(name)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    kernel[grid(cfg.block_m, cfg.block_n)](
+        *args,
+        **consts,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
+
+
+def _col_chunks(c: int, block_n: int, col_blocks: int) -> int:
+    return triton.cdiv(triton.cdiv(c, block_n), col_blocks)
+
+
+def _shift(x: Tensor, y: Tensor | None, inv_tau: Tensor, critic: str, eps: float) -> Tensor:
+    """Per-head upper bound of S (``(H,)`` float32): the fixed shift of the forward pass.
+
+    s = x.y <= max|x| max|y| (Cauchy-Schwarz; log_dot: the log of that). For
+    cosine the rows should be unit, making this 1/tau, but the norms are cheap
+    (O(H N D) against the O(H N^2 D) kernel) and keep a caller who passes
+    unnormalised rows from overflowing exp. NaN rows are left out of the
+    bound: their NaN reaches the output through their own dot products, not
+    through every row of the head.
+    """
+
+    def max_norm(t: Tensor) -> Tensor:
+        n = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
+        return torch.nan_to_num(n, nan=0.0, posinf=float("inf")).amax(dim=-1)
+
+    nx = max_norm(x)
+    bound = nx * (nx if y is None else max_norm(y))
+    if critic == "log_dot":
+        bound = bound.clamp_min(eps).log()
+    return (inv_tau * bound).contiguous()
+
+
+def _require(problem: Problem) -> Tensor:
+    """Refuse what the kernels cannot take (a direct call, past ``dispatch``); returns
+    ``inv_tau`` as float32."""
+    why = kernel_dtype_refusal(problem.dtype) or refusal(problem)
+    if why is not None:
+        raise ValueError(f"the triton backend cannot run this problem: {why}")
+    return problem.inv_tau.to(torch.float32)
+
+
+def _lse_finalize(
+    p: Problem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor, sums: Tensor
+) -> Tensor:
+    """Turn shifted exp-sums ``(H, rows)`` of ``x`` against ``y`` (``operands``) into
+    log-sum-exps, redoing underflowed rows."""
+    x, y = operands
+    h, rows = sums.shape
+    cols, d = y.shape[1], x.shape[2]
+    cfg = configs.finalize_config(d, x.element_size())
+    lse = torch.empty_like(sums)
+    _launch(
+        "finalize",
+        kernels.lse_finalize_kernel,
+        lambda bm, bn: (triton.cdiv(rows, bm), h),
+        cfg,
+        x, y, inv_tau, shift, sums, lse, rows, cols, d, p.eps,
+        ALL=p.all_pairs, LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
+        SINGLE_D=cfg.single_d, **_precision(x.dtype),
+    )  # fmt: skip
+    return lse
+
+
+def _exp_sums(
+    p: Problem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor,
+    sums: tuple[Tensor, Tensor],
+) -> None:
+    """One launch of ``fwd_exp_sums_kernel``: the shifted exp-sums of the rows of ``x``
+    against ``y`` (``operands``) into ``sums`` (rows, columns; one buffer twice for
+    ``all``, whose symmetric tiles add to both their rows and their columns)."""
+    x, y = operands
+    h, r, d = x.shape
+    c = y.shape[1]
+    cfg = configs.forward_config(d, x.element_size())
+    tr = triton.cdiv(r, cfg.block_m)
+    # all: only the tiles on and above the diagonal run; cross: every tile.
+    tc = tr if p.all_pairs else triton.cdiv(c, cfg.block_n)
+    tiles = tr * (tr + 1) // 2 * h if p.all_pairs else tr * tc * h
+    col_blocks = configs.column_blocks_per_program(
+        tr * h, tc, tiles, configs.target_programs(x.device)
+    )
+    _launch(
+        "fwd",
+        kernels.fwd_exp_sums_kernel,
+        lambda bm, bn: (triton.cdiv(r, bm), _col_chunks(c, bn, col_blocks), h),
+        cfg,
+        x, y, inv_tau, shift, sums[0], sums[1], r, c, d, p.eps, col_blocks,
+        ALL=p.all_pairs, LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
+        SINGLE_D=cfg.single_d, **_precision(x.dtype),
+    )  # fmt: skip
+
+
+def forward(problem: Problem) -> Stats:
+    """Row (and column) log-sum-exp of ``S = inv_tau * s(a, b)`` (shapes: ``contract``),
+    float32."""
+    inv_tau = _require(problem)
+    a, b, critic, eps = problem.a, problem.b, problem.critic, problem.eps
+    h, n, _ = a.shape
+    with _device_guard(a):
+        if problem.all_pairs:
+            z = torch.cat([a, b], dim=1)  # (H, 2N, D): rows and columns are the same matrix
+            shift = _shift(z, None, inv_tau, critic, eps)
+            sums = torch.zeros(h, 2 * n, dtype=torch.float32, device=a.device)
+            _exp_sums(problem, inv_tau, (z, z), shift, (sums, sums))
+            row_lse = _lse_finalize(problem, inv_tau, (z, z), shift, sums)
+            return Stats(row_lse, row_lse.new_empty(h, 0))
+        shift = _shift(a, b, inv_tau, critic, eps)
+        row_sum = torch.zeros(h, n, dtype=torch.float32, device=a.device)
+        col_sum = torch.zeros(h, n, dtype=torch.float32, device=a.device)
+        _exp_sums(problem, inv_tau, (a, b), shift, (row_sum, col_sum))
+        row_lse = _lse_finalize(problem, inv_tau, (a, b), shift, row_sum)
+        # Columns of S(a, b) are the rows of S(b, a): the same kernel, operands swapped.
+        col_lse = _lse_finalize(problem, inv_tau, (b, a), shift, col_sum)
+        return Stats(row_lse, col_lse)
+
+
+def _grad_scale(*gs: Tensor) -> Tensor:
+    """Largest |g| (0-dim float32, on device), 1 where that is 0 or not finite."""
+    top = torch.stack([g.abs().amax().to(torch.float32) for g in gs if g.numel()]).amax()
+    return torch.where(torch.isfinite(top) & (top > 0), top, torch.ones_like(top))
+
+
+def _bwd_rows(
+    p: Problem,
+    inv_tau: Tensor,
+    operands: tuple[Tensor, Tensor],
+    rows: tuple[Tensor, Tensor, Tensor],
+    cols: tuple[Tensor, Tensor],
+    gscale: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One launch of ``bwd_rows_kernel`` for the rows of ``x`` against ``y``
+    (``operands``). ``rows``: (lse, g, center) of the rows; ``cols``: (lse, g) of the
+    columns. Returns (dX float32 (H, R, D), temperature partials)."""
+    x, y = operands
+    (lse_r, g_r, center_r), (lse_c, g_c) = rows, cols
+    critic = p.critic
+    h, r, d = x.shape
+    c = y.shape[1]
+    cfg = configs.backward_config(d, x.element_size(), critic == "log_dot")
+    tr, tc = triton.cdiv(r, cfg.block_m), triton.cdiv(c, cfg.block_n)
+    col_blocks = configs.column_blocks_per_program(
+        tr * h, tc, tr * tc * h, configs.target_programs(x.device)
+    )
+    tune = configs.autotune_enabled() and not configs.interpreting()
+    atomic = _col_chunks(c, cfg.block_n, col_blocks) > 1 or not cfg.single_d or tune
+    dx = (torch.zeros if atomic else torch.empty)(h, r, d, dtype=torch.float32, device=x.device)
+    # One temperature partial per program, sized for the smallest tiles the
+    # autotuner may pick; unused slots stay 0.
+    small = min(cfg.block_m, cfg.block_n, *((64,) if tune else ()))
+    most = triton.cdiv(r, small) * _col_chunks(c, small, col_blocks)
+    parts = torch.zeros(h * most, dtype=torch.float32, device=x.device)
+    _launch(
+        "bwd",
+        kernels.bwd_rows_kernel,
+        lambda bm, bn: (triton.cdiv(r, bm), _col_chunks(c, bn, col_blocks), h),
+        cfg,
+        x, y, inv_tau, lse_r, lse_c, g_r, g_c, center_r, gscale, dx, parts, r, c, d, p.eps,
+        col_blocks,
+        ALL=p.all_pairs, LOG_DOT=critic == "log_dot", ATOMIC=atomic,
+        GRAD_TF32=critic == "log_dot" and x.dtype == torch.float16, BLOCK_D=cfg.block_d,
+        SINGLE_D=cfg.single_d, **_precision(x.dtype),
+    )  # fmt: skip
+    return dx, parts
+
+
+def backward(problem: Problem, stats: Stats, upstream: Upstream) -> Grads:
+    """Gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse)`` and the centred
+    temperature sum (``contract``): float32 ``(H, N, D)`` twice and a 0-dim float32."""
+    inv_tau = _require(problem)
+    row_lse, col_lse, g_row, g_col, row_center, col_center = (
+        t.to(torch.float32).contiguous()
+        for t in (stats.row_lse, stats.col_lse, upstream.g_row, upstream.g_col,
+                  upstream.row_center, upstream.col_center)
+    )  # fmt: skip
+    a, b = problem.a, problem.b
+    n = a.shape[1]
+    with _device_guard(a):
+        if problem.all_pairs:
+            z = torch.cat([a, b], dim=1)
+            gscale = _grad_scale(g_row)
+            dz, parts = _bwd_rows(
+                problem, inv_tau, (z, z), (row_lse, g_row, row_center), (row_lse, g_row), gscale
+            )
+            return Grads(dz[:, :n], dz[:, n:], parts.sum())
+        gscale = _grad_scale(g_row, g_col)
+        da, parts_a = _bwd_rows(
+            problem, inv_tau, (a, b), (row_lse, g_row, row_center), (col_lse, g_col), gscale
+        )
+        db, parts_b = _bwd_rows(
+            problem, inv_tau, (b, a), (col_lse, g_col, col_center), (row_lse, g_row), gscale
+        )
+        return Grads(da, db, parts_a.sum() + parts_b.sum())

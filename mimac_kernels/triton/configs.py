@@ -3,7 +3,7 @@
 Autotuning needs a GPU driver and costs seconds per new shape, so by default the
 launchers take the table below (FlashAttention-like tile shapes, each checked
 to compile for sm_90 without register spills; not yet timed on a GPU).
-``MIMAC_KERNELS_AUTOTUNE=1`` makes ``launch`` wrap the kernels in
+``MIMAC_KERNELS_AUTOTUNE=1`` makes ``backend`` wrap the kernels in
 ``triton.autotune`` over ``autotune_configs()`` instead.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every program is a Python loop over

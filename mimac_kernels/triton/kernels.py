@@ -1,4 +1,4 @@
-"""The ``@triton.jit`` kernels of the Triton backend (launchers live in ``launch``).
+"""The ``@triton.jit`` kernels of the Triton backend (launchers live in ``backend``).
 
 Notation: rows ``X`` (``(H, R, D)``) against columns ``Y`` (``(H, C, D)``),
 ``S_ik = inv_tau * s(x_i, y_k)``. For ``negatives="all"`` both are ``Z = [a; b]``

@@ -1,16 +1,14 @@
-"""The CUDA C++ backend against float64: on the GPU, and (everywhere a C++
-compiler is) the same kernels' source on CPU tensors through the emulation of
-``csrc/emulation`` (``mimac_kernels.testing.emulated_cuda_backend``).
+"""What only the CUDA C++ backend has: race checks under the emulation's schedules,
+large N on the GPU, its reasons and the binding's own argument checks.
 
-Small shapes follow the tolerance rule of ``mimac_kernels.testing.error_bound``
-(at most 2x plain PyTorch's error in the same dtype, plus ``ATOL``); large N
-(marked slow, GPU only) compare the kernel-level contract with the tiled
-float64 reference, since the plain loss would need an M x M matrix.
+Its values and gradients on small shapes, on the GPU and (everywhere a C++ compiler
+is) through the CPU emulation of ``csrc/emulation``, are in ``test_backends.py``.
+Large N (marked slow, GPU only) compares the kernel-level contract with the tiled
+float64 torch backend, since the plain loss would need an M x M matrix.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 
@@ -18,32 +16,28 @@ import pytest
 import torch
 
 import mimac_kernels
-from mimac_kernels import cuda_backend, extension, reference
-from mimac_kernels.testing import (
-    EMULATION_SCHEDULES,
-    KERNEL_TAU,
-    assert_backend_matches_float64,
-    emulated_cuda_backend,
-    emulation_schedule,
+from mimac_kernels import cuda_backend, extension, torch_backend
+from mimac_kernels.options import NEGATIVES
+from tests.kernels.accuracy import (
     kernel_case,
     kernel_level_errors,
     kernel_outputs,
-    make_views,
     max_abs_err,
+    weight_eps,
+)
+from tests.kernels.emulation import (
+    EMULATION_SCHEDULES,
+    emulated_cuda_backend,
+    emulation_schedule,
 )
 
-TAU = KERNEL_TAU
-PAIRINGS = [("all", True), ("cross", True), ("cross", False)]
-CRITICS = ("cosine", "dot", "log_dot")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-assert_close_to_float64 = functools.partial(assert_backend_matches_float64, "cuda")
 NO_GPU = "no CUDA device: the cuda backend runs only on a GPU"
 
 
 def _gpu() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip(NO_GPU)
-    why = cuda_backend.unavailable_reason(torch.device("cuda"), torch.float32)
+    why = cuda_backend.probe(torch.device("cuda"), torch.float32)
     assert why is None, why  # on a GPU machine a failed build fails
     return torch.device("cuda")
 
@@ -71,76 +65,11 @@ def gpu():
     return _gpu()
 
 
-def views(shape, critic, dev, seed=0):
-    """Two correlated views on ``dev``; dot rows scaled by 0.3 keep x.y / tau moderate."""
-    return make_views(shape, critic, seed=seed, device=dev, dot_scale=0.3)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
-@pytest.mark.parametrize("critic", CRITICS)
-def test_matches_float64(critic, negatives, symmetric, dtype, dev):
-    a, b = views((67, 33), critic, dev)
-    assert_close_to_float64(
-        a, b, dtype, tau=TAU[critic], critic=critic, negatives=negatives, symmetric=symmetric
-    )
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
-def test_reductions(negatives, symmetric, reduction, dev):
-    a, b = views((3, 40, 24), "cosine", dev, seed=4)
-    assert_close_to_float64(
-        a,
-        b,
-        torch.float32,
-        tau=0.2,
-        critic="cosine",
-        negatives=negatives,
-        symmetric=symmetric,
-        reduction=reduction,
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("critic", CRITICS)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
-@pytest.mark.parametrize(
-    "shape",
-    # 1 row; heads; exactly one tile; D over several staging chunks and output slices
-    [(1, 5), (2, 1, 7), (3, 5, 7), (64, 16), (130, 200), (3, 150, 129)],
-)
-def test_edge_shapes(shape, critic, negatives, dtype, dev):
-    a, b = views(shape, critic, dev, seed=5)
-    assert_close_to_float64(a, b, dtype, tau=TAU[critic], critic=critic, negatives=negatives)
-
-
-@pytest.mark.parametrize("critic", CRITICS)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
-def test_nan_propagates(critic, negatives, dev):
-    a, b = views((70, 9), critic, dev)
-    a[3, 2] = float("nan")
-    a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
-    out = mimac_kernels.fused_contrastive_loss(
-        a_, b_, temperature=TAU[critic], critic=critic, negatives=negatives, backend="cuda"
-    )
-    assert torch.isnan(out)
-    out.backward()
-    assert torch.isnan(a_.grad).any()
-
-
-def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8, rtol=None):
-    """Kernel-level contract vs the tiled float64 reference on the same rounded inputs."""
+def _kernel_check(dev, n, d, critic, negatives, dtype, h=1, seed=8):
+    """Kernel-level contract vs the tiled float64 torch backend on the same rounded inputs."""
     case = kernel_case((h, n, d), critic, negatives, dtype, dev, seed=seed)
-    errors = kernel_level_errors(cuda_backend, case, grad_rtol=rtol)
+    errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", dtype))
     assert not errors, (critic, negatives, dtype, n, errors)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("critic", CRITICS)
-@pytest.mark.parametrize("negatives", ["all", "cross"])
-def test_kernel_level_matches_reference(critic, negatives, dtype, dev):
-    _kernel_check(dev, 300, 64, critic, negatives, dtype, h=2)
 
 
 @pytest.mark.emulated
@@ -171,19 +100,16 @@ def test_no_race_between_barriers(critic, negatives, dtype, dev):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_large_n(n, dtype, negatives, monkeypatch, gpu):
-    monkeypatch.setattr(reference, "TILE_ELEMS", 1 << 26)  # fewer, larger float64 reference tiles
+    monkeypatch.setattr(torch_backend, "TILE_ELEMS", 1 << 26)  # fewer, larger float64 reference tiles
     _kernel_check(gpu, n, 128, "cosine", negatives, dtype)
 
 
 def test_reasons(gpu):
-    assert cuda_backend.unavailable_reason(gpu, torch.float32) is None
-    assert (
-        cuda_backend.unavailable_reason(gpu, torch.float64)
-        == "dtype float64 not supported (use backend='torch')"
-    )
-    assert "CUDA tensors" in cuda_backend.unavailable_reason(torch.device("cpu"), torch.float32)
+    assert cuda_backend.probe(gpu, torch.float32) is None
+    assert cuda_backend.probe(gpu, torch.float64) == "dtype float64 not supported (use backend='torch')"
+    assert "CUDA tensors" in cuda_backend.probe(torch.device("cpu"), torch.float32)
     assert "cuda" in mimac_kernels.available_backends("cuda")
 
 

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from mimac_kernels.testing import EMULATION_SCHEDULES, cuda_emulation, emulation_schedule
+from tests.kernels.emulation import EMULATION_SCHEDULES, cuda_emulation, emulation_schedule
 
 pytestmark = pytest.mark.emulated
 
@@ -150,7 +150,7 @@ def test_a_failed_launch_does_not_fail_the_next(selftest):
     """A failed launch's error is returned and cleared, as the CUDA launchers do: the
     next launch (here the real kernels', which check cudaGetLastError) succeeds."""
     import mimac_kernels
-    from mimac_kernels.testing import emulated_cuda_backend
+    from tests.kernels.emulation import emulated_cuda_backend
 
     with pytest.raises(RuntimeError, match="write past the 512 bytes"):
         run(selftest, "defect", torch.arange(128.0), 2)

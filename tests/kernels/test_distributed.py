@@ -16,7 +16,7 @@ from mimac_kernels import (
     fused_contrastive_loss,
 )
 from mimac_kernels.distributed import gather_with_grad
-from mimac_kernels.testing import run_ranks
+from tests.ranks import run_ranks
 
 N_LOCAL, D, H = 5, 6, 2
 CASES = [

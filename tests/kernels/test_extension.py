@@ -26,9 +26,17 @@ import torch
 import mimac_kernels
 from mimac_kernels import build as build_cli
 from mimac_kernels import dispatch, extension
+from mimac_kernels.contract import Problem
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
+
+
+def _problem() -> Problem:
+    """A small float32 CPU problem for dispatch to resolve."""
+    a, b = torch.randn(1, 9, 4), torch.randn(1, 9, 4)
+    return Problem(a, b, torch.tensor(2.0), "cosine", "all", 1e-12)
+
 BUILDING = "building the cpu kernel extension"
 WAITING = "waiting for another process's build"
 #: A Python extension module without torch headers; TORCH_EXTENSION_NAME is the
@@ -283,7 +291,7 @@ def test_failed_build_gives_reason_not_crash(monkeypatch, fresh_caches):
     a, b = torch.randn(9, 4), torch.randn(9, 4)
     with pytest.raises(mimac_kernels.BackendUnavailable, match="simulated"):
         mimac_kernels.fused_contrastive_loss(a, b, backend="cpu")
-    assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
+    assert dispatch.resolve("auto", _problem()) == "torch"
     assert torch.isfinite(mimac_kernels.fused_contrastive_loss(a, b))
 
 
@@ -297,7 +305,7 @@ def test_unexpected_build_error_is_a_reason(monkeypatch, fresh_caches):
     with pytest.warns(extension.ExtensionBuildWarning, match="simulated"):
         why = extension.unavailable_reason("cpu")
     assert "loading the cpu extension failed" in why and "simulated" in why
-    assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
+    assert dispatch.resolve("auto", _problem()) == "torch"
 
 
 @needs_compiler
@@ -327,7 +335,7 @@ def test_unwritable_cache_is_a_reason(tmp_path, monkeypatch, fresh_caches):
         extension.build(extension.cpu_spec())
     with pytest.warns(extension.ExtensionBuildWarning, match="cannot use the build cache"):
         assert "MIMAC_KERNELS_CACHE" in extension.unavailable_reason("cpu")
-    assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
+    assert dispatch.resolve("auto", _problem()) == "torch"
 
 
 def test_prebuilt_library_that_does_not_load_is_a_reason(tmp_path, cache, monkeypatch):

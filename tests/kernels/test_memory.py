@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mimac_kernels.testing import loss_memory_code, peak_rss_mb
+from mimac_kernels.demo import loss_memory_code, peak_rss_mb
 
 N, D = 8192, 128  # M = 2N = 16,384 rows
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mimac_kernels import fused_contrastive_loss, ops
+from mimac_kernels.options import CRITICS, NEGATIVES
 
 
 def _sample(negatives: str, critic: str, dtype=torch.float32):
@@ -17,15 +18,14 @@ def _sample(negatives: str, critic: str, dtype=torch.float32):
     return a.requires_grad_(), b.requires_grad_()
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
-@pytest.mark.parametrize("critic", ["cosine", "dot", "log_dot"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
+@pytest.mark.parametrize("critic", CRITICS)
 def test_opcheck_forward(negatives, critic):
     a, b = _sample(negatives, critic)
     inv_tau = torch.tensor(2.0, requires_grad=True)
-    pos_row, pos_col = _positives(a, b, negatives)
-    torch.library.opcheck(
-        ops.lse_fwd, (a, b, inv_tau, pos_row, pos_col, critic, negatives, 1e-12, "torch")
-    )
+    row_center, col_center = _positives(a, b, negatives)
+    options = {"critic": critic, "negatives": negatives, "eps": 1e-12, "backend": "torch"}
+    torch.library.opcheck(ops.lse_fwd, (a, b, inv_tau, row_center, col_center), options)
 
 
 def _positives(a, b, negatives):
@@ -35,16 +35,16 @@ def _positives(a, b, negatives):
     return pos, pos.detach().clone().requires_grad_()
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_opcheck_backward(negatives):
     a, b = _sample(negatives, "dot")
     inv_tau = torch.tensor(2.0)
-    pos_row, pos_col = (p.detach() for p in _positives(a, b, negatives))
-    _, _, row, col = ops.lse_fwd(a.detach(), b.detach(), inv_tau, pos_row, pos_col, "dot",
-                                 negatives, 1e-12, "torch")
-    args = (a.detach(), b.detach(), inv_tau, row, col, torch.rand_like(row), torch.rand_like(col),
-            pos_row, pos_col, "dot", negatives, 1e-12, "torch")
-    torch.library.opcheck(ops.lse_bwd, args)
+    row_center, col_center = (p.detach() for p in _positives(a, b, negatives))
+    options = {"critic": "dot", "negatives": negatives, "eps": 1e-12, "backend": "torch"}
+    _, _, row, col = ops.lse_fwd(a.detach(), b.detach(), inv_tau, row_center, col_center, **options)
+    upstream = [torch.rand_like(row), torch.rand_like(col), row_center, col_center]
+    args = (a.detach(), b.detach(), inv_tau, [row, col], upstream)
+    torch.library.opcheck(ops.lse_bwd, args, options)
 
 
 class _Tiny(torch.nn.Module):

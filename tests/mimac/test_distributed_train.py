@@ -20,7 +20,7 @@ from mimac.config import load_config
 from mimac.models import build_method
 from mimac.runlog import read_metrics
 from mimac.train import _StepLosses, train
-from mimac_kernels.testing import run_ranks
+from tests.ranks import run_ranks
 
 GLOBAL_BATCH = 12
 #: Small models of each method on 8x8 one-channel images (10 clusters).

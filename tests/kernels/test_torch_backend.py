@@ -1,4 +1,5 @@
-"""The torch backend (the oracle) against the naive float64 formula, and gradcheck."""
+"""The torch backend (the kernel-level oracle) against the full-matrix float64 formula
+(``reference_contrastive_loss``), gradcheck, and the log_dot closed form."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import math
 import pytest
 import torch
 
-from mimac_kernels import fused_contrastive_loss, reference
-from mimac_kernels.testing import error_bound, max_abs_err, naive_contrastive_loss
+from mimac_kernels import fused_contrastive_loss, reference_contrastive_loss, torch_backend
+from mimac_kernels.options import CRITICS, NEGATIVES
+from tests.kernels.accuracy import error_bound, max_abs_err
 
 CASES = [
     (critic, neg, sym)
-    for critic in ("cosine", "dot", "log_dot")
-    for neg in ("all", "cross")
+    for critic in CRITICS
+    for neg in NEGATIVES
     for sym in ((True, False) if neg == "cross" else (True,))
 ]
 
@@ -32,12 +34,12 @@ def _inputs(shape, critic, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("shape", [(67, 33), (3, 5, 7), (1, 4)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_naive_float64(critic, negatives, symmetric, shape, reduction, monkeypatch):
-    monkeypatch.setattr(reference, "TILE_ELEMS", 300)  # force several row blocks
+    monkeypatch.setattr(torch_backend, "TILE_ELEMS", 300)  # force several row blocks
     a, b = _inputs(shape, critic)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     kw = {"critic": critic, "negatives": negatives, "symmetric": symmetric, "reduction": reduction}
     out = fused_contrastive_loss(a, b, temperature=tau, backend="torch", **kw)
-    ref = naive_contrastive_loss(a, b, temperature=tau, **kw)
+    ref = reference_contrastive_loss(a, b, temperature=tau, **kw)
     assert out.shape == ref.shape and out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     w = torch.randn_like(ref)  # a non-uniform upstream gradient
@@ -49,7 +51,7 @@ def test_matches_naive_float64(critic, negatives, symmetric, shape, reduction, m
 
 @pytest.mark.parametrize("critic,negatives,symmetric", CASES)
 def test_gradcheck(critic, negatives, symmetric, monkeypatch):
-    monkeypatch.setattr(reference, "TILE_ELEMS", 20)
+    monkeypatch.setattr(torch_backend, "TILE_ELEMS", 20)
     a, b = _inputs((2, 6, 5), critic, seed=1)
     tau = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
 
@@ -69,11 +71,11 @@ def test_low_precision_within_bound(dtype, critic, negatives, symmetric):
     a, b = a64.detach().to(dtype).requires_grad_(), b64.detach().to(dtype).requires_grad_()
     t = 0.5 if critic == "log_dot" else 0.1  # tau = 1 would take the closed form
     kw = {"temperature": t, "critic": critic, "negatives": negatives, "symmetric": symmetric}
-    ref = naive_contrastive_loss(a.detach(), b.detach(), **kw)  # float64 of the same inputs
+    ref = reference_contrastive_loss(a.detach(), b.detach(), **kw)  # float64 of the same inputs
     a_r, b_r = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    ga_ref, gb_ref = torch.autograd.grad(naive_contrastive_loss(a_r, b_r, **kw), (a_r, b_r))
+    ga_ref, gb_ref = torch.autograd.grad(reference_contrastive_loss(a_r, b_r, **kw), (a_r, b_r))
     a_p, b_p = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    plain = naive_contrastive_loss(a_p, b_p, dtype=None, **kw)  # eager, same dtype
+    plain = reference_contrastive_loss(a_p, b_p, dtype=None, **kw)  # eager, same dtype
     ga_p, gb_p = torch.autograd.grad(plain, (a_p, b_p))
     out = fused_contrastive_loss(a, b, backend="torch", **kw)
     assert out.dtype == torch.float32
@@ -84,14 +86,14 @@ def test_low_precision_within_bound(dtype, critic, negatives, symmetric):
     assert max_abs_err(gb, gb_ref) <= error_bound(max_abs_err(gb_p, gb_ref), dtype, gb_ref)
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_log_dot_closed_form_exact(negatives, symmetric):
     """tau = 1 takes the linear closed form; it equals the full formula, values and grads."""
     a, b = _inputs((3, 41, 10), "log_dot", seed=3)
     kw = {"critic": "log_dot", "negatives": negatives, "symmetric": symmetric, "reduction": "none"}
     out = fused_contrastive_loss(a, b, temperature=1.0, **kw)
-    ref = naive_contrastive_loss(a, b, temperature=1.0, **kw)
+    ref = reference_contrastive_loss(a, b, temperature=1.0, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     got = torch.autograd.grad(out.sum(), (a, b))
     want = torch.autograd.grad(ref.sum(), (a, b))
@@ -113,14 +115,14 @@ def test_log_dot_closed_form_keeps_float32_digits_on_sharp_rows(alpha):
     float32 closed form must still be as accurate as the float32 full-matrix loss."""
     a, b = _sharp_probabilities(32, 64, alpha)
     kw = {"critic": "log_dot", "negatives": "all", "reduction": "none"}
-    ref = naive_contrastive_loss(a.double(), b.double(), temperature=1.0, **kw)
-    plain = naive_contrastive_loss(a, b, temperature=1.0, dtype=None, **kw)
+    ref = reference_contrastive_loss(a.double(), b.double(), temperature=1.0, **kw)
+    plain = reference_contrastive_loss(a, b, temperature=1.0, dtype=None, **kw)
     out = fused_contrastive_loss(a, b, temperature=1.0, **kw)
     assert out.dtype == torch.float32
     assert max_abs_err(out, ref) <= error_bound(max_abs_err(plain, ref), torch.float32, ref)
 
 
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_log_dot_closed_form_clamps_like_the_tiled_loss(negatives):
     """Views with disjoint supports: every dot product is 0, each term is clamped at eps,
     and the loss is log(number of terms), at tau = 1 (closed form) as at any other tau."""
@@ -141,7 +143,7 @@ def test_log_dot_closed_form_is_taken(monkeypatch):
 
     calls = []
     real = ops.lse_fwd
-    monkeypatch.setattr(ops, "lse_fwd", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "lse_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     a, b = _inputs((9, 4), "log_dot")
     fused_contrastive_loss(a, b, temperature=1.0, critic="log_dot")
     fused_contrastive_loss(a, b, temperature=torch.tensor(1.0, dtype=torch.float64), critic="log_dot")
@@ -162,8 +164,8 @@ def test_closed_form_linear_at_large_m():
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
 
 
-@pytest.mark.parametrize("critic", ["cosine", "dot", "log_dot"])
-@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("critic", CRITICS)
+@pytest.mark.parametrize("negatives", NEGATIVES)
 def test_nan_propagates(critic, negatives):
     a, b = _inputs((8, 5), critic, dtype=torch.float32)
     a = a.detach().clone()

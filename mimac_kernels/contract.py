@@ -1,0 +1,158 @@
+"""The kernel-level contract every backend implements: one problem, its statistics, the
+incoming gradients, and the ``Backend`` protocol over them.
+
+A backend sees the *kernel-level* problem: heads explicit, cosine inputs already
+normalised. With ``S = inv_tau * s`` and the critics ``s = x.y`` (``dot``, and
+``cosine`` on unit rows, so ``|s| <= 1``) or ``s = log(max(x.y, eps))`` (``log_dot``):
+
+``forward(problem) -> Stats``
+    ``negatives="all"``: ``row_lse`` is ``(H, 2N)``, ``log sum_{k != i} exp(S_ik)``
+    over the stacked rows ``Z = [a; b]``; ``col_lse`` is ``(H, 0)``.
+    ``negatives="cross"``: ``row_lse[h, i] = log sum_j exp(S_ij)`` and
+    ``col_lse[h, j] = log sum_i exp(S_ij)``, both ``(H, N)``. float32 (float64 for
+    float64 inputs on the torch backend).
+``backward(problem, stats, upstream) -> Grads``
+    Gradients of ``sum(g_row * row_lse) + sum(g_col * col_lse)`` w.r.t. a and b, float32
+    ``(H, N, D)``. With ``W_row_ik = g_row_i exp(S_ik - row_lse_i)`` (the self-pair
+    excluded for ``all``) and ``W_col_ik = g_col_k exp(S_ik - col_lse_k)``,
+    ``dL/dS = W_row + W_col``. ``Grads.inv_tau``, a 0-dim tensor, is the *centred*
+    temperature sum ``sum_ik W_row_ik (s_ik - row_center_i) + sum_ik W_col_ik (s_ik -
+    col_center_k)``: with the raw positive scores as centres it is the gradient of the
+    losses ``lse - inv_tau * center`` w.r.t. ``inv_tau``, formed element by element so
+    that nothing cancels in float32.
+``probe(device, dtype) -> str | None`` and ``refusal(problem) -> str | None``
+    Why the backend cannot run, or ``None``. ``probe`` holds the expensive part that
+    depends only on where the inputs live (a compiler build, a driver query, the
+    capability of ``device``, including its index); ``dispatch`` caches it. ``refusal``
+    sees the whole problem (shapes, heads) and must be cheap: it runs at every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mimac_kernels.options import CRITICS, KERNEL_DTYPES, NEGATIVES
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One kernel-level call: ``a``, ``b`` ``(H, N, D)`` of one dtype and device (made
+    contiguous here), ``inv_tau`` a 0-dim float tensor beside them, the critic, the
+    negatives and ``eps``."""
+
+    a: Tensor
+    b: Tensor
+    inv_tau: Tensor
+    critic: str
+    negatives: str
+    eps: float
+
+    def __post_init__(self) -> None:
+        a, b = self.a, self.b
+        if a.dim() != 3 or a.shape != b.shape:
+            raise ValueError(
+                f"a and b must both have shape (H, N, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if a.dtype != b.dtype:
+            raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
+        if a.device != b.device or self.inv_tau.device != a.device:
+            raise ValueError(
+                f"a, b and inv_tau must share a device, got {a.device}, {b.device}, "
+                f"{self.inv_tau.device}"
+            )
+        if self.inv_tau.dim() != 0:
+            raise ValueError(f"inv_tau must be a 0-dim tensor, got shape {tuple(self.inv_tau.shape)}")
+        if self.critic not in CRITICS:
+            raise ValueError(f"critic must be one of {CRITICS}, got {self.critic!r}")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+        object.__setattr__(self, "a", a.contiguous())
+        object.__setattr__(self, "b", b.contiguous())
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
+
+    @property
+    def heads(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def all_pairs(self) -> bool:
+        """``negatives == "all"``: rows and columns are both the stacked ``[a; b]``."""
+        return self.negatives == "all"
+
+    @property
+    def stat_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Shapes of the row and column statistics: ``(H, 2N), (H, 0)`` or ``(H, N), (H, N)``."""
+        h, n, _ = self.a.shape
+        return ((h, 2 * n), (h, 0)) if self.all_pairs else ((h, n), (h, n))
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What the forward saves: the row and column log-sum-exps (shapes: ``Problem.stat_shapes``)."""
+
+    row_lse: Tensor
+    col_lse: Tensor
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What the backward receives: the gradients of the row and column log-sum-exps and
+    the centres of the temperature sum (the raw positive scores), shaped like ``Stats``."""
+
+    g_row: Tensor
+    g_col: Tensor
+    row_center: Tensor
+    col_center: Tensor
+
+
+@dataclass(frozen=True)
+class Grads:
+    """Gradients w.r.t. ``a`` and ``b`` (``(H, N, D)``) and the centred temperature sum
+    (0-dim), the gradient w.r.t. ``inv_tau``."""
+
+    a: Tensor
+    b: Tensor
+    inv_tau: Tensor
+
+
+class Backend(Protocol):
+    """A backend: a module (or any object) with these four functions."""
+
+    def probe(self, device: torch.device, dtype: torch.dtype) -> str | None: ...
+
+    def refusal(self, problem: Problem) -> str | None: ...
+
+    def forward(self, problem: Problem) -> Stats: ...
+
+    def backward(self, problem: Problem, stats: Stats, upstream: Upstream) -> Grads: ...
+
+
+def kernel_dtype_refusal(dtype: torch.dtype) -> str | None:
+    """Why the compiled and Triton kernels refuse ``dtype``, or ``None``."""
+    if dtype == torch.float64:
+        return "dtype float64 not supported (use backend='torch')"
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} not supported (float32, float16 or bfloat16)"
+    return None
+
+
+#: Largest y/z extent of a CUDA grid: the kernels put the heads on one such axis.
+MAX_GRID_HEADS = 65535
+
+
+def heads_refusal(problem: Problem, limit: int = MAX_GRID_HEADS) -> str | None:
+    """Why a kernel with one grid axis per head refuses ``problem``, or ``None``."""
+    if problem.heads > limit:
+        return f"at most {limit} heads (a grid axis), got H={problem.heads}"
+    return None

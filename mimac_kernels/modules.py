@@ -6,7 +6,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mimac_kernels.functional import _check_positive_tensor, check_positive_number, fused_contrastive_loss
+from mimac_kernels.functional import (
+    check_positive_number,
+    contrastive_loss_with_scale,
+    fused_contrastive_loss,
+)
 
 
 class _AllPairsLoss(nn.Module):
@@ -77,10 +81,11 @@ class ClipLoss(nn.Module):
         logit_scale: float | Tensor,
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
-        _check_logit_scale(logit_scale)
-        loss = fused_contrastive_loss(
-            image_features, text_features, temperature=1.0 / logit_scale, critic="dot",
-            negatives="cross", symmetric=True, backend=self.backend, group=self.group,
+        # 1 / tau is passed as such: dL/dscale directly, without dL/dtau * dtau/dscale,
+        # which overflows float32 at large scales.
+        loss = contrastive_loss_with_scale(
+            image_features, text_features, logit_scale, critic="dot", negatives="cross",
+            symmetric=True, backend=self.backend, group=self.group,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -103,16 +108,3 @@ class ProbabilityContrastLoss(_AllPairsLoss):
 
     def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
         return self._loss(p1, p2)
-
-
-def _check_logit_scale(logit_scale: float | Tensor) -> None:
-    """``logit_scale`` (= 1 / tau) must be a finite float > 0 or such a 0-dim float tensor."""
-    if isinstance(logit_scale, Tensor):
-        if logit_scale.dim() != 0 or not logit_scale.is_floating_point():
-            raise ValueError(
-                "logit_scale must be a float or a 0-dim floating-point tensor, got a "
-                f"{logit_scale.dtype} tensor of shape {tuple(logit_scale.shape)}"
-            )
-        _check_positive_tensor(logit_scale, "logit_scale")
-    else:
-        check_positive_number(logit_scale, "logit_scale", "a float or a 0-dim tensor")

@@ -1,0 +1,256 @@
+"""Edge inputs of the op on every backend that runs here: rows of huge norm (cosine),
+eps at the bottom of the compute dtype, log_dot at tau = 1 on rows it was not made for,
+a huge ``logit_scale``, and a seeded fuzz of bad inputs. Each case is refused with an
+error naming the argument, or matches the float64 formula (``naive_contrastive_loss``)
+within the tolerance rule of ``mimac_kernels.testing.error_bound``, or is NaN where the
+input has NaN.
+
+Backends: ``torch``, ``cpu`` (built on first use), ``triton`` (interpreter on CPU
+tensors) and ``cuda`` (its kernels' source on CPU tensors through the emulation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from mimac_kernels import cpu_backend, dispatch
+from mimac_kernels.functional import fused_contrastive_loss, min_eps
+from mimac_kernels.modules import ClipLoss
+from mimac_kernels.testing import (
+    emulated_cuda_backend,
+    error_bound,
+    loss_and_grads,
+    max_abs_err,
+    naive_contrastive_loss,
+)
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+CPU = torch.device("cpu")
+
+
+def _has_compiler() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    """A backend name that runs on CPU tensors here (``cuda``: through the emulation)."""
+    name = request.param
+    if name in ("cpu", "cuda") and not _has_compiler():
+        pytest.skip(f"no C++ compiler on this machine: the {name} backend cannot be built")
+    if name == "cuda":
+        with emulated_cuda_backend():
+            yield name
+        return
+    why = dispatch.unavailable_reason(name, CPU, torch.float32)
+    if name == "triton" and why is not None:
+        pytest.skip(f"triton cannot run on CPU tensors here: {why}")
+    assert why is None, why  # torch always; cpu wherever a compiler is
+    yield name
+
+
+def _views(shape, seed=0, critic="cosine"):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    b = a + 0.7 * torch.randn(shape, generator=g)
+    if critic == "log_dot":
+        a, b = a.softmax(-1), b.softmax(-1)
+    return a, b
+
+
+def _ours(backend):
+    def fn(x, y, **kw):
+        return fused_contrastive_loss(x, y, backend=backend, **kw)
+
+    return fn
+
+
+def _plain(x, y, **kw):
+    return naive_contrastive_loss(x, y, dtype=None, **kw)
+
+
+def _grad_slack(dtype, ref_grad):
+    """The extra rounding of half-type gradients (``assert_backend_matches_float64``)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.finfo(dtype).eps * float(ref_grad.abs().max())
+    return 0.0
+
+
+# -- 7. cosine rows of huge (or tiny) norm ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("power", [66, 100, -90])
+def test_cosine_is_scale_invariant(backend, dtype, negatives, power):
+    """Rows scaled by 2^power (exact in both dtypes): the loss is the unscaled one and
+    the input gradients are 2^-power times the unscaled ones, within the tolerance rule
+    of the unscaled inputs. Above |x| ~ 1.8e19 |x|^2 overflowed float32 and every row
+    became 0 (the loss log(2N - 1)); below ~1e-19 it underflowed."""
+    a, b = (t.to(dtype) for t in _views((2, 7, 5), seed=power % 7))
+    eps = min_eps(dtype) if power < 0 else 1e-12  # tiny rows stay above eps
+    kw = {"critic": "cosine", "negatives": negatives, "eps": eps}
+    scale = 2.0**power
+    out, grads = loss_and_grads(_ours(backend), a * scale, b * scale, 0.2, None, True, **kw)
+    ref, ref_grads = loss_and_grads(naive_contrastive_loss, a.double(), b.double(), 0.2, None,
+                                    True, **kw)
+    plain, plain_grads = loss_and_grads(_plain, a, b, 0.2, None, True, **kw)
+    rescaled = [grads[0].double() * scale, grads[1].double() * scale, grads[2]]
+    for name, x, r, p in zip(("loss", "grad_a", "grad_b", "grad_tau"), [out, *rescaled],
+                             [ref, *ref_grads], [plain, *plain_grads]):
+        bound = error_bound(max_abs_err(p, r), dtype, r)
+        if name in ("grad_a", "grad_b"):
+            bound += _grad_slack(dtype, r)
+        err = max_abs_err(x, r)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (2^{power}, {dtype})"
+
+
+def test_cosine_rows_at_float32_max_and_below_eps(backend):
+    """A row near float32's largest value (its norm overflows even when scaled sums do
+    not) and a row below eps (``x / eps``, as the definition says) against float64."""
+    a, b = _views((5, 4), seed=3)
+    a[0] = torch.tensor([3.0e38, -3.0e38, 1.0e38, 0.0])
+    b[1] = 1e-14  # norm 2e-14 < eps = 1e-12
+    kw = {"critic": "cosine", "negatives": "all", "reduction": "none"}
+    out = fused_contrastive_loss(a, b, temperature=0.3, backend=backend, **kw)
+    ref = naive_contrastive_loss(a, b, temperature=0.3, **kw)
+    assert max_abs_err(out, ref) <= 1e-5 * (1 + float(ref.abs().max()))
+
+
+# -- 8. eps at the bottom of the compute dtype ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps", [1e-300, 1e-40, 1e-45])
+@pytest.mark.parametrize("critic", ["cosine", "log_dot"])
+def test_eps_below_the_compute_dtype_is_refused(backend, dtype, eps, critic):
+    """eps = 1e-300 became 0 in float32 (NaN/inf where float64 is finite); subnormal eps
+    kept few digits and the cpu kernel read it wrongly. Refused, naming the smallest eps."""
+    a, b = (t.to(dtype) for t in _views((4, 3), critic=critic))
+    with pytest.raises(ValueError, match=r"eps must be >= 1\.17549"):
+        fused_contrastive_loss(a, b, temperature=0.5, critic=critic, eps=eps, backend=backend)
+
+
+def test_eps_for_float64_inputs():
+    """float64 inputs compute in float64: 1e-300 is kept, below its smallest normal is not."""
+    a, b = (t.double() for t in _views((4, 3), critic="log_dot"))
+    kw = {"temperature": 0.5, "critic": "log_dot", "backend": "torch"}
+    out = fused_contrastive_loss(a, b, eps=1e-300, **kw)
+    ref = naive_contrastive_loss(a, b, temperature=0.5, critic="log_dot", eps=1e-300)
+    assert max_abs_err(out, ref) <= 1e-10
+    with pytest.raises(ValueError, match=r"eps must be >= 2\.2250738585072014e-308"):
+        fused_contrastive_loss(a, b, eps=1e-310, **kw)
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_smallest_accepted_eps_clamps_like_float64(backend, negatives):
+    """Rows with disjoint supports: every cross term is clamped at the smallest eps the
+    op takes (float32's smallest normal), so log(eps) / tau enters every sum."""
+    eps = min_eps(torch.float32)
+    n = 3
+    eye = torch.eye(2 * n) * 0.9 + 0.1 / (2 * n) * torch.eye(2 * n).roll(1, dims=1)
+    a, b = eye[:n], eye[n:]
+    kw = {"critic": "log_dot", "negatives": negatives, "reduction": "none", "eps": eps}
+    out = fused_contrastive_loss(a, b, temperature=0.5, backend=backend, **kw)
+    ref = naive_contrastive_loss(a, b, temperature=0.5, **kw)
+    plain = naive_contrastive_loss(a, b, temperature=0.5, dtype=None, **kw)
+    assert max_abs_err(out, ref) <= error_bound(max_abs_err(plain, ref), torch.float32, ref)
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler: no cpu backend")
+@pytest.mark.parametrize("eps", [1e-40, 1e-45])
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_cpu_kernel_reads_subnormal_eps(eps, negatives):
+    """The kernel-level contract takes any float32 eps: the cpu kernel's vector log
+    decoded subnormal inputs as normal ones (17.136 for 16.456 at 1e-40)."""
+    # One-hot rows on distinct coordinates: every dot product is 0, every term clamped.
+    z = torch.eye(8)[None] * 0.5
+    a, b = z[:, :4], z[:, 4:]
+    eps32 = float(torch.tensor(eps, dtype=torch.float32))  # what the kernel sees
+    inv_tau = torch.tensor(2.0)
+    row, col = cpu_backend.forward(a, b, inv_tau, "log_dot", negatives, eps)
+    a64, b64 = a.double(), b.double()
+    if negatives == "all":
+        z = torch.cat([a64, b64], dim=1)
+        s = 2.0 * (z @ z.transpose(-1, -2)).clamp_min(eps32).log()
+        s = s.masked_fill(torch.eye(8, dtype=torch.bool), float("-inf"))
+        want = [(row, s.logsumexp(-1))]
+    else:
+        s = 2.0 * (a64 @ b64.transpose(-1, -2)).clamp_min(eps32).log()
+        want = [(row, s.logsumexp(-1)), (col, s.logsumexp(-2))]
+    for got, ref in want:
+        assert torch.allclose(got.double(), ref, rtol=2e-6, atol=2e-5), (got, ref)
+
+
+# -- 9. log_dot at tau = 1 ---------------------------------------------------------------
+
+
+def _log_dot_near_one(backend, a, b, negatives):
+    """Losses at tau = 1 - 1e-6, 1 (float), 1 (learnable tensor), 1 + 1e-6, and float64's."""
+    kw = {"critic": "log_dot", "negatives": negatives, "reduction": "none", "backend": backend}
+    taus = [1 - 1e-6, 1.0, torch.tensor(1.0, requires_grad=True), 1 + 1e-6]
+    outs = [fused_contrastive_loss(a, b, temperature=t, **kw).detach() for t in taus]
+    kw.pop("backend")
+    ref = naive_contrastive_loss(a, b, temperature=1.0, **kw)
+    plain = naive_contrastive_loss(a, b, temperature=1.0, dtype=None, **kw)
+    return outs, ref, plain
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_log_dot_at_unit_temperature_on_signed_rows(backend, negatives):
+    """Rows with negative entries: the closed form (exact only for non-negative rows)
+    gave 4.5976 at tau = 1 and 11.7237 beside it. Now the same function everywhere."""
+    a, b = _views((2, 6, 5), seed=1)
+    outs, ref, plain = _log_dot_near_one(backend, a, b, negatives)
+    bound = error_bound(max_abs_err(plain, ref), torch.float32, ref)
+    for out in outs:
+        assert max_abs_err(out, ref) <= bound + 1e-5 * float(ref.abs().max())  # tau +- 1e-6
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+def test_log_dot_at_unit_temperature_near_the_clamp(backend, negatives):
+    """Non-negative rows whose dot products straddle eps (some 0, some 2.25e-12): the
+    closed form's one clamp of the sum at n eps is not the per-term clamp there."""
+    n, d = 4, 2 * 4 + 1
+    z = torch.zeros(2 * n, d)
+    z[torch.arange(2 * n), torch.arange(2 * n) % (d - 1)] = 1e-6  # own coordinate
+    z[::2, -1] = 1.5e-6  # half the rows share one more
+    a, b = z[:n], z[n:]
+    outs, ref, plain = _log_dot_near_one(backend, a, b, negatives)
+    bound = error_bound(max_abs_err(plain, ref), torch.float32, ref)
+    for out in outs:
+        assert max_abs_err(out, ref) <= bound + 1e-5 * float(ref.abs().max())
+
+
+# -- 10. ClipLoss at a huge logit_scale -------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e20, 3e4])
+def test_clip_logit_scale_gradient_at_huge_scale(backend, scale):
+    """dL/dlogit_scale was NaN at 1e30 (dL/dtau * dtau/dscale overflowed float32)."""
+    a, b = (torch.nn.functional.normalize(t, dim=-1) for t in _views((6, 5), seed=2))
+    s = torch.tensor(scale, requires_grad=True)
+    loss = ClipLoss(backend=backend)(a, b, s)
+    (g,) = torch.autograd.grad(loss, s)
+    s64 = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    ref = naive_contrastive_loss(a.double(), b.double(), temperature=1 / s64, critic="dot",
+                                 negatives="cross")
+    (g64,) = torch.autograd.grad(ref, s64)
+    assert math.isfinite(float(g))
+    assert abs(float(loss) - float(ref)) <= 1e-6 * abs(float(ref)) + 1e-5
+    assert abs(float(g) - float(g64)) <= 1e-5 * (1 + abs(float(g64)))
+
+
+def test_logit_scale_beyond_float32_is_refused():
+    a, b = _views((4, 3))
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        ClipLoss()(a, b, torch.tensor(1e300, dtype=torch.float64))
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        ClipLoss()(a, b, 1e300)
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        fused_contrastive_loss(a, b, temperature=1e-300)  # 1 / tau overflows float32

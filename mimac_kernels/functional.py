@@ -37,20 +37,26 @@ def fused_contrastive_loss(
     ``N x N`` matrix ``S_ij = f(a_i, b_j)``, row losses and (``symmetric``)
     column losses averaged. ``critic`` is ``"cosine"`` (``x^.y^ / tau``),
     ``"dot"`` (``x.y / tau``) or ``"log_dot"`` (``log(max(x.y, eps)) / tau``
-    on probability vectors). ``log_dot`` at ``tau == 1`` takes an exact
-    linear-time closed form automatically; that form assumes non-negative
-    rows (probabilities), as the critic does.
+    on probability vectors). ``log_dot`` at ``tau == 1`` takes a linear-time
+    closed form automatically where it is exact (non-negative rows whose
+    clamped terms cannot show, see docs/losses.md); elsewhere the tiled path,
+    so the loss at ``tau == 1`` is the function beside it. Cosine rows are
+    normalised without overflow (scaled by their largest entry first), so any
+    finite input gives the float64 value.
 
     Args:
         a, b: the two views, same shape, dtype (float16/bfloat16/float32; float64
             on the torch backend) and device.
-        temperature: ``tau > 0``, a float or a 0-dim tensor (may require grad).
+        temperature: ``tau > 0``, a float or a 0-dim tensor (may require grad);
+            ``1 / tau`` must be finite in the compute dtype.
         critic, negatives, symmetric: see above.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row values).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``. The
             log_dot closed form and ``group=`` run plain torch ops whatever it is; an
             explicit backend that cannot run these inputs still raises.
-        eps: clamp for norms (cosine) and dot products (log_dot).
+        eps: clamp for norms (cosine) and dot products (log_dot), in (0, 1) and at
+            least ``min_eps(a.dtype)``, the smallest normal number of the compute dtype
+            (1.18e-38; 2.2e-308 for float64); smaller values are refused.
         group: a ``torch.distributed`` process group (or ``dist.group.WORLD``): this
             rank's rows are scored against the all-gathered rows of every rank. With
             ``reduction="mean"`` the value is the mean over this rank's rows, so the

@@ -61,7 +61,8 @@ class ClipLoss(nn.Module):
 
     Features are expected already normalised (dot critic); ``logit_scale`` is the
     multiplier ``1 / tau`` (a float or a 0-dim tensor, usually ``model.logit_scale.exp()``)
-    and receives its exact gradient. With a process ``group``, open_clip's
+    and receives its exact gradient, formed directly (no overflow through ``tau`` at
+    large scales). With a process ``group``, open_clip's
     ``local_loss=True, gather_with_grad=True``: local rows against every rank's columns.
 
     Shape:
@@ -93,8 +94,9 @@ class ClipLoss(nn.Module):
 class ProbabilityContrastLoss(_AllPairsLoss):
     """CRLC's probability contrastive loss: log-of-dot-product critic, all negatives.
 
-    At the default ``temperature=1.0`` it runs the exact linear-time closed form
-    (also across the ranks of a process ``group``).
+    At the default ``temperature=1.0`` it runs the linear-time closed form (also
+    across the ranks of a process ``group``) wherever that is exact: non-negative
+    rows whose dot products do not straddle ``eps`` (docs/losses.md).
 
     Shape:
         p1, p2: ``(N, C)`` or ``(H, N, C)`` probability rows (smoothed, so dot

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import random
+import re
 import shutil
 
 import pytest
@@ -74,10 +76,11 @@ def _plain(x, y, **kw):
     return naive_contrastive_loss(x, y, dtype=None, **kw)
 
 
-def _grad_slack(dtype, ref_grad):
-    """The extra rounding of half-type gradients (``assert_backend_matches_float64``)."""
+def _grad_slack(dtype, part):
+    """The extra rounding of half-type gradients: an ulp of the positive pairs' part
+    (``assert_backend_matches_float64``), or of the whole gradient where that is larger."""
     if dtype in (torch.float16, torch.bfloat16):
-        return torch.finfo(dtype).eps * float(ref_grad.abs().max())
+        return torch.finfo(dtype).eps * float(part.abs().max())
     return 0.0
 
 
@@ -254,3 +257,260 @@ def test_logit_scale_beyond_float32_is_refused():
         ClipLoss()(a, b, 1e300)
     with pytest.raises(ValueError, match="temperature must be finite"):
         fused_contrastive_loss(a, b, temperature=1e-300)  # 1 / tau overflows float32
+
+
+# -- fuzz: bad and extreme inputs ----------------------------------------------------------
+
+#: Seeded cases per backend (the interpreted and emulated ones are slower per call).
+FUZZ_CASES = {"torch": 150, "cpu": 150, "triton": 40, "cuda": 60}
+DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LAYOUTS = ("contiguous", "transposed", "expanded", "strided")
+#: Valid (name, value) and invalid (value) temperatures; tensors are built per case.
+GOOD_TAUS = (0.05, 0.3, 1.0, 2.5, "tensor", "tensor_grad", "tensor64", "tensor_one")
+BAD_TAUS = (0.0, -0.5, math.inf, math.nan, 1e-300, True, "0.1", "shape", "int", "meta", "nan_t")
+GOOD_EPS = (1e-12, 1e-12, 1e-6, 1e-30, 2e-38)
+BAD_EPS = (0.0, -1e-3, 1.0, math.nan, 1e-300, True, "1e-12")
+
+
+class Case:
+    """One fuzz case: the call's arguments, the leaves to differentiate, and which
+    arguments are bad (an error must name one of them; none: it must run)."""
+
+    def __init__(self, rng, backend: str):
+        self.rng, self.bad = rng, set()
+        r = rng.random
+        self.dtype = rng.choice(DTYPES)
+        self.kw = {
+            "critic": rng.choice(("cosine", "dot", "log_dot")),
+            "negatives": rng.choice(("all", "cross")),
+            "symmetric": rng.random() < 0.7,
+            "reduction": rng.choice(("mean", "sum", "none")),
+            "backend": backend,
+        }
+        heads = rng.choice((None, 1, 3))
+        self.shape = (*(() if heads is None else (heads,)), rng.choice((1, 2, 3, 5, 8)),
+                      rng.choice((1, 2, 5, 16)))
+        self.values = rng.choice(("normal",) * 5 + ("nan", "inf", "huge", "tiny", "zero_row"))
+        self.layout = rng.choice(LAYOUTS)
+        self.learn_tau = False
+        self.temperature = self._temperature(r() < 0.15)
+        if r() < 0.15:
+            self.kw["eps"] = rng.choice(BAD_EPS)
+            self.bad.add("eps")
+        elif r() < 0.3:
+            self.kw["eps"] = rng.choice(GOOD_EPS)
+        if self.dtype == torch.float64:  # float64 keeps these
+            if self.kw.get("eps") == 1e-300:
+                self.bad.discard("eps")
+            if self.temperature == 1e-300:
+                self.bad.discard("temperature")
+        if r() < 0.08:
+            name, value = rng.choice((("critic", "cos"), ("negatives", "some"),
+                                      ("reduction", "avg"), ("symmetric", 1)))
+            self.kw[name] = value
+            self.bad.add(name)
+        if self.dtype == torch.float64 and backend != "torch":
+            self.bad.add("backend")  # the compiled and Triton kernels take no float64
+        self.a, self.b, self.leaves, self.make = self._inputs(r() < 0.12)
+
+    def _temperature(self, bad: bool):
+        if bad:
+            self.bad.add("temperature")
+            choice = self.rng.choice(BAD_TAUS)
+            tensors = {"shape": torch.tensor([0.1]), "int": torch.tensor(1),
+                       "meta": torch.tensor(0.1, device="meta"), "nan_t": torch.tensor(math.nan)}
+            return tensors.get(choice, choice) if isinstance(choice, str) and choice != "0.1" \
+                else choice
+        if self.kw["critic"] == "log_dot" and self.rng.random() < 0.4:
+            return 1.0  # the closed form's temperature
+        choice = self.rng.choice(GOOD_TAUS)
+        if choice == "tensor_grad":
+            self.learn_tau = True
+            return torch.tensor(self.rng.choice((0.07, 0.5, 1.0)), requires_grad=True)
+        if choice == "tensor64":
+            return torch.tensor(0.4, dtype=torch.float64)
+        if choice in ("tensor", "tensor_one"):
+            return torch.tensor(1.0 if choice == "tensor_one" else 0.2)
+        return choice
+
+    def _inputs(self, bad: bool):
+        """a, b (views of float leaves in the case's layout), the leaves, and the view."""
+        gen = torch.Generator().manual_seed(self.rng.randrange(1 << 30))
+        *lead, n, d = self.shape
+        if self.layout == "transposed":
+            base_shape = (*lead, d, n)
+        elif self.layout == "expanded":
+            base_shape = (*lead, 1, d)
+        elif self.layout == "strided":
+            base_shape = (*lead, n, 2 * d)
+        else:
+            base_shape = (*lead, n, d)
+
+        def view(t):
+            if self.layout == "transposed":
+                return t.transpose(-1, -2)
+            if self.layout == "expanded":
+                return t.expand(*lead, n, d)
+            return t[..., ::2] if self.layout == "strided" else t
+
+        leaves = []
+        for _ in range(2):
+            x = torch.randn(base_shape, generator=gen, dtype=torch.float64)
+            if self.kw["critic"] == "log_dot" and self.rng.random() < 0.8:
+                x = torch.softmax(2 * x, dim=-1)  # probability rows, as the critic expects
+            x = self._values(x, gen)
+            leaves.append(x.to(self.dtype).requires_grad_())
+        a, b = view(leaves[0]), view(leaves[1])
+        if bad:
+            kind = self.rng.choice(("1d", "4d", "rows", "empty", "int", "dtypes", "meta", "list"))
+            a, b = self._bad_inputs(kind, a, b)
+        return a, b, leaves, view
+
+    def _values(self, x, gen):
+        if self.values == "huge":
+            x = x * (3e4 if self.dtype == torch.float16 else self.rng.choice((1e20, 1e30)))
+        elif self.values == "tiny":
+            x = x * self.rng.choice((1e-20, 1e-30))
+        elif self.values == "zero_row":
+            x[..., 0, :] = 0.0
+        elif self.values in ("nan", "inf") and self.rng.random() < 0.7:
+            flat = x.view(-1)
+            flat[int(torch.randint(flat.numel(), (1,), generator=gen))] = (
+                math.nan if self.values == "nan" else self.rng.choice((math.inf, -math.inf))
+            )
+        return x
+
+    def _bad_inputs(self, kind, a, b):
+        self.bad.update({"a", "b"})
+        if kind == "1d":
+            return a.reshape(-1), b.reshape(-1)
+        if kind == "4d":
+            return a[None, None], b[None, None]
+        if kind == "rows":
+            return a, torch.cat([b, b], dim=-2)
+        if kind == "empty":
+            return a[..., :0, :], b[..., :0, :]
+        if kind == "int":
+            return a.detach().int(), b.detach().int()
+        if kind == "dtypes":
+            other = torch.float32 if a.dtype != torch.float32 else torch.float64
+            return a, b.detach().to(other)
+        if kind == "meta":
+            return a, torch.empty(b.shape, device="meta", dtype=b.dtype)
+        return a.tolist(), b
+
+    def has_nan(self) -> bool:
+        return any(bool(torch.isnan(t).any()) for t in self.leaves)
+
+
+def _named(message: str) -> set[str]:
+    """The argument names an error message leads with ("a and b must ...")."""
+    head = re.split(r" must| is | cannot", message, maxsplit=1)[0]
+    return set(re.findall(r"[A-Za-z_]+", head))
+
+
+def _bound(x, ref, plain, dtype, slack_of=None) -> float:
+    """The tolerance rule where plain PyTorch computes the finite entries of ``ref``; where
+    it does not (its own overflow), a relative 1e-4 (half types: 3e-2)."""
+    fin = torch.isfinite(ref)
+    if bool(torch.isfinite(plain.detach()[fin]).all()):
+        bound = error_bound(max_abs_err(plain[fin], ref[fin]), dtype, ref[fin])
+    else:
+        rel = 3e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+        bound = rel * (1.0 + float(ref[fin].abs().max())) if bool(fin.any()) else 0.0
+    if slack_of is not None and bool(fin.any()):
+        bound += _grad_slack(dtype, slack_of[fin])
+    return bound
+
+
+def _scores_overflow(case) -> bool:
+    """Whether a score or dot product of the float64 problem is beyond float32's range:
+    the op then computes inf or NaN (never a finite value) and that is accepted."""
+    if case.kw["critic"] == "cosine":
+        return False
+    big = float(torch.finfo(torch.float32).max)
+    with torch.no_grad():
+        z = torch.cat([case.a.double(), case.b.double()], dim=-2)
+        dots = z @ z.transpose(-1, -2)
+        tau = case.temperature
+        tau = float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau)
+        return bool((dots.abs() > big).any()) or bool((dots.abs() / tau > big).any())
+
+
+def _check_case(case) -> str | None:
+    """None if the case is refused correctly or matches float64; else what went wrong."""
+    call = {**case.kw, "temperature": case.temperature}
+    try:
+        out = fused_contrastive_loss(case.a, case.b, **call)
+    except (ValueError, TypeError, dispatch.BackendUnavailable) as exc:
+        named = _named(str(exc))
+        if not case.bad:
+            return f"refused valid input: {exc}"
+        return None if named & case.bad else f"error names {named}, not {case.bad}: {exc}"
+    if case.bad:
+        return f"accepted bad {case.bad}: {out}"
+    ref_kw = {k: v for k, v in call.items() if k != "backend"}
+    inputs = [case.a, case.b]
+    tau = case.temperature
+    leaves64 = [t.detach().double().requires_grad_() for t in case.leaves]
+    a64, b64 = case.make(leaves64[0]), case.make(leaves64[1])
+    if isinstance(tau, torch.Tensor):
+        tau64 = tau.detach().double().requires_grad_(case.learn_tau)
+        ref_kw["temperature"] = tau64
+    ref = naive_contrastive_loss(a64, b64, **ref_kw)
+    plain = naive_contrastive_loss(*inputs, **{**ref_kw, "temperature": tau}, dtype=None)
+    overflow = _scores_overflow(case)
+    fin_out, fin_ref = torch.isfinite(out.detach()), torch.isfinite(ref.detach())
+    if case.has_nan() and not bool(torch.isnan(out.detach()[torch.isnan(ref.detach())]).all()):
+        return f"NaN input, NaN reference, but {out}"
+    if not torch.equal(fin_out | fin_ref, fin_ref) or not (
+        torch.equal(fin_out, fin_ref) or overflow
+    ):
+        return f"finite where float64 is not, or the reverse: {out} vs {ref}"
+    both = fin_out & fin_ref
+    err = max_abs_err(out.detach()[both], ref.detach()[both])
+    bound = _bound(out, ref.detach(), plain.detach(), case.dtype)
+    if err > bound:
+        return f"loss error {err:.3g} > {bound:.3g}: {out} vs {ref}"
+    if not bool(fin_ref.all()) or not bool(fin_out.all()):
+        return None  # gradients of a non-finite loss are not compared
+    wrt = case.leaves + ([tau] if case.learn_tau else [])
+    wrt64 = leaves64 + ([ref_kw["temperature"]] if case.learn_tau else [])
+    grads = torch.autograd.grad(out.sum(), wrt)
+    ref_grads = torch.autograd.grad(ref.sum(), wrt64)
+    plain_grads = torch.autograd.grad(plain.sum(), wrt, allow_unused=True)
+    # The positive pairs' part reaches a and b rounded on its own (see
+    # assert_backend_matches_float64): half types get an ulp of its size as slack.
+    pos = naive_contrastive_loss(a64, b64, **ref_kw, positives_only=True)
+    pos_grads = torch.autograd.grad(pos.sum(), leaves64, allow_unused=True)
+    for i, (g, r, p) in enumerate(zip(grads, ref_grads, plain_grads)):
+        if p is None or not bool(torch.isfinite(r).all()):
+            continue
+        if not bool(torch.isfinite(g).all()) and overflow:
+            continue
+        dtype = case.dtype if i < 2 else g.dtype
+        # Entries beyond the gradient dtype's range (1 / eps of a zero row in float16)
+        # come back as inf, which says so.
+        fits = r.abs() <= torch.finfo(dtype).max
+        slack = None if i >= 2 or pos_grads[i] is None else pos_grads[i][fits]
+        g, r, p = g[fits], r[fits], p.detach()[fits]
+        bound = _bound(g, r, p, dtype, slack)
+        if max_abs_err(g, r) > bound:
+            return f"gradient {i} error {max_abs_err(g, r):.3g} > {bound:.3g}"
+    return None
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow notes (Triton interpreter)
+def test_fuzz_bad_and_extreme_inputs(backend):
+    """Seeded, a fixed number of cases per backend: every one is refused with an error
+    naming a bad argument, or matches float64 (NaN where the input has NaN; inf or NaN
+    where a dot-product score is beyond float32's range)."""
+    rng = random.Random(20)
+    failures = []
+    for i in range(FUZZ_CASES[backend]):
+        case = Case(rng, backend)
+        why = _check_case(case)
+        if why is not None:
+            failures.append(f"case {i} ({case.dtype}, {case.shape}, {case.values}, "
+                            f"{case.layout}, tau={case.temperature!r}, {case.kw}): {why}")
+    assert not failures, "\n".join(failures[:8]) + f"\n({len(failures)} failing cases)"

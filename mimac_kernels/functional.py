@@ -229,34 +229,45 @@ def _log_dot_unit_lse(
         # (sharp probabilities): float64 keeps the digits float32 would lose.
         z = torch.cat([a, b], dim=1)
         z64 = z.to(_wide_dtype(z))
-        denom = (z64 * column_sum(z64)).sum(-1) - (z64 * z64).sum(-1)
+        total = (z64 * column_sum(z64)).sum(-1)
+        denom = total - (z64 * z64).sum(-1)
         terms = z.shape[1] * world - 1
-        if not _closed_form_is_exact(((z64, z64, denom),), terms, eps, group):
+        # The subtraction loses log2(total / denom) bits of the wide dtype: allowed while
+        # the result keeps about its own precision (2^-23 for float32, 2^-33 for float64).
+        goal = 2.0**-23 if z.dtype != torch.float64 else 2.0**-33
+        ratio = max(4.0, goal / torch.finfo(z64.dtype).eps)
+        kept = (total <= ratio * denom).all()
+        if not _closed_form_is_exact(((z64, z64, denom),), eps, group, kept):
             return None
         return denom.clamp_min(terms * eps).log().to(z.dtype), z.new_empty(z.shape[0], 0)
     terms = a.shape[1] * world
     row = (a * column_sum(b)).sum(-1)
     col = (b * column_sum(a)).sum(-1)
-    if not _closed_form_is_exact(((a, b, row), (b, a, col)), terms, eps, group):
+    if not _closed_form_is_exact(((a, b, row), (b, a, col)), eps, group):
         return None
     return row.clamp_min(terms * eps).log(), col.clamp_min(terms * eps).log()
 
 
 def _closed_form_is_exact(
-    sides: tuple[tuple[Tensor, Tensor, Tensor], ...], terms: int, eps: float, group: object | None
+    sides: tuple[tuple[Tensor, Tensor, Tensor], ...],
+    eps: float,
+    group: object | None,
+    accurate: Tensor | None = None,
 ) -> bool:
-    """Whether ``max(d_i, n eps)``, ``d_i = sum_k x_i . y_k``, is ``sum_k max(x_i . y_k, eps)``.
+    """Whether ``max(d_i, n eps)``, ``d_i = sum_k x_i . y_k``, is ``sum_k max(x_i . y_k, eps)``,
+    in value and gradient.
 
     ``sides``: ``(x, y, d)`` per direction, x ``(H, R, D)`` the rows, y ``(H, C, D)`` the
-    columns (this rank's), d ``(H, R)``. It is where every entry is >= 0 (so every term
-    is) and each row i has no clamped term (a lower bound of its terms, from
-    ``x_i . y_k >= min(x_i) sum(y_k)`` and ``>= min(y_k) sum(x_i)``, is >= eps), or every
-    term clamped (``d_i <= eps``), or a sum so far above ``n eps`` that the clamp of
-    single terms (at most ``n eps`` in all) is below the result's rounding. Elsewhere
-    (negative entries, or clamped terms that would show) the caller takes the per-term
-    path, so the loss at tau = 1 is the function it is beside tau = 1. One host read
-    (with a group, two all-reduces of a few numbers, so every rank takes the same path);
-    a compiled graph cannot branch on data, so there negative entries are refused instead.
+    columns (this rank's), d ``(H, R)``; ``accurate``: a 0-dim bool, False where the
+    caller's own rounding check fails. It is where every entry is >= 0 (so every term
+    is) and either no term is clamped (a lower bound of every term, from
+    ``x_i . y_k >= min(x_i) sum(y_k)`` and ``>= min(y_k) sum(x_i)``, is >= eps) or every
+    term is (every ``d_i <= eps``). A single clamped term beside unclamped ones changes
+    the value by up to eps and the gradient by O(1): a clamped term's gradient is 0,
+    the closed form's is not. Elsewhere the caller takes the per-term path, so the loss
+    at tau = 1 is the function it is beside tau = 1. One host read (with a group, two
+    all-reduces of a few numbers, so every rank takes the same path); a compiled graph
+    cannot branch on data, so there negative entries are refused instead.
     """
     if torch.compiler.is_compiling():
         negative = torch.stack([(t < 0).any() for x, y, _ in sides for t in (x, y)]).any()
@@ -265,21 +276,23 @@ def _closed_form_is_exact(
             "log_dot at temperature 1 (closed form) needs non-negative rows in a compiled graph",
         )
         return True
-    # Relative error n eps / d under ~1e-6 (float32) or ~1e-12 (float64): below ATOL.
-    margin = (2.0**40 if sides[0][2].dtype == torch.float64 else 2.0**20) * terms * eps
+    dt = sides[0][2].dtype
     mins = [(y.amin(dim=(-2, -1)), y.sum(-1).amin(-1)) for _, y, _ in sides]  # (H,) each
     if group is not None:  # over every rank's columns
-        flat = torch.stack([t.to(sides[0][2].dtype) for pair in mins for t in pair])
+        flat = torch.stack([t.to(dt) for pair in mins for t in pair])
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MIN, group=group)
         mins = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(sides))]
-    bad = torch.zeros((), dtype=torch.bool, device=sides[0][2].device)
+    negative = torch.zeros((), dtype=torch.bool, device=sides[0][2].device)
+    unclamped, all_clamped = negative.clone(), ~negative
     for (x, _, d), (y_min, y_sum_min) in zip(sides, mins):
-        x_min, x_sum = x.amin(-1).to(d.dtype), x.sum(-1).to(d.dtype)  # (H, R)
-        y_min, y_sum_min = y_min.to(d.dtype)[:, None], y_sum_min.to(d.dtype)[:, None]
+        x_min, x_sum = x.amin(-1).to(dt), x.sum(-1).to(dt)  # (H, R)
+        y_min, y_sum_min = y_min.to(dt)[:, None], y_sum_min.to(dt)[:, None]
         lower = torch.maximum(x_min * y_sum_min, y_min * x_sum)
-        ok = (lower >= eps) | (d <= eps) | (d >= margin)
-        bad = bad | (x_min < 0).any() | (y_min < 0).any() | ~ok.all()
-    bad = bad.to(torch.int32)
+        negative = negative | (x_min < 0).any() | (y_min < 0).any()
+        unclamped = unclamped | (lower >= eps).all()  # any side's bound covers every term
+        all_clamped = all_clamped & (d <= eps).all()
+    ok = unclamped | all_clamped if accurate is None else (unclamped | all_clamped) & accurate
+    bad = (negative | ~ok).to(torch.int32)
     if group is not None:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=group)
     return not bool(bad)
@@ -300,14 +313,15 @@ def _normalize(x: Tensor, eps: float) -> Tensor:
     vector does not depend on the row's scale, so its gradient is exact without m's.
     """
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    m = xf.detach().abs().amax(dim=-1, keepdim=True)  # NaN rows stay NaN
-    scaled = xf / torch.where(m > 0, m, torch.ones_like(m))
+    m = xf.detach().abs().amax(dim=-1, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))  # a zero row stays 0; NaN rows stay NaN
+    scaled = xf / m
     norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
-    # |x| < eps, i.e. |x / m| < eps / m (eps / m may overflow to inf: then it holds).
-    small = norm < eps / m
-    # A zero row keeps 0, not 0 / 0, in the branch `where` drops (its gradient too).
-    unit = scaled / torch.where(norm > 0, norm, torch.ones_like(norm))
-    return torch.where(small, xf / eps, unit).to(x.dtype)
+    # |x| < eps, i.e. |x / m| < eps / m, gives x / eps = (x / m) / (eps / m). eps / m stays
+    # finite: eps is at least the dtype's smallest normal (min_eps), m at least its
+    # smallest subnormal.
+    limit = eps / m
+    return (scaled / torch.where(norm < limit, limit, norm)).to(x.dtype)
 
 
 def _is_unit_temperature(temperature: float | Tensor) -> bool:

@@ -38,8 +38,8 @@ def fused_contrastive_loss(
     column losses averaged. ``critic`` is ``"cosine"`` (``x^.y^ / tau``),
     ``"dot"`` (``x.y / tau``) or ``"log_dot"`` (``log(max(x.y, eps)) / tau``
     on probability vectors). ``log_dot`` at ``tau == 1`` takes a linear-time
-    closed form automatically where it is exact (non-negative rows whose
-    clamped terms cannot show, see docs/losses.md); elsewhere the tiled path,
+    closed form automatically where it is exact (non-negative rows where no
+    term, or every term, is clamped at eps; docs/losses.md); elsewhere the tiled path,
     so the loss at ``tau == 1`` is the function beside it. Cosine rows are
     normalised without overflow (scaled by their largest entry first), so any
     finite input gives the float64 value.

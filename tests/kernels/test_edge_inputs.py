@@ -261,7 +261,7 @@ def test_logit_scale_beyond_float32_is_refused():
 # -- fuzz: bad and extreme inputs ----------------------------------------------------------
 
 #: Seeded cases per backend (the interpreted and emulated ones are slower per call).
-FUZZ_CASES = {"torch": 150, "cpu": 150, "triton": 40, "cuda": 60}
+FUZZ_CASES = {"torch": 300, "cpu": 300, "triton": 100, "cuda": 100}
 DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LAYOUTS = ("contiguous", "transposed", "expanded", "strided")
 #: Valid (name, value) and invalid (value) temperatures; tensors are built per case.

@@ -264,7 +264,7 @@ def test_logit_scale_beyond_float32_is_refused():
 FUZZ_CASES = {"torch": 300, "cpu": 300, "triton": 100, "cuda": 100}
 DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LAYOUTS = ("contiguous", "transposed", "expanded", "strided")
-#: Valid (name, value) and invalid (value) temperatures; tensors are built per case.
+#: Temperatures, valid and invalid: values, or names of the tensors each case builds.
 GOOD_TAUS = (0.05, 0.3, 1.0, 2.5, "tensor", "tensor_grad", "tensor64", "tensor_one")
 BAD_TAUS = (0.0, -0.5, math.inf, math.nan, 1e-300, True, "0.1", "shape", "int", "meta", "nan_t")
 GOOD_EPS = (1e-12, 1e-12, 1e-6, 1e-30, 2e-38)

@@ -7,8 +7,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from mimac_kernels.functional import (
-    _check_positive_tensor,
     check_positive_number,
+    contrastive_loss_with_scale,
     fused_contrastive_loss,
 )
 
@@ -61,7 +61,8 @@ class ClipLoss(nn.Module):
 
     Features are expected already normalised (dot critic); ``logit_scale`` is the
     multiplier ``1 / tau`` (a float or a 0-dim tensor, usually ``model.logit_scale.exp()``)
-    and receives its exact gradient. With a process ``group``, open_clip's
+    and receives its exact gradient, formed directly (no overflow through ``tau`` at
+    large scales). With a process ``group``, open_clip's
     ``local_loss=True, gather_with_grad=True``: local rows against every rank's columns.
 
     Shape:
@@ -81,10 +82,11 @@ class ClipLoss(nn.Module):
         logit_scale: float | Tensor,
         output_dict: bool = False,
     ) -> Tensor | dict[str, Tensor]:
-        _check_logit_scale(logit_scale)
-        loss = fused_contrastive_loss(
-            image_features, text_features, temperature=1.0 / logit_scale, critic="dot",
-            negatives="cross", symmetric=True, backend=self.backend, group=self.group,
+        # 1 / tau is passed as such: dL/dscale directly, without dL/dtau * dtau/dscale,
+        # which overflows float32 at large scales.
+        loss = contrastive_loss_with_scale(
+            image_features, text_features, logit_scale, critic="dot", negatives="cross",
+            symmetric=True, backend=self.backend, group=self.group,
         )
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -92,8 +94,9 @@ class ClipLoss(nn.Module):
 class ProbabilityContrastLoss(_AllPairsLoss):
     """CRLC's probability contrastive loss: log-of-dot-product critic, all negatives.
 
-    At the default ``temperature=1.0`` it runs the exact linear-time closed form
-    (also across the ranks of a process ``group``).
+    At the default ``temperature=1.0`` it runs the linear-time closed form (also
+    across the ranks of a process ``group``) wherever that is exact: non-negative
+    rows whose dot products do not straddle ``eps`` (docs/losses.md).
 
     Shape:
         p1, p2: ``(N, C)`` or ``(H, N, C)`` probability rows (smoothed, so dot
@@ -107,16 +110,3 @@ class ProbabilityContrastLoss(_AllPairsLoss):
 
     def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
         return self._loss(p1, p2)
-
-
-def _check_logit_scale(logit_scale: float | Tensor) -> None:
-    """``logit_scale`` (= 1 / tau) must be a finite float > 0 or such a 0-dim float tensor."""
-    if isinstance(logit_scale, Tensor):
-        if logit_scale.dim() != 0 or not logit_scale.is_floating_point():
-            raise ValueError(
-                "logit_scale must be a float or a 0-dim floating-point tensor, got a "
-                f"{logit_scale.dtype} tensor of shape {tuple(logit_scale.shape)}"
-            )
-        _check_positive_tensor(logit_scale, "logit_scale")
-    else:
-        check_positive_number(logit_scale, "logit_scale", "a float or a 0-dim tensor")

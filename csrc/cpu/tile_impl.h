@@ -78,14 +78,18 @@ static inline vf vexp(vf x) {
 }
 
 // log(x) for x > 0 in float32, ~1 ulp (Cephes). NaN and +inf come back as themselves
-// (the bit decoding would turn +inf into log(2^128)).
+// (the bit decoding would turn +inf into log(2^128)). Subnormal x (an eps below
+// float32's smallest normal, as the kernel-level contract allows) has no implicit
+// leading bit, so it is scaled by 2^24 into the normal range first.
 static inline vf vlog(vf x) {
   const vf one = splat(1.0f);
-  vi bits = (vi)x;
+  vi sub = x < splat(1.17549435e-38f);
+  vf xn = sel(sub, x * 16777216.0f, x);
+  vi bits = (vi)xn;
   vi e = ((bits >> 23) & 0xff) - 126;
   vf m = (vf)((bits & 0x807fffff) | 0x3f000000);  // mantissa in [0.5, 1)
   vi small = m < 0.707106781186547524f;
-  vf ef = __builtin_convertvector(e, vf) - sel(small, one, vf{});
+  vf ef = __builtin_convertvector(e, vf) - sel(small, one, vf{}) - sel(sub, splat(24.0f), vf{});
   m = sel(small, m + m, m) - one;
   vf z = m * m;
   vf p = splat(7.0376836292e-2f);

@@ -8,8 +8,11 @@
 //             error (~2^-22 relative per product) stays at float32 level; plain
 //             1xTF32 (2^-11) would be ~1000x worse than float32 PyTorch.
 //             Operands are staged through shared memory in KC-wide D chunks.
-//   forward   online log-sum-exp per row (exp2 with log2(e) folded into the
-//             scale), two threads per row. "cross" runs a second pass with the
+//   forward   online log-sum-exp per row, two threads per row: scores and the
+//             running max in natural-log units, exp2 of their difference times
+//             log2(e) (folding log2(e) into 1/tau instead would put S and the
+//             log-sum-exp in different units, so their roundings, ~1e23 apart at
+//             |S| ~ 1e30, would reach the exponent). "cross" runs a second pass with the
 //             roles of a and b swapped for the column log-sum-exp (all three
 //             critics are symmetric: f(x, y) = f(y, x)).
 //   backward  recomputes the S tile, forms u_ik = gx_i P^row_ik + gy_k P^col_ik
@@ -293,10 +296,10 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
   const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.in_hs : x0;
   const T* y0 = static_cast<const T*>(p.y0) + h * p.in_hs;
   const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.in_hs : y0;
-  const float it = *p.inv_tau, scale = it * kLog2e;
+  const float it = *p.inv_tau;
   const int r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
-  float m = -INFINITY, l = 0.0f;  // running max and sum, base 2
+  float m = -INFINITY, l = 0.0f;  // running max (natural log) and sum
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
     tile_dots<T>(p, x0, x1, y0, y1, row0, col0, xs, ys, ss);
@@ -306,9 +309,9 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
     for (int j = 0; j < JPT; ++j) {
       const int c = 2 * j + part;  // interleaved: fewer bank conflicts than halves
       const int64_t gk = col0 + c;
-      const float s2 = raw_score<kCritic>(ss[r * LDS + c], p.eps) * scale;
+      const float sn = raw_score<kCritic>(ss[r * LDS + c], p.eps) * it;
       const bool bad = gk >= p.cols || (p.diag && gk == gi);
-      const float v = bad ? -INFINITY : s2;
+      const float v = bad ? -INFINITY : sn;
       ss[r * LDS + c] = v;
       tmax = fmaxf(tmax, v);  // fmaxf skips NaN; the sum below still carries it
     }
@@ -318,13 +321,13 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
     float sum = 0.0f;
     if (mnew != -INFINITY) {
 #pragma unroll 8
-      for (int j = 0; j < JPT; ++j) sum += exp2f(ss[r * LDS + 2 * j + part] - mnew);
+      for (int j = 0; j < JPT; ++j) sum += exp2f((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = (mnew == -INFINITY) ? 0.0f : l * exp2f(m - mnew) + sum;
+    l = (mnew == -INFINITY) ? 0.0f : l * exp2f((m - mnew) * kLog2e) + sum;
     m = mnew;
   }
-  if (part == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = (m + log2f(l)) * kLn2;
+  if (part == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m + log2f(l) * kLn2;
 #endif
 }
 
@@ -353,11 +356,11 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
   const float* gy = p.gy + h * p.ly_hs;
   const float* cx = p.cx + h * p.lx_hs;
   const float* cy = p.cy + h * p.ly_hs;
-  const float it = *p.inv_tau, scale = it * kLog2e;
+  const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
   const bool row_ok = gi < p.rows;
-  const float lx2 = row_ok ? lx[gi] * kLog2e : 0.0f;
+  const float lxi = row_ok ? lx[gi] : 0.0f;  // natural log, as the scores below
   const float gxi = row_ok ? gx[gi] : 0.0f;
   const float cxi = row_ok ? cx[gi] : 0.0f;
   const bool want_tau = p.tau_mode != 0 && blockIdx.y == 0;  // count each pair once
@@ -370,7 +373,7 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
     if (threadIdx.x < BN) {
       const int64_t gk = col0 + threadIdx.x;
-      s_ly[threadIdx.x] = gk < p.cols ? ly[gk] * kLog2e : 0.0f;
+      s_ly[threadIdx.x] = gk < p.cols ? ly[gk] : 0.0f;
       s_gy[threadIdx.x] = gk < p.cols ? gy[gk] : 0.0f;
       s_cy[threadIdx.x] = gk < p.cols ? cy[gk] : 0.0f;
     }
@@ -382,10 +385,10 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
       const int64_t gk = col0 + c;
       const float dot = ss[r * LDS + c];
       const float s = raw_score<kCritic>(dot, p.eps);
-      const float s2 = s * scale;
+      const float sn = s * it;
       const bool bad = !row_ok || gk >= p.cols || (p.diag && gk == gi);
-      float w = gxi * exp2f(s2 - lx2);         // through row i's log-sum-exp
-      float u = w + s_gy[c] * exp2f(s2 - s_ly[c]);  // + through column k's
+      float w = gxi * exp2f((sn - lxi) * kLog2e);             // through row i's log-sum-exp
+      float u = w + s_gy[c] * exp2f((sn - s_ly[c]) * kLog2e);  // + through column k's
       if (bad) u = w = 0.0f;
       // Each side centred on its own positive score, per element: the weights of
       // a row sum to its g, so this is the loss's temperature gradient with no

@@ -134,7 +134,7 @@ def read_cifar_pickle(path: str | os.PathLike, label_key: bytes) -> tuple[np.nda
             obj = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     except OSError:
         raise
-    except Exception as err:  # noqa: BLE001 -- a corrupt pickle can raise nearly anything
+    except Exception as err:
         # (MemoryError for a huge declared length, OverflowError, IndexError, LookupError...)
         raise ValueError(f"{path}: not a CIFAR python pickle ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict):

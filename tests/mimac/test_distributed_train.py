@@ -75,8 +75,8 @@ def _ddp_step_on_rank(rank: int, world: int, name: str, use_group: bool,
     local = GLOBAL_BATCH // world
     views = [v[rank * local:(rank + 1) * local] for v in _views(method)]
     ddp = nn.parallel.DistributedDataParallel(
-        _StepLosses(method), find_unused_parameters=method.may_skip_parameters())
-    method.group = dist.group.WORLD if use_group else None
+        _StepLosses(method, dist.group.WORLD if use_group else None),
+        find_unused_parameters=method.may_skip_parameters())
     terms = ddp(views)
     terms["total"].backward()
     total = terms["total"].detach().clone()

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from mimac.config import (
-    DATASET_NAMES, METHOD_NAMES, Config, CRLCConfig, config_to_dict, load_config,
-    resolve_run_config, save_config,
+    DATASET_NAMES,
+    METHOD_NAMES,
+    Config,
+    CRLCConfig,
+    config_to_dict,
+    load_config,
+    resolve_run_config,
+    save_config,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -137,7 +143,7 @@ def test_bad_values_rejected(override: str, key: str) -> None:
 ])
 def test_method_and_data_values_checked_before_any_data_is_read(
         overrides: list[str], key: str, monkeypatch) -> None:
-    import mimac.data.datasets as datasets
+    from mimac.data import datasets
 
     def no_data(*args, **kwargs):
         raise AssertionError("data read before the config was checked")

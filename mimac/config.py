@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -33,8 +34,8 @@ IMAGE_SIDES = {"digits": 8, "fashion_mnist": 28, "mnist": 28, "cifar10": 32, "ci
                "stl10": 96}
 BACKBONE_NAMES = ("small_cnn", "resnet18", "resnet34", "auto")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
-#: Where ``<method>_<dataset>.yaml`` live: ``configs/`` next to the package (a source
-#: checkout or an editable install), else ``./configs``.
+#: Environment variable naming the folder of the tuned ``<method>_<dataset>.yaml`` files
+#: (default: ``configs/`` next to the package, as in a source checkout, else ``./configs``).
 CONFIG_DIR_ENV = "MIMAC_CONFIGS"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -365,8 +366,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def default_config_dir() -> Path:
     """``$MIMAC_CONFIGS``, else ``configs/`` next to the package, else ``./configs``."""
-    import os
-
     if os.environ.get(CONFIG_DIR_ENV):
         return Path(os.environ[CONFIG_DIR_ENV])
     here = Path(__file__).resolve().parent.parent / "configs"

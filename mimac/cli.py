@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mimac`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     warnings.simplefilter("default", RuntimeWarning)
+    from mimac.atomic import os_error_message
     from mimac.checkpoint import CheckpointError
-    from mimac.train import NonFiniteLossError
+    from mimac.divergence import DivergenceError
 
     try:
         commands = {"train": _train, "eval": _eval, "compare": _compare}
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"mimac {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (NonFiniteLossError, CheckpointError) as exc:
+    except (DivergenceError, CheckpointError) as exc:  # DivergenceError: NonFiniteLossError too
         print(f"mimac {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # a run file or folder that cannot be written: name it and the cause
+        print(f"mimac {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("\ninterrupted: the last finished epoch is checkpointed; continue with "

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from mimac import atomic
 from mimac.runlog import read_metrics
 
 
@@ -113,7 +114,8 @@ def plot_run(run_dir: str | Path, final: dict[str, Any]) -> list[Path]:
         jobs.append(("confusion.png", plot_confusion, final["confusion"]))
     for name, fn, data in jobs:
         if data:
-            fn(data, run_dir / name)
+            with atomic.replacing(run_dir / name) as tmp:  # a failed plot keeps the old file
+                fn(data, tmp)
             if (run_dir / name).exists():
                 out.append(run_dir / name)
     return out

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
-import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from mimac import atomic, divergence, preflight
 from mimac import distributed as mdist
-from mimac.checkpoint import LAST, PREV, load_checkpoint, save_checkpoint
-from mimac.config import Config, OptimConfig, config_to_dict, save_config
+from mimac.checkpoint import (
+    LAST,
+    PREV,
+    CheckpointError,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_resumed,
+)
+from mimac.config import RESUME_KEYS, Config, OptimConfig, config_to_dict, save_config
 from mimac.distributed import DistInfo
+from mimac.divergence import DivergenceError, LossMonitor
 from mimac.evaluate import evaluate_method
 from mimac.models import build_method
 from mimac.models.method import ClusteringMethod
@@ -46,7 +57,7 @@ CONFIG_FILE = "config.yaml"
 HEAD_SELECTION = "lowest unsupervised loss of each sub-head on the data (no labels)"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergenceError):
     """The loss became NaN or infinite; raised before the optimizer step, nothing is saved."""
 
 
@@ -177,6 +188,15 @@ def _new_run_dir(cfg: Config) -> Path:
     return path
 
 
+def _apply_checkpoint(cfg: Config, state: dict[str, Any], path: Path, method: ClusteringMethod,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """Check that ``state`` belongs to this run (ResumeMismatch if not) and load it into the
+    model and optimizer (a shape mismatch raises: the loader falls back to the previous one)."""
+    check_resume(config_to_dict(cfg), state, path, may_change=RESUME_KEYS)
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
 def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(),
                              **{k: g.get_state() for k, g in gens.items()}}
@@ -232,9 +252,31 @@ def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: in
     """
     info = mdist.join(cfg.device)
     try:
-        return _train(cfg, info, resume, stop_after_epoch, log if info.is_main else _quiet)
+        while True:
+            started_ns = time.time_ns()
+            try:
+                return _train(cfg, info, resume, stop_after_epoch, log if info.is_main else _quiet)
+            except DivergenceError as exc:
+                if resume is None or exc.step != 1:
+                    raise
+                _reject_resumed_checkpoint(Path(resume), exc, started_ns, info)
     finally:
         mdist.leave(info)
+
+
+def _reject_resumed_checkpoint(run_dir: Path, exc: DivergenceError, started_ns: int,
+                               info: DistInfo) -> None:
+    """The first step after resuming failed: the checkpoint's weights are at fault, not the
+    learning rate. Set ``ckpt_last.pt`` aside and return (the caller retries from
+    ``ckpt_prev.pt``), or raise CheckpointError naming the file when none is left."""
+    name, retry = mdist.on_main(lambda: set_aside_resumed(run_dir, exc.epoch - 1, started_ns), info)
+    why = (f"its weights give a diverging first step (epoch {exc.epoch}, step 1: "
+           f"{str(exc).split(': ', 1)[-1].split(';')[0]})")
+    if not retry:
+        raise CheckpointError(f"cannot resume {run_dir}: {name} (epoch {exc.epoch - 1}) is "
+                              f"unusable, {why}, and no earlier checkpoint is left") from exc
+    warnings.warn(f"checkpoint {run_dir / name} is unusable ({why}); moved aside as "
+                  f"{name}.corrupt, trying the previous one", RuntimeWarning, stacklevel=3)
 
 
 def _global_batch(cfg: Config, n: int, info: DistInfo) -> int:
@@ -251,6 +293,7 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
     wall0 = time.perf_counter()
     s = build(cfg, info)
     method, device = s.method, s.device
+    preflight.check_kernel_backend(cfg.kernel_backend, device)  # before anything is written
     n = s.images.shape[0]
     bs = _global_batch(cfg, n, info)
     steps = n // bs  # drop the ragged tail: every step sees a full batch
@@ -260,9 +303,11 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
     start, train_time = 0, 0.0
     if resume is not None:
         run_dir = Path(resume)
-        state, path = mdist.on_main(lambda: load_checkpoint(run_dir), info)
+        state, path = mdist.on_main(lambda: load_checkpoint(
+            run_dir, apply=lambda st, p: _apply_checkpoint(cfg, st, p, method, optimizer)), info)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        monitor = LossMonitor(state.get("loss_history"))
         _set_rng_state(state["rng"], gens)
         start, train_time = int(state["epoch"]), float(state.get("train_time_s", 0.0))
         log(f"resuming {run_dir} from {path.name} (epoch {start})")
@@ -271,6 +316,9 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
                 f"run has {info.world_size}: the augmentation streams differ from an unbroken run")
     else:
         run_dir = mdist.on_main(lambda: _new_run_dir(cfg), info)
+        monitor = LossMonitor()
+    if info.is_main:
+        atomic.remove_leftovers(run_dir)  # temporary files of writes a kill interrupted
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     s = dataclasses.replace(s, cfg=cfg)
     runlog = RunLog(run_dir, upto_epoch=start) if info.is_main else None
@@ -297,7 +345,7 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
                     method.prepare(s.views.clean(s.images[sl].float().div_(255.0))
                                    for sl in (slice(i, i + bs) for i in range(0, n, bs)))
                 mdist.broadcast_module(method, info)
-            means = _train_epoch(s, step_fn, optimizer, gens, epoch, steps, bs)
+            means = _train_epoch(s, step_fn, optimizer, gens, epoch, steps, bs, monitor=monitor)
             dt = time.perf_counter() - t0
             train_time += dt
             if info.is_main:
@@ -309,12 +357,16 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
                     row.update({k: evaluation[k] for k in
                                 ("acc", "nmi", "ari", "mean_acc", "mean_nmi", "mean_ari", "head")
                                 if k in evaluation})
+            # Before anything of this epoch is saved; rank 0 decides, every rank stops with it.
+            ev_now = evaluation if info.is_main and "head" in row else None
+            mdist.on_main(functools.partial(divergence.check_epoch, method, ev_now, epoch), info)
+            if info.is_main:
                 runlog.append(row)
                 save_checkpoint(run_dir, {
                     "epoch": epoch, "model": method.state_dict(),
                     "optimizer": optimizer.state_dict(), "rng": _rng_state(gens),
                     "train_time_s": train_time, "world_size": info.world_size,
-                    "config": config_to_dict(cfg)})
+                    "config": config_to_dict(cfg), "loss_history": monitor.state()})
                 if "acc" in row or "head" in row or epoch == start + 1:  # eval epochs + the first
                     log(_summary(row, cfg.epochs))
             if stop_after_epoch is not None and stop_after_epoch <= epoch < cfg.epochs:
@@ -329,15 +381,19 @@ def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_ep
             ev = _evaluate(s, bs)
         final = _final_metrics(cfg, s, ev, train_time, runlog.rows)
         final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
+        flags = divergence.flag_degenerate(final)
         write_outputs(run_dir, final, ev["pred"])
         log(format_metrics(final))
+        for text in flags:
+            log(f"WARNING: {text}")
         return final
 
     return mdist.on_main(finish, info)
 
 
 def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 gens: dict[str, torch.Generator], epoch: int, steps: int, bs: int) -> dict[str, float]:
+                 gens: dict[str, torch.Generator], epoch: int, steps: int, bs: int, *,
+                 monitor: LossMonitor | None = None) -> dict[str, float]:
     """One pass over a fresh permutation; returns the mean of each loss term (over ranks too).
 
     Every rank draws the same global permutation and takes its own slice of each
@@ -378,7 +434,10 @@ def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch}, step {step + 1}/{steps} ({detail}); "
                     f"stopped before the optimizer step, no checkpoint written for this epoch "
-                    f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr.")
+                    f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr.",
+                    epoch, step + 1)
+            if monitor is not None:  # a finite loss exploding against the run's own history
+                monitor.check(total, epoch, step + 1, steps)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
@@ -432,17 +491,22 @@ def _final_metrics(cfg: Config, s: Setup, ev: dict[str, Any], train_time: float,
 
 def write_outputs(run_dir: Path, final: dict[str, Any], pred: np.ndarray,
                   name: str = FINAL_METRICS) -> None:
-    """Final metrics JSON (atomically), predictions, and the plots."""
-    tmp = run_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps(final, indent=2))
-    os.replace(tmp, run_dir / name)
-    np.save(run_dir / "predictions.npy", pred)
+    """Final metrics JSON, predictions, and the plots, each atomically.
+
+    Raises:
+        mimac.atomic.RunFileError: the metrics or the predictions could not be written
+            (names the file and the cause; the previous file is kept). A plot that fails
+            is reported and skipped: the results are already written.
+    """
+    atomic.write_text(run_dir / name, json.dumps(final, indent=2))
+    with atomic.replacing(run_dir / "predictions.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, pred)
     try:
         from mimac.plots import plot_run
 
         plot_run(run_dir, final)
-    except ImportError as exc:  # matplotlib missing: everything else is written
-        print(f"plots skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 -- matplotlib missing, disk full, bad metrics.csv
+        print(f"plots skipped: {atomic.os_error_message(exc) if isinstance(exc, OSError) else exc}")
 
 
 def format_metrics(m: dict[str, Any]) -> str:
@@ -484,9 +548,12 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
     ev = _evaluate(s, min(cfg.batch_size, len(s.images)))
     final = _final_metrics(cfg, s, ev, float(state.get("train_time_s", 0.0)), [])
     final["checkpoint"], final["checkpoint_epoch"] = path.name, int(state["epoch"])
+    flags = divergence.flag_degenerate(final)
     saved = json.loads((run_dir / FINAL_METRICS).read_text()) if (run_dir / FINAL_METRICS).exists() else {}
     name = "eval_metrics.json" if cfg.data.split == saved.get("split", cfg.data.split) else f"eval_metrics_{cfg.data.split}.json"
-    (run_dir / name).write_text(json.dumps(final, indent=2))
+    atomic.write_text(run_dir / name, json.dumps(final, indent=2))
     log(f"{path.name} (epoch {state['epoch']}):")
     log(format_metrics(final))
+    for text in flags:
+        log(f"WARNING: {text}")
     return final

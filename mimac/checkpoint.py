@@ -161,6 +161,7 @@ def load_checkpoint(run_dir: str | Path, quarantine: bool = True,
             raise
         except Exception as exc:  # noqa: BLE001 -- CRC, truncation, pickle, shapes ...
             why = atomic.describe(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            why = " ".join(why.split())  # one line (load_state_dict lists one mismatch a line)
             problems.append(f"{name}: {why}")
             warnings.warn(f"checkpoint {path} is unusable ({why}); trying the previous one",
                           RuntimeWarning, stacklevel=2)

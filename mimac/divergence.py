@@ -118,8 +118,9 @@ def flag_degenerate(final: dict[str, Any]) -> list[str]:
     collapsed = len(sizes) > 1 and sum(1 for v in sizes if v > 0) == 1
     if collapsed:
         warnings.append(f"collapsed clustering: all {sum(sizes)} images are in one cluster of "
-                        f"{len(sizes)}; the run diverged or learned nothing (its ACC is the "
-                        "largest class's share, NMI 0). Try a lower optim.lr")
+                        f"{len(sizes)}: the result is degenerate (its ACC is the largest "
+                        "class's share, NMI 0). The run diverged (try a lower optim.lr) or is "
+                        "too short to have learned anything")
     scores = final.get("head_scores") or []
     if not all(math.isfinite(float(v)) for v in scores):
         warnings.append(f"non-finite head scores {scores}: the model diverged")

@@ -543,8 +543,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder (no {CONFIG_FILE})")
     cfg = load_config(run_dir / CONFIG_FILE, overrides or [])
     s = build(cfg)
-    state, path = load_checkpoint(run_dir, quarantine=False)
-    s.method.load_state_dict(state["model"])
+    state, path = load_checkpoint(run_dir, quarantine=False,
+                                  apply=lambda st, _: s.method.load_state_dict(st["model"]))
     ev = _evaluate(s, min(cfg.batch_size, len(s.images)))
     final = _final_metrics(cfg, s, ev, float(state.get("train_time_s", 0.0)), [])
     final["checkpoint"], final["checkpoint_epoch"] = path.name, int(state["epoch"])

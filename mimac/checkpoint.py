@@ -231,27 +231,29 @@ def _differs(x: Any, y: Any) -> bool:
     return x != y
 
 
-__all__ = ["LAST", "PREV", "CheckpointError", "ResumeMismatch", "check_resume",
-           "first_non_finite", "load_checkpoint", "save_checkpoint",
-           "set_aside_resumed"]
+def _loaded_before(path: Path, epoch: int, before_ns: int) -> bool:
+    """``path`` holds ``epoch`` and is older than ``before_ns`` (not written since)."""
+    try:
+        return path.stat().st_mtime_ns < before_ns and int(
+            torch.load(path, map_location="cpu", weights_only=False)["epoch"]) == epoch
+    except Exception:  # noqa: BLE001 -- missing or unreadable: not the one loaded
+        return False
 
 
-def set_aside_resumed(run_dir: str | Path, epoch: int, before_ns: int) -> tuple[str, bool]:
+def set_aside_resumed(run_dir: str | Path, epoch: int, before_ns: int) -> tuple[str, bool] | None:
     """A run resumed from a checkpoint of ``epoch`` failed at its first step: which file did
-    it come from? ``ckpt_last.pt`` if it is from ``epoch`` and older than ``before_ns`` (not
-    written by the failed attempt): it is moved aside as ``ckpt_last.pt.corrupt``.
+    it come from? One that holds ``epoch`` and is older than ``before_ns`` (not written by
+    the failed attempt). ``ckpt_last.pt`` is moved aside as ``ckpt_last.pt.corrupt``.
 
     Returns:
-        The file's name and whether ``ckpt_prev.pt`` remains to fall back to.
+        The file's name and whether ``ckpt_prev.pt`` remains to fall back to, or None
+        when neither file is the one resumed from.
     """
     run_dir = Path(run_dir)
-    last = run_dir / LAST
-    try:
-        ours = last.stat().st_mtime_ns < before_ns and int(
-            torch.load(last, map_location="cpu", weights_only=False)["epoch"]) == epoch
-    except Exception:  # noqa: BLE001 -- missing or unreadable: it was not the one loaded
-        ours = False
-    if not ours:
+    last, prev = run_dir / LAST, run_dir / PREV
+    if _loaded_before(last, epoch, before_ns):
+        os.replace(last, last.with_name(LAST + ".corrupt"))
+        return LAST, prev.exists()
+    if _loaded_before(prev, epoch, before_ns):
         return PREV, False
-    os.replace(last, last.with_name(LAST + ".corrupt"))
-    return LAST, (run_dir / PREV).exists()
+    return None

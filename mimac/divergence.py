@@ -38,12 +38,13 @@ HISTORY = 512
 class DivergenceError(RuntimeError):
     """Training diverged (exploding loss, non-finite weights or head scores).
 
-    ``epoch`` and ``step`` (1-based; 0 when found at the end of the epoch) say where.
+    ``epoch`` and ``step`` (1-based; 0 when found at the end of the epoch) say where,
+    ``cause`` says what in a few words (without the advice of the message).
     """
 
-    def __init__(self, message: str, epoch: int, step: int) -> None:
+    def __init__(self, message: str, epoch: int, step: int, cause: str = "") -> None:
         super().__init__(message)
-        self.epoch, self.step = epoch, step
+        self.epoch, self.step, self.cause = epoch, step, cause or message
 
 
 class LossMonitor:
@@ -71,7 +72,7 @@ class LossMonitor:
                     f"is {abs(total) / ref:.3g} times the recent losses (median {ref:.4g}); "
                     f"stopped before the optimizer step, no checkpoint written for this epoch "
                     f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr",
-                    epoch, step)
+                    epoch, step, f"loss {total:.4g}, {abs(total) / ref:.3g} times the recent ones")
         self.history.append(abs(total))
 
     def state(self) -> list[float]:

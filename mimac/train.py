@@ -269,9 +269,11 @@ def _reject_resumed_checkpoint(run_dir: Path, exc: DivergenceError, started_ns: 
     """The first step after resuming failed: the checkpoint's weights are at fault, not the
     learning rate. Set ``ckpt_last.pt`` aside and return (the caller retries from
     ``ckpt_prev.pt``), or raise CheckpointError naming the file when none is left."""
-    name, retry = mdist.on_main(lambda: set_aside_resumed(run_dir, exc.epoch - 1, started_ns), info)
-    why = (f"its weights give a diverging first step (epoch {exc.epoch}, step 1: "
-           f"{str(exc).split(': ', 1)[-1].split(';')[0]})")
+    found = mdist.on_main(lambda: set_aside_resumed(run_dir, exc.epoch - 1, started_ns), info)
+    if found is None:  # not the checkpoint resumed from: a divergence of this run
+        raise exc
+    name, retry = found
+    why = f"its weights make the first step diverge (epoch {exc.epoch}, step 1: {exc.cause})"
     if not retry:
         raise CheckpointError(f"cannot resume {run_dir}: {name} (epoch {exc.epoch - 1}) is "
                               f"unusable, {why}, and no earlier checkpoint is left") from exc
@@ -435,7 +437,7 @@ def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     f"non-finite loss at epoch {epoch}, step {step + 1}/{steps} ({detail}); "
                     f"stopped before the optimizer step, no checkpoint written for this epoch "
                     f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr.",
-                    epoch, step + 1)
+                    epoch, step + 1, f"non-finite loss ({detail})")
             if monitor is not None:  # a finite loss exploding against the run's own history
                 monitor.check(total, epoch, step + 1, steps)
             optimizer.zero_grad(set_to_none=True)

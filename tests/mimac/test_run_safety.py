@@ -188,6 +188,29 @@ def test_weights_that_diverge_at_once_fall_back_and_name_the_file(tmp_path: Path
     assert "ckpt_prev.pt" in line and "optim.lr" not in line
 
 
+def test_later_divergence_after_resume_is_not_blamed_on_the_checkpoint(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    from mimac.train import NonFiniteLossError
+
+    run = tmp_path / "run"
+    _run(run, "epochs=1")
+    calls = {"n": 0}
+    original = CRLC.losses
+
+    def poisoned(self, views):
+        terms = original(self, views)
+        calls["n"] += 1
+        if calls["n"] == STEPS + 1:  # the second epoch after the resume, step 1
+            terms["total"] = terms["total"] * math.nan
+        return terms
+
+    monkeypatch.setattr(CRLC, "losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match="epoch 3, step 1"):
+        train(load_config(run / "config.yaml", ["epochs=3"]), resume=run, log=_quiet)
+    assert _state(run / "ckpt_last.pt")["epoch"] == 2
+    assert not (run / "ckpt_last.pt.corrupt").exists()
+
+
 def test_full_disk_while_saving_a_checkpoint_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
     run = tmp_path / "run"
     _run(run, "epochs=2")

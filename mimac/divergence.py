@@ -71,13 +71,17 @@ class LossMonitor:
                     f"training diverged at epoch {epoch}, step {step}/{steps}: loss {total:.4g} "
                     f"is {abs(total) / ref:.3g} times the recent losses (median {ref:.4g}); "
                     f"stopped before the optimizer step, no checkpoint written for this epoch "
-                    f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr",
+                    f"({_last_good(epoch)}). Try a lower optim.lr",
                     epoch, step, f"loss {total:.4g}, {abs(total) / ref:.3g} times the recent ones")
         self.history.append(abs(total))
 
     def state(self) -> list[float]:
         """The history, for the checkpoint."""
         return list(self.history)
+
+
+def _last_good(epoch: int) -> str:
+    return f"the last good one is epoch {epoch - 1}" if epoch > 1 else "none was written yet"
 
 
 def first_non_finite_tensor(module: nn.Module) -> str | None:
@@ -104,8 +108,8 @@ def check_epoch(method: nn.Module, evaluation: dict[str, Any] | None, epoch: int
     if what is not None:
         raise DivergenceError(
             f"training diverged in epoch {epoch}: after its last optimizer step {what}; no "
-            f"checkpoint written for this epoch (the last good one is epoch {epoch - 1}). "
-            "Try a lower optim.lr", epoch, 0)
+            f"checkpoint written for this epoch ({_last_good(epoch)}). Try a lower optim.lr",
+            epoch, 0, what)
 
 
 def flag_degenerate(final: dict[str, Any]) -> list[str]:

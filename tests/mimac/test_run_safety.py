@@ -253,14 +253,17 @@ def test_real_write_failure_of_a_checkpoint_names_the_cause(tmp_path: Path) -> N
 
 # ---- 2. config.yaml ---------------------------------------------------------------
 
-def test_config_write_failure_keeps_the_config(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(("code", "at_open"), [(errno.ENOSPC, False), (errno.EROFS, True)])
+def test_config_write_failure_keeps_the_config(tmp_path: Path, monkeypatch, capsys, code: int,
+                                               at_open: bool) -> None:
+    """Full disk (truncated, then the write fails) or read-only folder at the rewrite on resume."""
     run = tmp_path / "run"
     _run(run, "epochs=1")
     saved = (run / "config.yaml").read_text()
-    fail_writes(monkeypatch, "config.yaml")
+    fail_writes(monkeypatch, "config.yaml", code, at_open=at_open)
     assert main(["train", f"resume={run}", "epochs=2"]) == 1
     line = _error_line(capsys)
-    assert "config.yaml" in line and "No space left on device" in line
+    assert "config.yaml" in line and os.strerror(code) in line
     monkeypatch.undo()
     assert (run / "config.yaml").read_text() == saved
 

@@ -248,7 +248,15 @@ def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: in
 
     Raises:
         NonFiniteLossError: NaN/inf loss (epoch and step in the message).
-        ValueError, FileNotFoundError: bad config or data.
+        DivergenceError: an exploding loss, or non-finite weights or head scores after an
+            epoch (see :mod:`mimac.divergence`); nothing of that epoch is saved.
+        CheckpointError: no usable checkpoint to resume, or one could not be written.
+        ValueError, FileNotFoundError: bad config or data; a resume the checkpoint
+            contradicts (``ResumeMismatch``: fewer epochs, a differing config).
+        mimac.atomic.RunFileError: a run file could not be written (names it and why).
+
+    On resume, a checkpoint whose weights make the very first step diverge is moved
+    aside (``.corrupt``) and the run restarts from ``ckpt_prev.pt``.
     """
     info = mdist.join(cfg.device)
     try:

@@ -166,9 +166,9 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     """Errors of a run that went wrong (exit 1, not a usage error). Imported only when an
     error is being reported, so that a config error is refused before torch is loaded."""
     from mimac.checkpoint import CheckpointError
-    from mimac.train import NonFiniteLossError
+    from mimac.divergence import DivergenceError
 
-    return NonFiniteLossError, CheckpointError
+    return DivergenceError, CheckpointError  # DivergenceError: NonFiniteLossError too
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"mimac {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a run file or folder that cannot be written: name it and the cause
+        from mimac.atomic import os_error_message  # no torch: cheap also on this path
+
+        print(f"mimac {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("\ninterrupted: the last finished epoch is checkpointed; continue with "
               "`mimac train resume=RUN_DIR`", file=sys.stderr)

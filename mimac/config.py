@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -413,8 +414,14 @@ def resolve_run_config(path: str | Path | None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a kill mid-write keeps the old file).
+
+    Raises:
+        mimac.atomic.RunFileError: the file could not be written (names it and the cause).
+    """
+    from mimac import atomic
+
+    atomic.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -442,6 +449,7 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if not v > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {v}")
+    _validate_lr(cfg.optim)
     if cfg.batch_size < 2:
         raise ValueError(f"config key 'batch_size' must be >= 2 (contrastive losses need pairs), got {cfg.batch_size}")
     if cfg.threads < 0:
@@ -483,6 +491,23 @@ def validate(cfg: Config) -> None:
     if cfg.method == "dec_contrastive":
         _validate_dec_contrastive(cfg.dec_contrastive, cfg.epochs)
     _validate_augment(cfg.augment, cfg.data.name)
+
+
+#: The largest float32 value: optimizers apply the learning rate to float32 tensors.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _validate_lr(optim: OptimConfig) -> None:
+    """The learning rate, and Adam's first step size lr / (1 - beta1), must fit in float32
+    (``optim.lr=1e300`` otherwise passes, then the optimizer fails with an overflow)."""
+    for i, b in enumerate(optim.betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"config key 'optim.betas[{i}]' must be in [0, 1), got {b}")
+    largest = _FLOAT32_MAX * (1.0 - optim.betas[0] if optim.name in ("adam", "adamw") else 1.0)
+    if not math.isfinite(optim.lr) or optim.lr > largest:
+        step = " (Adam divides it by 1 - betas[0])" if optim.name != "sgd" else ""
+        raise ValueError(f"config key 'optim.lr' must be a finite number of at most {largest:.3g}: "
+                         f"the optimizer applies it in float32{step}; got {optim.lr}")
 
 
 #: IMC-SwAV's smallest crop side (the backbones' smallest input).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,6 +128,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
     ``["data.split=test"]`` for the train -> test protocol. The result is also
     written to ``eval_metrics.json`` (``eval_metrics_<split>.json`` if the split differs).
     """
+    from mimac import atomic, divergence
     from mimac.checkpoint import load_checkpoint
     from mimac.config import load_config
     from mimac.outputs import CONFIG_FILE, FINAL_METRICS, final_metrics, format_metrics
@@ -139,18 +139,19 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder (no {CONFIG_FILE})")
     cfg = load_config(run_dir / CONFIG_FILE, overrides or [])
     s = build(cfg)
-    state, path = load_checkpoint(run_dir, quarantine=False)
-    s.method.load_state_dict(state["model"])
+    state, path = load_checkpoint(run_dir, quarantine=False,  # wrong shapes: try the previous
+                                  apply=lambda st, _: s.method.load_state_dict(st["model"]))
     ev = evaluate(s, min(cfg.batch_size, len(s.images)))
     final = final_metrics(s, ev, float(state.get("train_time_s", 0.0)), [])
     final["checkpoint"], final["checkpoint_epoch"] = path.name, int(state["epoch"])
+    flags = divergence.flag_degenerate(final)
     saved_file = run_dir / FINAL_METRICS
     saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
     same = cfg.data.split == saved.get("split", cfg.data.split)
     name = "eval_metrics.json" if same else f"eval_metrics_{cfg.data.split}.json"
-    tmp = run_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps(final, indent=2))
-    os.replace(tmp, run_dir / name)
+    atomic.write_text(run_dir / name, json.dumps(final, indent=2))
     log(f"{path.name} (epoch {state['epoch']}):")
     log(format_metrics(final))
+    for text in flags:
+        log(f"WARNING: {text}")
     return final

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mimac import atomic
 from mimac.run_setup import Setup
 
 CONFIG_FILE = "config.yaml"
@@ -66,33 +66,34 @@ def write_predictions_csv(path: Path, s: Setup, ev: dict[str, Any]) -> None:
         return names[k] if names and k < len(names) else str(k)
 
     header = ["index", "cluster", "matched_class", "label"] + (["file"] if s.files else [])
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic.replacing(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for i, k in enumerate(pred.tolist()):
             row = [i, k, cls(to_class[k]) if to_class else "", cls(int(labels[i]))]
             w.writerow(row + ([s.files[i]] if s.files else []))
-    os.replace(tmp, path)
 
 
 def write_outputs(run_dir: Path, final: dict[str, Any], s: Setup, ev: dict[str, Any],
                   name: str = FINAL_METRICS) -> None:
     """Final metrics JSON, the predictions (``.npy`` and ``.csv``), and the plots; each
-    file is written atomically."""
-    tmp = run_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps(final, indent=2))
-    os.replace(tmp, run_dir / name)
-    with open(run_dir / f".{PREDICTIONS}.tmp", "wb") as f:
+    file is written atomically.
+
+    Raises:
+        mimac.atomic.RunFileError: the metrics or the predictions could not be written
+            (names the file and the cause; the previous file is kept). A plot that fails
+            is reported and skipped: the results are already written.
+    """
+    atomic.write_text(run_dir / name, json.dumps(final, indent=2))
+    with atomic.replacing(run_dir / PREDICTIONS) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(ev["pred"]))
-    os.replace(run_dir / f".{PREDICTIONS}.tmp", run_dir / PREDICTIONS)
     write_predictions_csv(run_dir / PREDICTIONS_CSV, s, ev)
     try:
         from mimac.plots import plot_run
 
         plot_run(run_dir, final)
-    except ImportError as exc:  # matplotlib missing: everything else is written
-        print(f"plots skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 -- matplotlib missing, disk full, bad metrics.csv
+        print(f"plots skipped: {atomic.os_error_message(exc) if isinstance(exc, OSError) else exc}")
 
 
 def format_metrics(m: dict[str, Any]) -> str:

@@ -6,12 +6,14 @@ Uses matplotlib's Agg backend (no display needed). Every plot reads the run's
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mimac import atomic
 from mimac.runlog import read_metrics
 
 
@@ -145,19 +147,37 @@ def plot_cluster_sizes(sizes: list[int], path: Path) -> None:
 
 
 def plot_run(run_dir: str | Path, final: dict[str, Any]) -> list[Path]:
-    """Write all plots of a run into ``run_dir``; returns the files written."""
+    """Write all plots of a run into ``run_dir``; returns the files written.
+
+    Each plot is written atomically; one that fails keeps its previous file and
+    does not stop the others.
+
+    Raises:
+        RuntimeError: after trying every plot, if some failed (each named with its cause).
+    """
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    failed: list[str] = []
+    try:
+        rows = read_metrics(run_dir)
+    except (ValueError, OSError) as exc:  # the curves need metrics.csv; the others do not
+        rows, failed = [], [f"loss_curves.png, scores.png: {exc}"]
     out = []
     jobs = [("loss_curves.png", plot_losses, rows), ("scores.png", plot_scores, rows),
-            ("cluster_sizes.png", plot_cluster_sizes, final.get("cluster_sizes"))]
+            ("cluster_sizes.png", plot_cluster_sizes, final.get("cluster_sizes")),
+            ("confusion.png", functools.partial(plot_confusion, cluster_class=final.get(
+                "cluster_class"), class_names=final.get("class_names")), final.get("confusion"))]
     for name, fn, data in jobs:
-        if data:
-            fn(data, run_dir / name)
-            if (run_dir / name).exists():
-                out.append(run_dir / name)
-    if final.get("confusion"):
-        plot_confusion(final["confusion"], run_dir / "confusion.png", final.get("cluster_class"),
-                       final.get("class_names"))
-        out.append(run_dir / "confusion.png")
+        if not data:
+            continue
+        try:
+            with atomic.replacing(run_dir / name) as tmp:
+                fn(data, tmp)
+        except Exception as exc:  # noqa: BLE001 -- matplotlib missing, disk full, ...
+            failed.append(str(exc) if isinstance(exc, atomic.RunFileError)
+                          else f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        if (run_dir / name).exists():
+            out.append(run_dir / name)
+    if failed:
+        raise RuntimeError("; ".join(failed))
     return out

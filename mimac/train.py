@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimac import atomic, divergence, preflight
 from mimac import distributed as mdist
-from mimac.checkpoint import LAST, PREV, load_checkpoint, save_checkpoint
-from mimac.config import Config, OptimConfig, config_to_dict, save_config
+from mimac.checkpoint import (
+    LAST,
+    PREV,
+    CheckpointError,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_resumed,
+)
+from mimac.config import RESUME_KEYS, Config, OptimConfig, config_to_dict, save_config
 from mimac.distributed import DistInfo
+from mimac.divergence import DivergenceError, LossMonitor
 from mimac.models.method import ClusteringMethod
 from mimac.outputs import CONFIG_FILE, FINAL_METRICS, final_metrics, format_metrics, write_outputs
 from mimac.run_setup import Setup, build, evaluate, load_run_data, resolve_device
@@ -48,8 +60,9 @@ __all__ = ["CONFIG_FILE", "FINAL_METRICS", "NonFiniteLossError", "Setup", "build
            "train"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised at the end of its epoch, nothing is saved."""
+class NonFiniteLossError(DivergenceError):
+    """The loss became NaN or infinite; raised at the end of its epoch (with the first such
+    step), nothing of that epoch is saved."""
 
 
 def lr_factor(cfg: OptimConfig, epochs: int, t: float) -> float:
@@ -97,6 +110,10 @@ class Run:
     evaluation: dict[str, Any] | None = None  # the latest one
     last_means: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last epoch
     last_time: float = 0.0  # seconds of the last epoch
+    monitor: LossMonitor = dataclasses.field(default_factory=LossMonitor)  # recent step losses
+    resumed: bool = False  # this process began from a checkpoint
+    opened_ns: int = 0  # time.time_ns() when opened: checkpoints older than this were loaded
+    log: Callable[[str], None] = print  # rank 0's progress lines
 
 
 class _StepLosses(nn.Module):
@@ -132,7 +149,16 @@ def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: in
 
     Raises:
         NonFiniteLossError: NaN/inf loss (epoch and step in the message).
-        ValueError, FileNotFoundError: bad config or data.
+        DivergenceError: an exploding loss, or non-finite weights or head scores after an
+            epoch (see :mod:`mimac.divergence`); nothing of that epoch is saved.
+        CheckpointError: no usable checkpoint to resume, or one could not be written.
+        ValueError, FileNotFoundError: bad config or data, an unavailable kernel backend;
+            a resume the checkpoint contradicts (``ResumeMismatch``: fewer epochs, a
+            differing config).
+        mimac.atomic.RunFileError: a run file could not be written (names it and why).
+
+    On resume, a checkpoint whose weights make the very first step diverge is moved
+    aside (``.corrupt``) and the run continues from ``ckpt_prev.pt`` (see :func:`train_epoch`).
     """
     wall0 = time.perf_counter()
     info = mdist.join(cfg.device)
@@ -158,8 +184,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: in
 
 def open_run(s: Setup, resume: str | Path | None, log: Callable[[str], None]) -> Run:
     """A new run folder (rank 0 creates it), or ``resume``'s with its checkpoint loaded;
-    the optimizer and the random streams; ``config.yaml`` written, metrics.csv opened."""
+    the optimizer and the random streams; ``config.yaml`` written, metrics.csv opened.
+    The kernel backend is checked first (nothing is written if it cannot run), and
+    temporary files of interrupted writes are removed from the folder."""
     cfg, info = s.cfg, s.dist
+    preflight.check_kernel_backend(cfg.kernel_backend, s.device)  # before anything is written
+    opened_ns = time.time_ns()
     n = int(s.images.shape[0])
     batch = _global_batch(cfg, n, info)
     optimizer = build_optimizer(s.method, cfg.optim)
@@ -167,10 +197,11 @@ def open_run(s: Setup, resume: str | Path | None, log: Callable[[str], None]) ->
             "aug_gen": torch.Generator().manual_seed(cfg.seed + 1)}
     folder = Path(resume) if resume is not None else mdist.on_main(lambda: _new_run_dir(cfg), info)
     run = Run(folder, dataclasses.replace(cfg, run_dir=str(folder)), optimizer, gens, batch,
-              n // batch)
+              n // batch, resumed=resume is not None, opened_ns=opened_ns, log=log)
     if resume is not None:
-        _restore(s, run, log)
+        _restore(s, run)
     if info.is_main:
+        atomic.remove_leftovers(folder)  # temporary files of writes a kill interrupted
         run.metrics = RunLog(folder, upto_epoch=run.start)
         save_config(run.record, folder / CONFIG_FILE)
     return run
@@ -183,11 +214,31 @@ def train_epoch(s: Setup, run: Run, step_fn: nn.Module, epoch: int) -> None:
     global batch; under torchrun the augmentation generator is reseeded per epoch
     and rank, so any rank's views are reproducible without saving its state. The
     loss terms stay on the device: they are read once at the end of the epoch (and
-    when the progress bar shows them), not at every step.
+    when the progress bar shows them), not at every step; the divergence checks of
+    the step losses run on them then (see :meth:`_LossTally.means`).
+
+    If the first step after a resume diverged, the checkpoint's weights are at fault,
+    not the learning rate: that checkpoint is moved aside and the epochs from
+    ``ckpt_prev.pt`` on are trained again (see :func:`_fall_back`).
 
     Raises:
         NonFiniteLossError: a step's total loss was NaN/inf (before the checkpoint).
+        DivergenceError: a step's loss exploded against the run's recent losses.
+        CheckpointError: the resumed checkpoint diverged at once and none is left.
     """
+    try:
+        _train_pass(s, run, step_fn, epoch)
+    except DivergenceError as exc:
+        if not _fall_back(s, run, exc):
+            raise
+        for redo in range(run.start + 1, epoch):  # from the previous checkpoint on
+            train_epoch(s, run, step_fn, redo)
+            end_epoch(s, run, redo, run.log)
+        train_epoch(s, run, step_fn, epoch)
+
+
+def _train_pass(s: Setup, run: Run, step_fn: nn.Module, epoch: int) -> None:
+    """The pass of :func:`train_epoch` over one epoch's batches."""
     from tqdm.auto import tqdm
 
     cfg, method, info, bs = s.cfg, s.method, s.dist, run.batch
@@ -222,29 +273,31 @@ def train_epoch(s: Setup, run: Run, step_fn: nn.Module, epoch: int) -> None:
             rate = (step + 1) * bs / max(shown - t0, 1e-9)
             bar.set_postfix(loss=f"{float(terms['total']):.4f}", img_s=f"{rate:.0f}")
     bar.close()
-    run.last_means = tally.means(epoch, info)  # one read per epoch (all ranks together)
+    run.last_means = tally.means(epoch, info, run.monitor)  # one read per epoch (all ranks)
     run.last_time = time.perf_counter() - t0
     run.train_time += run.last_time
 
 
 def end_epoch(s: Setup, run: Run, epoch: int, log: Callable[[str], None]) -> None:
-    """Rank 0: evaluate if due, append the epoch's row to metrics.csv, write the checkpoint,
-    print a line on evaluated epochs and the first one."""
+    """Rank 0: evaluate if due; check that the weights (and head scores) are finite (every
+    rank stops if not: nothing of a diverged epoch is saved); append the epoch's row to
+    metrics.csv, write the checkpoint, print a line on evaluated epochs and the first one.
+
+    Raises:
+        DivergenceError: non-finite weights or head scores (on every rank).
+    """
     cfg = s.cfg
-    if not s.dist.is_main:
+    row = _epoch_row(s, run, epoch) if s.dist.is_main else None
+    evaluated = run.evaluation if row is not None and "head" in row else None
+    mdist.on_main(functools.partial(divergence.check_epoch, s.method, evaluated, epoch), s.dist)
+    if row is None:
         return
-    row: dict[str, Any] = {"epoch": epoch, "time_s": run.last_time,
-                           "images_per_s": run.steps * run.batch / run.last_time,
-                           "lr": run.optimizer.param_groups[0]["lr"],
-                           **{f"loss_{k}": v for k, v in run.last_means.items()}}
-    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-        run.evaluation = evaluate(s, run.batch)
-        row.update({k: run.evaluation[k] for k in EVAL_COLUMNS if k in run.evaluation})
     run.metrics.append(row)
     save_checkpoint(run.folder, {
         "epoch": epoch, "model": s.method.state_dict(), "optimizer": run.optimizer.state_dict(),
         "rng": _rng_state(run.gens), "train_time_s": run.train_time,
-        "world_size": s.dist.world_size, "config": config_to_dict(run.record)})
+        "world_size": s.dist.world_size, "config": config_to_dict(run.record),
+        "loss_history": run.monitor.state()})
     if "acc" in row or "head" in row or epoch == run.start + 1:
         log(_summary(row, cfg.epochs))
 
@@ -255,21 +308,37 @@ def finish(s: Setup, run: Run, wall0: float, log: Callable[[str], None]) -> dict
     ev = run.evaluation if run.evaluation is not None else evaluate(s, run.batch)
     final = final_metrics(s, ev, run.train_time, run.metrics.rows if run.metrics else [])
     final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
+    flags = divergence.flag_degenerate(final)  # a collapsed clustering, non-finite scores
     write_outputs(run.folder, final, s, ev)
     log(format_metrics(final))
+    for text in flags:
+        log(f"WARNING: {text}")
     return final
 
 
 # ---- helpers ----------------------------------------------------------------------------
 
+def _epoch_row(s: Setup, run: Run, epoch: int) -> dict[str, Any]:
+    """Rank 0: the epoch's metrics.csv row, with the evaluation when one is due."""
+    row: dict[str, Any] = {"epoch": epoch, "time_s": run.last_time,
+                           "images_per_s": run.steps * run.batch / run.last_time,
+                           "lr": run.optimizer.param_groups[0]["lr"],
+                           **{f"loss_{k}": v for k, v in run.last_means.items()}}
+    if epoch % s.cfg.eval_every == 0 or epoch == s.cfg.epochs:
+        run.evaluation = evaluate(s, run.batch)
+        row.update({k: run.evaluation[k] for k in EVAL_COLUMNS if k in run.evaluation})
+    return row
+
+
 class _LossTally:
-    """Sums of the loss terms over an epoch's steps, kept on the device, and the first
-    step whose total was not finite."""
+    """Sums of the loss terms over an epoch's steps, each step's total, and the first
+    step whose total was not finite, all kept on the device."""
 
     def __init__(self, steps: int, device: torch.device) -> None:
         self.steps = steps
         self.names: list[str] = []
         self.sums: torch.Tensor | None = None  # (T,) float64
+        self.totals = torch.zeros(steps, dtype=torch.float64, device=device)  # (steps,)
         self.bad_step = torch.full((), steps, dtype=torch.float64, device=device)
         self.bad_terms: torch.Tensor | None = None  # the terms at that step
 
@@ -280,21 +349,34 @@ class _LossTally:
             self.sums = torch.zeros_like(stacked)
             self.bad_terms = torch.zeros_like(stacked)
         self.sums += stacked
+        self.totals[step] = stacked[self.names.index("total")]
         first = ~torch.isfinite(stacked[self.names.index("total")]) & (self.bad_step == self.steps)
         self.bad_step = torch.where(first, float(step), self.bad_step)
         self.bad_terms = torch.where(first, stacked, self.bad_terms)
 
-    def means(self, epoch: int, info: DistInfo) -> dict[str, float]:
-        """The mean of each term over steps and ranks; raises NonFiniteLossError."""
-        bad = mdist.all_reduce_(self.bad_step.clone(), info.group, op=dist.ReduceOp.MIN)
-        sums = mdist.all_reduce_(self.sums.clone(), info.group) / info.world_size
-        if int(bad) < self.steps:  # the same on every rank: all stop together
+    def means(self, epoch: int, info: DistInfo, monitor: LossMonitor) -> dict[str, float]:
+        """The mean of each term over steps and ranks. The step totals (mean over ranks) go
+        through ``monitor`` in order, up to the first non-finite one.
+
+        Raises:
+            DivergenceError: a step's loss exploded (``monitor``), or
+            NonFiniteLossError: a step's total was NaN/inf; whichever came first. The
+                values are the same on every rank: all stop together.
+        """
+        bad = int(mdist.all_reduce_(self.bad_step.clone(), info.group, op=dist.ReduceOp.MIN))
+        packed = torch.cat([self.sums, self.totals])  # one reduction and one read for both
+        values = (mdist.all_reduce_(packed, info.group) / info.world_size).tolist()
+        sums, totals = values[:len(self.names)], values[len(self.names):]
+        for step in range(bad):  # finite on every rank
+            monitor.check(totals[step], epoch, step + 1, self.steps)
+        if bad < self.steps:
             detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.bad_terms.tolist()))
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, step {int(bad) + 1}/{self.steps} ({detail}); "
-                f"stopped at the end of the epoch, no checkpoint written for it (the last good "
-                f"one is epoch {epoch - 1}). Try a lower optim.lr.")
-        return {k: v / self.steps for k, v in zip(self.names, sums.tolist())}
+                f"non-finite loss at epoch {epoch}, step {bad + 1}/{self.steps} ({detail}); "
+                f"stopped at the end of the epoch, no checkpoint written for it "
+                f"({divergence.last_good(epoch)}). Try a lower optim.lr.",
+                epoch, bad + 1, f"non-finite loss ({detail})")
+        return {k: v / self.steps for k, v in zip(self.names, sums)}
 
 
 def _prepare_if_due(s: Setup, run: Run, epoch: int) -> None:
@@ -313,17 +395,57 @@ def _prepare_if_due(s: Setup, run: Run, epoch: int) -> None:
     mdist.broadcast_module(method, info)
 
 
-def _restore(s: Setup, run: Run, log: Callable[[str], None]) -> None:
-    """Load the newest readable checkpoint of ``run.folder`` (rank 0 reads, every rank gets it)."""
-    state, path = mdist.on_main(lambda: load_checkpoint(run.folder), s.dist)
-    s.method.load_state_dict(state["model"])
+def _restore(s: Setup, run: Run) -> None:
+    """Load the newest usable checkpoint of ``run.folder`` (rank 0 reads and verifies it,
+    loading it into the model and optimizer as part of the check; every rank gets it)."""
+    def apply(state: dict[str, Any], path: Path) -> None:
+        _apply_checkpoint(run.record, state, path, s.method, run.optimizer)
+
+    state, path = mdist.on_main(lambda: load_checkpoint(run.folder, apply=apply), s.dist)
+    s.method.load_state_dict(state["model"])  # rank 0 has it already; the others not
     run.optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], run.gens)
     run.start, run.train_time = int(state["epoch"]), float(state.get("train_time_s", 0.0))
-    log(f"resuming {run.folder} from {path.name} (epoch {run.start})")
+    run.monitor = LossMonitor(state.get("loss_history"))
+    run.log(f"resuming {run.folder} from {path.name} (epoch {run.start})")
     if int(state.get("world_size", 1)) != s.dist.world_size:
-        log(f"note: the checkpoint was written by {state.get('world_size', 1)} rank(s), this "
+        run.log(f"note: the checkpoint was written by {state.get('world_size', 1)} rank(s), this "
             f"run has {s.dist.world_size}: the augmentation streams differ from an unbroken run")
+
+
+def _apply_checkpoint(cfg: Config, state: dict[str, Any], path: Path, method: ClusteringMethod,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """Check that ``state`` belongs to this run (ResumeMismatch if not) and load it into the
+    model and optimizer (a shape mismatch raises: the loader falls back to the previous one)."""
+    check_resume(config_to_dict(cfg), state, path, may_change=RESUME_KEYS)
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def _fall_back(s: Setup, run: Run, exc: DivergenceError) -> bool:
+    """After ``exc``: was it the first step after resuming, so that the checkpoint's weights
+    are at fault, not the learning rate? Then ``ckpt_last.pt`` is set aside, ``ckpt_prev.pt``
+    loaded (the epochs after it are dropped from metrics.csv) and True returned.
+
+    Raises:
+        CheckpointError: the checkpoint resumed from is at fault and none is left.
+    """
+    if not (run.resumed and exc.step == 1 and exc.epoch == run.start + 1):
+        return False
+    found = mdist.on_main(lambda: set_aside_resumed(run.folder, run.start, run.opened_ns), s.dist)
+    if found is None:  # not the checkpoint resumed from: a divergence of this run
+        return False
+    name, retry = found
+    why = f"its weights make the first step diverge (epoch {exc.epoch}, step 1: {exc.cause})"
+    if not retry:
+        raise CheckpointError(f"cannot resume {run.folder}: {name} (epoch {run.start}) is "
+                              f"unusable, {why}, and no earlier checkpoint is left") from exc
+    warnings.warn(f"checkpoint {run.folder / name} is unusable ({why}); moved aside as "
+                  f"{name}.corrupt, trying the previous one", RuntimeWarning, stacklevel=4)
+    _restore(s, run)
+    if run.metrics is not None:  # the epochs after the previous checkpoint are trained again
+        run.metrics.rows = [r for r in run.metrics.rows if r["epoch"] <= run.start]
+    return True
 
 
 def _data_parallel(step: nn.Module, s: Setup) -> nn.Module:

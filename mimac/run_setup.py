@@ -70,12 +70,19 @@ def load_run_data(cfg: Config) -> Any:
 
 def build(cfg: Config, info: DistInfo = mdist.SINGLE) -> Setup:
     """Load the data, build the augmentation and the method (seeded) on the device
-    (this rank's GPU under torchrun; batch norms synchronised if ``sync_batchnorm``)."""
+    (this rank's GPU under torchrun; batch norms synchronised if ``sync_batchnorm``).
+
+    Raises:
+        ValueError: also when ``kernel_backend`` cannot run on the device (checked first:
+            before the data are read and before a run folder is created).
+    """
+    from mimac import preflight
     from mimac.data.augment import preset
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = mdist.rank_device(resolve_device(cfg.device), info)
+    preflight.check_kernel_backend(cfg.kernel_backend, device)
     cfg = dataclasses.replace(cfg, bf16=cfg.bf16 and device.type == "cuda")
     ds = load_run_data(cfg)
     if len(ds) < 2:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mimac import atomic, divergence, preflight
+from mimac import atomic, divergence
 from mimac import distributed as mdist
 from mimac.checkpoint import (
     LAST,
@@ -185,10 +185,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: in
 def open_run(s: Setup, resume: str | Path | None, log: Callable[[str], None]) -> Run:
     """A new run folder (rank 0 creates it), or ``resume``'s with its checkpoint loaded;
     the optimizer and the random streams; ``config.yaml`` written, metrics.csv opened.
-    The kernel backend is checked first (nothing is written if it cannot run), and
-    temporary files of interrupted writes are removed from the folder."""
+    Temporary files of interrupted writes are removed from the folder."""
     cfg, info = s.cfg, s.dist
-    preflight.check_kernel_backend(cfg.kernel_backend, s.device)  # before anything is written
     opened_ns = time.time_ns()
     n = int(s.images.shape[0])
     batch = _global_batch(cfg, n, info)

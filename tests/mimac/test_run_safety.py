@@ -324,6 +324,31 @@ def test_exploding_loss_stops_the_run(tmp_path: Path, capsys) -> None:
     assert not (run / "ckpt_last.pt").exists() and not (run / "final_metrics.json").exists()
 
 
+def test_first_fault_of_an_epoch_is_reported(tmp_path: Path, monkeypatch) -> None:
+    """The step losses are checked at the end of the epoch, in order: an explosion at step 2
+    is reported as such, not the NaN it leads to at step 3."""
+    from mimac.divergence import DivergenceError
+
+    calls = {"n": 0}
+    original = CRLC.losses
+
+    def poisoned(self, views, group=None):
+        terms = original(self, views, group)
+        calls["n"] += 1
+        if calls["n"] == STEPS + 2:  # epoch 2, step 2: finite but exploded
+            terms["total"] = terms["total"] * 1e12
+        elif calls["n"] == STEPS + 3:
+            terms["total"] = terms["total"] * math.nan
+        return terms
+
+    monkeypatch.setattr(CRLC, "losses", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(DivergenceError, match=r"epoch 2, step 2/3.*times the recent losses") as exc:
+        _run(run, "epochs=2")
+    assert (exc.value.epoch, exc.value.step) == (2, 2)
+    assert _state(run / "ckpt_last.pt")["epoch"] == 1
+
+
 def test_nan_from_the_last_step_is_not_saved(tmp_path: Path, monkeypatch) -> None:
     from mimac.divergence import DivergenceError
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from mimac.config import default_config_dir, tuned_config_path
+
 DEFAULT_METHODS = ("crlc", "imc_swav", "dec_contrastive")
 BASELINE = "kmeans (pixels)"
 METRICS = ("acc", "nmi", "ari")
@@ -33,15 +35,9 @@ _KEEP = ("method", "seed", "acc", "nmi", "ari", "mean_acc", "head", "epochs", "t
          "split", "dataset", "cluster_sizes", "mapping")
 
 
-def default_config_dir() -> Path:
-    """``configs/`` next to the package (a source checkout), else ``./configs``."""
-    here = Path(__file__).resolve().parent.parent / "configs"
-    return here if here.is_dir() else Path("configs")
-
-
 def method_config(method: str, dataset: str, config_dir: Path) -> Path:
     """``config_dir/<method>_<dataset>.yaml``; raises FileNotFoundError naming it."""
-    path = Path(config_dir) / f"{method}_{dataset}.yaml"
+    path = tuned_config_path(method, dataset, config_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no config for method {method!r} on {dataset!r}: {path} is missing "
                                 f"(write one, or pass --config-dir DIR)")
@@ -63,7 +59,7 @@ def kmeans_baseline(cfg: Any, seed: int) -> dict[str, Any]:
     """Torch k-means (k-means++, 10 restarts) on the raw pixels of the run's data."""
     from mimac.metrics import evaluate_clustering
     from mimac.models.kmeans import kmeans
-    from mimac.train import load_run_data
+    from mimac.run_setup import load_run_data
 
     ds = load_run_data(cfg)
     k = cfg.model.num_clusters or ds.num_classes
@@ -92,12 +88,12 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_same_config(cfg: Any, run_dir: Path) -> None:
     """A run folder is reused or resumed only for the config it was started with."""
     from mimac.config import config_to_dict, load_config
-    from mimac.train import CONFIG_FILE
+    from mimac.outputs import CONFIG_FILE
 
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
         return
-    ignore = {"run_dir", "progress"}
+    ignore = {"run_dir", "progress", "bf16"}  # bf16 is recorded as applied (false on a CPU)
     saved, wanted = _flat(config_to_dict(load_config(saved_file))), _flat(config_to_dict(cfg))
     differ = sorted(k for k in saved.keys() | wanted.keys()
                     if k not in ignore and saved.get(k) != wanted.get(k))

@@ -1,16 +1,21 @@
 """Run configuration: nested dataclasses, YAML files and ``key=value`` overrides.
 
-The defaults are the tuned CRLC-on-digits run that ``mimac train`` starts with
-no arguments. A YAML file (``--config FILE.yaml``) and command-line overrides
-(``epochs=50``, ``optim.lr=0.1``, ``data.name=fashion_mnist``) are applied on
-top, in that order. Every key and every value type is checked: an unknown key
-or a value of the wrong type raises ``ValueError`` naming the key.
+Three layers, applied in order: the dataclass defaults (each method's section holds
+its paper's hyper-parameters; the run-level keys a small CPU run), a YAML file, and
+command-line overrides (``epochs=50``, ``optim.lr=0.1``, ``data.name=fashion_mnist``).
+Each dataset's tuning lives in its file, ``configs/<method>_<dataset>.yaml``;
+:func:`resolve_run_config` picks that file when none is given (``mimac train
+method=imc_swav`` trains the tuned IMC-SwAV digits run) and says so, or says loudly
+that there is none. Every key, value type and value is checked before any data is
+read: an unknown key, a wrong type or a bad value raises ``ValueError`` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -21,6 +26,18 @@ from typing import Any, Union
 import yaml
 
 SPLITS = ("all", "train", "test", "unlabeled", "train+unlabeled")  # the last two: STL-10
+#: The values of ``method`` and ``data.name`` (``mimac.models.METHODS`` and
+#: ``mimac.data.DATASETS``, named here so that a config is checked without importing torch).
+METHOD_NAMES = ("crlc", "imc_swav", "dec_contrastive")
+DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar20", "stl10", "folder")
+#: Image side of each dataset with fixed-size images (``folder``: ``data.image_size``).
+IMAGE_SIDES = {"digits": 8, "fashion_mnist": 28, "mnist": 28, "cifar10": 32, "cifar20": 32,
+               "stl10": 96}
+BACKBONE_NAMES = ("small_cnn", "resnet18", "resnet34", "auto")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
+#: Environment variable naming the folder of the tuned ``<method>_<dataset>.yaml`` files
+#: (default: ``configs/`` next to the package, as in a source checkout, else ``./configs``).
+CONFIG_DIR_ENV = "MIMAC_CONFIGS"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -133,7 +150,12 @@ class OptimConfig:
 
 @dataclass
 class Config:
-    """A complete training run. The defaults are ``mimac train``'s run: CRLC on digits."""
+    """A complete training run.
+
+    The defaults train CRLC with the paper's hyper-parameters on digits; ``mimac
+    train`` with no arguments starts from ``configs/crlc_digits.yaml`` instead (the
+    tuned run), see :func:`resolve_run_config`.
+    """
 
     method: str = "crlc"
     seed: int = 0
@@ -145,7 +167,7 @@ class Config:
     # Under torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm);
     # without it each rank normalises with its own rows. Ignored by a single process.
     sync_batchnorm: bool = False
-    bf16: bool = True  # bf16 autocast; only ever used on CUDA
+    bf16: bool = True  # bf16 autocast on CUDA; a run's config.yaml records false on a CPU
     # CPU threads for torch; 0: torch's default (all cores). 1 by default: the small
     # digits model is as fast on one core, and stays fast on a busy machine.
     threads: int = 1
@@ -162,13 +184,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # Overrides of the dataset's augmentation preset (fields of AugmentConfig). The default
-    # run adds brightness/contrast jitter to the digits preset (ACC 0.93 -> 0.97, 3 seeds).
-    augment: dict[str, Any] = field(
-        default_factory=lambda: {"jitter": (0.4, 0.4, 0.0, 0.0), "jitter_p": 0.5})
-    # CRLCConfig's own defaults are the paper's; the default run (digits, 8x8) uses a
-    # softer feature temperature and BN in the heads (tuned: ACC 0.93 vs 0.71 without).
-    crlc: CRLCConfig = field(default_factory=lambda: CRLCConfig(temperature=0.5, head_batch_norm=True))
+    # Overrides of the dataset's augmentation preset (fields of AugmentConfig); empty: the
+    # preset of data.name as it is (the configs/*_digits.yaml runs add brightness jitter).
+    augment: dict[str, Any] = field(default_factory=dict)
+    crlc: CRLCConfig = field(default_factory=CRLCConfig)
     imc_swav: IMCSwAVConfig = field(default_factory=IMCSwAVConfig)
     dec_contrastive: DECContrastiveConfig = field(default_factory=DECContrastiveConfig)
 
@@ -321,17 +340,15 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``.
+    """The dataclass defaults, then the YAML file at ``path`` (if any), then ``overrides``.
 
-    Sections merge key by key, except that a file's ``augment`` section replaces
-    the default one, and the default ``augment`` overrides (tuned for digits)
-    are dropped when the dataset is changed (explicit ``augment.*`` entries stay).
+    Sections merge key by key (``augment`` too). No file: the defaults as they are
+    (use :func:`resolve_run_config` to get a method's tuned file).
 
     Raises:
         ValueError: unknown key, wrong type, invalid value, unreadable YAML.
         FileNotFoundError: ``path`` does not exist.
     """
-    defaults = config_to_dict(Config())
     loaded: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -344,24 +361,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping of keys to values")
         _build(Config, loaded)  # report unknown keys/types against the file's own keys
+    values = _merge(config_to_dict(Config()), loaded)
+    return config_from_dict(apply_overrides(values, overrides or []))
 
-    def resolve(start: dict[str, Any]) -> dict[str, Any]:
-        if "augment" in loaded:  # a file states its augmentation completely
-            start = {**start, "augment": {}}
-        return apply_overrides(_merge(start, loaded), overrides or [])
 
-    values = resolve(defaults)
-    data = values.get("data")
-    if isinstance(data, dict) and data.get("name") != defaults["data"]["name"]:
-        # The default augment overrides are tuned for digits: another dataset starts
-        # from its own preset plus only the augment entries given explicitly.
-        values = resolve({**defaults, "augment": {}})
-    return config_from_dict(values)
+def default_config_dir() -> Path:
+    """``$MIMAC_CONFIGS``, else ``configs/`` next to the package, else ``./configs``."""
+    if os.environ.get(CONFIG_DIR_ENV):
+        return Path(os.environ[CONFIG_DIR_ENV])
+    here = Path(__file__).resolve().parent.parent / "configs"
+    return here if here.is_dir() else Path("configs")
+
+
+def tuned_config_path(method: str, dataset: str, config_dir: str | Path | None = None) -> Path:
+    """``<config_dir>/<method>_<dataset>.yaml`` (it may not exist)."""
+    return Path(config_dir or default_config_dir()) / f"{method}_{dataset}.yaml"
+
+
+def _override_value(overrides: list[str], key: str, default: Any) -> Any:
+    """The last command-line value of ``key`` (dotted), or ``default``."""
+    value = default
+    for text in overrides:
+        path, v = parse_override(text)
+        if ".".join(path) == key:
+            value = v
+    return value
+
+
+def resolve_run_config(path: str | Path | None, overrides: list[str] | None = None,
+                       config_dir: str | Path | None = None) -> tuple[Config, str]:
+    """The config of a new run, and one line saying where it came from.
+
+    With ``path``: :func:`load_config` of it. Without: the tuned file of the chosen
+    method and dataset (``method=`` and ``data.name=`` from ``overrides``, by default
+    CRLC on digits) when it exists, else the dataclass defaults (the papers'
+    hyper-parameters, untuned) with a warning line starting ``WARNING``.
+    """
+    overrides = list(overrides or [])
+    if path is not None:
+        return load_config(path, overrides), f"config: {path}"
+    method = _override_value(overrides, "method", Config.method)
+    dataset = _override_value(overrides, "data.name", DataConfig.name)
+    tuned = tuned_config_path(str(method), str(dataset), config_dir)
+    if tuned.is_file():
+        return (load_config(tuned, overrides),
+                f"config: {tuned} (tuned for {method} on {dataset}; --config FILE to choose another)")
+    cfg = load_config(None, overrides)
+    return cfg, (f"WARNING: no tuned config for method {method!r} on {dataset!r} ({tuned} does not "
+                 f"exist): training with the paper's hyper-parameters and generic run settings, "
+                 f"untuned for this data; results can be far below the tuned ones. "
+                 f"Pass --config FILE.yaml to choose one.")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a kill mid-write keeps the old file).
+
+    Raises:
+        mimac.atomic.RunFileError: the file could not be written (names it and the cause).
+    """
+    from mimac import atomic
+
+    atomic.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -370,7 +430,13 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks beyond types (ranges, choices); raises ValueError naming the key."""
+    """Value checks beyond types (ranges, choices) of the whole config, before any data
+    is read; raises ValueError naming the key. Only what needs the images (multi-crop
+    sizes against the image size) is checked when the method is built."""
+    _check_choice("method", cfg.method, METHOD_NAMES)
+    _check_choice("data.name", cfg.data.name, DATASET_NAMES)
+    _check_choice("model.backbone", cfg.model.backbone, BACKBONE_NAMES)
+    _check_choice("kernel_backend", cfg.kernel_backend, KERNEL_BACKENDS)
     _check_choice("data.split", cfg.data.split, SPLITS)
     _check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     _check_choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
@@ -383,6 +449,7 @@ def validate(cfg: Config) -> None:
     for key, v in positive.items():
         if not v > 0:
             raise ValueError(f"config key {key!r} must be > 0, got {v}")
+    _validate_lr(cfg.optim)
     if cfg.batch_size < 2:
         raise ValueError(f"config key 'batch_size' must be >= 2 (contrastive losses need pairs), got {cfg.batch_size}")
     if cfg.threads < 0:
@@ -413,18 +480,89 @@ def validate(cfg: Config) -> None:
                    "data.image_size": cfg.data.image_size}.items():
         if v is not None and v < 1:
             raise ValueError(f"config key {key!r} must be >= 1 or null (the default), got {v}")
+    if cfg.data.image_size is not None and cfg.data.name != "folder":
+        raise ValueError(f"config key 'data.image_size' applies to data.name=folder only, "
+                         f"not {cfg.data.name!r} (set it to null)")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    _validate_augment(cfg.augment)
+    if cfg.method == "imc_swav":  # a section only the chosen method reads
+        _validate_imc_swav(cfg.imc_swav, IMAGE_SIDES.get(cfg.data.name, cfg.data.image_size))
+    if cfg.method == "dec_contrastive":
+        _validate_dec_contrastive(cfg.dec_contrastive, cfg.epochs)
+    _validate_augment(cfg.augment, cfg.data.name)
 
 
-def _validate_augment(overrides: dict[str, Any]) -> None:
-    """Check ``augment`` overrides against the fields of ``mimac.data.augment.AugmentConfig``."""
+#: The largest float32 value: optimizers apply the learning rate to float32 tensors.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _validate_lr(optim: OptimConfig) -> None:
+    """The learning rate, and Adam's first step size lr / (1 - beta1), must fit in float32
+    (``optim.lr=1e300`` otherwise passes, then the optimizer fails with an overflow)."""
+    for i, b in enumerate(optim.betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"config key 'optim.betas[{i}]' must be in [0, 1), got {b}")
+    largest = _FLOAT32_MAX * (1.0 - optim.betas[0] if optim.name in ("adam", "adamw") else 1.0)
+    if not math.isfinite(optim.lr) or optim.lr > largest:
+        step = " (Adam divides it by 1 - betas[0])" if optim.name != "sgd" else ""
+        raise ValueError(f"config key 'optim.lr' must be a finite number of at most {largest:.3g}: "
+                         f"the optimizer applies it in float32{step}; got {optim.lr}")
+
+
+#: IMC-SwAV's smallest crop side (the backbones' smallest input).
+MIN_CROP = 4
+
+
+def _validate_imc_swav(c: IMCSwAVConfig, side: int | None) -> None:
+    """``side``: the images' side when known before reading them (None: checked at build)."""
+    for key in ("proj_dim", "prototypes", "temperature", "epsilon", "sinkhorn_iters",
+                "classifier_hidden", "logit_bound"):
+        if not getattr(c, key) > 0:
+            raise ValueError(f"config key 'imc_swav.{key}' must be > 0, got {getattr(c, key)}")
+    if c.large_crops < 1 or c.small_crops < 0 or c.large_crops + c.small_crops < 2:
+        raise ValueError("config keys 'imc_swav.large_crops' >= 1 and 'imc_swav.small_crops' >= 0 "
+                         f"must give at least 2 crops, got {c.large_crops} + {c.small_crops}")
+    for key in ("large_scale", "small_scale"):
+        rng = getattr(c, key)
+        if rng is not None and not 0 < rng[0] <= rng[1] <= 1:
+            raise ValueError(f"config key 'imc_swav.{key}' must be a range 0 < lo <= hi <= 1, "
+                             f"got {rng}")
+    for key in ("large_size", "small_size"):
+        size = getattr(c, key)
+        if size is not None and size < MIN_CROP:
+            raise ValueError(f"config key 'imc_swav.{key}' must be at least {MIN_CROP} px or null, "
+                             f"got {size}")
+        if size is not None and side is not None and size > side:
+            raise ValueError(f"config key 'imc_swav.{key}' is {size} px but the images are {side} "
+                             f"px: multi-crop sizes must fit in the image (set it <= {side})")
+    if c.large_size is not None and c.small_size is not None and c.small_size > c.large_size:
+        raise ValueError(f"config key 'imc_swav.small_size' ({c.small_size}) must not exceed "
+                         f"'imc_swav.large_size' ({c.large_size})")
+    if c.freeze_prototypes_epochs is not None and c.freeze_prototypes_epochs < 0:
+        raise ValueError(f"config key 'imc_swav.freeze_prototypes_epochs' must be >= 0 or null, "
+                         f"got {c.freeze_prototypes_epochs}")
+
+
+def _validate_dec_contrastive(c: DECContrastiveConfig, epochs: int) -> None:
+    for key in ("proj_dim", "temperature", "kmeans_restarts", "kmeans_iters"):
+        if not getattr(c, key) > 0:
+            raise ValueError(f"config key 'dec_contrastive.{key}' must be > 0, got {getattr(c, key)}")
+    for key in ("instance_weight", "cluster_weight", "anchor_weight", "pretrain_epochs"):
+        if getattr(c, key) < 0:
+            raise ValueError(f"config key 'dec_contrastive.{key}' must be >= 0, got {getattr(c, key)}")
+    if c.pretrain_epochs >= epochs:
+        raise ValueError(f"config key 'dec_contrastive.pretrain_epochs' ({c.pretrain_epochs}) "
+                         f"must be below 'epochs' ({epochs}): the clusters are trained after it")
+
+
+def _validate_augment(overrides: dict[str, Any], dataset: str) -> None:
+    """Check ``augment`` overrides against the fields of ``mimac.data.augment.AugmentConfig``
+    and the values they give with the dataset's preset."""
     if not overrides:
         return
     try:
-        from mimac.data.augment import AugmentConfig
+        from mimac.data.augment import AugmentConfig, preset
     except ImportError:  # data layer absent: the trainer reports it when it needs it
         return
     hints = typing.get_type_hints(AugmentConfig)
@@ -433,3 +571,7 @@ def _validate_augment(overrides: dict[str, Any]) -> None:
         if k not in names:
             raise _unknown_key(f"augment.{k}", names)
         overrides[k] = _coerce(v, hints[k], f"augment.{k}")
+    try:
+        dataclasses.replace(preset(dataset), **overrides)
+    except ValueError as exc:
+        raise ValueError(f"config key 'augment': {exc}") from exc

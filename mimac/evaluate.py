@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +81,8 @@ def evaluate_method(
         ``head`` (chosen index), ``head_scores``, ``cluster_sizes`` of the chosen
         head, ``pred`` (``(N,)`` numpy, chosen head), and when labelled: ``acc``,
         ``nmi``, ``ari`` of the chosen head, ``mapping`` (``"hungarian"``, or
-        ``"majority"`` with more clusters than classes), ``mean_acc``/``mean_nmi``/``mean_ari``
+        ``"majority"`` with more clusters than classes), ``cluster_class`` (the class
+        each cluster is mapped to for ACC, -1: none), ``mean_acc``/``mean_nmi``/``mean_ari``
         and ``std_*`` over all heads, ``per_head`` lists, ``confusion``
         (classes x clusters), ``n_labelled``.
     """
@@ -107,10 +110,48 @@ def evaluate_method(
         per_head = [evaluate_clustering(y, p, k, num_classes=num_classes) for p in head_pred]
         chosen = per_head[head]
         out.update(acc=chosen["acc"], nmi=chosen["nmi"], ari=chosen["ari"],
-                   mapping=chosen["mapping"], n_labelled=int(chosen["n_labelled"]))
+                   mapping=chosen["mapping"], cluster_class=chosen["cluster_class"],
+                   n_labelled=int(chosen["n_labelled"]))
         for m in ("acc", "nmi", "ari"):
             vals = np.array([r[m] for r in per_head], dtype=np.float64)
             out[f"mean_{m}"], out[f"std_{m}"] = float(vals.mean()), float(vals.std())
         out["per_head"] = {m: [float(r[m]) for r in per_head] for m in ("acc", "nmi", "ari")}
-        out["confusion"] = np.asarray(confusion(y, pred, k)).tolist()
+        out["confusion"] = np.asarray(confusion(y, pred, k, num_classes=num_classes)).tolist()
     return out
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Recompute the metrics of a run from its newest readable checkpoint.
+
+    ``overrides`` change the run's config for the evaluation only, e.g.
+    ``["data.split=test"]`` for the train -> test protocol. The result is also
+    written to ``eval_metrics.json`` (``eval_metrics_<split>.json`` if the split differs).
+    """
+    from mimac import atomic, divergence
+    from mimac.checkpoint import load_checkpoint
+    from mimac.config import load_config
+    from mimac.outputs import CONFIG_FILE, FINAL_METRICS, final_metrics, format_metrics
+    from mimac.run_setup import build, evaluate
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder (no {CONFIG_FILE})")
+    cfg = load_config(run_dir / CONFIG_FILE, overrides or [])
+    s = build(cfg)
+    state, path = load_checkpoint(run_dir, quarantine=False,  # wrong shapes: try the previous
+                                  apply=lambda st, _: s.method.load_state_dict(st["model"]))
+    ev = evaluate(s, min(cfg.batch_size, len(s.images)))
+    final = final_metrics(s, ev, float(state.get("train_time_s", 0.0)), [])
+    final["checkpoint"], final["checkpoint_epoch"] = path.name, int(state["epoch"])
+    flags = divergence.flag_degenerate(final)
+    saved_file = run_dir / FINAL_METRICS
+    saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
+    same = cfg.data.split == saved.get("split", cfg.data.split)
+    name = "eval_metrics.json" if same else f"eval_metrics_{cfg.data.split}.json"
+    atomic.write_text(run_dir / name, json.dumps(final, indent=2))
+    log(f"{path.name} (epoch {state['epoch']}):")
+    log(format_metrics(final))
+    for text in flags:
+        log(f"WARNING: {text}")
+    return final

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["cluster_accuracy", "confusion", "evaluate_clustering"]
+__all__ = ["cluster_accuracy", "cluster_mapping", "confusion", "evaluate_clustering"]
 
 Mapping = Literal["auto", "hungarian", "majority"]
 
@@ -78,36 +78,55 @@ def _contingency(t: np.ndarray, p: np.ndarray, num_classes: int, num_clusters: i
     return flat.reshape(num_classes, num_clusters)
 
 
-def confusion(y_true: Any, y_pred: Any, num_clusters: int) -> np.ndarray:
+def confusion(y_true: Any, y_pred: Any, num_clusters: int, *,
+              num_classes: int | None = None) -> np.ndarray:
     """Class-by-cluster counts for plots; unlabelled samples (-1) are left out.
 
     Args:
         y_true: ``(N,)`` labels in ``0..C-1`` or -1.
         y_pred: ``(N,)`` cluster ids in ``[0, num_clusters)``.
         num_clusters: K, the configured number of clusters (sizes the matrix).
+        num_classes: the dataset's C (default ``max(label) + 1``).
 
     Returns:
-        ``(C, K)`` int64 array, ``C = max(label) + 1``.
+        ``(C, K)`` int64 array.
     """
-    t, p, c, k = _prepare(y_true, y_pred, num_clusters)
+    t, p, c, k = _prepare(y_true, y_pred, num_clusters, num_classes)
     return _contingency(t, p, c, k)
 
 
-def _accuracy(t: np.ndarray, p: np.ndarray, c: int, k: int, mapping: Mapping
-              ) -> tuple[float, str]:
+def cluster_mapping(w: np.ndarray, mapping: Mapping) -> tuple[np.ndarray, str]:
+    """The class each cluster is mapped to, ``(K,)`` (-1: none), from the ``(C, K)`` counts.
+
+    ``hungarian``: one-to-one, the assignment that maximises the matched counts (padded
+    square: with fewer classes than clusters some clusters match nothing); ``majority``:
+    each cluster to its most frequent class; ``auto``: majority when K > C.
+    """
+    c, k = w.shape
     if mapping == "auto":
         mapping = "majority" if k > c else "hungarian"
-    w = _contingency(t, p, c, k)
     if mapping == "majority":
-        # Many-to-one: each cluster is labelled with its most frequent class.
-        return float(w.max(axis=0).sum()) / t.size, "majority"
+        return w.argmax(axis=0), "majority"
     if mapping != "hungarian":
         raise ValueError(f"mapping must be auto|hungarian|majority, got {mapping!r}")
     d = max(c, k)
     square = np.zeros((d, d), dtype=np.int64)  # padded: empty clusters/classes match nothing
     square[:c, :k] = w
     rows, cols = linear_sum_assignment(square.max() - square)
-    return float(square[rows, cols].sum()) / t.size, "hungarian"
+    to_class = np.full(k, -1, dtype=np.int64)
+    for r, col in zip(rows, cols):
+        if r < c and col < k:
+            to_class[col] = r
+    return to_class, "hungarian"
+
+
+def _accuracy(t: np.ndarray, p: np.ndarray, c: int, k: int, mapping: Mapping
+              ) -> tuple[float, str, np.ndarray]:
+    """ACC, the mapping used and the class of each cluster ``(K,)``."""
+    w = _contingency(t, p, c, k)
+    to_class, used = cluster_mapping(w, mapping)
+    hits = sum(int(w[cls, j]) for j, cls in enumerate(to_class) if cls >= 0)
+    return hits / t.size, used, to_class
 
 
 def cluster_accuracy(y_true: Any, y_pred: Any, num_clusters: int | None = None, *,
@@ -149,16 +168,18 @@ def evaluate_clustering(y_true: Any, y_pred: Any, num_clusters: int | None = Non
 
     Returns:
         ``{"acc": float, "nmi": float, "ari": float, "n_labelled": int,
-        "mapping": "hungarian" | "majority"}``.
+        "mapping": "hungarian" | "majority", "cluster_class": [int] * K}``; the last is
+        the class each cluster is mapped to for ACC (-1: none).
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     t, p, c, k = _prepare(y_true, y_pred, num_clusters, num_classes)
-    acc, used = _accuracy(t, p, c, k, mapping)
+    acc, used, to_class = _accuracy(t, p, c, k, mapping)
     return {
         "acc": acc,
         "nmi": float(normalized_mutual_info_score(t, p, average_method="arithmetic")),
         "ari": float(adjusted_rand_score(t, p)),
         "n_labelled": int(t.size),
         "mapping": used,
+        "cluster_class": to_class.tolist(),
     }

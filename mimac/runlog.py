@@ -3,29 +3,55 @@
 from __future__ import annotations
 
 import csv
+import errno
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from mimac import atomic
+from mimac.atomic import RunFileError, describe
 
 METRICS_CSV = "metrics.csv"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``metrics.csv`` with numbers parsed (empty cells become NaN)."""
+    """Rows of ``metrics.csv`` with numbers parsed (empty cells become NaN).
+
+    Raises:
+        ValueError: the file is not a metrics table (no ``epoch`` column, an epoch
+            that is not a number, undecodable bytes); the message names the file.
+        mimac.atomic.RunFileError: it cannot be read (permissions, I/O error).
+    """
     path = Path(run_dir) / METRICS_CSV
     if not path.exists():
         return []
+    try:
+        return _parse(path)
+    except OSError as exc:
+        raise RunFileError(exc.errno or errno.EIO, f"cannot read {path}: {describe(exc)}") from exc
+    except (ValueError, KeyError, TypeError, csv.Error) as exc:
+        cause = "no 'epoch' column" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(
+            f"{path} is not a metrics table written by mimac ({cause}); move it aside to "
+            "continue the run (its per-epoch history is then lost)") from exc
+
+
+def _parse(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
             row: dict[str, Any] = {}
             for k, v in raw.items():
+                if k is None:  # csv puts cells beyond the header under the key None
+                    raise ValueError(f"row {len(rows) + 1} has more cells than the header")
                 try:
                     row[k] = float(v) if v not in ("", None) else math.nan
                 except ValueError:
                     row[k] = v
-            row["epoch"] = int(row["epoch"])
+            epoch = row["epoch"]
+            if not (isinstance(epoch, float) and epoch.is_integer()):
+                raise ValueError(f"row {len(rows) + 1} has epoch {epoch!r}")
+            row["epoch"] = int(epoch)
             rows.append(row)
     return rows
 
@@ -66,13 +92,11 @@ class RunLog:
         columns: list[str] = []
         for r in self.rows:
             columns += [k for k in r if k not in columns]
-        tmp = self.run_dir / f".{METRICS_CSV}.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic.replacing(self.run_dir / METRICS_CSV) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns, restval="")
             w.writeheader()
             for r in self.rows:
                 w.writerow({k: _fmt(v) for k, v in r.items()})
-        os.replace(tmp, self.run_dir / METRICS_CSV)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -10,54 +10,59 @@ from its folder ends with the same parameters and metrics as an unbroken one
 Under torchrun the same loop runs data-parallel (see :mod:`mimac.distributed`):
 every rank holds the data, draws the same global permutation, and trains a
 ``DistributedDataParallel`` copy of the method on its slice of each global
-batch, with losses that span all ranks; rank 0 alone logs, evaluates, writes
-the run folder and checkpoints, and hands what it loads to the others.
+batch, with losses that span all ranks (the process group is passed to the
+method's ``losses``); rank 0 alone logs, evaluates, writes the run folder and
+checkpoints, and hands what it loads to the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import math
-import os
-import platform
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from mimac import atomic, divergence
 from mimac import distributed as mdist
-from mimac.checkpoint import LAST, PREV, load_checkpoint, save_checkpoint
-from mimac.config import Config, OptimConfig, config_to_dict, save_config
+from mimac.checkpoint import (
+    LAST,
+    PREV,
+    CheckpointError,
+    check_resume,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_resumed,
+)
+from mimac.config import RESUME_KEYS, Config, OptimConfig, config_to_dict, save_config
 from mimac.distributed import DistInfo
-from mimac.evaluate import evaluate_method
-from mimac.models import build_method
+from mimac.divergence import DivergenceError, LossMonitor
 from mimac.models.method import ClusteringMethod
+from mimac.outputs import CONFIG_FILE, FINAL_METRICS, final_metrics, format_metrics, write_outputs
+from mimac.run_setup import Setup, build, evaluate, load_run_data, resolve_device
 from mimac.runlog import RunLog
-from mimac.views import ViewMaker
 
-FINAL_METRICS = "final_metrics.json"
-CONFIG_FILE = "config.yaml"
-HEAD_SELECTION = "lowest unsupervised loss of each sub-head on the data (no labels)"
+#: Columns of an evaluated epoch in metrics.csv (those the evaluation returns).
+EVAL_COLUMNS = ("acc", "nmi", "ari", "mean_acc", "mean_nmi", "mean_ari", "head")
+#: Seconds between progress-bar loss updates (each one reads the loss from the device).
+BAR_REFRESH_S = 0.5
+
+__all__ = ["CONFIG_FILE", "FINAL_METRICS", "NonFiniteLossError", "Setup", "build",
+           "build_optimizer", "format_metrics", "load_run_data", "lr_factor", "resolve_device",
+           "train"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the optimizer step, nothing is saved."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; an unavailable CUDA request raises."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
-    return dev
+class NonFiniteLossError(DivergenceError):
+    """The loss became NaN or infinite; raised at the end of its epoch (with the first such
+    step), nothing of that epoch is saved."""
 
 
 def lr_factor(cfg: OptimConfig, epochs: int, t: float) -> float:
@@ -89,75 +94,389 @@ def build_optimizer(method: ClusteringMethod, cfg: OptimConfig) -> torch.optim.O
     return opt_cls(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def _autocast(cfg: Config, device: torch.device) -> Callable[[], Any]:
-    if device.type == "cuda" and cfg.bf16:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
 @dataclasses.dataclass
-class Setup:
-    """Everything a run (or an evaluation) builds from its config."""
+class Run:
+    """The state of a run across its epochs (what a checkpoint holds, and the folder)."""
 
-    cfg: Config
-    device: torch.device
-    images: torch.Tensor  # (N, C, H, W) uint8 on device
-    labels: torch.Tensor  # (N,) int64 on CPU
-    method: ClusteringMethod
-    views: ViewMaker
-    autocast: Callable[[], Any]
-    dist: DistInfo = mdist.SINGLE
-    num_classes: int | None = None  # the dataset's, for the metrics (None: unlabelled)
-
-
-def load_run_data(cfg: Config) -> Any:
-    """The run's dataset (``data.*``). With ``data.limit``: a fixed random subset of that
-    many images (seed 0, not the run seed, so every run and method sees the same images),
-    in dataset order."""
-    from mimac.data import load_dataset
-
-    ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.split, **(
-        {"image_size": cfg.data.image_size} if cfg.data.image_size is not None else {}))
-    limit = cfg.data.limit
-    if limit is None or limit >= len(ds):
-        return ds
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit].sort().values
-    return dataclasses.replace(ds, images=ds.images[keep], labels=ds.labels[keep])
+    folder: Path
+    record: Config  # the config as written to config.yaml (run_dir filled in)
+    optimizer: torch.optim.Optimizer
+    gens: dict[str, torch.Generator]  # data_gen (permutations), aug_gen (augmentations)
+    batch: int  # global batch
+    steps: int  # per epoch (the ragged tail is dropped: every step sees a full batch)
+    start: int = 0  # the last finished epoch when this process began
+    train_time: float = 0.0
+    metrics: RunLog | None = None  # rank 0 only
+    evaluation: dict[str, Any] | None = None  # the latest one
+    last_means: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last epoch
+    last_time: float = 0.0  # seconds of the last epoch
+    monitor: LossMonitor = dataclasses.field(default_factory=LossMonitor)  # recent step losses
+    resumed: bool = False  # this process began from a checkpoint
+    opened_ns: int = 0  # time.time_ns() when opened: checkpoints older than this were loaded
+    log: Callable[[str], None] = print  # rank 0's progress lines
 
 
-def build(cfg: Config, info: DistInfo = mdist.SINGLE) -> Setup:
-    """Load the data, build the augmentation and the method (seeded) on the device
-    (this rank's GPU under torchrun; batch norms synchronised if ``sync_batchnorm``)."""
-    from mimac.data.augment import preset
+class _StepLosses(nn.Module):
+    """The method's :meth:`losses` as a ``forward`` (so that DDP's hooks see every step),
+    spanning ``group``."""
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    device = mdist.rank_device(resolve_device(cfg.device), info)
-    ds = load_run_data(cfg)
-    if len(ds) < 2:
-        raise ValueError(f"dataset {cfg.data.name!r} split {cfg.data.split!r} has {len(ds)} images")
-    k = cfg.model.num_clusters or ds.num_classes
-    if not k:
-        raise ValueError(f"dataset {cfg.data.name!r} has no labels: set model.num_clusters=K")
-    base = dataclasses.replace(preset(cfg.data.name), **cfg.augment)
-    channels, side = ds.images.shape[1], ds.images.shape[-1]
-    torch.manual_seed(cfg.seed)  # the model's initialisation
-    method = build_method(cfg, channels, base.size or side, k).to(device)
-    if cfg.sync_batchnorm and info.distributed:
-        if device.type != "cuda":
-            raise ValueError("sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has "
-                             "no CPU implementation); set sync_batchnorm=false for a CPU run")
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    views = ViewMaker(base, method.view_specs(), side)
-    return Setup(cfg, device, ds.images.to(device), ds.labels.cpu(), method, views,
-                 _autocast(cfg, device), info, ds.num_classes or None)
+    def __init__(self, method: ClusteringMethod, group: Any = None) -> None:
+        super().__init__()
+        self.method = method
+        self.group = group
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.method.losses(views, self.group)
 
 
-def _evaluate(s: Setup, batch_size: int) -> dict[str, Any]:
-    """``evaluate_method`` on the run's method and data."""
-    return evaluate_method(s.method, s.images, s.labels, s.views, batch_size=batch_size,
-                           eval_batch_size=s.cfg.eval_batch_size, seed=s.cfg.seed,
-                           num_classes=s.num_classes, autocast=s.autocast)
+def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Train ``cfg`` in a new run folder, or continue the run in ``resume``.
+
+    Under torchrun (or with ``torch.distributed`` already initialised) every rank
+    calls this with the same arguments; the process group is joined here and, if
+    joined here, destroyed on the way out, also on an error.
+
+    Args:
+        cfg: the resolved config (for a resume: the run's config plus overrides).
+        resume: a run folder with a checkpoint.
+        stop_after_epoch: stop (as if killed) after this epoch's checkpoint; for tests.
+        log: where progress lines go (rank 0's only).
+
+    Returns:
+        The final metrics (also in ``final_metrics.json``; the same on every rank),
+        or None if stopped early.
+
+    Raises:
+        NonFiniteLossError: NaN/inf loss (epoch and step in the message).
+        DivergenceError: an exploding loss, or non-finite weights or head scores after an
+            epoch (see :mod:`mimac.divergence`); nothing of that epoch is saved.
+        CheckpointError: no usable checkpoint to resume, or one could not be written.
+        ValueError, FileNotFoundError: bad config or data, an unavailable kernel backend;
+            a resume the checkpoint contradicts (``ResumeMismatch``: fewer epochs, a
+            differing config).
+        mimac.atomic.RunFileError: a run file could not be written (names it and why).
+
+    On resume, a checkpoint whose weights make the very first step diverge is moved
+    aside (``.corrupt``) and the run continues from ``ckpt_prev.pt`` (see :func:`train_epoch`).
+    """
+    wall0 = time.perf_counter()
+    info = mdist.join(cfg.device)
+    try:
+        log = log if info.is_main else _quiet
+        s = build(cfg, info)
+        run = open_run(s, resume, log)
+        step = _StepLosses(s.method, info.group)
+        step_fn = _data_parallel(step, s) if info.distributed else step
+        log(_banner(s, run))
+        with _closing(run.metrics):
+            for epoch in range(run.start + 1, cfg.epochs + 1):
+                train_epoch(s, run, step_fn, epoch)
+                end_epoch(s, run, epoch, log)
+                if stop_after_epoch is not None and stop_after_epoch <= epoch < cfg.epochs:
+                    return None
+        return mdist.on_main(lambda: finish(s, run, wall0, log), info)
+    finally:
+        mdist.leave(info)
+
+
+# ---- the steps of train() -----------------------------------------------------------
+
+def open_run(s: Setup, resume: str | Path | None, log: Callable[[str], None]) -> Run:
+    """A new run folder (rank 0 creates it), or ``resume``'s with its checkpoint loaded;
+    the optimizer and the random streams; ``config.yaml`` written, metrics.csv opened.
+    Temporary files of interrupted writes are removed from the folder."""
+    cfg, info = s.cfg, s.dist
+    opened_ns = time.time_ns()
+    n = int(s.images.shape[0])
+    batch = _global_batch(cfg, n, info)
+    optimizer = build_optimizer(s.method, cfg.optim)
+    gens = {"data_gen": torch.Generator().manual_seed(cfg.seed),
+            "aug_gen": torch.Generator().manual_seed(cfg.seed + 1)}
+    folder = Path(resume) if resume is not None else mdist.on_main(lambda: _new_run_dir(cfg), info)
+    run = Run(folder, dataclasses.replace(cfg, run_dir=str(folder)), optimizer, gens, batch,
+              n // batch, resumed=resume is not None, opened_ns=opened_ns, log=log)
+    if resume is not None:
+        _restore(s, run)
+    if info.is_main:
+        atomic.remove_leftovers(folder)  # temporary files of writes a kill interrupted
+        run.metrics = RunLog(folder, upto_epoch=run.start)
+        save_config(run.record, folder / CONFIG_FILE)
+    return run
+
+
+def train_epoch(s: Setup, run: Run, step_fn: nn.Module, epoch: int) -> None:
+    """One epoch: the method's preparation if due, then one pass over a fresh permutation.
+
+    Every rank draws the same global permutation and takes its own slice of each
+    global batch; under torchrun the augmentation generator is reseeded per epoch
+    and rank, so any rank's views are reproducible without saving its state. The
+    loss terms stay on the device: they are read once at the end of the epoch (and
+    when the progress bar shows them), not at every step; the divergence checks of
+    the step losses run on them then (see :meth:`_LossTally.means`).
+
+    If the first step after a resume diverged, the checkpoint's weights are at fault,
+    not the learning rate: that checkpoint is moved aside and the epochs from
+    ``ckpt_prev.pt`` on are trained again (see :func:`_fall_back`).
+
+    Raises:
+        NonFiniteLossError: a step's total loss was NaN/inf (before the checkpoint).
+        DivergenceError: a step's loss exploded against the run's recent losses.
+        CheckpointError: the resumed checkpoint diverged at once and none is left.
+    """
+    try:
+        _train_pass(s, run, step_fn, epoch)
+    except DivergenceError as exc:
+        if not _fall_back(s, run, exc):
+            raise
+        for redo in range(run.start + 1, epoch):  # from the previous checkpoint on
+            train_epoch(s, run, step_fn, redo)
+            end_epoch(s, run, redo, run.log)
+        train_epoch(s, run, step_fn, epoch)
+
+
+def _train_pass(s: Setup, run: Run, step_fn: nn.Module, epoch: int) -> None:
+    """The pass of :func:`train_epoch` over one epoch's batches."""
+    from tqdm.auto import tqdm
+
+    cfg, method, info, bs = s.cfg, s.method, s.dist, run.batch
+    t0 = time.perf_counter()
+    _prepare_if_due(s, run, epoch)
+    method.train()
+    method.on_epoch_start(epoch)
+    perm = torch.randperm(s.images.shape[0], generator=run.gens["data_gen"]).to(s.device)
+    if info.distributed:
+        run.gens["aug_gen"].manual_seed(_rank_seed(cfg.seed, epoch, info.rank))
+    local = bs // info.world_size
+    tally = _LossTally(run.steps, s.device)
+    bar = tqdm(range(run.steps), desc=f"epoch {epoch}/{cfg.epochs}",
+               disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+    shown = t0
+    for step in bar:
+        factor = lr_factor(cfg.optim, cfg.epochs, epoch - 1 + step / run.steps)
+        for g in run.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        first = step * bs + info.rank * local
+        x = s.images[perm[first:first + local]].float().div_(255.0)
+        views = s.views(x, run.gens["aug_gen"])
+        with s.autocast():
+            terms = step_fn(views)
+        tally.add(step, terms)
+        run.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        run.optimizer.step()
+        method.after_step()
+        if not bar.disable and time.perf_counter() - shown > BAR_REFRESH_S:
+            shown = time.perf_counter()
+            rate = (step + 1) * bs / max(shown - t0, 1e-9)
+            bar.set_postfix(loss=f"{float(terms['total']):.4f}", img_s=f"{rate:.0f}")
+    bar.close()
+    run.last_means = tally.means(epoch, info, run.monitor)  # one read per epoch (all ranks)
+    run.last_time = time.perf_counter() - t0
+    run.train_time += run.last_time
+
+
+def end_epoch(s: Setup, run: Run, epoch: int, log: Callable[[str], None]) -> None:
+    """Rank 0: evaluate if due; check that the weights (and head scores) are finite (every
+    rank stops if not: nothing of a diverged epoch is saved); append the epoch's row to
+    metrics.csv, write the checkpoint, print a line on evaluated epochs and the first one.
+
+    Raises:
+        DivergenceError: non-finite weights or head scores (on every rank).
+    """
+    cfg = s.cfg
+    row = _epoch_row(s, run, epoch) if s.dist.is_main else None
+    evaluated = run.evaluation if row is not None and "head" in row else None
+    mdist.on_main(functools.partial(divergence.check_epoch, s.method, evaluated, epoch), s.dist)
+    if row is None:
+        return
+    run.metrics.append(row)
+    save_checkpoint(run.folder, {
+        "epoch": epoch, "model": s.method.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "rng": _rng_state(run.gens), "train_time_s": run.train_time,
+        "world_size": s.dist.world_size, "config": config_to_dict(run.record),
+        "loss_history": run.monitor.state()})
+    if "acc" in row or "head" in row or epoch == run.start + 1:
+        log(_summary(row, cfg.epochs))
+
+
+def finish(s: Setup, run: Run, wall0: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Rank 0: the final metrics (evaluating the checkpoint if a resumed run had nothing
+    left to train), written with the predictions and plots, and printed."""
+    ev = run.evaluation if run.evaluation is not None else evaluate(s, run.batch)
+    final = final_metrics(s, ev, run.train_time, run.metrics.rows if run.metrics else [])
+    final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
+    flags = divergence.flag_degenerate(final)  # a collapsed clustering, non-finite scores
+    write_outputs(run.folder, final, s, ev)
+    log(format_metrics(final))
+    for text in flags:
+        log(f"WARNING: {text}")
+    return final
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+def _epoch_row(s: Setup, run: Run, epoch: int) -> dict[str, Any]:
+    """Rank 0: the epoch's metrics.csv row, with the evaluation when one is due."""
+    row: dict[str, Any] = {"epoch": epoch, "time_s": run.last_time,
+                           "images_per_s": run.steps * run.batch / run.last_time,
+                           "lr": run.optimizer.param_groups[0]["lr"],
+                           **{f"loss_{k}": v for k, v in run.last_means.items()}}
+    if epoch % s.cfg.eval_every == 0 or epoch == s.cfg.epochs:
+        run.evaluation = evaluate(s, run.batch)
+        row.update({k: run.evaluation[k] for k in EVAL_COLUMNS if k in run.evaluation})
+    return row
+
+
+class _LossTally:
+    """Sums of the loss terms over an epoch's steps, each step's total, and the first
+    step whose total was not finite, all kept on the device."""
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.steps = steps
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # (T,) float64
+        self.totals = torch.zeros(steps, dtype=torch.float64, device=device)  # (steps,)
+        self.bad_step = torch.full((), steps, dtype=torch.float64, device=device)
+        self.bad_terms: torch.Tensor | None = None  # the terms at that step
+
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        stacked = torch.stack([t.detach().double() for t in terms.values()])
+        if self.sums is None:
+            self.names = list(terms)
+            self.sums = torch.zeros_like(stacked)
+            self.bad_terms = torch.zeros_like(stacked)
+        self.sums += stacked
+        self.totals[step] = stacked[self.names.index("total")]
+        first = ~torch.isfinite(stacked[self.names.index("total")]) & (self.bad_step == self.steps)
+        self.bad_step = torch.where(first, float(step), self.bad_step)
+        self.bad_terms = torch.where(first, stacked, self.bad_terms)
+
+    def means(self, epoch: int, info: DistInfo, monitor: LossMonitor) -> dict[str, float]:
+        """The mean of each term over steps and ranks. The step totals (mean over ranks) go
+        through ``monitor`` in order, up to the first non-finite one.
+
+        Raises:
+            DivergenceError: a step's loss exploded (``monitor``), or
+            NonFiniteLossError: a step's total was NaN/inf; whichever came first. The
+                values are the same on every rank: all stop together.
+        """
+        bad = int(mdist.all_reduce_(self.bad_step.clone(), info.group, op=dist.ReduceOp.MIN))
+        packed = torch.cat([self.sums, self.totals])  # one reduction and one read for both
+        values = (mdist.all_reduce_(packed, info.group) / info.world_size).tolist()
+        sums, totals = values[:len(self.names)], values[len(self.names):]
+        for step in range(bad):  # finite on every rank
+            monitor.check(totals[step], epoch, step + 1, self.steps)
+        if bad < self.steps:
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(self.names, self.bad_terms.tolist()))
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, step {bad + 1}/{self.steps} ({detail}); "
+                f"stopped at the end of the epoch, no checkpoint written for it "
+                f"({divergence.last_good(epoch)}). Try a lower optim.lr.",
+                epoch, bad + 1, f"non-finite loss ({detail})")
+        return {k: v / self.steps for k, v in zip(self.names, sums)}
+
+
+def _prepare_if_due(s: Setup, run: Run, epoch: int) -> None:
+    """The method's one-off preparation (e.g. k-means), before the epoch after
+    ``prepare_epoch()``; a run resumed past it has its result in the checkpoint.
+
+    On the whole data by rank 0, then handed to every rank. Synchronised batch norms in
+    train mode gather statistics from every rank on each forward, so then all ranks run
+    it (on identical batches: the same result)."""
+    method, info, n, bs = s.method, s.dist, int(s.images.shape[0]), run.batch
+    if epoch != method.prepare_epoch() + 1:
+        return
+    if info.is_main or (info.distributed and s.cfg.sync_batchnorm):
+        method.prepare(s.views.clean(s.images[i:i + bs].float().div_(255.0))
+                       for i in range(0, n, bs))
+    mdist.broadcast_module(method, info)
+
+
+def _restore(s: Setup, run: Run) -> None:
+    """Load the newest usable checkpoint of ``run.folder`` (rank 0 reads and verifies it,
+    loading it into the model and optimizer as part of the check; every rank gets it)."""
+    def apply(state: dict[str, Any], path: Path) -> None:
+        _apply_checkpoint(run.record, state, path, s.method, run.optimizer)
+
+    state, path = mdist.on_main(lambda: load_checkpoint(run.folder, apply=apply), s.dist)
+    s.method.load_state_dict(state["model"])  # rank 0 has it already; the others not
+    run.optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"], run.gens)
+    run.start, run.train_time = int(state["epoch"]), float(state.get("train_time_s", 0.0))
+    run.monitor = LossMonitor(state.get("loss_history"))
+    run.log(f"resuming {run.folder} from {path.name} (epoch {run.start})")
+    if int(state.get("world_size", 1)) != s.dist.world_size:
+        run.log(f"note: the checkpoint was written by {state.get('world_size', 1)} rank(s), this "
+            f"run has {s.dist.world_size}: the augmentation streams differ from an unbroken run")
+
+
+def _apply_checkpoint(cfg: Config, state: dict[str, Any], path: Path, method: ClusteringMethod,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """Check that ``state`` belongs to this run (ResumeMismatch if not) and load it into the
+    model and optimizer (a shape mismatch raises: the loader falls back to the previous one)."""
+    check_resume(config_to_dict(cfg), state, path, may_change=RESUME_KEYS)
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def _fall_back(s: Setup, run: Run, exc: DivergenceError) -> bool:
+    """After ``exc``: was it the first step after resuming, so that the checkpoint's weights
+    are at fault, not the learning rate? Then ``ckpt_last.pt`` is set aside, ``ckpt_prev.pt``
+    loaded (the epochs after it are dropped from metrics.csv) and True returned.
+
+    Raises:
+        CheckpointError: the checkpoint resumed from is at fault and none is left.
+    """
+    if not (run.resumed and exc.step == 1 and exc.epoch == run.start + 1):
+        return False
+    found = mdist.on_main(lambda: set_aside_resumed(run.folder, run.start, run.opened_ns), s.dist)
+    if found is None:  # not the checkpoint resumed from: a divergence of this run
+        return False
+    name, retry = found
+    why = f"its weights make the first step diverge (epoch {exc.epoch}, step 1: {exc.cause})"
+    if not retry:
+        raise CheckpointError(f"cannot resume {run.folder}: {name} (epoch {run.start}) is "
+                              f"unusable, {why}, and no earlier checkpoint is left") from exc
+    warnings.warn(f"checkpoint {run.folder / name} is unusable ({why}); moved aside as "
+                  f"{name}.corrupt, trying the previous one", RuntimeWarning, stacklevel=4)
+    _restore(s, run)
+    if run.metrics is not None:  # the epochs after the previous checkpoint are trained again
+        run.metrics.rows = [r for r in run.metrics.rows if r["epoch"] <= run.start]
+    return True
+
+
+def _data_parallel(step: nn.Module, s: Setup) -> nn.Module:
+    return nn.parallel.DistributedDataParallel(
+        step, device_ids=[s.device.index] if s.device.type == "cuda" else None,
+        find_unused_parameters=s.method.may_skip_parameters())
+
+
+def _banner(s: Setup, run: Run) -> str:
+    cfg, info = s.cfg, s.dist
+    ranks = f", {info.world_size} ranks of {run.batch // info.world_size} rows" \
+        if info.distributed else ""
+    return (f"run folder: {run.folder}  ({cfg.method} on {cfg.data.name}/{cfg.data.split}, "
+            f"{s.images.shape[0]} images, {s.method.num_clusters} clusters, device {s.device}, "
+            f"{torch.get_num_threads()} threads, batch {run.batch}{ranks})")
+
+
+def _closing(metrics: RunLog | None) -> contextlib.AbstractContextManager[Any]:
+    """Close the metrics log (if any) on the way out, also on an error."""
+    return contextlib.closing(metrics) if metrics is not None else contextlib.nullcontext()
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _global_batch(cfg: Config, n: int, info: DistInfo) -> int:
+    bs = min(cfg.batch_size, n)
+    if bs % info.world_size:
+        capped = " (capped at the dataset size)" if bs < cfg.batch_size else ""
+        raise ValueError(f"batch_size {bs}{capped} must be divisible by the number of ranks "
+                         f"({info.world_size}): it is the global batch, split evenly over the ranks")
+    return bs
 
 
 def _new_run_dir(cfg: Config) -> Path:
@@ -193,206 +512,6 @@ def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StepLosses(nn.Module):
-    """The method's :meth:`losses` as a ``forward``, so that DDP's hooks see every step."""
-
-    def __init__(self, method: ClusteringMethod) -> None:
-        super().__init__()
-        self.method = method
-
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.method.losses(views)
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def train(cfg: Config, *, resume: str | Path | None = None, stop_after_epoch: int | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any] | None:
-    """Train ``cfg`` in a new run folder, or continue the run in ``resume``.
-
-    Under torchrun (or with ``torch.distributed`` already initialised) every rank
-    calls this with the same arguments; the process group is joined here and, if
-    joined here, destroyed on the way out, also on an error.
-
-    Args:
-        cfg: the resolved config (for a resume: the run's config plus overrides).
-        resume: a run folder with a checkpoint.
-        stop_after_epoch: stop (as if killed) after this epoch's checkpoint; for tests.
-        log: where progress lines go (rank 0's only).
-
-    Returns:
-        The final metrics (also in ``final_metrics.json``; the same on every rank),
-        or None if stopped early.
-
-    Raises:
-        NonFiniteLossError: NaN/inf loss (epoch and step in the message).
-        ValueError, FileNotFoundError: bad config or data.
-    """
-    info = mdist.join(cfg.device)
-    try:
-        return _train(cfg, info, resume, stop_after_epoch, log if info.is_main else _quiet)
-    finally:
-        mdist.leave(info)
-
-
-def _global_batch(cfg: Config, n: int, info: DistInfo) -> int:
-    bs = min(cfg.batch_size, n)
-    if bs % info.world_size:
-        raise ValueError(f"batch_size {bs}{' (capped at the dataset size)' if bs < cfg.batch_size else ''} "
-                         f"must be divisible by the number of ranks ({info.world_size}): it is the "
-                         "global batch, split evenly over the ranks")
-    return bs
-
-
-def _train(cfg: Config, info: DistInfo, resume: str | Path | None, stop_after_epoch: int | None,
-           log: Callable[[str], None]) -> dict[str, Any] | None:
-    wall0 = time.perf_counter()
-    s = build(cfg, info)
-    method, device = s.method, s.device
-    n = s.images.shape[0]
-    bs = _global_batch(cfg, n, info)
-    steps = n // bs  # drop the ragged tail: every step sees a full batch
-    optimizer = build_optimizer(method, cfg.optim)
-    gens = {"data_gen": torch.Generator().manual_seed(cfg.seed),
-            "aug_gen": torch.Generator().manual_seed(cfg.seed + 1)}
-    start, train_time = 0, 0.0
-    if resume is not None:
-        run_dir = Path(resume)
-        state, path = mdist.on_main(lambda: load_checkpoint(run_dir), info)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], gens)
-        start, train_time = int(state["epoch"]), float(state.get("train_time_s", 0.0))
-        log(f"resuming {run_dir} from {path.name} (epoch {start})")
-        if int(state.get("world_size", 1)) != info.world_size:
-            log(f"note: the checkpoint was written by {state.get('world_size', 1)} rank(s), this "
-                f"run has {info.world_size}: the augmentation streams differ from an unbroken run")
-    else:
-        run_dir = mdist.on_main(lambda: _new_run_dir(cfg), info)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    s = dataclasses.replace(s, cfg=cfg)
-    runlog = RunLog(run_dir, upto_epoch=start) if info.is_main else None
-    if info.is_main:
-        save_config(cfg, run_dir / CONFIG_FILE)
-    step_fn: nn.Module = _StepLosses(method)
-    if info.distributed:
-        step_fn = nn.parallel.DistributedDataParallel(
-            step_fn, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=method.may_skip_parameters())
-    ranks = f", {info.world_size} ranks of {bs // info.world_size} rows" if info.distributed else ""
-    log(f"run folder: {run_dir}  ({cfg.method} on {cfg.data.name}/{cfg.data.split}, {n} images, "
-        f"{method.num_clusters} clusters, device {device}, {torch.get_num_threads()} threads, "
-        f"batch {bs}{ranks})")
-    evaluation: dict[str, Any] | None = None
-    try:
-        for epoch in range(start + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            if epoch == method.prepare_epoch() + 1:  # once; a resumed run past it has its result
-                # On the whole data by rank 0, then handed to every rank. Synchronised batch
-                # norms in train mode gather statistics from every rank on each forward, so
-                # then all ranks run it (on identical batches: the same result).
-                if info.is_main or (info.distributed and cfg.sync_batchnorm):
-                    method.prepare(s.views.clean(s.images[sl].float().div_(255.0))
-                                   for sl in (slice(i, i + bs) for i in range(0, n, bs)))
-                mdist.broadcast_module(method, info)
-            means = _train_epoch(s, step_fn, optimizer, gens, epoch, steps, bs)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            if info.is_main:
-                row: dict[str, Any] = {"epoch": epoch, "time_s": dt, "images_per_s": steps * bs / dt,
-                                       "lr": optimizer.param_groups[0]["lr"],
-                                       **{f"loss_{k}": v for k, v in means.items()}}
-                if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                    evaluation = _evaluate(s, bs)
-                    row.update({k: evaluation[k] for k in
-                                ("acc", "nmi", "ari", "mean_acc", "mean_nmi", "mean_ari", "head")
-                                if k in evaluation})
-                runlog.append(row)
-                save_checkpoint(run_dir, {
-                    "epoch": epoch, "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": _rng_state(gens),
-                    "train_time_s": train_time, "world_size": info.world_size,
-                    "config": config_to_dict(cfg)})
-                if "acc" in row or "head" in row or epoch == start + 1:  # eval epochs + the first
-                    log(_summary(row, cfg.epochs))
-            if stop_after_epoch is not None and stop_after_epoch <= epoch < cfg.epochs:
-                return None
-    finally:
-        if runlog is not None:
-            runlog.close()
-
-    def finish() -> dict[str, Any]:
-        ev = evaluation
-        if ev is None:  # resumed a finished run: evaluate the checkpoint
-            ev = _evaluate(s, bs)
-        final = _final_metrics(cfg, s, ev, train_time, runlog.rows)
-        final["wall_time_s"] = round(time.perf_counter() - wall0, 3)  # data, training, eval
-        write_outputs(run_dir, final, ev["pred"])
-        log(format_metrics(final))
-        return final
-
-    return mdist.on_main(finish, info)
-
-
-def _train_epoch(s: Setup, step_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 gens: dict[str, torch.Generator], epoch: int, steps: int, bs: int) -> dict[str, float]:
-    """One pass over a fresh permutation; returns the mean of each loss term (over ranks too).
-
-    Every rank draws the same global permutation and takes its own slice of each
-    global batch; under torchrun the augmentation generator is reseeded per epoch
-    and rank, so any rank's views are reproducible without saving its state.
-    """
-    from tqdm.auto import tqdm
-
-    cfg, method, info = s.cfg, s.method, s.dist
-    method.train()
-    method.on_epoch_start(epoch)
-    perm = torch.randperm(s.images.shape[0], generator=gens["data_gen"]).to(s.device)
-    if info.distributed:
-        gens["aug_gen"].manual_seed(_rank_seed(cfg.seed, epoch, info.rank))
-    local = bs // info.world_size
-    offset = info.rank * local
-    sums: dict[str, float] = {}
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}",
-               disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    method.group = info.group  # the losses span every rank during training steps only
-    try:
-        for step in bar:
-            factor = lr_factor(cfg.optim, cfg.epochs, epoch - 1 + step / steps)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            first = step * bs + offset
-            x = s.images[perm[first:first + local]].float().div_(255.0)
-            views = s.views(x, gens["aug_gen"])
-            with s.autocast():
-                terms = step_fn(views)
-            names = list(terms)
-            stacked = torch.stack([terms[k].detach().float() for k in names])
-            values = (mdist.all_reduce_(stacked, info.group) / info.world_size).tolist()  # one sync
-            total = values[names.index("total")]
-            if not math.isfinite(total):  # the same rank mean on every rank: all stop together
-                detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values))
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, step {step + 1}/{steps} ({detail}); "
-                    f"stopped before the optimizer step, no checkpoint written for this epoch "
-                    f"(the last good one is epoch {epoch - 1}). Try a lower optim.lr.")
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            method.after_step()
-            for k, v in zip(names, values):
-                sums[k] = sums.get(k, 0.0) + v
-            rate = (step + 1) * bs / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}", refresh=False)
-    finally:
-        method.group = None
-    bar.close()
-    return {k: v / steps for k, v in sums.items()}
-
-
 def _rank_seed(seed: int, epoch: int, rank: int) -> int:
     """Augmentation seed of one rank in one epoch (distinct streams, fixed by the run seed)."""
     return (seed + 1) * 1_000_003 + epoch * 1_009 + rank
@@ -402,91 +521,8 @@ def _summary(row: dict[str, Any], epochs: int) -> str:
     text = (f"epoch {row['epoch']}/{epochs}  loss {row.get('loss_total', float('nan')):.4f}  "
             f"{row['images_per_s']:.0f} img/s")
     if "acc" in row:
-        text += f"  ACC {row['acc']:.4f} NMI {row['nmi']:.4f} ARI {row['ari']:.4f} (head {row['head']})"
+        text += (f"  ACC {row['acc']:.4f} NMI {row['nmi']:.4f} ARI {row['ari']:.4f} "
+                 f"(head {row['head']})")
     elif "head" in row:
         text += f"  (head {row['head']})"
     return text
-
-
-def _final_metrics(cfg: Config, s: Setup, ev: dict[str, Any], train_time: float,
-                   rows: list[dict[str, Any]]) -> dict[str, Any]:
-    rates = [r["images_per_s"] for r in rows if isinstance(r.get("images_per_s"), float)]
-    dev = s.device
-    out = {k: v for k, v in ev.items() if k != "pred"}
-    out.update({
-        "method": cfg.method, "dataset": cfg.data.name, "split": cfg.data.split,
-        "num_images": int(s.images.shape[0]), "num_clusters": s.method.num_clusters,
-        "num_heads": s.method.num_heads, "head_selection": HEAD_SELECTION,
-        "epochs": cfg.epochs, "seed": cfg.seed, "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "bf16": dev.type == "cuda" and cfg.bf16,
-        "world_size": s.dist.world_size, "batch_size": min(cfg.batch_size, int(s.images.shape[0])),
-        "train_time_s": round(train_time, 3),
-        "images_per_s": float(np.median(rates)) if rates else None,
-        "torch": torch.__version__,
-    })
-    if dev.type == "cuda":
-        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
-    return out
-
-
-def write_outputs(run_dir: Path, final: dict[str, Any], pred: np.ndarray,
-                  name: str = FINAL_METRICS) -> None:
-    """Final metrics JSON (atomically), predictions, and the plots."""
-    tmp = run_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps(final, indent=2))
-    os.replace(tmp, run_dir / name)
-    np.save(run_dir / "predictions.npy", pred)
-    try:
-        from mimac.plots import plot_run
-
-        plot_run(run_dir, final)
-    except ImportError as exc:  # matplotlib missing: everything else is written
-        print(f"plots skipped: {exc}")
-
-
-def format_metrics(m: dict[str, Any]) -> str:
-    """One block of text with ACC/NMI/ARI of the chosen head and the mean over heads."""
-    head = f"sub-head {m['head']} of {m['num_heads']}, chosen without labels"
-    if "acc" not in m:
-        return f"{m['dataset']}/{m['split']}: unlabelled, metrics skipped ({head}); cluster sizes {m['cluster_sizes']}"
-    text = (f"{m['method']} on {m['dataset']} (split {m['split']}, {m.get('n_labelled')} labelled):\n"
-            f"  ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}   [{head}]")
-    if m.get("mapping") == "majority":
-        text += "\n  ACC by majority mapping (more clusters than classes), not one-to-one"
-    if m["num_heads"] > 1:
-        text += (f"\n  mean over {m['num_heads']} heads: ACC {m['mean_acc']:.4f} +- {m['std_acc']:.4f}"
-                 f"  NMI {m['mean_nmi']:.4f}  ARI {m['mean_ari']:.4f}")
-    if m.get("train_time_s") is not None:
-        text += f"\n  training time {m['train_time_s']:.1f} s on {m['device']}"
-        if m.get("wall_time_s") is not None:
-            text += f" (wall time with data loading and evaluation {m['wall_time_s']:.1f} s)"
-    return text
-
-
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Recompute the metrics of a run from its newest readable checkpoint.
-
-    ``overrides`` change the run's config for the evaluation only, e.g.
-    ``["data.split=test"]`` for the train -> test protocol. The result is also
-    written to ``eval_metrics.json`` (``eval_metrics_<split>.json`` if the split differs).
-    """
-    from mimac.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run folder (no {CONFIG_FILE})")
-    cfg = load_config(run_dir / CONFIG_FILE, overrides or [])
-    s = build(cfg)
-    state, path = load_checkpoint(run_dir, quarantine=False)
-    s.method.load_state_dict(state["model"])
-    ev = _evaluate(s, min(cfg.batch_size, len(s.images)))
-    final = _final_metrics(cfg, s, ev, float(state.get("train_time_s", 0.0)), [])
-    final["checkpoint"], final["checkpoint_epoch"] = path.name, int(state["epoch"])
-    saved = json.loads((run_dir / FINAL_METRICS).read_text()) if (run_dir / FINAL_METRICS).exists() else {}
-    name = "eval_metrics.json" if cfg.data.split == saved.get("split", cfg.data.split) else f"eval_metrics_{cfg.data.split}.json"
-    (run_dir / name).write_text(json.dumps(final, indent=2))
-    log(f"{path.name} (epoch {state['epoch']}):")
-    log(format_metrics(final))
-    return final

@@ -21,6 +21,7 @@ STL-10 also has ``"unlabeled"`` (100,000 images, labels -1) and ``"train+unlabel
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class ImageDataset:
         name: dataset name, e.g. ``"digits"``.
         split: ``"all"``, ``"train"``, ``"test"`` (STL-10 also ``"unlabeled"``,
             ``"train+unlabeled"``).
+        class_names: the name of each label (None: the labels are the names).
+        files: the image file of each row, for datasets read from image files.
     """
 
     images: torch.Tensor
@@ -62,6 +65,8 @@ class ImageDataset:
     num_classes: int
     name: str
     split: str
+    class_names: list[str] | None = None  # label k's name (folder datasets: the folder names)
+    files: list[str] | None = None  # the file of each image (folder datasets)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -69,6 +74,8 @@ class ImageDataset:
                              f"{tuple(self.images.shape)} {self.images.dtype}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"{self.labels.shape[0]} labels for {self.images.shape[0]} images")
+        if self.files is not None and len(self.files) != self.images.shape[0]:
+            raise ValueError(f"{len(self.files)} file names for {self.images.shape[0]} images")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -93,6 +100,18 @@ def _check_split(name: str, split: str, allowed: tuple[str, ...] = SPLITS) -> No
 
 def _default_root() -> Path:
     return Path(os.environ.get(DATA_ENV, "data"))
+
+
+def _root_hint(given: Path | None) -> str:
+    """Where the root came from and how to point it elsewhere (for missing-file errors)."""
+    if given is not None:
+        source = "data.root"
+    elif os.environ.get(DATA_ENV):
+        source = f"${DATA_ENV}"
+    else:
+        source = f"the default ./data (neither data.root nor ${DATA_ENV} is set)"
+    return (f" (root from {source}; set data.root=DIR, the root argument of load_dataset, or "
+            f"${DATA_ENV}=DIR to the folder that holds the files)")
 
 
 def _find_dir(root: Path, subdirs: tuple[str, ...], marker: Callable[[Path], bool]
@@ -138,6 +157,7 @@ def _idx_file(d: Path, prefix: str, kind: str) -> Path | None:
 
 def _load_idx_dataset(name: str, root: Path | None, split: str) -> ImageDataset:
     _check_split(name, split)
+    given = root
     if root is None:
         root = Path(DEFAULT_FASHION_MNIST_ROOT) if name == "fashion_mnist" else _default_root()
     subdirs = _IDX_SUBDIRS[name]
@@ -148,7 +168,7 @@ def _load_idx_dataset(name: str, root: Path | None, split: str) -> ImageDataset:
                   or _idx_file(p, "t10k", "images-idx3-ubyte") is not None)
     if d is None:
         hint = " (install the Debian package dataset-fashion-mnist)" if name == "fashion_mnist" \
-            else ""
+            and given is None else _root_hint(given)
         raise FileNotFoundError(f"{name}: no IDX files found under {root}{hint}; {layout}")
     parts = {"all": ("train", "t10k"), "train": ("train",), "test": ("t10k",)}[split]
     images, labels = [], []
@@ -178,7 +198,7 @@ def _load_idx_dataset(name: str, root: Path | None, split: str) -> ImageDataset:
 
 def _load_cifar(name: str, root: Path | None, split: str) -> ImageDataset:
     _check_split(name, split)
-    root = _default_root() if root is None else root
+    given, root = root, _default_root() if root is None else root
     if name == "cifar10":
         folder, key, classes = "cifar-10-batches-py", b"labels", 10
         train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -194,7 +214,8 @@ def _load_cifar(name: str, root: Path | None, split: str) -> ImageDataset:
     files = {"all": train_files + test_files, "train": train_files, "test": test_files}[split]
     d = _find_dir(root, (folder,), lambda p: (p / files[0]).is_file())
     if d is None:
-        raise FileNotFoundError(f"{name}: {files[0]} not found under {root}; {layout}")
+        raise FileNotFoundError(f"{name}: {files[0]} not found under {root}{_root_hint(given)}; "
+                                f"{layout}")
     images, labels = [], []
     for f in files:
         if not (d / f).is_file():
@@ -215,7 +236,7 @@ def _load_cifar(name: str, root: Path | None, split: str) -> ImageDataset:
 
 def _load_stl10(root: Path | None, split: str) -> ImageDataset:
     _check_split("stl10", split, STL10_SPLITS)
-    root = _default_root() if root is None else root
+    given, root = root, _default_root() if root is None else root
     layout = ("expected <root>/stl10_binary/train_X.bin, train_y.bin, test_X.bin, test_y.bin "
               "and (for the unlabeled splits) unlabeled_X.bin (the official binary files; "
               "root may also be the stl10_binary folder itself)")
@@ -224,7 +245,8 @@ def _load_stl10(root: Path | None, split: str) -> ImageDataset:
     first = f"{parts[0]}_X.bin"
     d = _find_dir(root, ("stl10_binary",), lambda p: (p / first).is_file())
     if d is None:
-        raise FileNotFoundError(f"stl10: {first} not found under {root}; {layout}")
+        raise FileNotFoundError(f"stl10: {first} not found under {root}{_root_hint(given)}; "
+                                f"{layout}")
     images, labels = [], []
     for part in parts:
         x_path = d / f"{part}_X.bin"
@@ -328,7 +350,8 @@ def _load_folder(root: Path | None, split: str, image_size: int | None) -> Image
 
     _check_split("folder", split)
     if root is None:
-        raise ValueError(f"folder: pass root=<your image folder>; {_FOLDER_LAYOUT}")
+        raise ValueError(f"folder: no image folder given: set data.root=<your image folder> "
+                         f"(the root argument of load_dataset); {_FOLDER_LAYOUT}")
     parts = [root / p for p in ("train", "test") if (root / p).is_dir()]
     if split != "all":
         parts = [root / split]
@@ -356,11 +379,14 @@ def _load_folder(root: Path | None, split: str, image_size: int | None) -> Image
     mode = "L" if all(_is_grey(m) for m in modes) else "RGB"
     if image_size is None and len(sizes) > 1:
         raise ValueError(f"folder: images under {d} have different sizes "
-                         f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:3])}...); pass "
-                         f"image_size=<side> to resize them")
+                         f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:3])}...); set "
+                         f"data.image_size=<side> (the image_size argument of load_dataset) "
+                         f"to resize them")
     images = np.stack([_read_image(f, mode, image_size) for f, _ in files]).transpose(0, 3, 1, 2)
     labels = np.array([k for _, k in files], dtype=np.int64)
-    return _make(images, labels, len(names or []), "folder", split)
+    ds = _make(images, labels, len(names or []), "folder", split)
+    return dataclasses.replace(ds, class_names=list(names) if names else None,
+                               files=[str(f) for f, _ in files])
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -51,6 +51,7 @@ class CRLC(ClusteringMethod):
         self,
         backbone: nn.Module,
         num_clusters: int,
+        *,
         heads: int = 10,
         proj_dim: int = 128,
         hidden_dim: int | None = None,
@@ -98,7 +99,7 @@ class CRLC(ClusteringMethod):
         z = F.normalize(self.rep_head(h).float(), dim=-1)
         return z, self.cluster_head(h)
 
-    def _terms(self, views: list[Tensor]) -> dict[str, Tensor]:
+    def _terms(self, views: list[Tensor], group: Any = None) -> dict[str, Tensor]:
         if len(views) != 2:
             raise ValueError(f"CRLC needs 2 views, got {len(views)}")
         batch = views[0].shape[0]
@@ -110,16 +111,16 @@ class CRLC(ClusteringMethod):
         p1, p2 = probs[:, :batch], probs[:, batch:]
         feature = fused_contrastive_loss(
             z1, z2, temperature=self.temperature, critic="cosine", negatives="all",
-            backend=self.kernel_backend, group=self.group,
+            backend=self.kernel_backend, group=group,
         )
         pt1, pt2 = smooth_probs(p1, self.alpha), smooth_probs(p2, self.alpha)
         # tau = 1 and log_dot: the exact O(B C) closed form, every head in one call.
         prob = fused_contrastive_loss(
             pt1, pt2, temperature=1.0, critic="log_dot", negatives="all", reduction="none",
-            group=self.group,
+            group=group,
         ).mean(dim=-1)  # (H,)
-        entropy = 0.5 * (marginal_entropy(p1, group=self.group)
-                         + marginal_entropy(p2, group=self.group))  # (H,)
+        entropy = 0.5 * (marginal_entropy(p1, group=group)
+                         + marginal_entropy(p2, group=group))  # (H,)
         penalty = 0.5 * (
             logit_penalty(logits[:, :batch], self.logit_bound)
             + logit_penalty(logits[:, batch:], self.logit_bound)
@@ -130,10 +131,10 @@ class CRLC(ClusteringMethod):
             "per_head": per_head, "total": self.lambda_fc * feature + per_head.mean(),
         }
 
-    def losses(self, views: list[Tensor]) -> dict[str, Tensor]:
+    def losses(self, views: list[Tensor], group: Any = None) -> dict[str, Tensor]:
         """Terms ``feature`` (L_FC), ``prob`` (mean L_PC), ``entropy`` (mean H(p_bar)),
         ``penalty`` (mean hinge) and ``total``, all scalars."""
-        t = self._terms(views)
+        t = self._terms(views, group)
         return {
             "total": t["total"], "feature": t["feature"], "prob": t["prob"].mean(),
             "entropy": t["entropy"].mean(), "penalty": t["penalty"].mean(),

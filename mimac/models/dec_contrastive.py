@@ -125,17 +125,7 @@ class DECContrastive(ClusteringMethod):
     def from_config(cls, cfg: Any, in_channels: int, image_size: int,
                     num_clusters: int) -> DECContrastive:
         m, c = cfg.model, cfg.dec_contrastive
-        for key in ("proj_dim", "temperature", "kmeans_restarts", "kmeans_iters"):
-            if not getattr(c, key) > 0:
-                raise ValueError(f"config key 'dec_contrastive.{key}' must be > 0, "
-                                 f"got {getattr(c, key)}")
-        for key in ("instance_weight", "cluster_weight", "anchor_weight", "pretrain_epochs"):
-            if getattr(c, key) < 0:
-                raise ValueError(f"config key 'dec_contrastive.{key}' must be >= 0, "
-                                 f"got {getattr(c, key)}")
-        if c.pretrain_epochs >= cfg.epochs:
-            raise ValueError(f"config key 'dec_contrastive.pretrain_epochs' ({c.pretrain_epochs}) "
-                             f"must be below 'epochs' ({cfg.epochs}): the clusters are trained after it")
+        # Value checks: mimac.config.validate, before any data is read.
         name = resolve_backbone_name(m.backbone, in_channels, image_size)
         extra = {"width": m.width} if name == "small_cnn" else {}
         backbone = build_backbone(name, in_channels, image_size, **extra)
@@ -192,7 +182,7 @@ class DECContrastive(ClusteringMethod):
         """Log soft assignments ``(B, K)`` of features ``h`` ``(B, F)``."""
         return student_t_log_q(h, self.centres)
 
-    def losses(self, views: list[Tensor]) -> dict[str, Tensor]:
+    def losses(self, views: list[Tensor], group: Any = None) -> dict[str, Tensor]:
         """Terms ``instance`` (NT-Xent), ``cluster`` (KL(P||Q)), ``anchor`` and ``total``.
 
         Before the centres are initialised the cluster and anchor terms are
@@ -206,14 +196,14 @@ class DECContrastive(ClusteringMethod):
         z = F.normalize(self.instance_head(h).float(), dim=-1)
         instance = fused_contrastive_loss(  # NT-Xent, as lightly's NTXentLoss
             z[batch:2 * batch], z[2 * batch:], temperature=self.temperature, critic="cosine",
-            negatives="all", backend=self.kernel_backend, group=self.group)
+            negatives="all", backend=self.kernel_backend, group=group)
         w_inst, w_clu, w_anc = self.weights
         zero = instance.new_zeros(())
         cluster, anchor = zero, zero
         if bool(self.centres_ready):
             log_q = self.log_q(h).view(3, batch, -1)  # (view, B, K)
             q_clean = log_q[0].exp()
-            cluster = kl_rows(target_distribution(q_clean, self.group), log_q[0])
+            cluster = kl_rows(target_distribution(q_clean, group), log_q[0])
             anchor_p = q_clean.detach()
             anchor = kl_rows(anchor_p, log_q[1]) + kl_rows(anchor_p, log_q[2])
         total = w_inst * instance + w_clu * cluster + w_anc * anchor

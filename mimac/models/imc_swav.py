@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimac.config import MIN_CROP
 from mimac.distributed import all_reduce_, batch_sum, world_size
 from mimac.models.backbones import build_backbone, resolve_backbone_name
 from mimac.models.method import ClusteringMethod, ViewSpec
@@ -39,7 +40,6 @@ MI_EPS = 1e-12
 #: The paper's crop sizes for CIFAR: 28 px large, 18 px small; the default small size
 #: keeps that ratio.
 SMALL_TO_LARGE = 18 / 28
-MIN_CROP = 4  # the backbones' smallest input side
 
 
 def _global_logsumexp0(x: Tensor, group: Any) -> Tensor:
@@ -213,17 +213,6 @@ class IMCSwAV(ClusteringMethod):
         if small > large:
             raise ValueError(f"config key 'imc_swav.small_size' ({small}) must not exceed "
                              f"'imc_swav.large_size' ({large})")
-        if c.large_crops < 1 or c.small_crops < 0 or c.large_crops + c.small_crops < 2:
-            raise ValueError("config keys 'imc_swav.large_crops' >= 1 and 'imc_swav.small_crops' >= 0 "
-                             f"must give at least 2 crops, got {c.large_crops} + {c.small_crops}")
-        for key in ("large_scale", "small_scale"):
-            rng = getattr(c, key)
-            if rng is not None and not 0 < rng[0] <= rng[1] <= 1:
-                raise ValueError(f"config key 'imc_swav.{key}' must be a range 0 < lo <= hi <= 1, got {rng}")
-        for key in ("proj_dim", "prototypes", "temperature", "epsilon", "sinkhorn_iters",
-                    "classifier_hidden", "logit_bound"):
-            if not getattr(c, key) > 0:
-                raise ValueError(f"config key 'imc_swav.{key}' must be > 0, got {getattr(c, key)}")
         big = {"size": large, **({"crop_scale": tuple(c.large_scale)} if c.large_scale else {})}
         crops = ([ViewSpec.of(**big)] * c.large_crops
                  + [ViewSpec.of(size=small, crop_scale=tuple(c.small_scale))] * c.small_crops)
@@ -273,7 +262,7 @@ class IMCSwAV(ClusteringMethod):
             i = j
         return out
 
-    def losses(self, views: list[Tensor]) -> dict[str, Tensor]:
+    def losses(self, views: list[Tensor], group: Any = None) -> dict[str, Tensor]:
         """Terms ``swav``, ``mi`` (= ``cond_entropy - w * entropy``), ``cond_entropy``
         (H(Y|U)), ``entropy`` (H(Y)), ``penalty`` (the hinge, before its weight) and
         ``total``; means over crop pairs."""
@@ -290,14 +279,14 @@ class IMCSwAV(ClusteringMethod):
         log_p = torch.log_softmax(u / self.temperature, dim=-1)
         swav_terms = []
         for i in range(self.num_large):
-            q = sinkhorn_codes(u[i], self.epsilon, self.sinkhorn_iters, self.group)  # (B, P)
+            q = sinkhorn_codes(u[i], self.epsilon, self.sinkhorn_iters, group)  # (B, P)
             ce = -(q.unsqueeze(0) * log_p).sum(dim=-1).mean(dim=-1)  # (V,)
             swav_terms.append(torch.cat([ce[:i], ce[i + 1:]]))
         swav = torch.cat(swav_terms).mean()
         # The classifier sees detached features, one crop at a time (BN statistics per crop).
         y = torch.stack([self.classifier(f.detach()) for f in feats]).float()  # (V, B, K)
         mi, cond, marg = mi_loss(y.softmax(dim=-1), log_p.detach().exp(), self.entropy_weight,
-                                 self.group)
+                                 group)
         penalty = linear_logit_penalty(y, self.logit_bound)
         total = swav + mi.mean() + self.penalty_weight * penalty
         return {"total": total, "swav": swav, "mi": mi.mean(), "cond_entropy": cond.mean(),

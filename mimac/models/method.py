@@ -15,7 +15,7 @@ Life cycle, as the trainer drives it::
         method.on_epoch_start(epoch)
         for each batch x (B, C, H, W) in [0, 1]:
             views = [make(view_spec, x) for view_spec in method.view_specs()]
-            terms = method.losses(views); terms["total"].backward(); step
+            terms = method.losses(views, group); terms["total"].backward(); step
             method.after_step()
     scores = mean over data of method.head_losses(views)   # (H,), no labels
     method.select_head(scores)
@@ -61,16 +61,15 @@ class ClusteringMethod(nn.Module):
     ``selected_head`` is a buffer (saved in checkpoints) holding the sub-head
     that :meth:`predict` reports, chosen by :meth:`select_head` without labels.
 
-    ``group`` is the process group while the trainer runs data-parallel steps
-    (None otherwise, e.g. during evaluation on rank 0): :meth:`losses` then sees
+    The trainer passes ``group`` (a process group) to :meth:`losses` in data-parallel
+    training steps (None otherwise, e.g. in evaluation on rank 0): the views then hold
     this rank's rows only, and every batch-level quantity (contrastive negatives,
-    marginals, Sinkhorn sums, DEC frequencies) must span all ranks through it
-    (see :mod:`mimac.distributed` for the convention).
+    marginals, Sinkhorn sums, DEC frequencies) must span all ranks through it (see
+    :mod:`mimac.distributed` for the convention).
     """
 
     name: ClassVar[str] = "base"
     selected_head: Tensor
-    group: Any = None
 
     def __init__(self, num_clusters: int, num_heads: int = 1) -> None:
         super().__init__()
@@ -98,12 +97,13 @@ class ClusteringMethod(nn.Module):
         """Number of views per image."""
         return len(self.view_specs())
 
-    def losses(self, views: list[Tensor]) -> dict[str, Tensor]:
+    def losses(self, views: list[Tensor], group: Any = None) -> dict[str, Tensor]:
         """Named scalar loss terms of one batch, plus ``"total"`` (the one to minimise).
 
         Args:
             views: one tensor per :meth:`view_specs` entry, each ``(B, C, S_v, S_v)``
                 float in ``[0, 1]``; row ``i`` of every view is the same image.
+            group: the process group the batch is split over (None: one process).
         """
         raise NotImplementedError
 

@@ -6,19 +6,68 @@ from pathlib import Path
 
 import pytest
 
-from mimac.config import Config, CRLCConfig, config_to_dict, load_config, save_config
+from mimac.config import (
+    DATASET_NAMES,
+    METHOD_NAMES,
+    Config,
+    CRLCConfig,
+    config_to_dict,
+    load_config,
+    resolve_run_config,
+    save_config,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
-def test_defaults_are_crlc_on_digits() -> None:
+def test_defaults_are_the_papers_values() -> None:
     cfg = load_config()
     assert cfg == Config()
     assert (cfg.method, cfg.data.name, cfg.data.split) == ("crlc", "digits", "all")
     assert (cfg.crlc.heads, cfg.crlc.lambda_fc, cfg.crlc.lambda_ent) == (10, 10.0, 1.0)
-    # CRLCConfig's own defaults are the paper's; the digits run changes two of them
-    assert (CRLCConfig().temperature, CRLCConfig().head_batch_norm) == (0.1, False)
+    # the paper's CRLC values, no digits tuning hidden in the defaults
+    assert cfg.crlc == CRLCConfig() and (cfg.crlc.temperature, cfg.crlc.head_batch_norm) == (0.1, False)
+    assert cfg.augment == {}
+
+
+def test_no_arguments_give_the_tuned_crlc_digits_run() -> None:
+    cfg, source = resolve_run_config(None, [])
+    assert "crlc_digits.yaml" in source and "tuned" in source
+    assert cfg == load_config(Path(CONFIGS[0]).parent / "crlc_digits.yaml")
+    # the digits tuning (in the YAML): softer feature temperature, BN in the heads, jitter
     assert (cfg.crlc.temperature, cfg.crlc.head_batch_norm) == (0.5, True)
+    assert cfg.augment == {"jitter": (0.4, 0.4, 0.0, 0.0), "jitter_p": 0.5}
+
+
+@pytest.mark.parametrize("method", ["imc_swav", "dec_contrastive"])
+def test_method_on_the_command_line_gets_its_tuned_config(method: str) -> None:
+    cfg, source = resolve_run_config(None, [f"method={method}", "seed=2"])
+    tuned = load_config(Path(CONFIGS[0]).parent / f"{method}_digits.yaml", ["seed=2"])
+    assert cfg == tuned and f"{method}_digits.yaml" in source
+    assert cfg != load_config(None, [f"method={method}", "seed=2"])  # not the generic defaults
+
+
+def test_dataset_on_the_command_line_gets_its_tuned_config() -> None:
+    cfg, source = resolve_run_config(None, ["data.name=fashion_mnist", "method=imc_swav"])
+    assert "imc_swav_fashion_mnist.yaml" in source
+    assert cfg == load_config(Path(CONFIGS[0]).parent / "imc_swav_fashion_mnist.yaml")
+
+
+def test_no_tuned_config_is_said_loudly(tmp_path: Path) -> None:
+    cfg, source = resolve_run_config(None, ["data.name=mnist"])
+    assert source.startswith("WARNING") and "crlc_mnist.yaml" in source and "untuned" in source
+    assert cfg == load_config(None, ["data.name=mnist"])
+    cfg, source = resolve_run_config(None, [], config_dir=tmp_path)  # no configs at all
+    assert source.startswith("WARNING") and cfg == Config()
+    cfg, source = resolve_run_config(Path(CONFIGS[0]).parent / "crlc_cifar10.yaml", ["seed=1"])
+    assert source.endswith("crlc_cifar10.yaml") and cfg.seed == 1  # an explicit file: as given
+
+
+def test_name_lists_match_the_registries() -> None:
+    from mimac.data import DATASETS
+    from mimac.models import METHODS
+
+    assert set(METHOD_NAMES) == set(METHODS) and tuple(DATASET_NAMES) == tuple(DATASETS)
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -80,6 +129,30 @@ def test_bad_values_rejected(override: str, key: str) -> None:
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("overrides,key", [
+    (["method=imc_swav", "imc_swav.large_size=10"], "imc_swav.large_size"),  # digits are 8 px
+    (["method=imc_swav", "imc_swav.small_crops=-1"], "imc_swav.large_crops"),
+    (["method=imc_swav", "imc_swav.small_scale=[0.5, 0.2]"], "imc_swav.small_scale"),
+    (["method=imc_swav", "imc_swav.epsilon=0"], "imc_swav.epsilon"),
+    (["method=dec_contrastive", "dec_contrastive.pretrain_epochs=100"], "dec_contrastive.pretrain_epochs"),
+    (["method=dec_contrastive", "dec_contrastive.kmeans_iters=0"], "dec_contrastive.kmeans_iters"),
+    (["method=knn"], "method"), (["data.name=imagenet"], "data.name"),
+    (["model.backbone=vit"], "model.backbone"), (["kernel_backend=gpu"], "kernel_backend"),
+    (["data.image_size=32"], "data.image_size"),  # folder only
+    (["augment.jitter_p=1.5"], "augment"),
+])
+def test_method_and_data_values_checked_before_any_data_is_read(
+        overrides: list[str], key: str, monkeypatch) -> None:
+    from mimac.data import datasets
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data read before the config was checked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_data)
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        load_config(None, overrides)
+
+
 def test_yaml_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lrr: 0.1\n")
@@ -109,17 +182,15 @@ def test_paper_settings_in_cifar_configs() -> None:
     assert (cfg.batch_size, cfg.epochs, cfg.crlc.alpha) == (512, 2000, 0.01)
 
 
-def test_digits_config_is_the_default_run() -> None:
-    cfg = load_config(Path(CONFIGS[0]).parent / "crlc_digits.yaml")
-    assert config_to_dict(cfg) == config_to_dict(Config())
-
-
-def test_digits_augment_defaults_do_not_leak(tmp_path: Path) -> None:
-    assert load_config().augment["jitter_p"] == 0.5  # the default digits run
+def test_augment_sections_merge_without_hidden_rules(tmp_path: Path) -> None:
     assert load_config(None, ["data.name=fashion_mnist"]).augment == {}
     assert load_config(None, ["data.name=fashion_mnist", "augment.hflip=0.0"]).augment == {"hflip": 0.0}
-    assert load_config(None, ["augment.hflip=0.0"]).augment["jitter_p"] == 0.5  # merged
+    digits = Path(CONFIGS[0]).parent / "crlc_digits.yaml"
+    assert load_config(digits, ["augment.hflip=0.0"]).augment == {
+        "jitter": (0.4, 0.4, 0.0, 0.0), "jitter_p": 0.5, "hflip": 0.0}  # merged
+    # a file's augment stays when the data changes: what the file says is what runs
+    assert load_config(digits, ["data.name=mnist"]).augment["jitter_p"] == 0.5
     f = tmp_path / "a.yaml"
     f.write_text("augment:\n  affine_deg: 3\n")
-    assert load_config(f).augment == {"affine_deg": 3.0}  # the file's section replaces
+    assert load_config(f).augment == {"affine_deg": 3.0}
     assert load_config(Path(CONFIGS[0]).parent / "crlc_fashion_mnist.yaml").augment == {}

@@ -187,9 +187,17 @@ def test_cifar20_coarse_labels(tmp_path):
         ref["test"][b"coarse_labels"]
 
 
-def test_cifar_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py/data_batch_1..5"):
+def test_cifar_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py/data_batch_1..5") as info:
         load_dataset("cifar10", tmp_path)
+    assert "root from data.root" in str(info.value) and "$MIMAC_DATA=DIR" in str(info.value)
+    monkeypatch.delenv("MIMAC_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"the default ./data .*set data.root=DIR"):
+        load_dataset("cifar10")
+    monkeypatch.setenv("MIMAC_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match=r"elsewhere \(root from \$MIMAC_DATA"):
+        load_dataset("stl10")
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         load_dataset("cifar20", tmp_path)
     d = tmp_path / "cifar-10-batches-py"
@@ -276,13 +284,15 @@ def test_folder_labelled_rgb(tmp_path):
     ds = load_dataset("folder", tmp_path)
     assert ds.images.shape == (4, 3, 6, 5) and ds.num_classes == 2
     assert ds.labels.tolist() == [0, 0, 1, 1]  # sorted class folders: ant=0, zebra=1
+    assert ds.class_names == ["ant", "zebra"]
+    assert ds.files == [str(tmp_path / c / f"{i}.png") for c in ("ant", "zebra") for i in (0, 1)]
     np.testing.assert_array_equal(ds.images[2].numpy(), imgs["zebra"][0].transpose(2, 0, 1))
 
 
 def test_folder_unlabelled_grey_and_resize(tmp_path):
     write_png(tmp_path / "a.png", RNG.integers(0, 256, (8, 8), dtype=np.uint8))
     write_png(tmp_path / "b.png", RNG.integers(0, 256, (10, 12), dtype=np.uint8))
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match="set data.image_size=<side>"):  # the key the CLI takes
         load_dataset("folder", tmp_path)
     ds = load_dataset("folder", tmp_path, image_size=6)
     assert ds.images.shape == (2, 1, 6, 6) and ds.num_classes == 0
@@ -290,7 +300,7 @@ def test_folder_unlabelled_grey_and_resize(tmp_path):
 
 
 def test_folder_splits_and_errors(tmp_path):
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(ValueError, match="set data.root=<your image folder>"):
         load_dataset("folder")
     with pytest.raises(FileNotFoundError, match="no images"):
         load_dataset("folder", tmp_path)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mimac.config import load_config
+from mimac.config import load_config, resolve_run_config
 from mimac.models import build_method
 from mimac.runlog import read_metrics
 from mimac.train import _StepLosses, train
@@ -75,8 +75,8 @@ def _ddp_step_on_rank(rank: int, world: int, name: str, use_group: bool,
     local = GLOBAL_BATCH // world
     views = [v[rank * local:(rank + 1) * local] for v in _views(method)]
     ddp = nn.parallel.DistributedDataParallel(
-        _StepLosses(method), find_unused_parameters=method.may_skip_parameters())
-    method.group = dist.group.WORLD if use_group else None
+        _StepLosses(method, dist.group.WORLD if use_group else None),
+        find_unused_parameters=method.may_skip_parameters())
     terms = ddp(views)
     terms["total"].backward()
     total = terms["total"].detach().clone()
@@ -158,7 +158,8 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], stop: 
     # torchrun's environment: train() joins and leaves the process group itself.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    train(load_config(None, overrides), stop_after_epoch=stop, log=lambda s: None)
+    cfg = resolve_run_config(None, overrides)[0]  # as `mimac train` resolves it
+    train(cfg, stop_after_epoch=stop, log=lambda s: None)
     assert not dist.is_initialized()
 
 

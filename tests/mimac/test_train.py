@@ -51,6 +51,8 @@ def test_smoke_run_writes_everything(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"loss_total", "loss_feature", "loss_prob", "loss_entropy", "images_per_s", "acc"} <= set(rows[0])
     assert sum(saved["cluster_sizes"]) == 1797
+    assert saved["bf16"] is False  # not applied on a CPU, and recorded so
+    assert "bf16: false" in (run / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -118,8 +120,8 @@ def test_nan_loss_stops_with_step_and_saves_nothing_broken(tmp_path: Path, monke
     calls = {"n": 0}
     original = CRLC.losses
 
-    def poisoned(self, views):
-        terms = original(self, views)
+    def poisoned(self, views, group=None):
+        terms = original(self, views, group)
         calls["n"] += 1
         if calls["n"] == 2 * 5 + 3:  # 5 steps per epoch (1797 // 300): epoch 3, step 3
             terms["total"] = terms["total"] * math.nan

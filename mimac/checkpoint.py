@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mimac import atomic
+from mimac.config import flat_keys
 
 LAST = "ckpt_last.pt"
 PREV = "ckpt_prev.pt"
@@ -180,16 +181,6 @@ def load_checkpoint(run_dir: str | Path, quarantine: bool = True,
 _LOCATION_KEYS = ("run_dir", "progress")
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if isinstance(v, dict) and k != "augment":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def check_resume(config: dict[str, Any], state: dict[str, Any], path: Path,
                  may_change: tuple[str, ...] = ()) -> None:
     """Refuse to resume ``state`` (read from ``path``) with the run config ``config``.
@@ -212,7 +203,7 @@ def check_resume(config: dict[str, Any], state: dict[str, Any], path: Path,
     if not isinstance(saved, dict):
         return  # written before checkpoints carried their config
     ignore = set(may_change) | set(_LOCATION_KEYS)
-    a, b = _flat(config), _flat(saved)
+    a, b = flat_keys(config), flat_keys(saved)
     differ = sorted(k for k in a.keys() | b.keys() if k not in ignore and _differs(a.get(k), b.get(k)))
     if differ:
         shown = ", ".join(f"{k} (run {a.get(k)!r}, checkpoint {b.get(k)!r})" for k in differ[:8])

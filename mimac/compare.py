@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mimac.config import default_config_dir, tuned_config_path
+from mimac.config import default_config_dir, flat_keys, tuned_config_path
 
 DEFAULT_METHODS = ("crlc", "imc_swav", "dec_contrastive")
 BASELINE = "kmeans (pixels)"
@@ -75,16 +75,6 @@ def kmeans_baseline(cfg: Any, seed: int) -> dict[str, Any]:
             "threads": None, "epochs": None}
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if isinstance(v, dict) and k != "augment":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _check_same_config(cfg: Any, run_dir: Path) -> None:
     """A run folder is reused or resumed only for the config it was started with."""
     from mimac.config import config_to_dict, load_config
@@ -94,7 +84,8 @@ def _check_same_config(cfg: Any, run_dir: Path) -> None:
     if not saved_file.is_file():
         return
     ignore = {"run_dir", "progress", "bf16"}  # bf16 is recorded as applied (false on a CPU)
-    saved, wanted = _flat(config_to_dict(load_config(saved_file))), _flat(config_to_dict(cfg))
+    saved = flat_keys(config_to_dict(load_config(saved_file)))
+    wanted = flat_keys(config_to_dict(cfg))
     differ = sorted(k for k in saved.keys() | wanted.keys()
                     if k not in ignore and saved.get(k) != wanted.get(k))
     if differ:

@@ -10,29 +10,57 @@
 # `pip install --no-index --no-deps --target`. There is no .git there either,
 # so pass the commit in MIMAC_COMMIT for the labels.
 #
-# Time budget (for a 600 s job limit; default GPU_CHECK_BUDGET=560):
+# Default: STEPS=quick (= env,build,quicktests,headline), GPU_CHECK_BUDGET=300,
+# for a short GPU slot (15 minutes with the machine's start and one retry):
+#   env ~5 s    build (cuda extension only) <= 90 s, ~35 s
+#   quicktests  <= 75 s (leaving 120 s): tests/kernels/test_backends.py for triton
+#               and cuda-gpu, float32 and bf16, both pairings, edge shapes left out
+#   headline    the rest, ~150-200 s (python -m benchmarks.quick_check): a float64
+#               check of both GPU backends at NT-Xent M = 65,536 and CLIP
+#               N = 65,536, D = 128, bf16, then the four headline cases timed
+#               (mimac-triton and mimac-cuda, eager, torch.compile last while time
+#               remains), each beside its static sm_90 estimate
+# and writes 4 files: quick_check.json, quick_check.md, tests.xml, gpu_check.log.
+#
+# STEPS=full (= env,wheels,build,tests,bench,maxbatch,report) is the long run, its
+# budget for a 600 s job limit (default GPU_CHECK_BUDGET=560 there):
 #   env + wheels  ~15 s      build   <= 150 s     tests <= 120 s
 #   bench         what is left minus 110 s, its pytest deadline 45 s earlier
 #                 (cases run in priority order, so a cut drops the least important)
 #   max-batch     <= 75 s    report  <= 30 s
 # Each step is bounded with `timeout`; a step that fails is logged and the rest
-# still run. STEPS=env,wheels,build,tests,bench,maxbatch,report picks steps
-# (`sanitize`, compute-sanitizer's racecheck/memcheck/synccheck on
-# benchmarks/sanitize_cuda.py, <= 60 s each, is not in the default list),
-# e.g. STEPS=env,wheels,build,tests,sanitize in one call and
-# STEPS=bench,maxbatch,report in the next, for a fuller benchmark run. BENCH_SIZE
+# still run. Steps can be named one by one, e.g.
+# STEPS=env,wheels,build,tests,sanitize in one call and STEPS=bench,maxbatch,report
+# in the next (`sanitize`, compute-sanitizer's racecheck/memcheck/synccheck on
+# benchmarks/sanitize_cuda.py, <= 60 s each, is in no preset). BENCH_SIZE
 # (default gpu) and BENCH_ARGS (extra pytest options, e.g. -k M65536) adjust
-# the benchmark step; `STEPS=bench,report BENCH_SIZE=smoke` is a CPU dry run.
+# the benchmark step; `STEPS=bench,report BENCH_SIZE=smoke` is a CPU dry run, and
+# `STEPS=quick QUICK_ARGS="--tiny --device cpu --backends torch"` the quick one's.
+# BUILD_KIND (cuda in quick, all otherwise), QUICK_TESTS_K (the quicktests -k
+# expression) and QUICK_ARGS (extra options of benchmarks.quick_check) adjust those.
 #
-# Writes at most 7 files (for output folders that keep 8): benchmark.json,
-# max_batch.json, report.md, time.png, memory.png, tests.xml, gpu_check.log.
+# Writes at most 7 files per preset (for output folders that keep 8; give quick
+# and full separate folders): full writes benchmark.json, max_batch.json,
+# report.md, time.png, memory.png, tests.xml, gpu_check.log.
 set -u
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-benchmarks/results/$(date -u +%F)-gpu}}
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check.log"
-BUDGET=${GPU_CHECK_BUDGET:-560}
-STEPS=${STEPS:-env,wheels,build,tests,bench,maxbatch,report}
+STEPS=${STEPS:-quick}
+QUICK=0
+# Presets expand in place (whole names only: `quicktests` is a step of its own).
+steps=()
+IFS=, read -ra names <<<"$STEPS"
+for s in "${names[@]}"; do
+  case $s in
+    quick) QUICK=1; steps+=(env build quicktests headline) ;;
+    full) steps+=(env wheels build tests bench maxbatch report) ;;
+    *) steps+=("$s") ;;
+  esac
+done
+STEPS=$(IFS=,; echo "${steps[*]}")
+if ((QUICK)); then BUDGET=${GPU_CHECK_BUDGET:-300}; else BUDGET=${GPU_CHECK_BUDGET:-560}; fi
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -83,7 +111,10 @@ fi
 
 if want build; then
   if $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('mimac_kernels.build') is None)" 2>/dev/null; then
-    run build $((150 < $(left) ? 150 : $(left))) $PY -m mimac_kernels.build || RC=1
+    # The quick run needs only the cuda extension (the cpu one is CI's business).
+    kind=${BUILD_KIND:-$( ((QUICK)) && echo cuda || echo all)}
+    cap=$( ((QUICK)) && echo 90 || echo 150)
+    run build $((cap < $(left) ? cap : $(left))) $PY -m mimac_kernels.build --kind "$kind" || RC=1
   else
     log "build: mimac_kernels.build not present yet; extensions build on first use"
   fi
@@ -101,6 +132,26 @@ if want tests; then
   run tests $((120 < $(left) ? 120 : $(left))) $PY -m pytest "${first[@]}" "${rest[@]}" \
     --maxfail=25 -q -p no:cacheprovider -m "not emulated" -rfE --durations=10 \
     --junitxml="$OUTDIR/tests.xml" || RC=1
+fi
+
+if want quicktests; then
+  # The chip's part of the backend matrix: triton and cuda-gpu, float32 and bf16,
+  # both pairings, every critic (~100 tests); edge shapes stay in `tests`.
+  K=${QUICK_TESTS_K:-(triton or cuda-gpu) and not torch.float16 and not test_edge_shapes}
+  limit=$(($(left) - 120))
+  run quicktests $((75 < limit ? 75 : limit)) $PY -m pytest tests/kernels/test_backends.py \
+    -k "$K" -m "not emulated" --maxfail=25 -q -p no:cacheprovider -rfE --durations=5 \
+    --junitxml="$OUTDIR/tests.xml" || RC=1
+fi
+
+if want headline; then
+  limit=$(($(left) - 5))
+  # A larger torch-backend tile: the float64 reference of the check runs at
+  # M = 65,536 (256 MiB a tile; the backend's default is sized for CPUs).
+  export MIMAC_KERNELS_TORCH_TILE=${MIMAC_KERNELS_TORCH_TILE:-$((1 << 25))}
+  # shellcheck disable=SC2086  # QUICK_ARGS is a list of extra options
+  run headline "$limit" $PY -m benchmarks.quick_check --out "$OUTDIR" \
+    --deadline $((limit - 20)) ${QUICK_ARGS:-} || RC=1
 fi
 
 if want sanitize; then

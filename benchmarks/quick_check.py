@@ -1,0 +1,462 @@
+"""The headline cases in a few minutes: a large correctness check, then the timings,
+each next to the static sm_90 estimate (benchmarks/results/*-static-sm90).
+
+    python -m benchmarks.quick_check --out $OUT --deadline 150      # on a GPU
+    python -m benchmarks.quick_check --device cpu --tiny --out /tmp/q --backends torch
+
+Phases, in order, all bounded by ``--deadline`` (seconds from the start; a phase
+that would start past it is recorded as skipped, with the reason):
+
+1. ``check``: NT-Xent M = 65,536 and CLIP N = 65,536 at D = 128, bf16 (the tensor
+   core path of both pairings at full size): each GPU backend's loss and gradients
+   against the torch backend in float64 (tiled, so it fits), within the project's
+   rule (``tests.kernels.accuracy``: twice plain PyTorch's bf16 error plus slack).
+2. ``time``: each headline case, forward + backward, our backends first (both
+   ``triton`` and ``cuda``, so that a dispatch table can be made from them), then
+   eager (the full-matrix PyTorch loss; an OOM is recorded), then torch.compile
+   last, only with ``--compile-min-left`` seconds still left (its first call compiles).
+
+Writes ``quick_check.json`` (rewritten after every measurement, so a run cut by a
+timeout keeps what it measured) and ``quick_check.md`` (the table). Each timing row
+carries ``estimate_ms`` from the static estimate of the running Triton's version
+(else 3.6's), joined by case name, and ``model_error`` = measured / estimate.
+``--tiny`` runs the same code at a few hundred rows (CPU tests); the estimate is
+still joined, but the ratio then means nothing and the JSON says ``"tiny": true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mimac_kernels import dispatch, fused_contrastive_loss, reference_contrastive_loss
+
+ESTIMATES = Path(__file__).parent / "results" / "2026-12-03-static-sm90"
+#: Triton version whose estimate is used when the running one has none (the GPU machines').
+DEFAULT_ESTIMATE = "3.6.0"
+GPU_BACKENDS = ("triton", "cuda")
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One headline case; ``name`` is the static estimate's case name (the join key).
+
+    ``rows``: rows of S per side (M for ``all``, whose views have M / 2 rows; N for
+    ``cross``). Inputs are unit rows whose positives sit near ``positive_cos``.
+    """
+
+    name: str
+    pairing: str
+    rows: int
+    d: int
+    tau: float
+    critic: str
+    positive_cos: float = 0.3
+
+    @property
+    def n(self) -> int:
+        """Rows per view."""
+        return self.rows // 2 if self.pairing == "all" else self.rows
+
+
+HEADLINE: tuple[Headline, ...] = (
+    Headline("NT-Xent M=65,536 D=128", "all", 65536, 128, 0.1, "cosine"),
+    Headline("NT-Xent M=65,536 D=512", "all", 65536, 512, 0.1, "cosine"),
+    Headline("CLIP N=65,536 D=128", "cross", 65536, 128, 0.1, "dot"),
+    Headline("CLIP N=65,536 D=128, tau=0.01, positives ~0.3 cos", "cross", 65536, 128, 0.01,
+             "dot"),
+)  # fmt: skip
+#: The correctness check's cases: both pairings at D = 128.
+CHECKED = (HEADLINE[0], HEADLINE[2])
+TINY_ROWS, TINY_D = 256, 32
+
+
+def tiny(case: Headline) -> Headline:
+    """The same case at ``TINY_ROWS`` rows and D <= ``TINY_D`` (same name: same join)."""
+    return dataclasses.replace(case, rows=TINY_ROWS, d=min(case.d, TINY_D))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def views(case: Headline, device: torch.device, dtype: torch.dtype, seed: int = 0
+          ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Unit rows ``a``, ``b`` of shape ``(case.n, case.d)`` in ``dtype`` with
+    ``a_i . b_i = positive_cos`` (before rounding) and unrelated pairs near 0."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (case.n, case.d)
+    a = F.normalize(torch.randn(shape, generator=gen, device=device), dim=1)
+    noise = torch.randn(shape, generator=gen, device=device)
+    noise = F.normalize(noise - (noise * a).sum(1, keepdim=True) * a, dim=1)
+    b = case.positive_cos * a + math.sqrt(1.0 - case.positive_cos**2) * noise
+    return a.to(dtype), b.to(dtype)
+
+
+def ours(case: Headline, backend: str) -> LossFn:
+    """Our loss on ``backend`` for ``case`` (mean, symmetric)."""
+    return lambda a, b: fused_contrastive_loss(
+        a, b, temperature=case.tau, critic=case.critic, negatives=case.pairing, backend=backend
+    )
+
+
+def eager(case: Headline) -> LossFn:
+    """Plain full-matrix PyTorch in the inputs' dtype (the eager baseline)."""
+    return lambda a, b: reference_contrastive_loss(
+        a, b, temperature=case.tau, critic=case.critic, negatives=case.pairing, dtype=None
+    )
+
+
+def compiled(case: Headline) -> LossFn:
+    """``eager`` under torch.compile (static shapes)."""
+    fn = torch.compile(eager(case), dynamic=False)
+    return lambda a, b: fn(a, b)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An allocation failure (CUDA OOM, CPU allocator, MemoryError)."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(exc, (MemoryError, oom)) or "out of memory" in str(exc).lower()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class Clock:
+    """Seconds since the start and the time left before ``deadline`` (seconds)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.start, self.deadline = time.monotonic(), deadline
+
+    def left(self) -> float:
+        return self.deadline - (time.monotonic() - self.start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(fn: LossFn, a: Tensor, b: Tensor) -> None:
+    a.grad = b.grad = None
+    fn(a, b).backward()
+
+
+def time_fwd_bwd(fn: LossFn, a: Tensor, b: Tensor, repeats: int) -> dict:
+    """Forward + backward of ``fn``: one warm-up call, then ``repeats`` timed calls.
+
+    CUDA events on a GPU (perf_counter elsewhere). Returns ms median/min, the
+    repeats, and on a GPU the peak memory above what was allocated before (MiB).
+    """
+    device = a.device
+    _step(fn, a, b)  # warm-up: compiles, autotunes, allocates
+    _sync(device)
+    base = 0
+    if device.type == "cuda":
+        a.grad = b.grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _step(fn, a, b)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            _step(fn, a, b)
+            times.append((time.perf_counter() - t0) * 1e3)
+    out = {"ms_median": statistics.median(times), "ms_min": min(times),
+           "ms_all": [round(t, 4) for t in times], "repeats": repeats}  # fmt: skip
+    if device.type == "cuda":
+        out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return out
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_case(case: Headline, backends: list[str], device: torch.device,
+               dtype: torch.dtype) -> list[dict]:  # fmt: skip
+    """Each backend's loss and gradients against float64 (the torch backend, tiled),
+    bounded as in the kernel tests: twice plain PyTorch's error in ``dtype`` plus
+    slack, plus one rounding of the positives' gradient for half dtypes."""
+    from tests.kernels.accuracy import (  # the project's accuracy rule, one definition
+        HALF_DTYPES,
+        _positives_only,
+        error_bound,
+        loss_and_grads,
+        max_abs_err,
+    )
+
+    a, b = views(case, device, dtype, seed=1)
+    kw = {"critic": case.critic, "negatives": case.pairing}
+
+    def backend_fn(name: str) -> Callable[..., Tensor]:
+        return lambda x, y, **k: fused_contrastive_loss(x, y, backend=name, **k)
+
+    ref = loss_and_grads(backend_fn("torch"), a.double(), b.double(), case.tau, None, False, **kw)
+    ref = [ref[0], *ref[1]]
+    _release(device)
+    _, pos = loss_and_grads(_positives_only, a, b, case.tau, None, False, **kw)
+    try:  # plain PyTorch in dtype: the full matrix, whose error sets the bound
+        plain = loss_and_grads(reference_contrastive_loss, a, b, case.tau, None, False,
+                               dtype=None, **kw)  # fmt: skip
+        plain_err = [max_abs_err(p, r) for p, r in zip([plain[0], *plain[1]], ref)]
+        del plain
+    except Exception as exc:  # noqa: BLE001 - recorded; the errors are still reported
+        if not is_oom(exc):
+            raise
+        plain_err = None
+    _release(device)
+    rows = []
+    for name in backends:
+        row: dict = {"case": case.name, "backend": name}
+        try:
+            out = loss_and_grads(backend_fn(name), a, b, case.tau, None, False, **kw)
+        except Exception as exc:  # noqa: BLE001 - one backend's failure is a result
+            rows.append({**row, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        row["ok"] = True
+        for i, q in enumerate(("loss", "grad_a", "grad_b")):
+            err = max_abs_err([out[0], *out[1]][i], ref[i])
+            row[f"{q}_err"] = err
+            if plain_err is None:
+                row["ok"] = None  # no bound without plain PyTorch's error
+                continue
+            bound = error_bound(plain_err[i], dtype, ref[i])
+            if q != "loss" and dtype in HALF_DTYPES:
+                bound += torch.finfo(dtype).eps * float(pos[i - 1].abs().max())
+            row[f"{q}_bound"] = bound
+            row["ok"] = bool(row["ok"] and err <= bound)
+        rows.append(row)
+        del out
+        _release(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def load_estimates(triton_version: str | None, folder: Path = ESTIMATES) -> tuple[str, dict]:
+    """(file name, {case name: estimate_ms}) for ``triton_version``, else ``DEFAULT_ESTIMATE``."""
+    path = folder / f"estimate-triton{triton_version}.json"
+    if not path.is_file():
+        path = folder / f"estimate-triton{DEFAULT_ESTIMATE}.json"
+    if not path.is_file():
+        return "", {}
+    data = json.loads(path.read_text())
+    return path.name, {r["case"]["name"]: r["estimate_ms"] for r in data["results"]}
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - absent or broken: no version
+        return None
+    return triton.__version__
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def environment(device: torch.device) -> dict:
+    """Device, driver and versions for the record."""
+    env = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+           "commit": os.environ.get("MIMAC_COMMIT", "unknown"), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "triton": _triton_version(),
+           "python": platform.python_version(), "device": device.type}  # fmt: skip
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        try:
+            q = "--query-gpu=driver_version"
+            out = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10)  # fmt: skip
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+class Recorder:
+    """The result document, rewritten to ``out/quick_check.json`` after every entry."""
+
+    def __init__(self, out: Path, meta: dict) -> None:
+        self.out = out
+        self.doc: dict = {"meta": meta, "check": [], "timings": [], "skipped": []}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, entry: dict) -> None:
+        self.doc[key].append(entry)
+        self.save()
+
+    def save(self) -> None:
+        path = self.out / "quick_check.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1))
+        tmp.replace(path)  # atomic: a timeout never leaves half a file
+        (self.out / "quick_check.md").write_text(markdown(self.doc))
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(doc: dict) -> str:
+    """The timing table (measured next to the estimate) and the check table."""
+    m = doc["meta"]
+    lines = [f"# Quick check, {m['device_name']}, commit {m['commit']}, {m['date']}", "",
+             f"torch {m['torch']}, CUDA {m['cuda']}, triton {m['triton']}, driver "
+             f"{m.get('driver')}; estimates: {m['estimate_file'] or 'none'}"
+             + (" (**tiny sizes: the ratios mean nothing**)" if m["tiny"] else ""), "",
+             "| case | provider | median ms | min ms | peak MiB | estimate ms | measured / estimate |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for t in doc["timings"]:
+        if t["status"] != "ok":
+            lines.append(f"| {t['case']} | {t['provider']} | {t['status']} | | | | |")
+            continue
+        lines.append(f"| {t['case']} | {t['provider']} | {_fmt(t['ms_median'])} | "
+                     f"{_fmt(t['ms_min'])} | {_fmt(t.get('peak_mib'), '.0f')} | "
+                     f"{_fmt(t['estimate_ms'])} | {_fmt(t['model_error'])} |")  # fmt: skip
+    if doc["check"]:
+        lines += ["", "| check (float64 reference) | backend | ok | loss err | grad_a err / bound |",
+                  "|---|---|---|---:|---|"]  # fmt: skip
+        for c in doc["check"]:
+            ga = f"{_fmt(c.get('grad_a_err'), '.3g')} / {_fmt(c.get('grad_a_bound'), '.3g')}"
+            lines.append(f"| {c['case']} | {c['backend']} | {c['ok']} | "
+                         f"{_fmt(c.get('loss_err'), '.3g')} | {ga} |")  # fmt: skip
+    if doc["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"{s['what']} ({s['why']})" for s in doc["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def _usable(backends: list[str], device: torch.device, dtype: torch.dtype, rec: Recorder
+            ) -> list[str]:  # fmt: skip
+    keep = []
+    for name in backends:
+        why = dispatch.unavailable_reason(name, device, dtype)
+        if why is None:
+            keep.append(name)
+        else:
+            rec.add("skipped", {"what": f"mimac-{name}", "why": why})
+    return keep
+
+
+def time_one(rec: Recorder, case: Headline, provider: str, make: Callable[[], LossFn],
+             inputs: tuple[Tensor, Tensor], repeats: int) -> None:  # fmt: skip
+    """Time one provider on one case and record it (an OOM or error is a result)."""
+    a, b = (t.detach().requires_grad_() for t in inputs)
+    entry: dict = {"case": case.name, "provider": provider, "rows": case.rows, "d": case.d,
+                   "tau": case.tau, "pairing": case.pairing, "critic": case.critic}  # fmt: skip
+    try:
+        entry.update(status="ok", **time_fwd_bwd(make(), a, b, repeats))
+    except Exception as exc:  # noqa: BLE001 - recorded, the next provider still runs
+        entry["status"] = "oom" if is_oom(exc) else "error"
+        entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    est = rec.doc["meta"]["estimates"].get(case.name)
+    entry["estimate_ms"] = est
+    entry["model_error"] = (entry["ms_median"] / est) if est and "ms_median" in entry else None
+    rec.add("timings", entry)
+    a.grad = b.grad = None
+    _release(a.device)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Both phases within ``args.deadline``; returns the result document."""
+    clock = Clock(args.deadline)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    est_file, estimates = load_estimates(_triton_version())
+    meta = {**environment(device), "tiny": args.tiny, "dtype": "bfloat16",
+            "estimate_file": est_file, "estimates": estimates,
+            "deadline_s": args.deadline, "repeats": args.repeats}  # fmt: skip
+    rec = Recorder(Path(args.out), meta)
+    backends = _usable([b for b in args.backends.split(",") if b], device, dtype, rec)
+    size = tiny if args.tiny else (lambda c: c)
+    if args.check:
+        for case in map(size, CHECKED):
+            if clock.left() < args.check_min_left:
+                rec.add("skipped", {"what": f"check {case.name}", "why": "deadline"})
+                continue
+            for row in check_case(case, backends, device, dtype):
+                rec.add("check", row)
+    baselines = [b for b in args.baselines.split(",") if b]
+    for case in map(size, HEADLINE):
+        inputs = views(case, device, dtype)
+        for name in backends:
+            if clock.left() < args.min_left:
+                rec.add("skipped", {"what": f"{case.name} mimac-{name}", "why": "deadline"})
+                continue
+            time_one(rec, case, f"mimac-{name}", lambda n=name: ours(case, n), inputs,
+                     args.repeats)  # fmt: skip
+        if "eager" in baselines:
+            if clock.left() < args.min_left:
+                rec.add("skipped", {"what": f"{case.name} eager", "why": "deadline"})
+            else:
+                time_one(rec, case, "eager", lambda: eager(case), inputs, args.repeats)
+        del inputs
+        _release(device)
+    if "compile" in baselines:  # last: its first call per shape compiles (tens of seconds)
+        for case in map(size, HEADLINE):
+            if clock.left() < args.compile_min_left:
+                rec.add("skipped", {"what": f"{case.name} compile", "why": "deadline"})
+                continue
+            time_one(rec, case, "compile", lambda: compiled(case), views(case, device, dtype),
+                     args.repeats)  # fmt: skip
+    rec.doc["meta"]["wall_s"] = round(time.monotonic() - clock.start, 1)
+    rec.save()
+    return rec.doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quick_check",
+                                description=__doc__.splitlines()[0])  # fmt: skip
+    cuda = torch.cuda.is_available()
+    p.add_argument("--out", required=True, help="folder for quick_check.json / .md")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--tiny", action="store_true", help=f"{TINY_ROWS} rows, D <= {TINY_D}")
+    p.add_argument("--deadline", type=float, default=150.0, help="seconds for everything")
+    p.add_argument("--backends", default=",".join(GPU_BACKENDS) if cuda else "torch",
+                   help="our backends, comma-separated (timed in this order)")
+    p.add_argument("--baselines", default="eager,compile", help="eager and/or compile")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the float64 check")
+    p.add_argument("--min-left", type=float, default=5.0,
+                   help="start a timing only with this many seconds left")
+    p.add_argument("--check-min-left", type=float, default=20.0)
+    p.add_argument("--compile-min-left", type=float, default=30.0)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    doc = run(args)
+    print((Path(args.out) / "quick_check.md").read_text())
+    bad = [c for c in doc["check"] if c["ok"] is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -298,6 +298,7 @@ def environment(device: torch.device) -> dict:
             env["driver"] = None
     else:
         env["device_name"] = platform.processor() or platform.machine()
+        env["driver"] = None
     return env
 
 
@@ -371,11 +372,15 @@ def time_one(rec: Recorder, case: Headline, provider: str, make: Callable[[], Lo
     a, b = (t.detach().requires_grad_() for t in inputs)
     entry: dict = {"case": case.name, "provider": provider, "rows": case.rows, "d": case.d,
                    "tau": case.tau, "pairing": case.pairing, "critic": case.critic}  # fmt: skip
+    # Named in the file while it runs: a run killed by its timeout says what it was doing.
+    rec.doc["meta"]["running"] = f"{case.name} {provider}"
+    rec.save()
     try:
         entry.update(status="ok", **time_fwd_bwd(make(), a, b, repeats))
     except Exception as exc:  # noqa: BLE001 - recorded, the next provider still runs
         entry["status"] = "oom" if is_oom(exc) else "error"
         entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    rec.doc["meta"].pop("running")
     est = rec.doc["meta"]["estimates"].get(case.name)
     entry["estimate_ms"] = est
     entry["model_error"] = (entry["ms_median"] / est) if est and "ms_median" in entry else None

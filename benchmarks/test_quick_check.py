@@ -1,0 +1,83 @@
+"""The quick GPU check's code path at tiny sizes on the CPU (torch backend, eager):
+the JSON it writes, the join with the static estimate, and the float64 check's verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import quick_check
+from benchmarks.quick_check import DEFAULT_ESTIMATE, ESTIMATES, HEADLINE, load_estimates
+
+TINY = ["--device", "cpu", "--tiny", "--backends", "torch", "--baselines", "eager",
+        "--repeats", "2"]  # fmt: skip
+
+
+def _run(out: Path, *extra: str) -> tuple[int, dict]:
+    rc = quick_check.main([*TINY, "--out", str(out), *extra])
+    return rc, json.loads((out / "quick_check.json").read_text())
+
+
+def test_headline_names_are_the_estimates_cases() -> None:
+    """The join key: every headline case is in every stored estimate, and back."""
+    files = sorted(ESTIMATES.glob("estimate-triton*.json"))
+    assert files, f"no static estimate in {ESTIMATES}"
+    for path in files:
+        names = {r["case"]["name"] for r in json.loads(path.read_text())["results"]}
+        assert names == {c.name for c in HEADLINE}, path.name
+
+
+def test_estimate_falls_back_to_the_gpu_machines_triton() -> None:
+    name, est = load_estimates("0.0.0-none")
+    assert name == f"estimate-triton{DEFAULT_ESTIMATE}.json"
+    assert set(est) == {c.name for c in HEADLINE} and all(v > 0 for v in est.values())
+    assert load_estimates(None)[0] == name
+
+
+def test_tiny_run_records_timings_beside_the_estimate(tmp_path: Path) -> None:
+    rc, doc = _run(tmp_path)
+    assert rc == 0
+    meta = doc["meta"]
+    for key in ("date", "commit", "torch", "cuda", "triton", "device_name", "driver",
+                "estimate_file", "tiny"):  # fmt: skip
+        assert key in meta, key
+    assert meta["tiny"] is True and "running" not in meta
+    _, est = load_estimates(meta["triton"])
+    # Every case, ours first then eager, each joined to its own case's estimate.
+    got = [(t["case"], t["provider"]) for t in doc["timings"]]
+    assert got == [(c.name, p) for c in HEADLINE for p in ("mimac-torch", "eager")]
+    for t in doc["timings"]:
+        assert t["status"] == "ok", t
+        assert 0 < t["ms_min"] <= t["ms_median"]
+        assert t["estimate_ms"] == est[t["case"]]
+        assert t["model_error"] == pytest.approx(t["ms_median"] / est[t["case"]])
+    assert {c["case"] for c in doc["check"]} == {HEADLINE[0].name, HEADLINE[2].name}
+    assert all(c["ok"] is True and c["grad_a_err"] <= c["grad_a_bound"] for c in doc["check"])
+    table = (tmp_path / "quick_check.md").read_text()
+    assert "measured / estimate" in table and all(c.name in table for c in HEADLINE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quick_check.json", "quick_check.md"]
+
+
+def test_check_fails_a_backend_off_by_one_percent(tmp_path: Path, monkeypatch) -> None:
+    """The float64 check can fail: a loss 1% off in bf16 is outside the bound."""
+    real = quick_check.fused_contrastive_loss
+
+    def off(a: torch.Tensor, b: torch.Tensor, **kw) -> torch.Tensor:
+        out = real(a, b, **kw)
+        return out if a.dtype == torch.float64 else out * 1.01  # the reference stays exact
+
+    monkeypatch.setattr(quick_check, "fused_contrastive_loss", off)
+    rc, doc = _run(tmp_path, "--baselines", "")
+    assert rc == 1
+    assert [c["ok"] for c in doc["check"]] == [False, False]
+    assert all(c["loss_err"] > c["loss_bound"] for c in doc["check"])
+
+
+def test_deadline_skips_and_says_so(tmp_path: Path) -> None:
+    rc, doc = _run(tmp_path, "--deadline", "0", "--no-check")
+    assert rc == 0 and doc["timings"] == [] and doc["check"] == []
+    assert len(doc["skipped"]) == 2 * len(HEADLINE)
+    assert all(s["why"] == "deadline" for s in doc["skipped"])

@@ -225,7 +225,7 @@ def check_case(case: Headline, backends: list[str], device: torch.device,
                                dtype=None, **kw)  # fmt: skip
         plain_err = [max_abs_err(p, r) for p, r in zip([plain[0], *plain[1]], ref)]
         del plain
-    except Exception as exc:  # noqa: BLE001 - recorded; the errors are still reported
+    except Exception as exc:  # recorded; the errors are still reported
         if not is_oom(exc):
             raise
         plain_err = None
@@ -292,7 +292,7 @@ def environment(device: torch.device) -> dict:
         try:
             q = "--query-gpu=driver_version"
             out = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=10)  # fmt: skip
+                                 text=True, timeout=10, check=False)  # fmt: skip
             env["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
@@ -366,7 +366,8 @@ def _usable(backends: list[str], device: torch.device, dtype: torch.dtype, rec: 
     return keep
 
 
-def time_one(rec: Recorder, case: Headline, provider: str, make: Callable[[], LossFn],
+def time_one(rec: Recorder, case: Headline, provider: str,
+             make: Callable[[Headline], LossFn],
              inputs: tuple[Tensor, Tensor], repeats: int) -> None:  # fmt: skip
     """Time one provider on one case and record it (an OOM or error is a result)."""
     a, b = (t.detach().requires_grad_() for t in inputs)
@@ -376,7 +377,7 @@ def time_one(rec: Recorder, case: Headline, provider: str, make: Callable[[], Lo
     rec.doc["meta"]["running"] = f"{case.name} {provider}"
     rec.save()
     try:
-        entry.update(status="ok", **time_fwd_bwd(make(), a, b, repeats))
+        entry.update(status="ok", **time_fwd_bwd(make(case), a, b, repeats))
     except Exception as exc:  # noqa: BLE001 - recorded, the next provider still runs
         entry["status"] = "oom" if is_oom(exc) else "error"
         entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -415,13 +416,13 @@ def run(args: argparse.Namespace) -> dict:
             if clock.left() < args.min_left:
                 rec.add("skipped", {"what": f"{case.name} mimac-{name}", "why": "deadline"})
                 continue
-            time_one(rec, case, f"mimac-{name}", lambda n=name: ours(case, n), inputs,
+            time_one(rec, case, f"mimac-{name}", lambda c, n=name: ours(c, n), inputs,
                      args.repeats)  # fmt: skip
         if "eager" in baselines:
             if clock.left() < args.min_left:
                 rec.add("skipped", {"what": f"{case.name} eager", "why": "deadline"})
             else:
-                time_one(rec, case, "eager", lambda: eager(case), inputs, args.repeats)
+                time_one(rec, case, "eager", eager, inputs, args.repeats)
         del inputs
         _release(device)
     if "compile" in baselines:  # last: its first call per shape compiles (tens of seconds)
@@ -429,7 +430,7 @@ def run(args: argparse.Namespace) -> dict:
             if clock.left() < args.compile_min_left:
                 rec.add("skipped", {"what": f"{case.name} compile", "why": "deadline"})
                 continue
-            time_one(rec, case, "compile", lambda: compiled(case), views(case, device, dtype),
+            time_one(rec, case, "compile", compiled, views(case, device, dtype),
                      args.repeats)  # fmt: skip
     rec.doc["meta"]["wall_s"] = round(time.monotonic() - clock.start, 1)
     rec.save()
@@ -444,14 +445,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--tiny", action="store_true", help=f"{TINY_ROWS} rows, D <= {TINY_D}")
     p.add_argument("--deadline", type=float, default=150.0, help="seconds for everything")
-    p.add_argument("--backends", default=",".join(GPU_BACKENDS) if cuda else "torch",
-                   help="our backends, comma-separated (timed in this order)")
+    p.add_argument(
+        "--backends",
+        default=",".join(GPU_BACKENDS) if cuda else "torch",
+        help="our backends, comma-separated (timed in this order)",
+    )
     p.add_argument("--baselines", default="eager,compile", help="eager and/or compile")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the float64 check")
-    p.add_argument("--min-left", type=float, default=5.0,
-                   help="start a timing only with this many seconds left")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the float64 check")
+    p.add_argument(
+        "--min-left",
+        type=float,
+        default=5.0,
+        help="start a timing only with this many seconds left",
+    )
     p.add_argument("--check-min-left", type=float, default=20.0)
     p.add_argument("--compile-min-left", type=float, default=30.0)
     args = p.parse_args(argv)

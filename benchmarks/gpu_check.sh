@@ -13,14 +13,16 @@
 # Default: STEPS=quick (= env,build,quicktests,headline), GPU_CHECK_BUDGET=300,
 # for a short GPU slot (15 minutes with the machine's start and one retry):
 #   env ~5 s    build (cuda extension only) <= 90 s, ~35 s
-#   quicktests  <= 75 s (leaving 120 s): tests/kernels/test_backends.py for triton
-#               and cuda-gpu, float32 and bf16, both pairings, edge shapes left out
+#   quicktests  cuda-gpu <= 30 s, then triton <= 60 s (each leaving 120 s):
+#               tests/kernels/test_backends.py, float32 and bf16, both pairings,
+#               every critic, edge shapes left out
 #   headline    the rest, ~150-200 s (python -m benchmarks.quick_check): a float64
 #               check of both GPU backends at NT-Xent M = 65,536 and CLIP
 #               N = 65,536, D = 128, bf16, then the four headline cases timed
 #               (mimac-triton and mimac-cuda, eager, torch.compile last while time
 #               remains), each beside its static sm_90 estimate
-# and writes 4 files: quick_check.json, quick_check.md, tests.xml, gpu_check.log.
+# and writes 5 files: quick_check.json, quick_check.md, tests-cuda-gpu.xml,
+# tests-triton.xml, gpu_check.log.
 #
 # STEPS=full (= env,wheels,build,tests,bench,maxbatch,report) is the long run, its
 # budget for a 600 s job limit (default GPU_CHECK_BUDGET=560 there):
@@ -135,13 +137,18 @@ if want tests; then
 fi
 
 if want quicktests; then
-  # The chip's part of the backend matrix: triton and cuda-gpu, float32 and bf16,
-  # both pairings, every critic (~100 tests); edge shapes stay in `tests`.
-  K=${QUICK_TESTS_K:-(triton or cuda-gpu) and not torch.float16 and not test_edge_shapes}
-  limit=$(($(left) - 120))
-  run quicktests $((75 < limit ? 75 : limit)) $PY -m pytest tests/kernels/test_backends.py \
-    -k "$K" -m "not emulated" --maxfail=25 -q -p no:cacheprovider -rfE --durations=5 \
-    --junitxml="$OUTDIR/tests.xml" || RC=1
+  # The chip's part of the backend matrix: float32 and bf16, both pairings, every
+  # critic (~48 tests a backend); edge shapes stay in `tests`. The cuda backend
+  # first (compiled already, ~10 s), then triton, whose JIT compiles each
+  # variant: a cut then falls on triton's last critics, not on cuda.
+  K=${QUICK_TESTS_K:-not torch.float16 and not test_edge_shapes}
+  for backend in cuda-gpu triton; do
+    limit=$(($(left) - 120))
+    cap=$([[ $backend == cuda-gpu ]] && echo 30 || echo 60)
+    run "quicktests-$backend" $((cap < limit ? cap : limit)) $PY -m pytest \
+      tests/kernels/test_backends.py -k "$backend and ($K)" -m "not emulated" --maxfail=25 \
+      -q -p no:cacheprovider -rfE --durations=5 --junitxml="$OUTDIR/tests-$backend.xml" || RC=1
+  done
 fi
 
 if want headline; then

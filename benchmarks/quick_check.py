@@ -188,7 +188,9 @@ def time_fwd_bwd(fn: LossFn, a: Tensor, b: Tensor, repeats: int) -> dict:
     out = {"ms_median": statistics.median(times), "ms_min": min(times),
            "ms_all": [round(t, 4) for t in times], "repeats": repeats}  # fmt: skip
     if device.type == "cuda":
-        out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peak = torch.cuda.max_memory_allocated(device)
+        out["peak_mib"] = (peak - base) / 2**20  # above the inputs
+        out["peak_total_mib"] = peak / 2**20
     return out
 
 
@@ -326,6 +328,26 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def backend_choice(timings: list[dict]) -> list[str]:
+    """Markdown lines: per case, the GPU backends' medians side by side and the faster
+    one (the measurements a dispatch table is made from); none if fewer than two ran."""
+    per_case: dict[str, dict[str, float]] = {}
+    for t in timings:
+        if t["status"] == "ok" and t["provider"].startswith("mimac-"):
+            per_case.setdefault(t["case"], {})[t["provider"][6:]] = t["ms_median"]
+    cases = {c: ms for c, ms in per_case.items() if len(ms) > 1}
+    if not cases:
+        return []
+    names = sorted({n for ms in cases.values() for n in ms})
+    lines = ["", "| case | " + " | ".join(f"{n} ms" for n in names) + " | faster |",
+             "|---|" + "---:|" * len(names) + "---|"]  # fmt: skip
+    for case, ms in cases.items():
+        best = min(ms, key=ms.__getitem__)
+        cells = " | ".join(_fmt(ms.get(n)) for n in names)
+        lines.append(f"| {case} | {cells} | {best} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     """The timing table (measured next to the estimate) and the check table."""
     m = doc["meta"]
@@ -342,6 +364,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {t['case']} | {t['provider']} | {_fmt(t['ms_median'])} | "
                      f"{_fmt(t['ms_min'])} | {_fmt(t.get('peak_mib'), '.0f')} | "
                      f"{_fmt(t['estimate_ms'])} | {_fmt(t['model_error'])} |")  # fmt: skip
+    lines += backend_choice(doc["timings"])
     if doc["check"]:
         lines += ["", "| check (float64 reference) | backend | ok | loss err | grad_a err / bound |",
                   "|---|---|---|---:|---|"]  # fmt: skip

@@ -81,3 +81,15 @@ def test_deadline_skips_and_says_so(tmp_path: Path) -> None:
     assert rc == 0 and doc["timings"] == [] and doc["check"] == []
     assert len(doc["skipped"]) == 2 * len(HEADLINE)
     assert all(s["why"] == "deadline" for s in doc["skipped"])
+
+
+def test_backend_choice_sets_both_gpu_backends_side_by_side() -> None:
+    def row(case: str, provider: str, ms: float, status: str = "ok") -> dict:
+        return {"case": case, "provider": provider, "ms_median": ms, "status": status}
+
+    timings = [row("A", "mimac-triton", 9.0), row("A", "mimac-cuda", 7.5), row("A", "eager", 1.0),
+               row("B", "mimac-triton", 3.0), row("B", "mimac-cuda", 0.0, "oom")]  # fmt: skip
+    lines = quick_check.backend_choice(timings)
+    assert lines[1] == "| case | cuda ms | triton ms | faster |"
+    assert lines[3:] == ["| A | 7.50 | 9.00 | cuda |"]  # B: one backend ran, no choice
+    assert quick_check.backend_choice(timings[2:3]) == []

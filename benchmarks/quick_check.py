@@ -285,7 +285,7 @@ def _triton_version() -> str | None:
 
 def environment(device: torch.device) -> dict:
     """Device, driver and versions for the record."""
-    env = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": os.environ.get("MIMAC_COMMIT", "unknown"), "torch": torch.__version__,
            "cuda": torch.version.cuda, "triton": _triton_version(),
            "python": platform.python_version(), "device": device.type}  # fmt: skip

@@ -4,6 +4,9 @@ the JSON it writes, the join with the static estimate, and the float64 check's v
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,22 @@ def test_backend_choice_sets_both_gpu_backends_side_by_side() -> None:
     assert lines[1] == "| case | cuda ms | triton ms | faster |"
     assert lines[3:] == ["| A | 7.50 | 9.00 | cuda |"]  # B: one backend ran, no choice
     assert quick_check.backend_choice(timings[2:3]) == []
+
+
+def test_gpu_check_quick_preset_dry_run_on_cpu(tmp_path: Path) -> None:
+    """`STEPS=quick` end to end at tiny sizes: the preset's steps, in order, each
+    bounded and logged, and the quick check's files in the output folder."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "STEPS": "quick", "GPU_CHECK_BUDGET": "200", "PYTHON": sys.executable,
+           "QUICK_TESTS_K": "test_nan_propagates and cosine-all", "MIMAC_COMMIT": "dryrun",
+           "QUICK_ARGS": "--tiny --device cpu --backends torch --baselines eager --repeats 1"}  # fmt: skip
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert proc.returncode == 0, log + proc.stderr
+    assert "steps=env,build,quicktests,headline" in log and "budget=200s" in log
+    started = [ln.split("]")[1].split(":")[0].strip() for ln in log.splitlines() if ": start" in ln]
+    assert started == ["build", "quicktests-cuda-gpu", "quicktests-triton", "headline"]
+    doc = json.loads((tmp_path / "quick_check.json").read_text())
+    assert doc["meta"]["commit"] == "dryrun" and len(doc["timings"]) == 2 * len(HEADLINE)
+    assert len(list(tmp_path.iterdir())) <= 7  # output folders keep 8

@@ -79,6 +79,22 @@ def test_check_fails_a_backend_off_by_one_percent(tmp_path: Path, monkeypatch) -
     assert all(c["loss_err"] > c["loss_bound"] for c in doc["check"])
 
 
+def test_a_failing_backend_is_recorded_and_fails_the_run(tmp_path: Path, monkeypatch) -> None:
+    def broken(case, backend):
+        def loss(a, b):
+            raise RuntimeError("kernel launch failed")
+
+        return loss
+
+    monkeypatch.setattr(quick_check, "ours", broken)
+    rc, doc = _run(tmp_path, "--no-check")
+    assert rc == 1
+    ours = [t for t in doc["timings"] if t["provider"] == "mimac-torch"]
+    assert len(ours) == len(HEADLINE) and all(t["status"] == "error" for t in ours)
+    assert all("kernel launch failed" in t["error"] and t["model_error"] is None for t in ours)
+    assert all(t["status"] == "ok" for t in doc["timings"] if t["provider"] == "eager")
+
+
 def test_deadline_skips_and_says_so(tmp_path: Path) -> None:
     rc, doc = _run(tmp_path, "--deadline", "0", "--no-check")
     assert rc == 0 and doc["timings"] == [] and doc["check"] == []

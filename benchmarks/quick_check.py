@@ -1,5 +1,5 @@
 """The headline cases in a few minutes: a large correctness check, then the timings,
-each next to the static sm_90 estimate (benchmarks/results/*-static-sm90).
+each next to the static sm_90 estimate (the newest benchmarks/results/*-static-sm90).
 
     python -m benchmarks.quick_check --out $OUT --deadline 150      # on a GPU
     python -m benchmarks.quick_check --device cpu --tiny --out /tmp/q --backends torch
@@ -47,7 +47,17 @@ from torch import Tensor
 
 from mimac_kernels import dispatch, fused_contrastive_loss, reference_contrastive_loss
 
-ESTIMATES = Path(__file__).parent / "results" / "2026-12-03-static-sm90"
+RESULTS = Path(__file__).parent / "results"
+
+
+def newest_estimates(results: Path = RESULTS) -> Path:
+    """The newest ``<date>-static-sm90`` folder that holds an ``estimate-triton*.json``
+    (folders are named by date, so the last in name order is the newest)."""
+    folders = [f for f in sorted(results.glob("*-static-sm90")) if any(f.glob("estimate-*.json"))]
+    return folders[-1] if folders else results / "none-static-sm90"
+
+
+ESTIMATES = newest_estimates()
 #: Triton version whose estimate is used when the running one has none (the GPU machines').
 DEFAULT_ESTIMATE = "3.6.0"
 GPU_BACKENDS = ("triton", "cuda")
@@ -420,9 +430,10 @@ def run(args: argparse.Namespace) -> dict:
     clock = Clock(args.deadline)
     device = torch.device(args.device)
     dtype = torch.bfloat16
-    est_file, estimates = load_estimates(_triton_version())
+    est_file, estimates = load_estimates(_triton_version(), Path(args.estimates))
     meta = {**environment(device), "tiny": args.tiny, "dtype": "bfloat16",
-            "estimate_file": est_file, "estimates": estimates,
+            "estimate_file": f"{Path(args.estimates).name}/{est_file}" if est_file else "",
+            "estimates": estimates,
             "deadline_s": args.deadline, "repeats": args.repeats}  # fmt: skip
     rec = Recorder(Path(args.out), meta)
     backends = _usable([b for b in args.backends.split(",") if b], device, dtype, rec)
@@ -484,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--baselines", default="eager,compile", help="eager and/or compile")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--estimates",
+        default=str(ESTIMATES),
+        help="folder of the static estimate-tritonX.json files",
+    )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the float64 check")
     p.add_argument(
         "--min-left",

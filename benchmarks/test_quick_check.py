@@ -40,6 +40,16 @@ def test_estimate_falls_back_to_the_gpu_machines_triton() -> None:
     assert load_estimates(None)[0] == name
 
 
+def test_newest_estimate_folder_is_used(tmp_path: Path) -> None:
+    for name in ("2026-12-03-static-sm90", "2026-12-09-static-sm90", "2026-12-10-static-sm90"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "2026-12-03-static-sm90" / "estimate-triton3.6.0.json").write_text("{}")
+    (tmp_path / "2026-12-09-static-sm90" / "estimate-triton3.6.0.json").write_text("{}")
+    # The 12-10 folder has no estimate (only resources, say): not chosen.
+    assert quick_check.newest_estimates(tmp_path).name == "2026-12-09-static-sm90"
+    assert load_estimates("3.6.0", tmp_path / "none-static-sm90") == ("", {})
+
+
 def test_tiny_run_records_timings_beside_the_estimate(tmp_path: Path) -> None:
     rc, doc = _run(tmp_path)
     assert rc == 0
@@ -49,6 +59,7 @@ def test_tiny_run_records_timings_beside_the_estimate(tmp_path: Path) -> None:
         assert key in meta, key
     assert meta["tiny"] is True and "running" not in meta
     _, est = load_estimates(meta["triton"])
+    assert meta["estimate_file"].startswith(ESTIMATES.name + "/estimate-triton")
     # Every case, ours first then eager, each joined to its own case's estimate.
     got = [(t["case"], t["provider"]) for t in doc["timings"]]
     assert got == [(c.name, p) for c in HEADLINE for p in ("mimac-torch", "eager")]

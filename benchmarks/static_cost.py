@@ -1,0 +1,440 @@
+"""Static cost model of the Triton kernels on an H100 SXM, from their compiled sm_90 SASS.
+
+An *estimate*, never a measurement. For each launch the runtime makes for a
+case (``triton_launches.launch_plan``: its tiles, warps, stages, grid and the
+JIT's divisibility specialisation), the kernel is compiled for sm_90, its hot
+loop found in the SASS (``sass_counts``) and counted per column tile: issue
+slots, ``MUFU`` (``EX2``), tensor-core multiply-adds by instruction shape,
+shared-memory and global bytes, atomics. One tile then costs the largest of
+
+- issue: warp instructions / 4 per clock (one scheduler per SM sub-partition);
+- SFU: MUFU lanes / 16 per clock (``exp2`` and every other MUFU op);
+- tensor: 2 x MACs / (dense bf16 rate / 132 SMs);
+- shared memory: bytes / 128 per clock (32 banks x 4 bytes);
+
+and a program costs its tiles plus its instructions outside the loop (issue
+only). Programs are dealt to ``SMs x CTAs-per-SM`` slots in launch order, each
+slot running at ``1 / CTAs-per-SM`` of its SM; a launch lasts until its last
+slot is done, and at least its compulsory DRAM traffic at the HBM rate. The
+case is the sum of its launches. The floor (``sm90_rates.floor``, the symmetric
+design of design/performance.md) over the estimate is the share of the floor.
+
+Tiles per hot-loop iteration come from the MACs (a whole number of tiles; the
+rest is reported as redundant tensor work), so a loop whose every GEMM is
+issued twice would read as unrolled twice: the tests pin the real kernels at
+one tile per iteration.
+
+The model sees no latency: dependency stalls, barriers, L2 hit rates and
+atomic throughput, launch gaps and clocks under load all make real kernels
+slower, so a kernel that only reaches a target here has not reached it.
+
+    python -m benchmarks.static_cost --out benchmarks/results/<date>-static-sm90
+"""
+
+from __future__ import annotations
+
+from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
+
+# isort: split
+
+import argparse
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import triton
+
+from benchmarks import sass_counts, sm90_rates
+from benchmarks.sm90_compile import compile_kernel, resource_usage, sass, warps_per_cta
+from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan
+from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
+from mimac_kernels.triton import kernels as K
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def tile_macs(launch: Launch) -> int:
+    """Tensor-core MACs one column tile of ``launch`` needs (D padded to whole BLOCK_D steps):
+    one GEMM for the scores, a second for the gradient in ``bwd``."""
+    cfg = launch.cfg
+    padded = cfg.block_d * _cdiv(launch.d, cfg.block_d)
+    return cfg.block_m * cfg.block_n * padded * (2 if launch.kind == "bwd" else 1)
+
+
+@dataclass
+class Profile:
+    """A compiled launch's counts per column tile (whole CTA) and its resources."""
+
+    kernel: str
+    resources: dict
+    warps_per_cta: list
+    ctas_per_sm: int
+    unroll: int
+    #: Tensor MACs issued per useful MAC (1.0: none redundant).
+    tensor_redundancy: float
+    per_tile: dict  # per-warp counts of one tile (one source iteration of the hot loop)
+    outside_issue: int  # per-warp instructions outside the hot loop
+
+    def tile_seconds(self, num_warps: int, rates: Rates = H100) -> dict[str, float]:
+        """The bounds of one tile on a whole SM, in seconds (see the module docstring)."""
+        t = self.per_tile
+        clock = rates.clock_hz
+        return {
+            "issue": t["issue"] * num_warps / rates.issue_per_clock / clock,
+            "sfu": t["mufu_all"] * num_warps * 32 / rates.mufu_per_clock / clock,
+            "tensor": 2 * t["tensor_macs_per_cta"] / (rates.tensor_flops / rates.sms),
+            "shared": t["shared_bytes"] * num_warps / rates.shared_bytes_per_clock / clock,
+        }
+
+
+def profile(launch: Launch) -> Profile:
+    """Compile ``launch`` for sm_90 and count its hot loop per column tile.
+
+    The hot loop is the top-level loop holding the tensor-core work; inner loops
+    (the D chunks when D is wider than one register tile) run ``ceil(D / BLOCK_D)``
+    times, as in the source. The counts are divided by the iteration's share of
+    tiles, the whole number of :func:`tile_macs` in its MACs (ptxas may unroll);
+    MACs beyond that are redundant work and are reported, and fewer MACs than one
+    tile is an error.
+    """
+    cfg = launch.cfg
+    compiled = compile_kernel(launch.fn, launch.args, cfg.num_warps, cfg.num_stages)
+    instrs = sass_counts.parse(sass(compiled))
+    loops = sass_counts.find_loops(instrs)
+    trips = _cdiv(launch.d, cfg.block_d)
+    best, best_macs, best_counts = None, 0, None
+    for lp in loops:
+        counts = sass_counts.iteration_counts(instrs, lp, [trips] * len(lp.inner))
+        macs = counts.macs_per_cta(cfg.num_warps)
+        if macs > best_macs:
+            best, best_macs, best_counts = lp, macs, counts
+    if best is None:
+        raise RuntimeError(f"{launch.name}: no loop with tensor-core work in its SASS")
+    # Tiles per iteration: ptxas may unroll a loop. A remainder is redundant tensor work
+    # (the bwd at 64-row tiles and 8 warps has both warpgroups compute the score GEMM).
+    unroll = best_macs // tile_macs(launch)
+    if unroll < 1:
+        raise RuntimeError(f"{launch.name}: hot loop does {best_macs} MACs per iteration, "
+                           f"less than one {tile_macs(launch)}-MAC tile")  # fmt: skip
+    redundancy = best_macs / (unroll * tile_macs(launch))
+    per = best_counts.to_dict(cfg.num_warps)
+    per_tile = {k: (v / unroll if isinstance(v, int) else {s: c / unroll for s, c in v.items()})
+                for k, v in per.items()}  # fmt: skip
+    res = resource_usage(compiled)
+    # Once per program: everything outside the hot loop, other loops' bodies once each.
+    outside = sass_counts.outside_counts(instrs, [best]).issue
+    return Profile(launch.name, res, warps_per_cta(compiled.asm["ttgir"]),
+                   ctas_per_sm(res["registers"], res["shared"], cfg.num_warps), unroll,
+                   redundancy, per_tile, outside)  # fmt: skip
+
+
+def compulsory_bytes(launch: Launch) -> int:
+    """DRAM bytes a launch cannot avoid: its inputs read once, its outputs written once."""
+    size = ELEMENT[launch.args["X"].dtype]
+    r, c, d = launch.rows, launch.cols, launch.d
+    inputs = (r + (0 if launch.all_pairs else c)) * d * size
+    if launch.kind == "bwd":
+        return inputs + r * d * 4 + 4 * 4 * r  # dX float32, statistics
+    return inputs + 2 * 4 * (r + c)  # sums / log-sum-exps
+
+
+def estimate_launch(launch: Launch, prof: Profile, resweep_blocks: int = 0,
+                    rates: Rates = H100) -> dict:  # fmt: skip
+    """Seconds of one launch and what bounds it."""
+    warps = launch.cfg.num_warps
+    bounds = prof.tile_seconds(warps, rates)
+    tile = max(bounds.values())
+    fixed = prof.outside_issue * warps / rates.issue_per_clock / rates.clock_hz
+    tiles = tiles_per_program(launch, resweep_blocks)
+    progs = [fixed + n * tile for n in tiles]
+    k = max(prof.ctas_per_sm, 1)
+    span = makespan(progs, rates.sms * k, k)
+    dram = compulsory_bytes(launch) / rates.dram_bytes_per_s
+    seconds = max(span, dram)
+    binding = "dram" if dram > span else max(bounds, key=bounds.get)
+    t = prof.per_tile
+    l2 = (t["global_bytes"] + t["atomic_bytes"]) * warps
+    busy = sum(tiles) * tile
+    elements = launch.cfg.block_m * launch.cfg.block_n  # useful score elements of a tile
+    per_element = {
+        "issue_slots": t["issue"] * warps / elements,
+        "mufu_ex2": t["mufu_ex2"] * warps * 32 / elements,
+        "mufu_all": t["mufu_all"] * warps * 32 / elements,
+        "tensor_macs": t["tensor_macs_per_cta"] / elements,
+        "atomic_bytes": t["atomic_bytes"] * warps / elements,
+        "global_bytes": t["global_bytes"] * warps / elements,
+        "shared_bytes": t["shared_bytes"] * warps / elements,
+    }
+    return {
+        "kernel": launch.name, "grid": list(launch.grid), "programs": len(tiles),
+        "tiles": sum(tiles), "tile_us": {name: v * 1e6 for name, v in bounds.items()},
+        "per_element": per_element,
+        "binding": binding, "seconds": seconds, "dram_seconds": dram,
+        "balance": busy / (span * rates.sms) if span > 0 else 1.0,
+        "l2_bytes_per_tile": l2,
+        # L2 bandwidth at which the per-tile global traffic would cost as much as the tile:
+        "l2_break_even_tb_s": l2 * rates.sms / tile / 1e12 if tile > 0 else 0.0,
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StaticCase:
+    """One headline case: pairing, rows of S per side, D, tau and the data's positive cosine."""
+
+    name: str
+    pairing: str
+    rows: int  # M for ``all`` (2N rows of Z), N for ``cross``
+    d: int
+    tau: float
+    positive_cos: float = 0.3
+    dtype: str = "bf16"
+
+    @property
+    def n(self) -> int:
+        return self.rows // 2 if self.pairing == "all" else self.rows
+
+
+CASES = (
+    StaticCase("NT-Xent M=65,536 D=128", "all", 65536, 128, 0.1),
+    StaticCase("NT-Xent M=65,536 D=512", "all", 65536, 512, 0.1),
+    StaticCase("CLIP N=65,536 D=128", "cross", 65536, 128, 0.1),
+    StaticCase("CLIP N=65,536 D=128, tau=0.01, positives ~0.3 cos", "cross", 65536, 128, 0.01),
+)
+#: Cases the current runtime cannot launch, and why (listed in the results).
+NOT_MODELLED = {
+    "8 ranks x 8,192 local rows vs 65,536 gathered columns, D=128, bf16": (
+        "the Triton launcher takes a and b of one shape (square S) and the distributed "
+        "losses run the torch reference, so no rectangular launch exists to model"
+    ),
+}
+
+
+def floor(case: StaticCase, rates: Rates = H100) -> dict:
+    """Physical floor of ``case``'s forward + backward (``sm90_rates.floor``)."""
+    return sm90_rates.floor(case.pairing, case.rows, case.d, rates)
+
+
+def synthetic_views(n: int, d: int, positive_cos: float, seed: int = 0) -> tuple:
+    """Unit rows ``a``, ``b`` (float32 ``(n, d)``) with ``a_i . b_i`` near ``positive_cos``
+    and unrelated pairs near 0 (random directions)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    noise = torch.randn(n, d, generator=g)
+    noise = torch.nn.functional.normalize(noise - (noise * a).sum(1, keepdim=True) * a, dim=1)
+    b = positive_cos * a + math.sqrt(1 - positive_cos**2) * noise
+    return a, b
+
+
+def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
+                     seed: int = 0) -> dict:  # fmt: skip
+    """Estimated share of row blocks the finalize kernel re-sweeps, on synthetic data.
+
+    Runs the runtime's rule: shift = (1/tau) max|x| max|y| (the launcher's
+    Cauchy-Schwarz bound), a row needs the running-max sweep when its shifted
+    float32 exp-sum falls below ``kernels.UNDERFLOW``, and its whole row block of
+    ``block_m`` rows is then redone. ``sample_blocks`` blocks of consecutive rows
+    are evaluated against every column of the case's full size. For ``cross``
+    the column statistics (the second finalize) use the same data transposed.
+    """
+    a, b = synthetic_views(case.n, case.d, case.positive_cos, seed)
+    inv_tau = 1.0 / case.tau
+    out = {}
+    sides = {"rows": (a, b)} if case.pairing == "all" else {"rows": (a, b), "cols": (b, a)}
+    for side, (x, y) in sides.items():
+        if case.pairing == "all":
+            x = y = torch.cat([a, b])
+        shift = inv_tau * x.norm(dim=1).max() * y.norm(dim=1).max()
+        g = torch.Generator().manual_seed(seed + 1)
+        n_blocks = _cdiv(x.shape[0], block_m)
+        picks = torch.randperm(n_blocks, generator=g)[:sample_blocks].tolist()
+        need_rows, need_blocks, seen = 0, 0, 0
+        for blk in picks:
+            rows = torch.arange(blk * block_m, min((blk + 1) * block_m, x.shape[0]))
+            s = (x[rows] @ y.T) * inv_tau - shift
+            if case.pairing == "all":
+                s[torch.arange(len(rows)), rows] = -math.inf  # the self-pair is masked
+            sums = torch.exp(s).sum(dim=1)
+            need = sums < K.UNDERFLOW.value
+            need_rows += int(need.sum())
+            need_blocks += int(need.any())
+            seen += len(rows)
+        out[side] = {"rows": need_rows / seen, "blocks": need_blocks / len(picks),
+                     "sampled_rows": seen}  # fmt: skip
+    return out
+
+
+def estimate_case(case: StaticCase, rates: Rates = H100, cache: dict | None = None) -> dict:
+    """Forward + backward estimate of ``case``: per launch and in total, with the floor."""
+    cache = {} if cache is None else cache
+    plan = launch_plan(case.pairing, case.n, case.d, case.dtype, sms=rates.sms)
+    fin_cfg = next(lc.cfg for lc in plan if lc.kind == "finalize")
+    frac = resweep_fraction(case, fin_cfg.block_m)
+    sides = iter(["rows", "cols"])
+    launches, profiles = [], {}
+    for lc in plan:
+        key = (lc.name, tuple(sorted((k, repr(v)) for k, v in lc.args.items())))
+        if key not in cache:
+            cache[key] = profile(lc)
+        prof = cache[key]
+        profiles[lc.kind] = prof
+        resweep = 0
+        if lc.kind == "finalize":
+            resweep = round(frac[next(sides)]["blocks"] * lc.grid[0])
+        est = estimate_launch(lc, prof, resweep, rates)
+        est.update({"kind": lc.kind, "resweep_blocks": resweep,
+                    "config": asdict(lc.cfg), "col_blocks": lc.col_blocks})  # fmt: skip
+        launches.append(est)
+    total = sum(e["seconds"] for e in launches)
+    top = max(launches, key=lambda e: e["seconds"])
+    fl = floor(case, rates)
+    return {
+        "case": asdict(case), "estimate_ms": total * 1e3, "floor_ms": fl["seconds"] * 1e3,
+        "floor": fl, "share_of_floor": fl["seconds"] / total,
+        "binding": f"{top['binding']} ({top['kind']})", "launches": launches,
+        "resweep_fraction_estimated": frac,
+        "profiles": {k: {**asdict(p), "num_warps": next(lc.cfg.num_warps for lc in plan
+                                                         if lc.kind == k)}
+                     for k, p in profiles.items()},
+    }  # fmt: skip
+
+
+def _shapes(*counters: dict) -> str:
+    """``8 x 64x128x16 HGMMA`` etc. for the tensor-core shapes of the counters."""
+    parts = [f"{v:g} x {k} {name}" for name, c in zip(("HGMMA", "HMMA"), counters)
+             for k, v in c.items()]  # fmt: skip
+    return ", ".join(parts) or "-"
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    """The results as Markdown tables, labelled as a static estimate."""
+    lines = [
+        f"# Static estimate (not a measurement): sm_90 SASS from triton {meta['triton']}",
+        "",
+        f"`python -m benchmarks.static_cost` ({meta['date']}). H100 SXM rates with their",
+        "sources in `benchmarks/sm90_rates.py`. Forward + backward, bf16, one head. Every",
+        "figure is an *estimate* from instruction counts: the model sees no latency, stalls,",
+        "L2 misses or atomic contention, so real kernels will be slower.",
+        "",
+        "| case | estimated ms | floor ms | share of floor | binding bound (launch) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['case']['name']} | {r['estimate_ms']:.2f} | {r['floor_ms']:.2f} | "
+                     f"{100 * r['share_of_floor']:.0f} % | {r['binding']} |")  # fmt: skip
+    lines += [
+        "",
+        (
+            "Per launch: tile bounds in microseconds per column tile on one SM, "
+            "balance = share of SM time the schedule keeps busy."
+        ),
+        "",
+        "| case | kernel | grid | tiles | issue | SFU | tensor | shared | binding "
+        + "| balance | L2 TB/s to keep up | ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        for e in r["launches"]:
+            t = e["tile_us"]
+            lines.append(
+                f"| {r['case']['name']} | {e['kind']} | {'x'.join(map(str, e['grid']))} | "
+                f"{e['tiles']} | {t['issue']:.3f} | {t['sfu']:.3f} | {t['tensor']:.3f} | "
+                f"{t['shared']:.3f} | {e['binding']} | {100 * e['balance']:.0f} % | "
+                f"{e['l2_break_even_tb_s']:.1f} | {1e3 * e['seconds']:.3f} |"
+            )
+    lines += [
+        "",
+        (
+            "Hot loop per useful score element (whole CTA; tensor-core instructions per "
+            "tile and warp), and resources:"
+        ),
+        "",
+        "| case | kernel | tile (M x N x D step), warps, stages | issue slots | EX2 | "
+        + "MACs (issued / useful) | tensor instructions per warp | atomic B | regs | "
+        + "spill B | shared B | warpsPerCTA | CTAs/SM |",
+        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        seen = set()
+        for e in r["launches"]:
+            if e["kind"] in seen:
+                continue
+            seen.add(e["kind"])
+            p, pe, c = r["profiles"][e["kind"]], e["per_element"], e["config"]
+            res = p["resources"]
+            lines.append(
+                f"| {r['case']['name']} | {e['kind']} | {c['block_m']} x {c['block_n']} x "
+                f"{c['block_d']}, {c['num_warps']}, {c['num_stages']} | "
+                f"{pe['issue_slots']:.3f} | {pe['mufu_ex2']:.2f} | {pe['tensor_macs']:.0f} "
+                f"({p['tensor_redundancy']:.2f}x) | "
+                f"{_shapes(p['per_tile']['hgmma'], p['per_tile']['hmma'])} | "
+                f"{pe['atomic_bytes']:.3f} | {res['registers']} | {res['local']} | "
+                f"{res['shared']} | {p['warps_per_cta']} | {p['ctas_per_sm']} |"
+            )
+    lines += [
+        "",
+        (
+            "Where the issue slots of a tile go (whole CTA, per useful element, top 8 "
+            "opcode families):"
+        ),
+        "",
+    ]
+    for r in results:
+        for kind, p in r["profiles"].items():
+            e = next(x for x in r["launches"] if x["kind"] == kind)
+            elements = e["config"]["block_m"] * e["config"]["block_n"]
+            top = list(p["per_tile"]["opcodes"].items())[:8]
+            lines.append(f"- {r['case']['name']}, {kind}: " + ", ".join(
+                f"{op} {v * p['num_warps'] / elements:.3f}" for op, v in top))  # fmt: skip
+    lines += [
+        "",
+        "Re-sweep of underflowed row blocks (finalize), *estimated* on synthetic",
+        "data (unit rows, positives at the stated cosine; sampled row blocks of the",
+        "full-size problem, the launcher's shift rule and the kernel's threshold):",
+        "",
+    ]
+    for r in results:
+        lines.append(f"- {r['case']['name']} (tau = {r['case']['tau']:g}): " + "; ".join(
+            f"{side}: {100 * v['rows']:.0f} % of {v['sampled_rows']} sampled rows, "
+            f"{100 * v['blocks']:.0f} % of their blocks"
+            for side, v in r["resweep_fraction_estimated"].items()))  # fmt: skip
+    lines += ["", "Not modelled:", ""]
+    lines += [f"- {k}: {v}." for k, v in NOT_MODELLED.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.static_cost",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser.add_argument("--out", type=Path, help="folder for estimate.json and estimate.md")
+    parser.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
+    args = parser.parse_args(argv)
+    picks = range(len(CASES)) if not args.cases else [int(x) for x in args.cases.split(",")]
+    cache: dict = {}
+    results = []
+    for i in picks:
+        r = estimate_case(CASES[i], cache=cache)
+        results.append(r)
+        print(f"{r['case']['name']}: estimated {r['estimate_ms']:.2f} ms, floor "
+              f"{r['floor_ms']:.2f} ms ({100 * r['share_of_floor']:.0f} %), "
+              f"binding {r['binding']}", flush=True)  # fmt: skip
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "triton": triton.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "target": "sm_90 (offline, no GPU)",
+            "kind": "static estimate, not a measurement", "rates": asdict(H100)}  # fmt: skip
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tag = f"triton{triton.__version__}"
+        doc = {"meta": meta, "results": results, "not_modelled": NOT_MODELLED}
+        (args.out / f"estimate-{tag}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (args.out / f"estimate-{tag}.md").write_text(markdown(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

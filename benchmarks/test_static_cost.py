@@ -1,0 +1,238 @@
+"""Tests of the static cost model: SASS counts exact on kernels known by construction.
+
+Compiling needs Triton without its interpreter, and the compiling modules drop
+``TRITON_INTERPRET`` on import, so everything that compiles runs in one child
+process (a few small kernels plus two real ones, well under a minute); the
+parsing and the arithmetic are checked here directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import sass_counts as S
+from benchmarks.sm90_rates import H100, ctas_per_sm, floor, makespan
+
+# Outer loop 0x20..0xa0 holding an inner loop 0x40..0x60, then the trailing sled.
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00 */
+        /*0010*/                   MUFU.EX2 R2, R3 ;                      /* 0x00 */
+        /*0020*/                   MUFU.EX2 R4, R5 ;                      /* 0x00 */
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0040*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0060*/              @!P0 BRA 0x40 ;
+        /*0070*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR16][R24.64], R8 ;
+        /*0080*/              @!PT LDS RZ, [RZ] ;
+        /*0084*/                   LDGDEPBAR ;
+        /*0088*/                   REDUX.SUM UR4, R2 ;
+        /*008c*/                   STSM.16.M88.4 [R3], R8 ;
+        /*0090*/                   HGMMA.64x64x16.F32.BF16 R24, R88, gdesc[UR12].tnspB, R24 ;
+        /*00a0*/               @P0 BRA 0x20 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+        /*00d0*/                   NOP;
+"""
+
+
+def test_sass_loops_and_counts_of_hand_written_code() -> None:
+    instrs = S.parse(_SASS)
+    assert [i.addr for i in instrs][-1] == 0xB0  # the sled ends the function
+    loops = S.find_loops(instrs)
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xA0)]
+    assert [(lp.start, lp.end) for lp in loops[0].inner] == [(0x40, 0x60)]
+    c = S.iteration_counts(instrs, loops[0], [3])
+    assert c.issue == 9 + 3 * 3
+    assert (c.ex2, c.mufu) == (1, 1)
+    assert dict(c.hgmma) == {"64x128x16": 1, "64x64x16": 1}
+    assert dict(c.hmma) == {"16x8x16": 3}
+    assert (c.atomics, c.atomic_bytes) == (1, 32 * 16)  # REDUX is no atomic
+    assert c.global_bytes == 3 * 32 * 16  # LDGDEPBAR moves nothing
+    # wgmma operands from shared memory, per warp (a quarter of the warpgroup's):
+    # B always, A only when given by descriptor; the @!PT load moves nothing; STSM.4
+    # stores four 8x8 bf16 matrices.
+    assert c.shared_bytes == ((128 * 16 + 64 * 16) * 2 + 64 * 16 * 2) // 4 + 4 * 8 * 8 * 2
+    warps = 8
+    wgmma = (64 * 128 * 16 + 64 * 64 * 16) * warps // 4
+    assert c.macs_per_cta(warps) == wgmma + 3 * 16 * 8 * 16 * warps
+    out = S.outside_counts(instrs, loops)
+    assert (out.issue, out.ex2) == (3, 1)
+    with pytest.raises(ValueError, match="inner loops"):
+        S.iteration_counts(instrs, loops[0], [])
+    with pytest.raises(ValueError, match="no SASS"):
+        S.parse("not sass")
+
+
+def test_rates_occupancy_floor_and_schedule() -> None:
+    # 128 registers x 8 warps fit twice in 64K registers; 131,584 B of shared memory once.
+    assert ctas_per_sm(128, 0, 8) == 2
+    assert ctas_per_sm(128, 131584, 8) == 1
+    assert ctas_per_sm(255, 0, 8) == 1  # 255 rounds up to 256 per thread
+    assert ctas_per_sm(32, 0, 4) == 16  # the warp limit, 64 per SM
+    assert floor("all", 65536, 128)["seconds"] == pytest.approx(2.22e-3, rel=0.01)
+    clip = floor("cross", 65536, 128)
+    assert clip["seconds"] == pytest.approx(4.45e-3, rel=0.01) and clip["bound"] == "tensor"
+    assert H100.exp_per_s == pytest.approx(16 * 132 * 1.98e9)
+    assert makespan([1.0] * 264, 132, 1.0) == 2.0
+    assert makespan([1.0, 1.0, 1.0], 2, 2.0) == 4.0  # the third waits for a slot
+    assert makespan([5.0, 1.0, 1.0], 2, 1.0) == 5.0
+    with pytest.raises(ValueError, match="pairing"):
+        floor("rows", 8, 8)
+
+
+_COMPILE_SCRIPT = r"""
+import json, sys
+try:
+    from benchmarks.sm90_compile import Ptr, compile_kernel, sass, specialise
+except ImportError as exc:
+    print("NOAPI", exc); sys.exit(0)
+from benchmarks import sass_counts as S
+from benchmarks import sass_probe_kernels as P
+
+def loop_counts(fn, args, warps, capability=90):
+    ck = compile_kernel(fn, args, warps, 3, capability)
+    instrs = S.parse(sass(ck))
+    loops = S.find_loops(instrs)
+    assert len(loops) >= 1 and not loops[0].inner, loops
+    return S.iteration_counts(instrs, loops[0], []).to_dict(warps)
+
+out = {}
+try:
+    f32, bf16 = Ptr("fp32"), Ptr("bf16")
+    out["exp2"] = loop_counts(P.exp2_loop_kernel,
+                              dict(X=f32, OUT=f32, n=4096, K_EXP=3, BLOCK=1024), 4)
+    dot = dict(A=bf16, B=bf16, OUT=f32, k=1024, BM=128, BN=64, BK=32)
+    out["dot90"] = loop_counts(P.dot_loop_kernel, dot, 4)
+    out["dot80"] = loop_counts(P.dot_loop_kernel, dot, 4, 80)
+    out["atomic"] = loop_counts(P.atomic_loop_kernel, dict(X=f32, SUM=f32, n=4096, BLOCK=512), 4)
+except (ImportError, TypeError) as exc:
+    print("NOAPI", exc); sys.exit(0)
+
+sig, consts, attrs = specialise(P.exp2_loop_kernel, dict(X=f32, OUT=Ptr("fp32", False),
+                                                         n=1, K_EXP=3, BLOCK=1024))
+out["spec_small"] = [sig, consts, sorted(k[0] for k in attrs)]
+sig, consts, attrs = specialise(P.atomic_loop_kernel, dict(X=f32, SUM=f32, n=2**31 + 16,
+                                                          BLOCK=16))
+out["spec_big"] = [sig, sorted(k[0] for k in attrs)]
+
+try:
+    specialise(P.atomic_loop_kernel, dict(X=f32, SUM=f32, BLOCK=16))
+except ValueError as exc:
+    out["spec_error"] = str(exc)
+
+from benchmarks import static_cost
+from benchmarks.triton_launches import launch_plan, tiles_per_program
+plan = launch_plan("all", 32768, 128)
+out["plan"] = [[lc.kind, list(lc.grid), lc.cfg.block_m, lc.cfg.block_n, sum(tiles_per_program(lc)),
+                sum(tiles_per_program(lc, resweep_blocks=3))] for lc in plan]
+out["plan_cross"] = [[lc.kind, sum(tiles_per_program(lc))] for lc in launch_plan("cross", 1000, 64)]
+for lc in plan:
+    if lc.kind in ("fwd", "bwd"):
+        prof = static_cost.profile(lc)
+        out[lc.kind] = {"per_tile": prof.per_tile, "unroll": prof.unroll,
+                        "redundancy": prof.tensor_redundancy, "tile_macs": static_cost.tile_macs(lc),
+                        "cfg": [lc.cfg.block_m, lc.cfg.block_n, lc.cfg.num_warps]}
+
+from benchmarks.triton_resources import compile_variants
+out["ttir_hinted"] = [ck.asm["ttir"].count("tt.divisibility = 16")
+                      for _, ck in compile_variants([("bf16", 128, True, False)])]
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], check=False,
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)  # fmt: skip
+    if proc.stdout.startswith("NOAPI"):
+        pytest.skip(f"this triton has no offline compile API: {proc.stdout.strip()}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")]
+    assert lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][4:])
+
+
+def test_exp2_count_is_exact(compiled: dict) -> None:
+    c = compiled["exp2"]
+    unroll, rest = divmod(c["global_bytes"] * 4, 1024 * 4)  # one BLOCK of fp32 loaded per pass
+    assert rest == 0 and unroll >= 1
+    assert c["mufu_ex2"] == 3 * 1024 // (32 * 4) * unroll  # K_EXP x BLOCK over 4 warps
+    assert c["tensor_macs_per_cta"] == 0 and c["atomics"] == 0
+
+
+def test_dot_shape_is_exact(compiled: dict) -> None:
+    macs = 128 * 64 * 32
+    hopper, ampere = compiled["dot90"], compiled["dot80"]
+    assert hopper["tensor_macs_per_cta"] == macs and ampere["tensor_macs_per_cta"] == macs
+    # sm_90: one warpgroup, m64n64k16 wgmma: 2 row halves x 2 k steps.
+    assert hopper["hgmma"] == {"64x64x16": 4} and hopper["hmma"] == {}
+    # sm_80: mma.sync m16n8k16, 128 of them over 4 warps.
+    assert ampere["hmma"] == {"16x8x16": 32} and ampere["hgmma"] == {}
+    assert hopper["mufu_ex2"] == 0
+
+
+def test_atomic_count_is_exact(compiled: dict) -> None:
+    c = compiled["atomic"]
+    unroll, rest = divmod(c["global_bytes"] * 4, 512 * 4)  # ptxas unrolls this small loop
+    assert rest == 0 and unroll >= 1
+    assert c["atomic_bytes"] * 4 == 512 * 4 * unroll  # BLOCK floats added per pass
+    # As float32x4 reductions: 512 floats / (4 warps x 32 lanes x 4) = one per warp and pass.
+    assert c["atomics"] == unroll
+
+
+def test_specialisation_follows_the_jit(compiled: dict) -> None:
+    sig, consts, hinted = compiled["spec_small"]
+    assert sig["X"] == "*fp32" and sig["n"] == "constexpr" and consts["n"] == 1
+    assert consts["K_EXP"] == 3 and hinted == [0]  # OUT unaligned, n == 1 is a constant
+    sig, hinted = compiled["spec_big"]
+    assert sig["n"] == "i64" and hinted == [0, 1, 2]  # 2^31 + 16: 64-bit, multiple of 16
+    assert "missing ['n']" in compiled["spec_error"]
+
+
+def test_launch_plan_covers_every_tile(compiled: dict) -> None:
+    """NT-Xent with 65,536 rows of Z: the forward visits each unordered pair of row blocks
+    once (T (T + 1) / 2 tiles), the backward every tile, the finalize none unless asked."""
+    (fwd, grid, bm, bn, tiles, _), fin, bwd = compiled["plan"]
+    assert fwd == "fwd" and bm == bn
+    t = 65536 // bm
+    assert grid[0] == t and tiles == t * (t + 1) // 2
+    assert fin[0] == "finalize" and fin[4] == 0 and fin[5] == 3 * (65536 // fin[3])
+    assert bwd[0] == "bwd" and bwd[4] == (65536 // bwd[2]) * (65536 // bwd[3])
+    kinds = [k for k, _ in compiled["plan_cross"]]
+    assert kinds == ["fwd", "finalize", "finalize", "bwd", "bwd"]  # dA and dB, rows and columns
+
+
+def test_real_kernels_count_one_tile_per_iteration(compiled: dict) -> None:
+    """NT-Xent, D = 128, bf16: the forward's hot loop is one tile with one exp per element;
+    the backward's is one tile of two GEMMs (scores, gradient) with two exps per score.
+
+    Work the SASS repeats is counted as issued: where the score GEMM runs twice (both
+    warpgroups of a 64-row tile compute it), so do its exps, and the counts say so.
+    """
+    fwd = compiled["fwd"]
+    bm, bn, warps = fwd["cfg"]
+    assert fwd["unroll"] == 1 and fwd["redundancy"] == 1.0
+    assert fwd["per_tile"]["mufu_ex2"] * warps * 32 == bm * bn
+    assert fwd["per_tile"]["tensor_macs_per_cta"] == fwd["tile_macs"]
+    bwd = compiled["bwd"]
+    bm, bn, warps = bwd["cfg"]
+    assert bwd["unroll"] == 1
+    score_copies = 2 * bwd["redundancy"] - 1  # tile MACs = score GEMM + gradient GEMM, equal
+    assert score_copies in (1.0, 2.0)
+    assert bwd["per_tile"]["mufu_ex2"] * warps * 32 == 2 * bm * bn * score_copies
+    assert bwd["per_tile"]["tensor_macs_per_cta"] == bwd["tile_macs"] * bwd["redundancy"]
+
+
+def test_resources_compile_with_the_jit_hints(compiled: dict) -> None:
+    """triton_resources compiles the variant that runs: pointer and size arguments carry
+    ``tt.divisibility = 16`` (without it loads turn scalar and pipelining goes)."""
+    assert len(compiled["ttir_hinted"]) == 3
+    assert all(n >= 5 for n in compiled["ttir_hinted"])

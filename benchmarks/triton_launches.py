@@ -1,0 +1,148 @@
+"""The kernel launches the Triton backend makes for one problem, rebuilt offline.
+
+:func:`launch_plan` is the one place that mirrors the runtime's host code
+(``mimac_kernels/triton``'s launcher): which kernels, in which order, with which
+tiles (``configs.forward_config`` etc.), grid, column split
+(``configs.column_blocks_per_program``) and arguments. Everything else in the
+static model and in ``triton_resources`` takes launches from here, so when the
+launcher changes, this function is what to re-point. It imports only
+``mimac_kernels.triton.kernels`` and ``mimac_kernels.triton.configs``.
+"""
+
+from __future__ import annotations
+
+from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
+
+# isort: split
+
+from dataclasses import dataclass, field
+
+from benchmarks.sm90_compile import Ptr
+from mimac_kernels.triton import configs
+from mimac_kernels.triton import kernels as K
+from mimac_kernels.triton.configs import TileConfig
+
+#: Triton's element names of the input dtypes.
+ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: what to compile (``args`` as the JIT sees them) and its grid.
+
+    ``kind``: ``fwd`` (exp sums), ``finalize`` (log-sum-exp, running-max re-sweep
+    of underflowed row blocks) or ``bwd`` (gradient rows). ``rows``/``cols``:
+    R and C of the launch; ``col_blocks``: column blocks per program.
+    """
+
+    kind: str
+    fn: object = field(repr=False)
+    cfg: TileConfig
+    grid: tuple[int, int, int]
+    args: dict = field(repr=False)
+    rows: int
+    cols: int
+    d: int
+    col_blocks: int
+    all_pairs: bool
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _common(dtype: str, cfg: TileConfig, all_pairs: bool, log_dot: bool) -> dict:
+    return {
+        "ALL": all_pairs, "LOG_DOT": log_dot, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+        "BLOCK_D": cfg.block_d, "SINGLE_D": cfg.single_d,
+        "PREC": configs.float32_precision() if dtype == "fp32" else "ieee", "DOT_F32": False,
+    }  # fmt: skip
+
+
+def launch_plan(
+    pairing: str, n: int, d: int, dtype: str = "bf16", log_dot: bool = False, *, sms: int = 132
+) -> list[Launch]:
+    """The launches of one forward + backward, in order, for ``H = 1`` head.
+
+    ``pairing``: ``all`` (NT-Xent; ``Z = [a; b]`` has ``2n`` rows) or ``cross``
+    (CLIP; ``n`` x ``n``). ``sms``: streaming multiprocessors of the device
+    (the column split aims at ``configs.PROGRAMS_PER_SM`` programs per SM).
+    """
+    if pairing not in ("all", "cross"):
+        raise ValueError(f"pairing must be 'all' or 'cross', got {pairing!r}")
+    if dtype not in ELEMENT:
+        raise ValueError(f"dtype must be one of {sorted(ELEMENT)}, got {dtype!r}")
+    if n < 1 or d < 1:
+        raise ValueError(f"n and d must be positive, got n={n}, d={d}")
+    size = ELEMENT[dtype]
+    target = configs.PROGRAMS_PER_SM * sms
+    all_pairs = pairing == "all"
+    m = 2 * n if all_pairs else n  # rows and columns of S
+    x, f32 = Ptr(dtype), Ptr("fp32")
+    plan: list[Launch] = []
+
+    cfg = configs.forward_config(d, size)
+    tr, tc = _cdiv(m, cfg.block_m), _cdiv(m, cfg.block_n)
+    tiles = tr * (tr + 1) // 2 if all_pairs else tr * tc
+    cb = configs.column_blocks_per_program(tr, tc, tiles, target)
+    args = {"X": x, "Y": x, "INV_TAU": f32, "SHIFT": f32, "ROW_SUM": f32, "COL_SUM": f32,
+            "R": m, "C": m, "D": d, "eps": 1e-12, "COL_BLOCKS": cb,
+            **_common(dtype, cfg, all_pairs, log_dot)}  # fmt: skip
+    grid = (tr, _cdiv(tc, cb), 1)
+    plan.append(Launch("fwd", K.fwd_exp_sums_kernel, cfg, grid, args, m, m, d, cb, all_pairs))
+
+    cfg = configs.finalize_config(d, size)
+    args = {"X": x, "Y": x, "INV_TAU": f32, "SHIFT": f32, "SUM": f32, "LSE": f32,
+            "R": m, "C": m, "D": d, "eps": 1e-12,
+            **_common(dtype, cfg, all_pairs, log_dot)}  # fmt: skip
+    fin = Launch("finalize", K.lse_finalize_kernel, cfg, (_cdiv(m, cfg.block_m), 1, 1), args,
+                 m, m, d, _cdiv(m, cfg.block_n), all_pairs)  # fmt: skip
+    plan += [fin] if all_pairs else [fin, fin]  # cross: rows of S(a, b), then of S(b, a)
+
+    cfg = configs.backward_config(d, size, log_dot)
+    tr, tc = _cdiv(m, cfg.block_m), _cdiv(m, cfg.block_n)
+    cb = configs.column_blocks_per_program(tr, tc, tr * tc, target)
+    chunks = _cdiv(tc, cb)
+    ptrs = ("INV_TAU", "LSE_R", "LSE_C", "G_R", "G_C", "CENTER_R", "GSCALE", "DX", "TAU_PART")
+    args = {
+        "X": x,
+        "Y": x,
+        **{p: f32 for p in ptrs},
+        "R": m,
+        "C": m,
+        "D": d,
+        "eps": 1e-12,
+        "COL_BLOCKS": cb,
+        "ATOMIC": chunks > 1 or not cfg.single_d,
+        "GRAD_TF32": log_dot and dtype == "fp16",
+        **_common(dtype, cfg, all_pairs, log_dot),
+    }
+    bwd = Launch("bwd", K.bwd_rows_kernel, cfg, (tr, chunks, 1), args, m, m, d, cb, all_pairs)
+    plan += [bwd] if all_pairs else [bwd, bwd]  # cross: dA, then dB with a and b swapped
+    return plan
+
+
+def tiles_per_program(launch: Launch, resweep_blocks: int = 0) -> list[int]:
+    """Column tiles each program of ``launch`` walks, in launch order (x fastest).
+
+    Mirrors the kernels' loop bounds: ``fwd`` with ``all`` visits tiles K >= I
+    only; ``finalize`` walks every column block in the first ``resweep_blocks``
+    row blocks (those whose shifted sum underflowed) and none elsewhere.
+    """
+    gx, gy, _ = launch.grid
+    n_kb = _cdiv(launch.cols, launch.cfg.block_n)
+    out = []
+    for c in range(gy):
+        for i in range(gx):
+            if launch.kind == "finalize":
+                out.append(n_kb if i < resweep_blocks else 0)
+                continue
+            lo, hi = c * launch.col_blocks, min(c * launch.col_blocks + launch.col_blocks, n_kb)
+            if launch.kind == "fwd" and launch.all_pairs:
+                lo = max(lo, i)
+            out.append(max(0, hi - lo))
+    return out

@@ -119,11 +119,15 @@ def backward_config(d: int, itemsize: int, log_dot: bool = False) -> TileConfig:
         block_d, single = _d_tiling(d, 256, D_CHUNK)
         return TileConfig(64, 64, block_d, single, 1, 1)
     block_d, single = _d_tiling(d, MAX_SINGLE_D, 32)
-    if itemsize > 2 or (log_dot and block_d > 64):
+    if itemsize > 2:
         return TileConfig(64, 32, block_d, single, 8, 2)
-    if log_dot:
-        return TileConfig(64, 64, block_d, single, 8, 2)
-    if single and block_d <= 64:
+    # Half inputs, one register tile of D: the score tile feeds the gradient GEMM,
+    # so Triton lays the warps along M (warpsPerCTA [warps, 1]). 64 rows need
+    # 4 warps (one warpgroup), 8 warps need 128 rows: with 64 rows and 8 warps
+    # both warpgroups would compute the whole score tile and its exponentials.
+    if log_dot and single and block_d > 64:
+        return TileConfig(64, 32, block_d, single, 4, 2)
+    if single:
         return TileConfig(128, 64, block_d, single, 8, 2)
     return TileConfig(64, 64, block_d, single, 8, 2)
 

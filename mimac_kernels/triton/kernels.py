@@ -10,7 +10,8 @@ that the rounding of the scaling is relative to it, not to ``|S| ~ 1/tau``
 the positives, is sensitive to that).
 
 Forward = ``fwd_exp_sums_kernel`` (one pass over the tiles, one exp per
-element, sums shifted by a per-head upper bound of S and merged with atomics)
+element, sums shifted by a per-head constant derived from an upper bound of S,
+merged with atomics)
 then ``lse_finalize_kernel`` (``lse = shift + log(sum)``; rows whose sum
 underflowed are recomputed exactly with a running max).
 Backward = ``bwd_rows_kernel``: recomputes the tiles of a row block and
@@ -27,6 +28,25 @@ LOG2E = tl.constexpr(1.4426950408889634)
 #: (an upper bound of S) was so far above the row's terms that they neared
 #: float32's subnormal range (2^-126), where relative precision is lost.
 UNDERFLOW = tl.constexpr(8.673617379884035e-19)  # 2^-60
+#: Shifted exp-sums above this are recomputed too: the shift (below the bound, see
+#: SHIFT_LEVEL) lay far under the row's largest terms, and their exponent S - shift
+#: and log(sum) are rounded relative to their size (~|log sum| 2^-24 of lse). Rows
+#: 17-30 above the shift already break the "2x plain float32" rule of the
+#: temperature gradient (test_underflowing_shift_...); 2^24 = e^16.6 keeps them out.
+OVERFLOW = tl.constexpr(16777216.0)  # 2^24
+#: The forward's shift (host side, ``backend.shift_from_bound``) is the Cauchy-Schwarz
+#: bound B of S, clamped to at most SHIFT_LEVEL but never more than SHIFT_HEADROOM
+#: below B. Terms are then at most e^64 (2^92.3) and a row's sum over up to 2^31
+#: columns at most 2^123.3, below float32's 2^128. A row keeps its one-pass sum
+#: (between UNDERFLOW = e^-41.6 and OVERFLOW = e^16.6) when its exp-sum lies in that
+#: window around the shift. Unit rows at tau = 0.01 (B = 100, shift 36): typical rows,
+#: whose maxima lie near 0.3-0.4 B, keep their one-pass sums, where the bound as the
+#: shift sent every one of them to the re-sweep; rows far above the shift (positives
+#: near cosine 1) are re-swept. Why not simply B - 64: the exponent of a row's
+#: dominant terms, S - shift, is rounded relative to its size, and the level keeps
+#: that size at the old |S - B| for tau >= 1/32 (B <= 32: the shift is B).
+SHIFT_HEADROOM = 64.0
+SHIFT_LEVEL = 32.0
 
 
 @triton.jit
@@ -239,7 +259,8 @@ def lse_finalize_kernel(
     PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """``LSE = shift + log(SUM)``; row blocks with an underflowed sum are redone exactly.
+    """``LSE = shift + log(SUM)``; row blocks with a sum outside [UNDERFLOW, OVERFLOW]
+    are redone exactly.
 
     Grid ``(row blocks, H)``. The exact path is the classic online
     log-sum-exp (running max, rescaled sum) over every column block; it only
@@ -254,7 +275,8 @@ def lse_finalize_kernel(
     rows = ib * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < R
     s = tl.load(SUM + h * R + rows, mask=rmask, other=1.0)
-    need = (s < UNDERFLOW) & rmask
+    # Outside [UNDERFLOW, OVERFLOW] the shift lay too far from the row's terms.
+    need = ((s < UNDERFLOW) | ((s > OVERFLOW) & (s != float("inf")))) & rmask
     lse = tl.load(SHIFT + h) + tl.log(tl.where(need, 1.0, s))  # `need` rows are redone
     if tl.sum(need.to(tl.int32), axis=0) > 0:
         inv_tau = tl.load(INV_TAU)

@@ -16,6 +16,9 @@ then ``lse_finalize_kernel`` (``lse = shift + log(sum)``; rows whose sum
 underflowed are recomputed exactly with a running max).
 Backward = ``bwd_rows_kernel``: recomputes the tiles of a row block and
 accumulates that block's gradient in registers.
+Both loops over column tiles run in two parts: the tiles inside the matrix and
+off the diagonal without the validity mask (its compares and selects were a
+sixth of the issue slots), then the diagonal and ragged tiles with it.
 """
 
 from __future__ import annotations
@@ -159,6 +162,39 @@ def _valid(rows, rmask, cols, cmask, ALL: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(
+    kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau, shift,
+    C, D, eps, MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One column tile ``kb`` of ``fwd_exp_sums_kernel``: adds its column sums to
+    ``COL_h`` and returns ``row_acc`` plus its row sums. ``MASKED``: select with the
+    validity mask (otherwise every pair of the tile is in range and off the diagonal).
+    """
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    dots, _y = _tile_dots(
+        x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+    )  # fmt: skip
+    sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+    e = _exp(sc - shift)
+    if MASKED:
+        e = tl.where(_valid(rows, rmask, cols, cmask, ALL), e, 0.0)
+    row_acc += tl.sum(e, axis=1)
+    # Relaxed atomics: only the sums matter, and the next kernel launch orders every
+    # add before the reads. all: the diagonal tile already holds both halves.
+    if ALL and MASKED:
+        if kb != ib:
+            tl.atomic_add(COL_h + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
+    else:
+        tl.atomic_add(COL_h + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
+    return row_acc
+
+
+@triton.jit
 def fwd_exp_sums_kernel(
     X,
     Y,
@@ -215,26 +251,34 @@ def fwd_exp_sums_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         x = _load_tile(X_h, rows64, rmask, offs_d, 0, D)  # whole row block if SINGLE_D
         row_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for kb in range(k_lo, k_hi):
-            cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < C
-            cols64 = cols.to(tl.int64)
-            dots, _y = _tile_dots(
-                x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
-                BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+        # all: column sums go to the rows' own buffer (S is symmetric).
+        COL_h = ROW_SUM + h * R if ALL else COL_SUM + h * C
+        # Masked tiles: the diagonal one of `all` ([a, b)), the ragged last column
+        # block ([hf, k_hi)) and, for a ragged last row block, all of them (its zero
+        # rows would add exp(-shift) to the column sums).
+        hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
+        if (ib + 1) * BLOCK_M > R:
+            hf = k_lo
+        if ALL:
+            a = tl.minimum(tl.maximum(ib, k_lo), hf)
+            b = tl.minimum(tl.maximum(ib + 1, k_lo), hf)
+        else:
+            a = k_lo
+            b = k_lo
+        for j in range(k_lo, hf - (b - a)):
+            kb = tl.where(j >= a, j + (b - a), j)
+            row_acc = _fwd_tile(
+                kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
+                shift, C, D, eps, False, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                PREC, DOT_F32,
             )  # fmt: skip
-            sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
-            e = tl.where(_valid(rows, rmask, cols, cmask, ALL), _exp(sc - shift), 0.0)
-            row_acc += tl.sum(e, axis=1)
-            # Relaxed atomics: only the sums matter, and the next kernel launch
-            # orders every add before the reads.
-            if ALL:
-                if kb != ib:
-                    tl.atomic_add(
-                        ROW_SUM + h * R + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed"
-                    )
-            else:
-                tl.atomic_add(COL_SUM + h * C + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
+        for j in range((b - a) + (k_hi - hf)):
+            kb = tl.where(j < b - a, a + j, hf + j - (b - a))
+            row_acc = _fwd_tile(
+                kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
+                shift, C, D, eps, True, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                PREC, DOT_F32,
+            )  # fmt: skip
         tl.atomic_add(ROW_SUM + h * R + rows, row_acc, mask=rmask, sem="relaxed")
 
 
@@ -303,6 +347,63 @@ def lse_finalize_kernel(
         exact = m + tl.log(tl.where(rmask, acc, 1.0))  # rows past R: no log(0)
         lse = tl.where(need, exact, lse)
     tl.store(LSE + h * R + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _bwd_tile(
+    kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h, LSE_C_h, G_C_h,
+    lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+    MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One column tile ``kb`` of ``bwd_rows_kernel``: returns (acc, tau_acc) updated.
+
+    ``MASKED``: select with the validity mask (the diagonal tiles of ``all`` and the
+    ragged last column block); otherwise every pair of the tile is in range and off
+    the diagonal (rows past R carry no weight of their own, see the caller).
+    """
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    lse_c = tl.load(LSE_C_h + cols, mask=cmask, other=float("inf"))
+    g_c = tl.load(G_C_h + cols, mask=cmask, other=0.0)
+    dots, y = _tile_dots(
+        x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+    )  # fmt: skip
+    sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+    # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
+    # row's lse at tiny tau); every use below selects with `valid`, which drops it.
+    w_r = g_r[:, None] * _exp(sc - lse_r[:, None])
+    w = w_r + g_c[None, :] * _exp(sc - lse_c[None, :])
+    if LOG_DOT:
+        # d s / d dot = 1/dot, 0 where clamped; a NaN dot fails `<=` and stays NaN.
+        w = tl.where(dots <= eps, 0.0, w / tl.where(dots <= eps, 1.0, dots))
+    # Centred per element: the weights of a row sum to g_r, so this is the
+    # temperature gradient of the loss itself, with no float32 cancellation.
+    t = w_r * (s - c_r[:, None])
+    wq = w * inv_gs
+    if MASKED:
+        valid = _valid(rows, rmask, cols, cmask, ALL)
+        t = tl.where(valid, t, 0.0)
+        wq = tl.where(valid, wq, 0.0)
+    tau_acc += tl.sum(t, axis=1)
+    if not GRAD_TF32:
+        wq = wq.to(Y_h.dtype.element_ty)
+    if SINGLE_D:
+        acc = _grad_mm(wq, y, acc, PREC, DOT_F32, GRAD_TF32)
+    else:
+        # D too wide for a register tile: add each chunk's share straight away.
+        for d0 in range(0, D, BLOCK_D):
+            yc = _load_tile(Y_h, cols64, cmask, offs_d, d0, D)
+            part = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            part = _grad_mm(wq, yc, part, PREC, DOT_F32, GRAD_TF32)
+            part = part * (gs * inv_tau)
+            dd = d0 + offs_d
+            ptrs = DX_h + rows64[:, None] * D + dd[None, :]
+            tl.atomic_add(ptrs, part, mask=rmask[:, None] & (dd[None, :] < D), sem="relaxed")
+    return acc, tau_acc
 
 
 @triton.jit
@@ -383,43 +484,31 @@ def bwd_rows_kernel(
     x = _load_tile(X_h, rows64, rmask, offs_d, 0, D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     tau_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for kb in range(k_lo, k_hi):
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < C
-        cols64 = cols.to(tl.int64)
-        lse_c = tl.load(LSE_C + h * C + cols, mask=cmask, other=float("inf"))
-        g_c = tl.load(G_C + h * C + cols, mask=cmask, other=0.0)
-        dots, y = _tile_dots(
-            x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
-            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+    # Tiles that need the validity mask: the diagonal ones of `all` ([a, b)) and the
+    # ragged last column block ([hf, k_hi)). The rest run unmasked: rows past R have
+    # g_r = 0 and lse_r = +inf (no row weight, no temperature term; their dX rows are
+    # not stored) and columns are all in range.
+    hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
+    if ALL:
+        a = tl.minimum(tl.maximum((ib * BLOCK_M) // BLOCK_N, k_lo), hf)
+        b = tl.minimum(tl.maximum(tl.cdiv((ib + 1) * BLOCK_M, BLOCK_N), k_lo), hf)
+    else:
+        a = k_lo
+        b = k_lo
+    for j in range(k_lo, hf - (b - a)):
+        kb = tl.where(j >= a, j + (b - a), j)
+        acc, tau_acc = _bwd_tile(
+            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+            False, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
         )  # fmt: skip
-        sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
-        # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
-        # row's lse at tiny tau); every use below selects with `valid`, which drops it.
-        w_r = g_r[:, None] * _exp(sc - lse_r[:, None])
-        w = w_r + g_c[None, :] * _exp(sc - lse_c[None, :])
-        valid = _valid(rows, rmask, cols, cmask, ALL)
-        if LOG_DOT:
-            # d s / d dot = 1/dot, 0 where clamped; a NaN dot fails `<=` and stays NaN.
-            w = tl.where(dots <= eps, 0.0, w / tl.where(dots <= eps, 1.0, dots))
-        # Centred per element: the weights of a row sum to g_r, so this is the
-        # temperature gradient of the loss itself, with no float32 cancellation.
-        tau_acc += tl.sum(tl.where(valid, w_r * (s - c_r[:, None]), 0.0), axis=1)
-        wq = tl.where(valid, w * inv_gs, 0.0)
-        if not GRAD_TF32:
-            wq = wq.to(Y.dtype.element_ty)
-        if SINGLE_D:
-            acc = _grad_mm(wq, y, acc, PREC, DOT_F32, GRAD_TF32)
-        else:
-            # D too wide for a register tile: add each chunk's share straight away.
-            for d0 in range(0, D, BLOCK_D):
-                yc = _load_tile(Y_h, cols64, cmask, offs_d, d0, D)
-                part = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                part = _grad_mm(wq, yc, part, PREC, DOT_F32, GRAD_TF32)
-                part = part * (gs * inv_tau)
-                dd = d0 + offs_d
-                ptrs = DX_h + rows64[:, None] * D + dd[None, :]
-                tl.atomic_add(ptrs, part, mask=rmask[:, None] & (dd[None, :] < D), sem="relaxed")
+    for j in range((b - a) + (k_hi - hf)):
+        kb = tl.where(j < b - a, a + j, hf + j - (b - a))
+        acc, tau_acc = _bwd_tile(
+            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+            True, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+        )  # fmt: skip
     if SINGLE_D:
         out = acc * (gs * inv_tau)
         ptrs = DX_h + rows64[:, None] * D + offs_d[None, :]

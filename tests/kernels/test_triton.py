@@ -103,6 +103,25 @@ def test_split_columns_and_atomics(monkeypatch, critic: str, negatives: str) -> 
     )
 
 
+def _tall_tiles(d: int, itemsize: int, log_dot: bool = False) -> configs.TileConfig:
+    return configs.TileConfig(32, 16, 16, d <= 16, 1, 1)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-rows", "split-columns"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_interior_tiles_run_unmasked(monkeypatch, negatives: str, split: bool) -> None:
+    """Rows and columns multiples of the tiles: every tile off the diagonal takes the
+    kernels' unmasked path, the diagonal ones (two column blocks per 32-row backward
+    tile, as the GPU's 128 x 64) the masked one, with whole rows per program or one
+    column block each."""
+    monkeypatch.setattr(configs, "forward_config", _small_tiles)
+    monkeypatch.setattr(configs, "finalize_config", _small_tiles)
+    monkeypatch.setattr(configs, "backward_config", _tall_tiles)
+    monkeypatch.setattr(configs, "target_programs", lambda device: 10**6 if split else 1)
+    a, b = make_views((32, 16), "cosine", seed=7)
+    assert_close_to_float64(a, b, torch.bfloat16, tau=TAU["cosine"], negatives=negatives)
+
+
 def test_float16_log_dot_gradient_beyond_float16_range_inside() -> None:
     """log_dot weights W / dot overflow float16 (dots ~ 1e-9) while the gradient fits."""
     gen = torch.Generator().manual_seed(0)

@@ -93,6 +93,11 @@ def forward_config(d: int, itemsize: int) -> TileConfig:
         return TileConfig(64, 64, block_d, single, 1, 1)
     if itemsize <= 2:
         block_d, single = _d_tiling(d, MAX_SINGLE_D, 32)
+        if single:
+            # One warpgroup per 128 x 128 tile, two CTAs per SM: each thread holds
+            # four rows of the tile, so the column sums (shuffles across the lanes
+            # that share a column) cost half as much per element as with 8 warps.
+            return TileConfig(128, 128, block_d, single, 4, 2)
         return TileConfig(128, 128, block_d, single, 8, 3)
     block_d, single = _d_tiling(d, 32, 32)
     return TileConfig(64, 64, block_d, single, 8, 3)

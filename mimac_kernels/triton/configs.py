@@ -134,6 +134,8 @@ def backward_config(d: int, itemsize: int, log_dot: bool = False) -> TileConfig:
         return TileConfig(64, 32, block_d, single, 4, 2)
     if single:
         return TileConfig(128, 64, block_d, single, 8, 2)
+    if log_dot:  # float32 weights for float16 (GRAD_TF32): 4 warps would spill
+        return TileConfig(64, 64, block_d, single, 8, 2)
     # D in chunks: one warpgroup per 64 x 64 tile (two CTAs per SM). With 8 warps
     # the chunks' gradient GEMMs and atomics were split over [4, 2] warps and cost
     # about twice the issue slots and shared-memory traffic per tile.

@@ -162,6 +162,14 @@ def _valid(rows, rmask, cols, cmask, ALL: tl.constexpr):
 
 
 @triton.jit
+def _split_masks(X):
+    """Whether interior tiles take the unmasked loop: half inputs (tensor cores) only.
+    float32's FMA dots need so many registers that a second copy of the tile body
+    made ptxas spill."""
+    return X.dtype.element_ty != tl.float32
+
+
+@triton.jit
 def _fwd_tile(
     kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau, shift,
     C, D, eps, MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr,
@@ -257,7 +265,7 @@ def fwd_exp_sums_kernel(
         # block ([hf, k_hi)) and, for a ragged last row block, all of them (its zero
         # rows would add exp(-shift) to the column sums).
         hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
-        if (ib + 1) * BLOCK_M > R:
+        if (ib + 1) * BLOCK_M > R or not _split_masks(X):
             hf = k_lo
         if ALL:
             a = tl.minimum(tl.maximum(ib, k_lo), hf)
@@ -265,13 +273,14 @@ def fwd_exp_sums_kernel(
         else:
             a = k_lo
             b = k_lo
-        for j in range(k_lo, hf - (b - a)):
-            kb = tl.where(j >= a, j + (b - a), j)
-            row_acc = _fwd_tile(
-                kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
-                shift, C, D, eps, False, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
-                PREC, DOT_F32,
-            )  # fmt: skip
+        if _split_masks(X):
+            for j in range(k_lo, hf - (b - a)):
+                kb = tl.where(j >= a, j + (b - a), j)
+                row_acc = _fwd_tile(
+                    kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
+                    shift, C, D, eps, False, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                    PREC, DOT_F32,
+                )  # fmt: skip
         for j in range((b - a) + (k_hi - hf)):
             kb = tl.where(j < b - a, a + j, hf + j - (b - a))
             row_acc = _fwd_tile(
@@ -489,19 +498,22 @@ def bwd_rows_kernel(
     # g_r = 0 and lse_r = +inf (no row weight, no temperature term; their dX rows are
     # not stored) and columns are all in range.
     hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
+    if not _split_masks(X):
+        hf = k_lo
     if ALL:
         a = tl.minimum(tl.maximum((ib * BLOCK_M) // BLOCK_N, k_lo), hf)
         b = tl.minimum(tl.maximum(tl.cdiv((ib + 1) * BLOCK_M, BLOCK_N), k_lo), hf)
     else:
         a = k_lo
         b = k_lo
-    for j in range(k_lo, hf - (b - a)):
-        kb = tl.where(j >= a, j + (b - a), j)
-        acc, tau_acc = _bwd_tile(
-            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
-            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-            False, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
-        )  # fmt: skip
+    if _split_masks(X):
+        for j in range(k_lo, hf - (b - a)):
+            kb = tl.where(j >= a, j + (b - a), j)
+            acc, tau_acc = _bwd_tile(
+                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+                LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+                False, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+            )  # fmt: skip
     for j in range((b - a) + (k_hi - hf)):
         kb = tl.where(j < b - a, a + j, hf + j - (b - a))
         acc, tau_acc = _bwd_tile(

@@ -53,6 +53,7 @@ from benchmarks.sm90_compile import compile_kernel, resource_usage, sass, warps_
 from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan
 from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
 from mimac_kernels.triton import kernels as K
+from mimac_kernels.triton.backend import shift_from_bound
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -235,10 +236,11 @@ def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
                      seed: int = 0) -> dict:  # fmt: skip
     """Estimated share of row blocks the finalize kernel re-sweeps, on synthetic data.
 
-    Runs the runtime's rule: shift = (1/tau) max|x| max|y| (the launcher's
-    Cauchy-Schwarz bound), a row needs the running-max sweep when its shifted
-    float32 exp-sum falls below ``kernels.UNDERFLOW``, and its whole row block of
-    ``block_m`` rows is then redone. ``sample_blocks`` blocks of consecutive rows
+    Runs the runtime's rule: shift = ``backend.shift_from_bound`` of (1/tau) max|x|
+    max|y| (the launcher's Cauchy-Schwarz bound), a row needs the running-max sweep
+    when its shifted float32 exp-sum falls below ``kernels.UNDERFLOW`` or above
+    ``kernels.OVERFLOW``, and its whole row block of ``block_m`` rows is then redone.
+    ``sample_blocks`` blocks of consecutive rows
     are evaluated against every column of the case's full size. For ``cross``
     the column statistics (the second finalize) use the same data transposed.
     """
@@ -249,7 +251,7 @@ def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
     for side, (x, y) in sides.items():
         if case.pairing == "all":
             x = y = torch.cat([a, b])
-        shift = inv_tau * x.norm(dim=1).max() * y.norm(dim=1).max()
+        shift = shift_from_bound(inv_tau * x.norm(dim=1).max() * y.norm(dim=1).max())
         g = torch.Generator().manual_seed(seed + 1)
         n_blocks = _cdiv(x.shape[0], block_m)
         picks = torch.randperm(n_blocks, generator=g)[:sample_blocks].tolist()
@@ -260,7 +262,7 @@ def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
             if case.pairing == "all":
                 s[torch.arange(len(rows)), rows] = -math.inf  # the self-pair is masked
             sums = torch.exp(s).sum(dim=1)
-            need = sums < K.UNDERFLOW.value
+            need = (sums < K.UNDERFLOW.value) | (sums > K.OVERFLOW.value)
             need_rows += int(need.sum())
             need_blocks += int(need.any())
             seen += len(rows)

@@ -126,7 +126,8 @@ def _col_chunks(c: int, block_n: int, col_blocks: int) -> int:
 
 
 def _shift(x: Tensor, y: Tensor | None, inv_tau: Tensor, critic: str, eps: float) -> Tensor:
-    """Per-head upper bound of S (``(H,)`` float32): the fixed shift of the forward pass.
+    """Per-head shift of the forward pass (``(H,)`` float32): ``shift_from_bound`` of
+    an upper bound of S.
 
     s = x.y <= max|x| max|y| (Cauchy-Schwarz; log_dot: the log of that). For
     cosine the rows should be unit, making this 1/tau, but the norms are cheap
@@ -144,7 +145,14 @@ def _shift(x: Tensor, y: Tensor | None, inv_tau: Tensor, critic: str, eps: float
     bound = nx * (nx if y is None else max_norm(y))
     if critic == "log_dot":
         bound = bound.clamp_min(eps).log()
-    return (inv_tau * bound).contiguous()
+    return shift_from_bound(inv_tau * bound).contiguous()
+
+
+def shift_from_bound(bound: Tensor) -> Tensor:
+    """The forward's fixed shift from an upper bound ``B`` of S (any shape, float32):
+    ``min(B, max(B - SHIFT_HEADROOM, SHIFT_LEVEL))`` (``kernels``: no term or sum can
+    overflow, and rows far below a large bound keep their one-pass sums)."""
+    return torch.minimum(bound, (bound - kernels.SHIFT_HEADROOM).clamp_min(kernels.SHIFT_LEVEL))
 
 
 def _require(problem: Problem) -> Tensor:

@@ -93,6 +93,11 @@ def forward_config(d: int, itemsize: int) -> TileConfig:
         return TileConfig(64, 64, block_d, single, 1, 1)
     if itemsize <= 2:
         block_d, single = _d_tiling(d, MAX_SINGLE_D, 32)
+        if single:
+            # One warpgroup per 128 x 128 tile, two CTAs per SM: each thread holds
+            # four rows of the tile, so the column sums (shuffles across the lanes
+            # that share a column) cost half as much per element as with 8 warps.
+            return TileConfig(128, 128, block_d, single, 4, 2)
         return TileConfig(128, 128, block_d, single, 8, 3)
     block_d, single = _d_tiling(d, 32, 32)
     return TileConfig(64, 64, block_d, single, 8, 3)
@@ -119,13 +124,22 @@ def backward_config(d: int, itemsize: int, log_dot: bool = False) -> TileConfig:
         block_d, single = _d_tiling(d, 256, D_CHUNK)
         return TileConfig(64, 64, block_d, single, 1, 1)
     block_d, single = _d_tiling(d, MAX_SINGLE_D, 32)
-    if itemsize > 2 or (log_dot and block_d > 64):
+    if itemsize > 2:
         return TileConfig(64, 32, block_d, single, 8, 2)
-    if log_dot:
-        return TileConfig(64, 64, block_d, single, 8, 2)
-    if single and block_d <= 64:
+    # Half inputs, one register tile of D: the score tile feeds the gradient GEMM,
+    # so Triton lays the warps along M (warpsPerCTA [warps, 1]). 64 rows need
+    # 4 warps (one warpgroup), 8 warps need 128 rows: with 64 rows and 8 warps
+    # both warpgroups would compute the whole score tile and its exponentials.
+    if log_dot and single and block_d > 64:
+        return TileConfig(64, 32, block_d, single, 4, 2)
+    if single:
         return TileConfig(128, 64, block_d, single, 8, 2)
-    return TileConfig(64, 64, block_d, single, 8, 2)
+    if log_dot:  # float32 weights for float16 (GRAD_TF32): 4 warps would spill
+        return TileConfig(64, 64, block_d, single, 8, 2)
+    # D in chunks: one warpgroup per 64 x 64 tile (two CTAs per SM). With 8 warps
+    # the chunks' gradient GEMMs and atomics were split over [4, 2] warps and cost
+    # about twice the issue slots and shared-memory traffic per tile.
+    return TileConfig(64, 64, block_d, single, 4, 2)
 
 
 @functools.cache

@@ -10,11 +10,15 @@ that the rounding of the scaling is relative to it, not to ``|S| ~ 1/tau``
 the positives, is sensitive to that).
 
 Forward = ``fwd_exp_sums_kernel`` (one pass over the tiles, one exp per
-element, sums shifted by a per-head upper bound of S and merged with atomics)
+element, sums shifted by a per-head constant derived from an upper bound of S,
+merged with atomics)
 then ``lse_finalize_kernel`` (``lse = shift + log(sum)``; rows whose sum
 underflowed are recomputed exactly with a running max).
 Backward = ``bwd_rows_kernel``: recomputes the tiles of a row block and
 accumulates that block's gradient in registers.
+Both loops over column tiles run in two parts: the tiles inside the matrix and
+off the diagonal without the validity mask (its compares and selects were a
+sixth of the issue slots), then the diagonal and ragged tiles with it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,25 @@ LOG2E = tl.constexpr(1.4426950408889634)
 #: (an upper bound of S) was so far above the row's terms that they neared
 #: float32's subnormal range (2^-126), where relative precision is lost.
 UNDERFLOW = tl.constexpr(8.673617379884035e-19)  # 2^-60
+#: Shifted exp-sums above this are recomputed too: the shift (below the bound, see
+#: SHIFT_LEVEL) lay far under the row's largest terms, and their exponent S - shift
+#: and log(sum) are rounded relative to their size (~|log sum| 2^-24 of lse). Rows
+#: 17-30 above the shift already break the "2x plain float32" rule of the
+#: temperature gradient (test_underflowing_shift_...); 2^24 = e^16.6 keeps them out.
+OVERFLOW = tl.constexpr(16777216.0)  # 2^24
+#: The forward's shift (host side, ``backend.shift_from_bound``) is the Cauchy-Schwarz
+#: bound B of S, clamped to at most SHIFT_LEVEL but never more than SHIFT_HEADROOM
+#: below B. Terms are then at most e^64 (2^92.3) and a row's sum over up to 2^31
+#: columns at most 2^123.3, below float32's 2^128. A row keeps its one-pass sum
+#: (between UNDERFLOW = e^-41.6 and OVERFLOW = e^16.6) when its exp-sum lies in that
+#: window around the shift. Unit rows at tau = 0.01 (B = 100, shift 36): typical rows,
+#: whose maxima lie near 0.3-0.4 B, keep their one-pass sums, where the bound as the
+#: shift sent every one of them to the re-sweep; rows far above the shift (positives
+#: near cosine 1) are re-swept. Why not simply B - 64: the exponent of a row's
+#: dominant terms, S - shift, is rounded relative to its size, and the level keeps
+#: that size at the old |S - B| for tau >= 1/32 (B <= 32: the shift is B).
+SHIFT_HEADROOM = 64.0
+SHIFT_LEVEL = 32.0
 
 
 @triton.jit
@@ -139,6 +162,47 @@ def _valid(rows, rmask, cols, cmask, ALL: tl.constexpr):
 
 
 @triton.jit
+def _split_masks(X):
+    """Whether interior tiles take the unmasked loop: half inputs (tensor cores) only.
+    float32's FMA dots need so many registers that a second copy of the tile body
+    made ptxas spill."""
+    return X.dtype.element_ty != tl.float32
+
+
+@triton.jit
+def _fwd_tile(
+    kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau, shift,
+    C, D, eps, MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One column tile ``kb`` of ``fwd_exp_sums_kernel``: adds its column sums to
+    ``COL_h`` and returns ``row_acc`` plus its row sums. ``MASKED``: select with the
+    validity mask (otherwise every pair of the tile is in range and off the diagonal).
+    """
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    dots, _y = _tile_dots(
+        x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+    )  # fmt: skip
+    sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+    e = _exp(sc - shift)
+    if MASKED:
+        e = tl.where(_valid(rows, rmask, cols, cmask, ALL), e, 0.0)
+    row_acc += tl.sum(e, axis=1)
+    # Relaxed atomics: only the sums matter, and the next kernel launch orders every
+    # add before the reads. all: the diagonal tile already holds both halves.
+    if ALL and MASKED:
+        if kb != ib:
+            tl.atomic_add(COL_h + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
+    else:
+        tl.atomic_add(COL_h + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
+    return row_acc
+
+
+@triton.jit
 def fwd_exp_sums_kernel(
     X,
     Y,
@@ -195,26 +259,35 @@ def fwd_exp_sums_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         x = _load_tile(X_h, rows64, rmask, offs_d, 0, D)  # whole row block if SINGLE_D
         row_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for kb in range(k_lo, k_hi):
-            cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < C
-            cols64 = cols.to(tl.int64)
-            dots, _y = _tile_dots(
-                x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
-                BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+        # all: column sums go to the rows' own buffer (S is symmetric).
+        COL_h = ROW_SUM + h * R if ALL else COL_SUM + h * C
+        # Masked tiles: the diagonal one of `all` ([a, b)), the ragged last column
+        # block ([hf, k_hi)) and, for a ragged last row block, all of them (its zero
+        # rows would add exp(-shift) to the column sums).
+        hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
+        if (ib + 1) * BLOCK_M > R or not _split_masks(X):
+            hf = k_lo
+        if ALL:
+            a = tl.minimum(tl.maximum(ib, k_lo), hf)
+            b = tl.minimum(tl.maximum(ib + 1, k_lo), hf)
+        else:
+            a = k_lo
+            b = k_lo
+        if _split_masks(X):
+            for j in range(k_lo, hf - (b - a)):
+                kb = tl.where(j >= a, j + (b - a), j)
+                row_acc = _fwd_tile(
+                    kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
+                    shift, C, D, eps, False, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                    PREC, DOT_F32,
+                )  # fmt: skip
+        for j in range((b - a) + (k_hi - hf)):
+            kb = tl.where(j < b - a, a + j, hf + j - (b - a))
+            row_acc = _fwd_tile(
+                kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
+                shift, C, D, eps, True, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                PREC, DOT_F32,
             )  # fmt: skip
-            sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
-            e = tl.where(_valid(rows, rmask, cols, cmask, ALL), _exp(sc - shift), 0.0)
-            row_acc += tl.sum(e, axis=1)
-            # Relaxed atomics: only the sums matter, and the next kernel launch
-            # orders every add before the reads.
-            if ALL:
-                if kb != ib:
-                    tl.atomic_add(
-                        ROW_SUM + h * R + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed"
-                    )
-            else:
-                tl.atomic_add(COL_SUM + h * C + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
         tl.atomic_add(ROW_SUM + h * R + rows, row_acc, mask=rmask, sem="relaxed")
 
 
@@ -239,7 +312,8 @@ def lse_finalize_kernel(
     PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """``LSE = shift + log(SUM)``; row blocks with an underflowed sum are redone exactly.
+    """``LSE = shift + log(SUM)``; row blocks with a sum outside [UNDERFLOW, OVERFLOW]
+    are redone exactly.
 
     Grid ``(row blocks, H)``. The exact path is the classic online
     log-sum-exp (running max, rescaled sum) over every column block; it only
@@ -254,7 +328,8 @@ def lse_finalize_kernel(
     rows = ib * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < R
     s = tl.load(SUM + h * R + rows, mask=rmask, other=1.0)
-    need = (s < UNDERFLOW) & rmask
+    # Outside [UNDERFLOW, OVERFLOW] the shift lay too far from the row's terms.
+    need = ((s < UNDERFLOW) | ((s > OVERFLOW) & (s != float("inf")))) & rmask
     lse = tl.load(SHIFT + h) + tl.log(tl.where(need, 1.0, s))  # `need` rows are redone
     if tl.sum(need.to(tl.int32), axis=0) > 0:
         inv_tau = tl.load(INV_TAU)
@@ -281,6 +356,63 @@ def lse_finalize_kernel(
         exact = m + tl.log(tl.where(rmask, acc, 1.0))  # rows past R: no log(0)
         lse = tl.where(need, exact, lse)
     tl.store(LSE + h * R + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _bwd_tile(
+    kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h, LSE_C_h, G_C_h,
+    lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+    MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """One column tile ``kb`` of ``bwd_rows_kernel``: returns (acc, tau_acc) updated.
+
+    ``MASKED``: select with the validity mask (the diagonal tiles of ``all`` and the
+    ragged last column block); otherwise every pair of the tile is in range and off
+    the diagonal (rows past R carry no weight of their own, see the caller).
+    """
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    lse_c = tl.load(LSE_C_h + cols, mask=cmask, other=float("inf"))
+    g_c = tl.load(G_C_h + cols, mask=cmask, other=0.0)
+    dots, y = _tile_dots(
+        x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+    )  # fmt: skip
+    sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+    # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
+    # row's lse at tiny tau); every use below selects with `valid`, which drops it.
+    w_r = g_r[:, None] * _exp(sc - lse_r[:, None])
+    w = w_r + g_c[None, :] * _exp(sc - lse_c[None, :])
+    if LOG_DOT:
+        # d s / d dot = 1/dot, 0 where clamped; a NaN dot fails `<=` and stays NaN.
+        w = tl.where(dots <= eps, 0.0, w / tl.where(dots <= eps, 1.0, dots))
+    # Centred per element: the weights of a row sum to g_r, so this is the
+    # temperature gradient of the loss itself, with no float32 cancellation.
+    t = w_r * (s - c_r[:, None])
+    wq = w * inv_gs
+    if MASKED:
+        valid = _valid(rows, rmask, cols, cmask, ALL)
+        t = tl.where(valid, t, 0.0)
+        wq = tl.where(valid, wq, 0.0)
+    tau_acc += tl.sum(t, axis=1)
+    if not GRAD_TF32:
+        wq = wq.to(Y_h.dtype.element_ty)
+    if SINGLE_D:
+        acc = _grad_mm(wq, y, acc, PREC, DOT_F32, GRAD_TF32)
+    else:
+        # D too wide for a register tile: add each chunk's share straight away.
+        for d0 in range(0, D, BLOCK_D):
+            yc = _load_tile(Y_h, cols64, cmask, offs_d, d0, D)
+            part = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            part = _grad_mm(wq, yc, part, PREC, DOT_F32, GRAD_TF32)
+            part = part * (gs * inv_tau)
+            dd = d0 + offs_d
+            ptrs = DX_h + rows64[:, None] * D + dd[None, :]
+            tl.atomic_add(ptrs, part, mask=rmask[:, None] & (dd[None, :] < D), sem="relaxed")
+    return acc, tau_acc
 
 
 @triton.jit
@@ -361,43 +493,34 @@ def bwd_rows_kernel(
     x = _load_tile(X_h, rows64, rmask, offs_d, 0, D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     tau_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for kb in range(k_lo, k_hi):
-        cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < C
-        cols64 = cols.to(tl.int64)
-        lse_c = tl.load(LSE_C + h * C + cols, mask=cmask, other=float("inf"))
-        g_c = tl.load(G_C + h * C + cols, mask=cmask, other=0.0)
-        dots, y = _tile_dots(
-            x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
-            BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+    # Tiles that need the validity mask: the diagonal ones of `all` ([a, b)) and the
+    # ragged last column block ([hf, k_hi)). The rest run unmasked: rows past R have
+    # g_r = 0 and lse_r = +inf (no row weight, no temperature term; their dX rows are
+    # not stored) and columns are all in range.
+    hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
+    if not _split_masks(X):
+        hf = k_lo
+    if ALL:
+        a = tl.minimum(tl.maximum((ib * BLOCK_M) // BLOCK_N, k_lo), hf)
+        b = tl.minimum(tl.maximum(tl.cdiv((ib + 1) * BLOCK_M, BLOCK_N), k_lo), hf)
+    else:
+        a = k_lo
+        b = k_lo
+    if _split_masks(X):
+        for j in range(k_lo, hf - (b - a)):
+            kb = tl.where(j >= a, j + (b - a), j)
+            acc, tau_acc = _bwd_tile(
+                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+                LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+                False, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+            )  # fmt: skip
+    for j in range((b - a) + (k_hi - hf)):
+        kb = tl.where(j < b - a, a + j, hf + j - (b - a))
+        acc, tau_acc = _bwd_tile(
+            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+            True, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
         )  # fmt: skip
-        sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
-        # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
-        # row's lse at tiny tau); every use below selects with `valid`, which drops it.
-        w_r = g_r[:, None] * _exp(sc - lse_r[:, None])
-        w = w_r + g_c[None, :] * _exp(sc - lse_c[None, :])
-        valid = _valid(rows, rmask, cols, cmask, ALL)
-        if LOG_DOT:
-            # d s / d dot = 1/dot, 0 where clamped; a NaN dot fails `<=` and stays NaN.
-            w = tl.where(dots <= eps, 0.0, w / tl.where(dots <= eps, 1.0, dots))
-        # Centred per element: the weights of a row sum to g_r, so this is the
-        # temperature gradient of the loss itself, with no float32 cancellation.
-        tau_acc += tl.sum(tl.where(valid, w_r * (s - c_r[:, None]), 0.0), axis=1)
-        wq = tl.where(valid, w * inv_gs, 0.0)
-        if not GRAD_TF32:
-            wq = wq.to(Y.dtype.element_ty)
-        if SINGLE_D:
-            acc = _grad_mm(wq, y, acc, PREC, DOT_F32, GRAD_TF32)
-        else:
-            # D too wide for a register tile: add each chunk's share straight away.
-            for d0 in range(0, D, BLOCK_D):
-                yc = _load_tile(Y_h, cols64, cmask, offs_d, d0, D)
-                part = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                part = _grad_mm(wq, yc, part, PREC, DOT_F32, GRAD_TF32)
-                part = part * (gs * inv_tau)
-                dd = d0 + offs_d
-                ptrs = DX_h + rows64[:, None] * D + dd[None, :]
-                tl.atomic_add(ptrs, part, mask=rmask[:, None] & (dd[None, :] < D), sem="relaxed")
     if SINGLE_D:
         out = acc * (gs * inv_tau)
         ptrs = DX_h + rows64[:, None] * D + offs_d[None, :]

@@ -33,10 +33,10 @@ _WHY = dispatch.unavailable_reason("triton", DEVICE, torch.float32)
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=str(_WHY))
 if _WHY is None:
     from mimac_kernels.triton import backend as triton_backend
-    from mimac_kernels.triton import configs
+    from mimac_kernels.triton import configs, kernels
 
-# Raw Gaussian rows for dot (no scaling: far below the shift bound, so the exact
-# running-max fallback runs), on the device the kernels run on.
+# Raw Gaussian rows for dot (no scaling: far below the Cauchy-Schwarz bound of S),
+# on the device the kernels run on.
 make_views = functools.partial(make_views, device=DEVICE, dot_scale=1.0)
 assert_close_to_float64 = functools.partial(assert_backend_matches_float64, "triton")
 
@@ -51,17 +51,24 @@ def test_float_temperature_and_wide_features(negatives: str, dtype: torch.dtype)
 
 # The interpreter (numpy) warns when the masked-out self-pair's weight overflows.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("headroom", ["none", "default"])
 @pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
-def test_underflowing_shift_falls_back_to_running_max(negatives: str, symmetric: bool) -> None:
+def test_underflowing_shift_falls_back_to_running_max(
+    monkeypatch, negatives: str, symmetric: bool, headroom: str
+) -> None:
     """cosine at tau = 0.01: exp(S - 1/tau) underflows float32's normal range.
 
-    Unrelated random rows land between the fallback's trigger (2^-60) and float32's
+    ``none``: the shift is the bound 1/tau itself (no ``SHIFT_HEADROOM``), so the
+    rows below go through the running-max fallback; ``default``: the shift is 36
+    (64 below the bound) and the same rows keep their one-pass sums. Unrelated random rows land between the fallback's trigger (2^-60) and float32's
     smallest normal; orthogonal rows (S = 0, e^-100 < ~e^-87) lose their digits
     without the fallback. The orthogonal case leaves the temperature fixed: its
     tau-gradient is ~2e-5, while each row whose positive takes P ~ 1 adds
     g * (s_pos of the tile - s_pos of the row dot) / tau^2: float32's rounding of
     one dot product computed two ways (~1e-7) times 1e4. Every backend shares it
     (measured 7.7e-5 off on torch, cpu and triton; eager float32: 8e-6)."""
+    if headroom == "none":
+        monkeypatch.setattr(kernels, "SHIFT_HEADROOM", 0.0)
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(40, 16, generator=gen)
     b = torch.randn(40, 16, generator=gen)
@@ -94,6 +101,25 @@ def test_split_columns_and_atomics(monkeypatch, critic: str, negatives: str) -> 
     assert_close_to_float64(
         a, b, torch.bfloat16, tau=TAU[critic], critic=critic, negatives=negatives
     )
+
+
+def _tall_tiles(d: int, itemsize: int, log_dot: bool = False) -> configs.TileConfig:
+    return configs.TileConfig(32, 16, 16, d <= 16, 1, 1)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-rows", "split-columns"])
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_interior_tiles_run_unmasked(monkeypatch, negatives: str, split: bool) -> None:
+    """Rows and columns multiples of the tiles: every tile off the diagonal takes the
+    kernels' unmasked path, the diagonal ones (two column blocks per 32-row backward
+    tile, as the GPU's 128 x 64) the masked one, with whole rows per program or one
+    column block each."""
+    monkeypatch.setattr(configs, "forward_config", _small_tiles)
+    monkeypatch.setattr(configs, "finalize_config", _small_tiles)
+    monkeypatch.setattr(configs, "backward_config", _tall_tiles)
+    monkeypatch.setattr(configs, "target_programs", lambda device: 10**6 if split else 1)
+    a, b = make_views((32, 16), "cosine", seed=7)
+    assert_close_to_float64(a, b, torch.bfloat16, tau=TAU["cosine"], negatives=negatives)
 
 
 def test_float16_log_dot_gradient_beyond_float16_range_inside() -> None:

@@ -35,6 +35,23 @@ class Rates:
     shared_bytes_per_clock: float = 128.0
     #: HBM3 bandwidth, 3.35 TB/s (H100 SXM datasheet).
     dram_bytes_per_s: float = 3.35e12
+    #: L2 capacity, 50 MB on H100 SXM5 (H100 datasheet and whitepaper); the CUDA
+    #: device property ``l2CacheSize`` reads it as 50 MiB.
+    l2_bytes: int = 50 * 1024 * 1024
+    #: L2 bandwidth, about 8.99 TB/s. *Derived, not measured*: NVIDIA publishes no L2
+    #: bandwidth for H100 (datasheet and whitepaper are silent). The A100 whitepaper
+    #: gives A100's L2 5,120 B/clk of read bandwidth (2.3x V100's 2,048 B/clk); a
+    #: published hardware table (Ultrasonics Sonochemistry 99 (2023) 106546, Table 3,
+    #: PMC10448217) lists H100's L2 at 8,986 GB/s, that same 5,120 B/clk at 1,755 MHz.
+    #: The conservative end is taken: 1,755 MHz rather than the 1.98 GHz boost the
+    #: issue bound uses (10.1 TB/s), and no per-clock gain over A100 credited.
+    l2_bytes_per_s: float = 5120.0 * 1.755e9
+    #: Bytes of global float32 reductions (RED/ATOM.ADD resolved in the L2) per second.
+    #: *Derived*: a reduction reads and then writes its bytes in the L2 slice that owns
+    #: the line, so it is charged the L2 data path twice: half of ``l2_bytes_per_s``.
+    #: NVIDIA documents no atomic rate for H100; contention on one address (serialised
+    #: in its slice) would only lower it.
+    atomic_bytes_per_s: float = 5120.0 * 1.755e9 / 2
     #: Per-SM limits of compute capability 9.0 (CUDA C++ Programming Guide,
     #: "Technical Specifications"): registers, shared memory (228 KiB, of which
     #: 1 KiB is reserved per resident block), warps and blocks.
@@ -50,6 +67,43 @@ class Rates:
 
 
 H100 = Rates()
+
+
+def memory_tile_seconds(global_bytes: float, atomic_bytes: float,
+                        rates: Rates = H100) -> dict[str, float]:  # fmt: skip
+    """L2 and atomic bounds of one tile on one SM (its 1/``sms`` share of the chip).
+
+    ``global_bytes``: the tile's global loads and stores (all served by L2, hits or
+    not); ``atomic_bytes``: its global reductions, which also cross the L2 and so
+    count in both bounds.
+    """
+    return {
+        "l2": (global_bytes + atomic_bytes) / (rates.l2_bytes_per_s / rates.sms),
+        "atomics": atomic_bytes / (rates.atomic_bytes_per_s / rates.sms),
+    }
+
+
+def tile_bounds(per_tile: dict, num_warps: int, rates: Rates = H100,
+                l2_resident: bool = True) -> dict[str, float]:  # fmt: skip
+    """Every bound of one tile on one SM, in seconds, from its per-warp counts
+    (``issue``, ``mufu_all``, ``shared_bytes``, ``global_bytes``, ``atomic_bytes``) and
+    its CTA's ``tensor_macs_per_cta``.
+
+    ``l2_resident``: whether the launch's working set fits in L2; if not, the tile's
+    global bytes and its reductions (read from DRAM and written back: twice) are also
+    charged at its share of the HBM rate (``dram``; 0 when resident).
+    """
+    t, clock = per_tile, rates.clock_hz
+    glob, atom = t["global_bytes"] * num_warps, t["atomic_bytes"] * num_warps
+    missed = 0.0 if l2_resident else glob + 2 * atom
+    return {
+        "issue": t["issue"] * num_warps / rates.issue_per_clock / clock,
+        "sfu": t["mufu_all"] * num_warps * 32 / rates.mufu_per_clock / clock,
+        "tensor": 2 * t["tensor_macs_per_cta"] / (rates.tensor_flops / rates.sms),
+        "shared": t["shared_bytes"] * num_warps / rates.shared_bytes_per_clock / clock,
+        **memory_tile_seconds(glob, atom, rates),
+        "dram": missed / (rates.dram_bytes_per_s / rates.sms),
+    }
 
 
 def ctas_per_sm(registers: int, shared: int, num_warps: int, rates: Rates = H100) -> int:

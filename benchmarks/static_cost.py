@@ -11,12 +11,18 @@ shared-memory and global bytes, atomics. One tile then costs the largest of
 - SFU: MUFU lanes / 16 per clock (``exp2`` and every other MUFU op);
 - tensor: 2 x MACs / (dense bf16 rate / 132 SMs);
 - shared memory: bytes / 128 per clock (32 banks x 4 bytes);
+- L2: global loads, stores and reductions / (L2 bandwidth / 132 SMs);
+- atomics: global float32 reductions / (atomic rate / 132 SMs);
+- DRAM: the same bytes at the HBM rate / 132, only when the launch's streamed
+  working set does not fit in L2 (:func:`working_set_bytes`);
 
-and a program costs its tiles plus its instructions outside the loop (issue
-only). Programs are dealt to ``SMs x CTAs-per-SM`` slots in launch order, each
-slot running at ``1 / CTAs-per-SM`` of its SM; a launch lasts until its last
-slot is done, and at least its compulsory DRAM traffic at the HBM rate. The
-case is the sum of its launches. The floor (``sm90_rates.floor``, the symmetric
+(the L2 and atomic rates are derived figures, see ``sm90_rates``) and a program
+costs its tiles plus its instructions outside the loop (issue only). Programs
+are dealt to ``SMs x CTAs-per-SM`` slots in launch order, each slot running at
+``1 / CTAs-per-SM`` of its SM; a launch lasts until its last slot is done, and
+at least its DRAM traffic at the HBM rate: inputs read and outputs written once,
+plus the column operand once more per wave of resident programs when it does
+not stay in L2 (:func:`dram_bytes`). The case is the sum of its launches. The floor (``sm90_rates.floor``, the symmetric
 design of design/performance.md) over the estimate is the share of the floor.
 
 Tiles per hot-loop iteration come from the MACs (a whole number of tiles; the
@@ -24,9 +30,9 @@ rest is reported as redundant tensor work), so a loop whose every GEMM is
 issued twice would read as unrolled twice: the tests pin the real kernels at
 one tile per iteration.
 
-The model sees no latency: dependency stalls, barriers, L2 hit rates and
-atomic throughput, launch gaps and clocks under load all make real kernels
-slower, so a kernel that only reaches a target here has not reached it.
+The model sees no latency: dependency stalls, barriers, L2 latency and
+contention, the far L2 partition, launch gaps and clocks under load all make
+real kernels slower, so a kernel that only reaches a target here has not reached it.
 
     python -m benchmarks.static_cost --out benchmarks/results/<date>-static-sm90
 """
@@ -50,7 +56,7 @@ import triton
 
 from benchmarks import sass_counts, sm90_rates
 from benchmarks.sm90_compile import compile_kernel, resource_usage, sass, warps_per_cta
-from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan
+from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan, tile_bounds
 from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
 from mimac_kernels.triton import kernels as K
 from mimac_kernels.triton.backend import shift_from_bound
@@ -82,16 +88,14 @@ class Profile:
     per_tile: dict  # per-warp counts of one tile (one source iteration of the hot loop)
     outside_issue: int  # per-warp instructions outside the hot loop
 
-    def tile_seconds(self, num_warps: int, rates: Rates = H100) -> dict[str, float]:
-        """The bounds of one tile on a whole SM, in seconds (see the module docstring)."""
-        t = self.per_tile
-        clock = rates.clock_hz
-        return {
-            "issue": t["issue"] * num_warps / rates.issue_per_clock / clock,
-            "sfu": t["mufu_all"] * num_warps * 32 / rates.mufu_per_clock / clock,
-            "tensor": 2 * t["tensor_macs_per_cta"] / (rates.tensor_flops / rates.sms),
-            "shared": t["shared_bytes"] * num_warps / rates.shared_bytes_per_clock / clock,
-        }
+    def tile_seconds(self, num_warps: int, rates: Rates = H100,
+                     l2_resident: bool = True) -> dict[str, float]:  # fmt: skip
+        """The bounds of one tile on a whole SM, in seconds (see the module docstring).
+
+        ``l2_resident``: whether the launch's working set fits in L2; if not, the
+        tile's global and atomic bytes are also charged at the HBM rate (``dram``).
+        """
+        return tile_bounds(self.per_tile, num_warps, rates, l2_resident)
 
 
 def profile(launch: Launch) -> Profile:
@@ -145,23 +149,56 @@ def compulsory_bytes(launch: Launch) -> int:
     return inputs + 2 * 4 * (r + c)  # sums / log-sum-exps
 
 
+def working_set_bytes(launch: Launch, slots: int) -> int:
+    """Bytes the resident programs of ``launch`` keep touching while they run: each of
+    the ``slots`` programs its row panel (``BLOCK_M x D`` inputs, plus ``BLOCK_M x D``
+    float32 when the tile's gradient is added by atomics into its rows), and the column
+    panel they all sweep in step (``BLOCK_N x D``).
+
+    The assumption behind the L2 bound: programs that start together walk the column
+    tiles in the same order, so a column panel is fetched from DRAM once and then hit
+    by the others; the tiles' global traffic is served by L2 when this fits in L2 and
+    goes to DRAM in full when it does not (LRU thrashes on a cyclic working set larger
+    than the cache).
+    """
+    size = ELEMENT[launch.args["X"].dtype]
+    cfg, d = launch.cfg, launch.d
+    atomic_rows = 4 if launch.kind == "bwd" and launch.args.get("SINGLE_D") is False else 0
+    return slots * cfg.block_m * d * (size + atomic_rows) + cfg.block_n * d * size
+
+
+def dram_bytes(launch: Launch, programs: int, slots: int, rates: Rates = H100) -> int:
+    """DRAM bytes of a launch: :func:`compulsory_bytes`, and the column operand read once
+    more for every further wave of ``slots`` resident programs when it does not fit in
+    L2 beside the resident row panels (each wave sweeps it from the start)."""
+    size = ELEMENT[launch.args["X"].dtype]
+    operand = launch.cols * launch.d * size
+    waves = _cdiv(programs, max(slots, 1))
+    resident = working_set_bytes(launch, slots) - launch.cfg.block_n * launch.d * size
+    rereads = (waves - 1) * operand if operand + resident > rates.l2_bytes else 0
+    return compulsory_bytes(launch) + rereads
+
+
 def estimate_launch(launch: Launch, prof: Profile, resweep_blocks: int = 0,
                     rates: Rates = H100) -> dict:  # fmt: skip
     """Seconds of one launch and what bounds it."""
     warps = launch.cfg.num_warps
-    bounds = prof.tile_seconds(warps, rates)
+    tiles = tiles_per_program(launch, resweep_blocks)
+    k = max(prof.ctas_per_sm, 1)
+    ws = working_set_bytes(launch, rates.sms * k)
+    bounds = prof.tile_seconds(warps, rates, l2_resident=ws <= rates.l2_bytes)
     tile = max(bounds.values())
     fixed = prof.outside_issue * warps / rates.issue_per_clock / rates.clock_hz
-    tiles = tiles_per_program(launch, resweep_blocks)
     progs = [fixed + n * tile for n in tiles]
-    k = max(prof.ctas_per_sm, 1)
     span = makespan(progs, rates.sms * k, k)
-    dram = compulsory_bytes(launch) / rates.dram_bytes_per_s
+    dram = dram_bytes(launch, sum(1 for n in tiles if n), rates.sms * k, rates)
+    dram /= rates.dram_bytes_per_s
     seconds = max(span, dram)
     binding = "dram" if dram > span else max(bounds, key=bounds.get)
     t = prof.per_tile
     l2 = (t["global_bytes"] + t["atomic_bytes"]) * warps
     busy = sum(tiles) * tile
+    compute = max(bounds[b] for b in ("issue", "sfu", "tensor", "shared"))
     elements = launch.cfg.block_m * launch.cfg.block_n  # useful score elements of a tile
     per_element = {
         "issue_slots": t["issue"] * warps / elements,
@@ -178,9 +215,12 @@ def estimate_launch(launch: Launch, prof: Profile, resweep_blocks: int = 0,
         "per_element": per_element,
         "binding": binding, "seconds": seconds, "dram_seconds": dram,
         "balance": busy / (span * rates.sms) if span > 0 else 1.0,
-        "l2_bytes_per_tile": l2,
-        # L2 bandwidth at which the per-tile global traffic would cost as much as the tile:
-        "l2_break_even_tb_s": l2 * rates.sms / tile / 1e12 if tile > 0 else 0.0,
+        "l2_bytes_per_tile": l2, "working_set_bytes": ws,
+        "working_set_share_of_l2": ws / rates.l2_bytes,
+        # L2 bandwidth at which the per-tile global traffic would cost as much as the
+        # tile's compute (issue, SFU, tensor, shared memory: the bounds the memory
+        # bounds now sit beside):
+        "l2_break_even_tb_s": l2 * rates.sms / compute / 1e12 if compute > 0 else 0.0,
     }  # fmt: skip
 
 
@@ -320,8 +360,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"`python -m benchmarks.static_cost` ({meta['date']}). H100 SXM rates with their",
         "sources in `benchmarks/sm90_rates.py`. Forward + backward, bf16, one head. Every",
-        "figure is an *estimate* from instruction counts: the model sees no latency, stalls,",
-        "L2 misses or atomic contention, so real kernels will be slower.",
+        "figure is an *estimate* from instruction counts and the L2/atomic/DRAM traffic they",
+        "imply: the model sees no latency, stalls or atomic contention, so real kernels will",
+        "be slower.",
         "",
         "| case | estimated ms | floor ms | share of floor | binding bound (launch) |",
         "|---|---:|---:|---:|---|",
@@ -332,13 +373,17 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines += [
         "",
         (
-            "Per launch: tile bounds in microseconds per column tile on one SM, "
-            "balance = share of SM time the schedule keeps busy."
+            "Per launch: tile bounds in microseconds per column tile on one SM (L2 at "
+            f"{meta['rates']['l2_bytes_per_s'] / 1e12:.2f} TB/s and atomics at "
+            f"{meta['rates']['atomic_bytes_per_s'] / 1e12:.2f} TB/s, both derived; DRAM "
+            "only when the working set exceeds L2), balance = share of SM time the "
+            "schedule keeps busy, working set = resident row panels (and their atomic "
+            "targets) plus the swept column panel."
         ),
         "",
-        "| case | kernel | grid | tiles | issue | SFU | tensor | shared | binding "
-        + "| balance | L2 TB/s to keep up | ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| case | kernel | grid | tiles | issue | SFU | tensor | shared | L2 | atomics "
+        + "| DRAM | binding | balance | L2 TB/s to keep up | working set / L2 | ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         for e in r["launches"]:
@@ -346,8 +391,10 @@ def markdown(results: list[dict], meta: dict) -> str:
             lines.append(
                 f"| {r['case']['name']} | {e['kind']} | {'x'.join(map(str, e['grid']))} | "
                 f"{e['tiles']} | {t['issue']:.3f} | {t['sfu']:.3f} | {t['tensor']:.3f} | "
-                f"{t['shared']:.3f} | {e['binding']} | {100 * e['balance']:.0f} % | "
-                f"{e['l2_break_even_tb_s']:.1f} | {1e3 * e['seconds']:.3f} |"
+                f"{t['shared']:.3f} | {t['l2']:.3f} | {t['atomics']:.3f} | {t['dram']:.3f} | "
+                f"{e['binding']} | {100 * e['balance']:.0f} % | "
+                f"{e['l2_break_even_tb_s']:.1f} | {100 * e['working_set_share_of_l2']:.0f} % | "
+                f"{1e3 * e['seconds']:.3f} |"
             )
     lines += [
         "",

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import sass_counts as S
-from benchmarks.sm90_rates import H100, ctas_per_sm, floor, makespan
+from benchmarks.sm90_rates import (
+    H100,
+    Rates,
+    ctas_per_sm,
+    floor,
+    makespan,
+    memory_tile_seconds,
+    tile_bounds,
+)
 
 # Outer loop 0x20..0xa0 holding an inner loop 0x40..0x60, then the trailing sled.
 _SASS = """
@@ -84,6 +92,39 @@ def test_rates_occupancy_floor_and_schedule() -> None:
     assert makespan([5.0, 1.0, 1.0], 2, 1.0) == 5.0
     with pytest.raises(ValueError, match="pairing"):
         floor("rows", 8, 8)
+
+
+def test_l2_and_atomic_bounds_arithmetic() -> None:
+    """A tile moving 4,096 B of loads/stores and 2,048 B of float32 reductions, at made-up
+    rates (100 SMs, L2 1e12 B/s, atomics 5e11 B/s): exact seconds on one SM's share."""
+    rates = Rates(sms=100, l2_bytes_per_s=1e12, atomic_bytes_per_s=5e11)
+    b = memory_tile_seconds(4096, 2048, rates)
+    assert b["l2"] == (4096 + 2048) / (1e12 / 100)  # reductions cross the L2 too
+    assert b["atomics"] == 2048 / (5e11 / 100)
+    assert memory_tile_seconds(4096, 0, rates)["atomics"] == 0.0
+    # The cited H100 figures: 5,120 B/clk at 1,755 MHz; reductions at half of it.
+    assert H100.l2_bytes_per_s == pytest.approx(8.986e12, rel=1e-3)
+    assert H100.atomic_bytes_per_s == H100.l2_bytes_per_s / 2
+
+
+_EMPTY_TILE = {"issue": 0, "mufu_all": 0, "tensor_macs_per_cta": 0, "shared_bytes": 0,
+               "global_bytes": 0, "atomic_bytes": 0}  # fmt: skip
+
+
+def test_atomic_heavy_tile_is_bound_by_atomics() -> None:
+    """A tile of 512 issue slots per warp and 64 KiB of float32 reductions per warp: at
+    H100 rates the reductions take far longer than the issue slots, so they bind; with
+    no reductions issue binds; and out of L2, the DRAM bound charges them twice."""
+    heavy = {**_EMPTY_TILE, "issue": 512, "atomic_bytes": 65536}
+    b = tile_bounds(heavy, 4)
+    assert max(b, key=b.get) == "atomics"
+    assert b["atomics"] == pytest.approx(4 * 65536 / (H100.atomic_bytes_per_s / H100.sms))
+    assert b["dram"] == 0.0
+    quiet = tile_bounds({**_EMPTY_TILE, "issue": 512}, 4)
+    assert max(quiet, key=quiet.get) == "issue"
+    spilled = tile_bounds(heavy, 4, l2_resident=False)
+    assert spilled["dram"] == pytest.approx(2 * 4 * 65536 / (H100.dram_bytes_per_s / H100.sms))
+    assert max(spilled, key=spilled.get) == "dram"
 
 
 _COMPILE_SCRIPT = r"""

@@ -137,12 +137,31 @@ def _scaled_scores(dots, inv_tau, eps, LOG_DOT: tl.constexpr):
     so that a NaN dot stays NaN. Forward and backward both build S with this
     one function, so the S the backward exponentiates against the stored
     log-sum-exp is (up to the GEMM's summation order) the S that was summed.
+    The product may be contracted with the subtraction that follows (one FFMA,
+    the exact product minus the shift); the backward rounds it (``_rounded``).
     """
     if LOG_DOT:
         s = tl.log(tl.where(dots < eps, eps, dots))
     else:
         s = dots
     return s * inv_tau, s
+
+
+@triton.jit
+def _rounded(s, inv_tau):
+    """``inv_tau * s`` rounded to float32 on its own, as plain PyTorch's S.
+
+    ``fma(s, inv_tau, +0.0)`` is one correctly rounded product that the compiler
+    cannot contract with the subtraction after it. Why: the stored lse of a row
+    whose largest term dominates is that term's S rounded to float32 (the shift
+    plus the log of the shifted sum, or the running max plus log(1 + ...), rounds
+    to it), so the backward's ``S - lse`` must take the same rounded S to give
+    exactly 0 there. A contracted ``fma(s, inv_tau, -lse)`` subtracts it from the
+    exact product instead: up to half an ulp of |S| off, an error of the weights
+    that grows with |S| (2e-3 at |S| ~ 6e4, where plain float32 PyTorch stays
+    near 4e-6).
+    """
+    return tl.fma(s, inv_tau, 0.0)
 
 
 @triton.jit
@@ -381,7 +400,8 @@ def _bwd_tile(
         x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
         BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
     )  # fmt: skip
-    sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+    _sc, s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
+    sc = _rounded(s, inv_tau)
     # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
     # row's lse at tiny tau); every use below selects with `valid`, which drops it.
     w_r = g_r[:, None] * _exp(sc - lse_r[:, None])

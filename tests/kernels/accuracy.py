@@ -107,18 +107,19 @@ def loss_and_grads(
     return loss.detach(), list(torch.autograd.grad(total, inputs))
 
 
-def _positives_only(
+def positives_only(
     a: Tensor, b: Tensor, *, temperature: float | Tensor, critic: str = "cosine",
     negatives: str = "all", symmetric: bool = True, reduction: str = "mean",
+    eps: float = 1e-12,
 ) -> Tensor:
     """Only the ``-S_pos`` terms of the loss, in float64: their gradient reaches the
     inputs outside the backends (see ``assert_backend_matches_float64``)."""
     a, b = a.double(), b.double()
     if critic == "cosine":
-        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
+        b = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
     dots = (a * b).sum(-1)
-    pos = (dots.clamp_min(1e-12).log() if critic == "log_dot" else dots) / temperature
+    pos = (dots.clamp_min(eps).log() if critic == "log_dot" else dots) / temperature
     per_row = -torch.cat([pos, pos], dim=-1) if negatives == "all" else -pos
     if reduction == "mean":
         return per_row.mean()
@@ -154,7 +155,7 @@ def assert_backend_matches_float64(
     # the inputs' dtype on its own, and is added to the backend's (also rounded)
     # gradient: one rounding of each part, up to an ulp of the parts' size, which
     # plain PyTorch dodges where the parts cancel exactly (N = 1: the loss is 0).
-    _, pos_grads = loss_and_grads(_positives_only, a, b, tau, upstream, False, **kw)
+    _, pos_grads = loss_and_grads(positives_only, a, b, tau, upstream, False, **kw)
     part = {"grad_a": pos_grads[0], "grad_b": pos_grads[1]}
     assert out.dtype == torch.float32 and out.shape == ref.shape
     names = ["loss", "grad_a", "grad_b", "grad_tau"]

@@ -25,7 +25,7 @@ from mimac_kernels.contract import Problem
 from mimac_kernels.functional import fused_contrastive_loss, min_eps
 from mimac_kernels.modules import ClipLoss
 from mimac_kernels.reference import reference_contrastive_loss
-from tests.kernels.accuracy import error_bound, loss_and_grads, max_abs_err
+from tests.kernels.accuracy import error_bound, loss_and_grads, max_abs_err, positives_only
 from tests.kernels.emulation import emulated_cuda_backend
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -51,21 +51,6 @@ def backend(request):
         pytest.skip(f"triton cannot run on CPU tensors here: {why}")
     assert why is None, why  # torch always; cpu wherever a compiler is
     yield name
-
-
-def _positives_only(a, b, *, temperature, critic="cosine", negatives="all", symmetric=True,
-                    reduction="mean", eps=1e-12):
-    """Only the ``-S_pos`` terms of the loss, in the inputs' dtype (float64 here): their
-    gradient reaches the inputs outside the backends."""
-    if critic == "cosine":
-        a = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
-        b = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
-    dots = (a * b).sum(-1)
-    pos = (dots.clamp_min(eps).log() if critic == "log_dot" else dots) / temperature
-    per_row = -torch.cat([pos, pos], dim=-1) if negatives == "all" else -pos
-    if reduction == "mean":
-        return per_row.mean()
-    return per_row.sum() if reduction == "sum" else per_row
 
 
 def _views(shape, seed=0, critic="cosine"):
@@ -541,7 +526,7 @@ def _check_case(case) -> str | None:
     plain_grads = [torch.autograd.grad(p.sum(), wrt, allow_unused=True) for p in plains]
     # The positive pairs' part reaches a and b rounded on its own (see
     # assert_backend_matches_float64): half types get an ulp of its size as slack.
-    pos = _positives_only(a64, b64, **ref_kw)
+    pos = positives_only(a64, b64, **ref_kw)
     pos_grads = torch.autograd.grad(pos.sum(), leaves64, retain_graph=True, allow_unused=True)
     pos_rows = torch.autograd.grad(pos.sum(), [a64, b64], allow_unused=True)
     for i, (g, r) in enumerate(zip(grads, ref_grads)):

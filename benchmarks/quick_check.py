@@ -217,10 +217,10 @@ def check_case(case: Headline, backends: list[str], device: torch.device,
     slack, plus one rounding of the positives' gradient for half dtypes."""
     from tests.kernels.accuracy import (  # the project's accuracy rule, one definition
         HALF_DTYPES,
-        _positives_only,
         error_bound,
         loss_and_grads,
         max_abs_err,
+        positives_only,
     )
 
     a, b = views(case, device, dtype, seed=1)
@@ -232,7 +232,7 @@ def check_case(case: Headline, backends: list[str], device: torch.device,
     ref = loss_and_grads(backend_fn("torch"), a.double(), b.double(), case.tau, None, False, **kw)
     ref = [ref[0], *ref[1]]
     _release(device)
-    _, pos = loss_and_grads(_positives_only, a, b, case.tau, None, False, **kw)
+    _, pos = loss_and_grads(positives_only, a, b, case.tau, None, False, **kw)
     try:  # plain PyTorch in dtype: the full matrix, whose error sets the bound
         plain = loss_and_grads(reference_contrastive_loss, a, b, case.tau, None, False,
                                dtype=None, **kw)  # fmt: skip

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -58,6 +59,28 @@ RULE_LIMIT = {
 NAMES = ("loss", "grad_a", "grad_b", "grad_tau")
 #: (backend, critic): largest decade at which it is known to meet the rule.
 KNOWN_GAPS = {("cuda", "dot"): 3}
+
+
+@functools.cache
+def interpreter_dots_round_alike() -> bool:
+    """Whether numpy's float32 matmul, which Triton's interpreter runs ``tl.dot`` on,
+    gives each entry the same bits whatever the shape of the product it sits in.
+
+    The backward recomputes the scores in tiles of another shape than the forward's and
+    subtracts the forward's log-sum-exp: at large |S| that needs both passes to round a
+    score alike, as the GPU's fixed-order MMA accumulation does. Some BLAS kernels (e.g.
+    OpenBLAS with OPENBLAS_CORETYPE=Haswell) sum in a shape-dependent order, so the
+    interpreter then cannot stand for the GPU above max|S| ~ 1e2.
+    """
+    rng = np.random.default_rng(0)
+    for m, n, k in ((128, 128, 16), (128, 64, 16), (64, 64, 16), (32, 32, 16)):
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        y = rng.standard_normal((k, n), dtype=np.float32)
+        whole = x @ y
+        if not (np.array_equal(whole[:, : n // 2], x @ y[:, : n // 2])
+                and np.array_equal(whole[: m // 2], x[: m // 2] @ y)):
+            return False
+    return True
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -136,6 +159,10 @@ CASES = [
 
 @pytest.mark.parametrize("critic, negatives, decade", CASES)
 def test_accuracy_across_score_range(backend, critic, negatives, decade):
+    if backend == "triton" and decade >= 3 and not interpreter_dots_round_alike():
+        pytest.skip("this numpy's float32 matmul rounds an entry differently by the shape of "
+                    "the product, so Triton's interpreter cannot reproduce the GPU's scores "
+                    "across the forward's and backward's tiles at this |S|")
     _, bounds = reference_and_bounds(critic, negatives, decade)
     errs = errors(backend, critic, negatives, decade)
     base = torch_errors(critic, negatives, decade)

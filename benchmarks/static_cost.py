@@ -68,10 +68,12 @@ def _cdiv(a: int, b: int) -> int:
 
 def tile_macs(launch: Launch) -> int:
     """Tensor-core MACs one column tile of ``launch`` needs (D padded to whole BLOCK_D steps):
-    one GEMM for the scores, a second for the gradient in ``bwd``."""
+    one GEMM for the scores, a second for the gradient in ``bwd`` (one ``slice_d`` slice
+    of it where the backward splits D over programs)."""
     cfg = launch.cfg
     padded = cfg.block_d * _cdiv(launch.d, cfg.block_d)
-    return cfg.block_m * cfg.block_n * padded * (2 if launch.kind == "bwd" else 1)
+    grad = (cfg.grad_d if cfg.single_d else padded) if launch.kind == "bwd" else 0
+    return cfg.block_m * cfg.block_n * (padded + grad)
 
 
 @dataclass
@@ -98,10 +100,14 @@ class Profile:
         return tile_bounds(self.per_tile, num_warps, rates, l2_resident)
 
 
-def profile(launch: Launch) -> Profile:
+def profile(launch: Launch, one_pass: bool = True) -> Profile:
     """Compile ``launch`` for sm_90 and count its hot loop per column tile.
 
-    The hot loop is the top-level loop holding the tensor-core work; inner loops
+    The hot loop is the top-level loop holding the tensor-core work. The backward
+    has two such loops over the interior tiles with the same tensor work: one
+    exponential per element (taken when every statistic of the head lay in the
+    forward's window, ``one_pass``) and two (otherwise); the one with fewer
+    (``one_pass``) or more ``MUFU.EX2`` is taken. Inner loops
     (the D chunks when D is wider than one register tile) run ``ceil(D / BLOCK_D)``
     times, as in the source. The counts are divided by the iteration's share of
     tiles, the whole number of :func:`tile_macs` in its MACs (ptxas may unroll);
@@ -113,12 +119,13 @@ def profile(launch: Launch) -> Profile:
     instrs = sass_counts.parse(sass(compiled))
     loops = sass_counts.find_loops(instrs)
     trips = _cdiv(launch.d, cfg.block_d)
-    best, best_macs, best_counts = None, 0, None
+    best, best_key, best_counts = None, (0, 0), None
     for lp in loops:
         counts = sass_counts.iteration_counts(instrs, lp, [trips] * len(lp.inner))
-        macs = counts.macs_per_cta(cfg.num_warps)
-        if macs > best_macs:
-            best, best_macs, best_counts = lp, macs, counts
+        key = (counts.macs_per_cta(cfg.num_warps), -counts.ex2 if one_pass else counts.ex2)
+        if key[0] > 0 and key > best_key:
+            best, best_key, best_counts = lp, key, counts
+    best_macs = best_key[0]
     if best is None:
         raise RuntimeError(f"{launch.name}: no loop with tensor-core work in its SASS")
     # Tiles per iteration: ptxas may unroll a loop. A remainder is redundant tensor work
@@ -321,8 +328,11 @@ def estimate_case(case: StaticCase, rates: Rates = H100, cache: dict | None = No
     launches, profiles = [], {}
     for lc in plan:
         key = (lc.name, tuple(sorted((k, repr(v)) for k, v in lc.args.items())))
+        # Every statistic in the forward's window (no re-sweep): the one-pass loop.
+        one_pass = not any(side["rows"] for side in frac.values())
+        key = (*key, one_pass)
         if key not in cache:
-            cache[key] = profile(lc)
+            cache[key] = profile(lc, one_pass)
         prof = cache[key]
         profiles[lc.kind] = prof
         resweep = 0

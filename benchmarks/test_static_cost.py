@@ -173,12 +173,17 @@ plan = launch_plan("all", 32768, 128)
 out["plan"] = [[lc.kind, list(lc.grid), lc.cfg.block_m, lc.cfg.block_n, sum(tiles_per_program(lc)),
                 sum(tiles_per_program(lc, resweep_blocks=3))] for lc in plan]
 out["plan_cross"] = [[lc.kind, sum(tiles_per_program(lc))] for lc in launch_plan("cross", 1000, 64)]
+def _prof(lc, one_pass=True):
+    prof = static_cost.profile(lc, one_pass)
+    return {"per_tile": prof.per_tile, "unroll": prof.unroll, "res": prof.resources,
+            "redundancy": prof.tensor_redundancy, "tile_macs": static_cost.tile_macs(lc),
+            "cfg": [lc.cfg.block_m, lc.cfg.block_n, lc.cfg.num_warps, lc.cfg.grad_d]}
 for lc in plan:
     if lc.kind in ("fwd", "bwd"):
-        prof = static_cost.profile(lc)
-        out[lc.kind] = {"per_tile": prof.per_tile, "unroll": prof.unroll,
-                        "redundancy": prof.tensor_redundancy, "tile_macs": static_cost.tile_macs(lc),
-                        "cfg": [lc.cfg.block_m, lc.cfg.block_n, lc.cfg.num_warps]}
+        out[lc.kind] = _prof(lc)
+out["bwd_two"] = _prof(plan[-1], one_pass=False)
+wide = launch_plan("all", 32768, 512)[-1]
+out["bwd_wide"] = {**_prof(wide), "grid": list(wide.grid)}
 
 from benchmarks.triton_resources import compile_variants
 out["ttir_hinted"] = [ck.asm["ttir"].count("tt.divisibility = 16")
@@ -253,23 +258,39 @@ def test_launch_plan_covers_every_tile(compiled: dict) -> None:
 
 def test_real_kernels_count_one_tile_per_iteration(compiled: dict) -> None:
     """NT-Xent, D = 128, bf16: the forward's hot loop is one tile with one exp per element;
-    the backward's is one tile of two GEMMs (scores, gradient) with two exps per score.
+    the backward's is one tile of two GEMMs (scores, gradient) with one exp per score in
+    its one-pass loop and two in the other.
 
     Work the SASS repeats is counted as issued: where the score GEMM runs twice (both
     warpgroups of a 64-row tile compute it), so do its exps, and the counts say so.
     """
     fwd = compiled["fwd"]
-    bm, bn, warps = fwd["cfg"]
+    bm, bn, warps, _ = fwd["cfg"]
     assert fwd["unroll"] == 1 and fwd["redundancy"] == 1.0
     assert fwd["per_tile"]["mufu_ex2"] * warps * 32 == bm * bn
     assert fwd["per_tile"]["tensor_macs_per_cta"] == fwd["tile_macs"]
-    bwd = compiled["bwd"]
-    bm, bn, warps = bwd["cfg"]
-    assert bwd["unroll"] == 1
-    score_copies = 2 * bwd["redundancy"] - 1  # tile MACs = score GEMM + gradient GEMM, equal
-    assert score_copies in (1.0, 2.0)
-    assert bwd["per_tile"]["mufu_ex2"] * warps * 32 == 2 * bm * bn * score_copies
-    assert bwd["per_tile"]["tensor_macs_per_cta"] == bwd["tile_macs"] * bwd["redundancy"]
+    for name, exps in (("bwd", 1), ("bwd_two", 2)):  # one-pass and two-exponential loops
+        bwd = compiled[name]
+        bm, bn, warps, _ = bwd["cfg"]
+        assert bwd["unroll"] == 1
+        score_copies = 2 * bwd["redundancy"] - 1  # tile MACs = score GEMM + gradient GEMM
+        assert score_copies in (1.0, 2.0)
+        assert bwd["per_tile"]["mufu_ex2"] * warps * 32 == exps * bm * bn * score_copies
+        assert bwd["per_tile"]["tensor_macs_per_cta"] == bwd["tile_macs"] * bwd["redundancy"]
+
+
+def test_wide_backward_splits_the_gradient_not_the_scores(compiled: dict) -> None:
+    """NT-Xent, D = 512, bf16: each program keeps a 256-wide slice of the row gradient
+    on chip (two programs per row block), recomputes the 512-deep scores, and sends no
+    float32 atomics to DX; no register spills, shared memory within sm_90's 227 KiB."""
+    wide = compiled["bwd_wide"]
+    bm, bn, warps, grad_d = wide["cfg"]
+    assert grad_d == 256 and wide["grid"][0] == 2 * 65536 // bm
+    assert wide["tile_macs"] == bm * bn * (512 + 256)
+    assert wide["unroll"] == 1 and wide["redundancy"] == 1.0
+    assert wide["per_tile"]["atomic_bytes"] == 0
+    assert wide["per_tile"]["mufu_ex2"] * warps * 32 == bm * bn
+    assert wide["res"]["local"] == 0 and wide["res"]["shared"] <= 227 * 1024
 
 
 def test_resources_compile_with_the_jit_hints(compiled: dict) -> None:

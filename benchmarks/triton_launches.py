@@ -104,10 +104,11 @@ def launch_plan(
     plan += [fin] if all_pairs else [fin, fin]  # cross: rows of S(a, b), then of S(b, a)
 
     cfg = configs.backward_config(d, size, log_dot)
-    tr, tc = _cdiv(m, cfg.block_m), _cdiv(m, cfg.block_n)
-    cb = configs.column_blocks_per_program(tr, tc, tr * tc, target)
+    tr, tc, slices = _cdiv(m, cfg.block_m), _cdiv(m, cfg.block_n), cfg.d_slices(d)
+    cb = configs.column_blocks_per_program(tr * slices, tc, tr * tc * slices, target)
     chunks = _cdiv(tc, cb)
-    ptrs = ("INV_TAU", "LSE_R", "LSE_C", "G_R", "G_C", "CENTER_R", "GSCALE", "DX", "TAU_PART")
+    ptrs = ("INV_TAU", "LSE_R", "LSE_C", "G_R", "G_C", "CENTER_R", "GSCALE", "SHIFT", "V_C",
+            "DX", "TAU_PART")
     args = {
         "X": x,
         "Y": x,
@@ -118,10 +119,14 @@ def launch_plan(
         "eps": 1e-12,
         "COL_BLOCKS": cb,
         "ATOMIC": chunks > 1 or not cfg.single_d,
+        "FAST": Ptr("i32"),
         "GRAD_TF32": log_dot and dtype == "fp16",
+        "ONE_EXP": size <= 2,
+        "SLICE_D": cfg.grad_d,
         **_common(dtype, cfg, all_pairs, log_dot),
     }
-    bwd = Launch("bwd", K.bwd_rows_kernel, cfg, (tr, chunks, 1), args, m, m, d, cb, all_pairs)
+    grid = (tr * slices, chunks, 1)
+    bwd = Launch("bwd", K.bwd_rows_kernel, cfg, grid, args, m, m, d, cb, all_pairs)
     plan += [bwd] if all_pairs else [bwd, bwd]  # cross: dA, then dB with a and b swapped
     return plan
 

@@ -10,8 +10,10 @@ import failure (no triton) becomes the backend's reason.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -245,26 +247,53 @@ def _grad_scale(*gs: Tensor) -> Tensor:
     return torch.where(torch.isfinite(top) & (top > 0), top, torch.ones_like(top))
 
 
+@dataclass(frozen=True)
+class _OneExp:
+    """What the backward's one-exponential tiles need (``kernels.bwd_rows_kernel``):
+    the forward's shift ``(H,)``, a per-head flag ``(H,)`` int32 that every statistic
+    lies in the window around it, and ``v = g e^(shift - lse)`` of each side."""
+
+    shift: Tensor
+    fast: Tensor
+    v_row: Tensor
+    v_col: Tensor
+
+
+def _one_exp(shift: Tensor, lse: tuple[Tensor, Tensor], g: tuple[Tensor, Tensor]) -> _OneExp:
+    """Flags and factors from the statistics: a head is fast when ``lse - shift`` of every
+    row and column lies in ``[log UNDERFLOW, log OVERFLOW]`` (the forward kept their
+    one-pass sums), so that ``e^(shift - lse)`` cannot overflow. NaN fails the test."""
+    lo, hi = math.log(kernels.UNDERFLOW.value), math.log(kernels.OVERFLOW.value)
+    ok = torch.ones_like(shift, dtype=torch.bool)
+    for t in lse:
+        if t.numel():
+            d = t - shift[:, None]
+            ok &= ((d >= lo) & (d <= hi)).all(dim=1)
+    v = [gi * torch.exp(shift[:, None] - t) if t.numel() else t for t, gi in zip(lse, g)]
+    return _OneExp(shift, ok.to(torch.int32), v[0].contiguous(), v[1].contiguous())
+
+
 def _bwd_rows(
     p: Problem,
     inv_tau: Tensor,
     operands: tuple[Tensor, Tensor],
     rows: tuple[Tensor, Tensor, Tensor],
-    cols: tuple[Tensor, Tensor],
+    cols: tuple[Tensor, Tensor, Tensor],
     gscale: Tensor,
+    one: _OneExp,
 ) -> tuple[Tensor, Tensor]:
     """One launch of ``bwd_rows_kernel`` for the rows of ``x`` against ``y``
-    (``operands``). ``rows``: (lse, g, center) of the rows; ``cols``: (lse, g) of the
-    columns. Returns (dX float32 (H, R, D), temperature partials)."""
+    (``operands``). ``rows``: (lse, g, center) of the rows; ``cols``: (lse, g, v) of the
+    columns (``v``: ``_OneExp``). Returns (dX float32 (H, R, D), temperature partials)."""
     x, y = operands
-    (lse_r, g_r, center_r), (lse_c, g_c) = rows, cols
+    (lse_r, g_r, center_r), (lse_c, g_c, v_c) = rows, cols
     critic = p.critic
     h, r, d = x.shape
     c = y.shape[1]
     cfg = configs.backward_config(d, x.element_size(), critic == "log_dot")
-    tr, tc = triton.cdiv(r, cfg.block_m), triton.cdiv(c, cfg.block_n)
+    tr, tc, slices = triton.cdiv(r, cfg.block_m), triton.cdiv(c, cfg.block_n), cfg.d_slices(d)
     col_blocks = configs.column_blocks_per_program(
-        tr * h, tc, tr * tc * h, configs.target_programs(x.device)
+        tr * h * slices, tc, tr * tc * h * slices, configs.target_programs(x.device)
     )
     tune = configs.autotune_enabled() and not configs.interpreting()
     atomic = _col_chunks(c, cfg.block_n, col_blocks) > 1 or not cfg.single_d or tune
@@ -277,13 +306,14 @@ def _bwd_rows(
     _launch(
         "bwd",
         kernels.bwd_rows_kernel,
-        lambda bm, bn: (triton.cdiv(r, bm), _col_chunks(c, bn, col_blocks), h),
+        lambda bm, bn: (triton.cdiv(r, bm) * slices, _col_chunks(c, bn, col_blocks), h),
         cfg,
-        x, y, inv_tau, lse_r, lse_c, g_r, g_c, center_r, gscale, dx, parts, r, c, d, p.eps,
-        col_blocks,
+        x, y, inv_tau, lse_r, lse_c, g_r, g_c, center_r, gscale, one.shift, one.fast, v_c, dx,
+        parts, r, c, d, p.eps, col_blocks,
         ALL=p.all_pairs, LOG_DOT=critic == "log_dot", ATOMIC=atomic,
-        GRAD_TF32=critic == "log_dot" and x.dtype == torch.float16, BLOCK_D=cfg.block_d,
-        SINGLE_D=cfg.single_d, **_precision(x.dtype),
+        GRAD_TF32=critic == "log_dot" and x.dtype == torch.float16,
+        ONE_EXP=x.element_size() <= 2, BLOCK_D=cfg.block_d,
+        SINGLE_D=cfg.single_d, SLICE_D=cfg.grad_d, **_precision(x.dtype),
     )  # fmt: skip
     return dx, parts
 
@@ -300,18 +330,23 @@ def backward(problem: Problem, stats: Stats, upstream: Upstream) -> Grads:
     a, b = problem.a, problem.b
     n = a.shape[1]
     with _device_guard(a):
+        crit, eps = problem.critic, problem.eps
         if problem.all_pairs:
             z = torch.cat([a, b], dim=1)
-            gscale = _grad_scale(g_row)
+            one = _one_exp(_shift(z, None, inv_tau, crit, eps), (row_lse, col_lse), (g_row, g_col))
             dz, parts = _bwd_rows(
-                problem, inv_tau, (z, z), (row_lse, g_row, row_center), (row_lse, g_row), gscale
-            )
+                problem, inv_tau, (z, z), (row_lse, g_row, row_center),
+                (row_lse, g_row, one.v_row), _grad_scale(g_row), one,
+            )  # fmt: skip
             return Grads(dz[:, :n], dz[:, n:], parts.sum())
+        one = _one_exp(_shift(a, b, inv_tau, crit, eps), (row_lse, col_lse), (g_row, g_col))
         gscale = _grad_scale(g_row, g_col)
         da, parts_a = _bwd_rows(
-            problem, inv_tau, (a, b), (row_lse, g_row, row_center), (col_lse, g_col), gscale
-        )
+            problem, inv_tau, (a, b), (row_lse, g_row, row_center), (col_lse, g_col, one.v_col),
+            gscale, one,
+        )  # fmt: skip
         db, parts_b = _bwd_rows(
-            problem, inv_tau, (b, a), (col_lse, g_col, col_center), (row_lse, g_row), gscale
-        )
+            problem, inv_tau, (b, a), (col_lse, g_col, col_center), (row_lse, g_row, one.v_row),
+            gscale, one,
+        )  # fmt: skip
         return Grads(da, db, parts_a.sum() + parts_b.sum())

@@ -21,6 +21,10 @@ import torch
 
 #: Largest feature dimension kept as one register tile (no loop over D).
 MAX_SINGLE_D = 128
+#: Largest D of the backward's sliced path (half inputs; see ``backward_config``).
+MAX_SLICED_D = 512
+#: Column tile of the sliced backward.
+SLICED_BLOCK_N = 32
 #: Chunk of D per step when D is larger than one tile (interpreter).
 D_CHUNK = 64
 #: Programs per SM the column split aims for (enough to hide latency and to
@@ -63,6 +67,9 @@ class TileConfig:
 
     ``block_m`` rows x ``block_n`` columns per similarity tile; ``block_d``
     features per ``tl.dot`` step (``single_d``: all of D in one step).
+    ``slice_d`` (backward, ``single_d`` only; 0 = ``block_d``): features of the
+    row gradient one program keeps in registers; below ``block_d``, a row block's
+    gradient is split over ``block_d // slice_d`` programs.
     """
 
     block_m: int
@@ -71,6 +78,16 @@ class TileConfig:
     single_d: bool
     num_warps: int
     num_stages: int
+    slice_d: int = 0
+
+    @property
+    def grad_d(self) -> int:
+        """Width of the register tile of the row gradient (``slice_d`` or ``block_d``)."""
+        return self.slice_d or self.block_d
+
+    def d_slices(self, d: int) -> int:
+        """Programs per row block of the backward for ``d`` features."""
+        return -(-d // self.grad_d) if self.single_d else 1
 
 
 def _d_tiling(d: int, max_single: int, chunk: int) -> tuple[int, bool]:
@@ -121,8 +138,16 @@ def backward_config(d: int, itemsize: int, log_dot: bool = False) -> TileConfig:
     ``log_dot`` (a log and a division more per element) gets narrower tiles.
     """
     if interpreting():
+        # Slices of 64 above D = 64, so the CPU tests run the sliced path too.
         block_d, single = _d_tiling(d, 256, D_CHUNK)
-        return TileConfig(64, 64, block_d, single, 1, 1)
+        return TileConfig(64, 64, block_d, single, 1, 1, min(block_d, 64) if single else 0)
+    if itemsize <= 2 and not log_dot and MAX_SINGLE_D < d <= MAX_SLICED_D:
+        # The row block whole in shared memory for the score GEMM (128 x 512 bf16:
+        # 128 KiB), the gradient in slices of 256 features (128 x 256 float32 over
+        # 8 warps: 128 registers a thread), 32-column tiles so that a tile of Y
+        # and its slice, double-buffered, fit beside it.
+        block_d = _next_pow2(d)
+        return TileConfig(128, SLICED_BLOCK_N, block_d, True, 8, 2, min(block_d, 256))
     block_d, single = _d_tiling(d, MAX_SINGLE_D, 32)
     if itemsize > 2:
         return TileConfig(64, 32, block_d, single, 8, 2)

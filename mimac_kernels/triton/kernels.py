@@ -379,13 +379,20 @@ def lse_finalize_kernel(
 
 @triton.jit
 def _bwd_tile(
-    kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h, LSE_C_h, G_C_h,
-    lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+    kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h, REF_C_h, F_C_h,
+    ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
     MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    ONE_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, SLICE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
     """One column tile ``kb`` of ``bwd_rows_kernel``: returns (acc, tau_acc) updated.
+    ``d_lo``: first feature of the program's gradient slice (``SLICE_D`` wide).
+
+    The weights are ``f_r[i] exp(S_ik - ref_r[i]) + f_c[k] exp(S_ik - ref_c[k])``:
+    with (ref, f) = (lse, g) on both sides (two exponentials), or, ``ONE_EXP``, with
+    the head's shift as ``ref_r`` (a scalar) on both sides, ``f_r = g_r e^(shift -
+    lse_r)`` and ``F_C_h`` holding ``g_c e^(shift - lse_c)`` (``REF_C_h`` unread): one
+    exponential per element (the caller checks that the factors cannot overflow).
 
     ``MASKED``: select with the validity mask (the diagonal tiles of ``all`` and the
     ragged last column block); otherwise every pair of the tile is in range and off
@@ -394,8 +401,9 @@ def _bwd_tile(
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
     cols64 = cols.to(tl.int64)
-    lse_c = tl.load(LSE_C_h + cols, mask=cmask, other=float("inf"))
-    g_c = tl.load(G_C_h + cols, mask=cmask, other=0.0)
+    f_c = tl.load(F_C_h + cols, mask=cmask, other=0.0)
+    if not ONE_EXP:
+        ref_c = tl.load(REF_C_h + cols, mask=cmask, other=float("inf"))
     dots, y = _tile_dots(
         x, X_h, Y_h, rows64, rmask, cols64, cmask, offs_d, D,
         BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
@@ -404,8 +412,13 @@ def _bwd_tile(
     sc = _rounded(s, inv_tau)
     # The self-pair of `all` may overflow to inf here (S_ii = 1/tau far above a
     # row's lse at tiny tau); every use below selects with `valid`, which drops it.
-    w_r = g_r[:, None] * _exp(sc - lse_r[:, None])
-    w = w_r + g_c[None, :] * _exp(sc - lse_c[None, :])
+    if ONE_EXP:
+        e = _exp(sc - ref_r)
+        w_r = f_r[:, None] * e
+        w = w_r + f_c[None, :] * e
+    else:
+        w_r = f_r[:, None] * _exp(sc - ref_r[:, None])
+        w = w_r + f_c[None, :] * _exp(sc - ref_c[None, :])
     if LOG_DOT:
         # d s / d dot = 1/dot, 0 where clamped; a NaN dot fails `<=` and stays NaN.
         w = tl.where(dots <= eps, 0.0, w / tl.where(dots <= eps, 1.0, dots))
@@ -420,8 +433,13 @@ def _bwd_tile(
     tau_acc += tl.sum(t, axis=1)
     if not GRAD_TF32:
         wq = wq.to(Y_h.dtype.element_ty)
-    if SINGLE_D:
+    if SINGLE_D and SLICE_D == BLOCK_D:
         acc = _grad_mm(wq, y, acc, PREC, DOT_F32, GRAD_TF32)
+    elif SINGLE_D:
+        # The program's slice of the columns' features (a second, narrower read of
+        # tile rows the score GEMM just streamed: served by L1/L2).
+        ys = _load_tile(Y_h, cols64, cmask, tl.arange(0, SLICE_D), d_lo, D)
+        acc = _grad_mm(wq, ys, acc, PREC, DOT_F32, GRAD_TF32)
     else:
         # D too wide for a register tile: add each chunk's share straight away.
         for d0 in range(0, D, BLOCK_D):
@@ -446,6 +464,9 @@ def bwd_rows_kernel(
     G_C,
     CENTER_R,
     GSCALE,
+    SHIFT,
+    FAST,
+    V_C,
     DX,
     TAU_PART,
     R,
@@ -457,10 +478,12 @@ def bwd_rows_kernel(
     LOG_DOT: tl.constexpr,
     ATOMIC: tl.constexpr,
     GRAD_TF32: tl.constexpr,
+    ONE_EXP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr,
+    SLICE_D: tl.constexpr,
     PREC: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
@@ -480,17 +503,36 @@ def bwd_rows_kernel(
     seen from row k (all). One float per program goes to TAU_PART; the host
     sums them (deterministic, no atomics).
 
-    Grid ``(row blocks, column chunks, H)``; the row block's gradient stays in
+    Grid ``(row blocks x D slices, column chunks, H)``; the row block's gradient stays in
     registers and is stored once (``ATOMIC``: added, when several column
-    chunks or D chunks share it). W is divided by GSCALE (the largest |g|)
+    chunks or D chunks share it). ``SINGLE_D`` with ``SLICE_D < BLOCK_D`` (D too wide
+    for one register tile of the gradient, e.g. 512): the row block stays whole for
+    the score GEMM and each program keeps the gradient of one ``SLICE_D``-wide slice
+    of the features, ``cdiv(D, SLICE_D)`` programs per row block. They recompute the
+    scores (more tensor-core work) instead of adding every tile's partial gradient
+    to DX with float32 atomics (L2 traffic that costs more; ``benchmarks/static_cost``). W is divided by GSCALE (the largest |g|)
     before it is rounded to the input dtype for the tensor cores, so float16
     keeps its precision when g is tiny (1/M for the mean); see ``_grad_mm``
     for float16 with log_dot.
 
-    Shape: X (H, R, D), Y (H, C, D), LSE_R, G_R, CENTER_R (H, R), LSE_C, G_C (H, C),
+    ``ONE_EXP`` (half inputs) with a head's ``FAST`` flag set: the interior tiles take
+    ``W_ik = e^(S_ik - shift) (u_i + v_k)``, ``u = g_r e^(shift - lse_r)`` and ``V_C``
+    = ``g_c e^(shift - lse_c)``, one exponential per element instead of two
+    (``_bwd_tile``). The rounding of ``S - shift`` (|S - shift| up to ~100) adds a
+    relative error near 1e-5 to W, far below the rounding of W to the half dtype for
+    the gradient GEMM.
+
+    Shape: X (H, R, D), Y (H, C, D), LSE_R, G_R, CENTER_R (H, R), LSE_C, G_C, V_C (H, C),
+    SHIFT (H,) float32 and FAST (H,) int32 (read with ONE_EXP only),
     DX (H, R, D) float32, TAU_PART (H * row blocks * column chunks,).
     """
-    ib = tl.program_id(0)
+    if SINGLE_D and SLICE_D < BLOCK_D:
+        n_sl = tl.cdiv(D, SLICE_D)
+        ib = tl.program_id(0) // n_sl
+        d_lo = (tl.program_id(0) % n_sl) * SLICE_D
+    else:
+        ib = tl.program_id(0)
+        d_lo = 0
     cb = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
     n_kb = tl.cdiv(C, BLOCK_N)
@@ -511,7 +553,7 @@ def bwd_rows_kernel(
     g_r = tl.load(G_R + h * R + rows, mask=rmask, other=0.0)
     c_r = tl.load(CENTER_R + h * R + rows, mask=rmask, other=0.0)
     x = _load_tile(X_h, rows64, rmask, offs_d, 0, D)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, SLICE_D], dtype=tl.float32)
     tau_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Tiles that need the validity mask: the diagonal ones of `all` ([a, b)) and the
     # ragged last column block ([hf, k_hi)). The rest run unmasked: rows past R have
@@ -526,28 +568,52 @@ def bwd_rows_kernel(
     else:
         a = k_lo
         b = k_lo
-    if _split_masks(X):
+    # ONE_EXP: the head's FAST flag says every row and column sum of the forward lay in
+    # [UNDERFLOW, OVERFLOW] around the shift, so lse - shift is in [-41.6, 16.6] and the
+    # factors g e^(shift - lse) are finite; the interior tiles then take one exponential
+    # per element. Otherwise (and on masked tiles) two, against each side's own lse.
+    fast = False
+    if ONE_EXP:
+        fast = tl.load(FAST + h) != 0
+    if fast:
+        shift = tl.load(SHIFT + h)
+        u_r = g_r * _exp(shift - lse_r)  # rows past R: 0 * e^-inf = 0
         for j in range(k_lo, hf - (b - a)):
             kb = tl.where(j >= a, j + (b - a), j)
             acc, tau_acc = _bwd_tile(
-                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+                LSE_C + h * C, V_C + h * C, shift, u_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
+                False, ALL, LOG_DOT, GRAD_TF32, True, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                SLICE_D, PREC, DOT_F32,
+            )  # fmt: skip
+    elif _split_masks(X):
+        for j in range(k_lo, hf - (b - a)):
+            kb = tl.where(j >= a, j + (b - a), j)
+            acc, tau_acc = _bwd_tile(
+                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
                 LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-                False, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+                False, ALL, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+                SLICE_D, PREC, DOT_F32,
             )  # fmt: skip
     for j in range((b - a) + (k_hi - hf)):
         kb = tl.where(j < b - a, a + j, hf + j - (b - a))
         acc, tau_acc = _bwd_tile(
-            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, X_h, Y_h, DX_h,
+            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
             LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-            True, ALL, LOG_DOT, GRAD_TF32, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+            True, ALL, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+            SLICE_D, PREC, DOT_F32,
         )  # fmt: skip
     if SINGLE_D:
         out = acc * (gs * inv_tau)
-        ptrs = DX_h + rows64[:, None] * D + offs_d[None, :]
-        omask = rmask[:, None] & (offs_d[None, :] < D)
+        dd = d_lo + tl.arange(0, SLICE_D)
+        ptrs = DX_h + rows64[:, None] * D + dd[None, :]
+        omask = rmask[:, None] & (dd[None, :] < D)
         if ATOMIC:
             tl.atomic_add(ptrs, out, mask=omask, sem="relaxed")
         else:
             tl.store(ptrs, out, mask=omask)
-    pid = (h * tl.num_programs(0) + ib) * tl.num_programs(1) + cb
-    tl.store(TAU_PART + pid, tl.sum(tau_acc, axis=0))
+    # One partial per (row block, column chunk, head): the first slice's (every slice
+    # sums the same terms).
+    if d_lo == 0:
+        pid = (h * tl.cdiv(R, BLOCK_M) + ib) * tl.num_programs(1) + cb
+        tl.store(TAU_PART + pid, tl.sum(tau_acc, axis=0))

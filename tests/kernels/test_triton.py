@@ -10,6 +10,7 @@ imported), so shapes stay small. Tolerance rule: ``tests.kernels.accuracy``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -17,15 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from mimac_kernels import dispatch, fused_contrastive_loss, reference_contrastive_loss
-from mimac_kernels.contract import Problem
+from mimac_kernels.contract import Problem, Upstream
 from mimac_kernels.options import NEGATIVES
 from tests.kernels.accuracy import (
     PAIRINGS,
     TAU,
     assert_backend_matches_float64,
+    error_bound,
     loss_and_grads,
     make_views,
     max_abs_err,
+    positives_only,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +123,95 @@ def test_interior_tiles_run_unmasked(monkeypatch, negatives: str, split: bool) -
     monkeypatch.setattr(configs, "target_programs", lambda device: 10**6 if split else 1)
     a, b = make_views((32, 16), "cosine", seed=7)
     assert_close_to_float64(a, b, torch.bfloat16, tau=TAU["cosine"], negatives=negatives)
+
+
+def _sliced_tiles(d: int, itemsize: int, log_dot: bool = False) -> configs.TileConfig:
+    return configs.TileConfig(32, 16, 128, True, 4, 1, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("critic", ["cosine", "dot", "log_dot"])
+@pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
+def test_row_gradient_in_feature_slices(
+    monkeypatch, critic: str, negatives: str, symmetric: bool, dtype: torch.dtype
+) -> None:
+    """The backward's sliced path (the GPU's above D = 128): the whole row block for the
+    scores, the row gradient in 32-wide slices, one program each; D = 100 gives four
+    slices, the last one ragged (features 96-99)."""
+    monkeypatch.setattr(configs, "backward_config", _sliced_tiles)
+    assert _sliced_tiles(100, 2).d_slices(100) == 4
+    a, b = make_views((2, 21, 100), critic, seed=8, dot_scale=0.1)  # |x| ~ 1 at D = 100
+    assert_close_to_float64(
+        a, b, dtype, tau=TAU[critic], critic=critic, negatives=negatives, symmetric=symmetric
+    )
+
+
+def _slow(one):
+    """``one`` with every head's flag cleared: the backward's two-exponential loop."""
+    return dataclasses.replace(one, fast=torch.zeros_like(one.fast))
+
+
+@pytest.mark.parametrize("negatives,symmetric", PAIRINGS)
+def test_one_exponential_only_where_the_window_holds(
+    monkeypatch, negatives: str, symmetric: bool
+) -> None:
+    """Half inputs: a head whose row and column sums all stayed in the forward's window
+    around its shift takes one exponential per interior element in the backward; a head
+    with rows far below its shift (one row of 30x the norm lifts the bound) takes two.
+    Both heads against float64 and against the two-exponential loop; the launcher's
+    flags are read back."""
+    flags = []
+    original = triton_backend._one_exp
+
+    def spy(*args):
+        out = original(*args)
+        flags.append(out.fast.tolist())
+        return out
+
+    monkeypatch.setattr(triton_backend, "_one_exp", spy)
+    # 16 x 16 tiles: most of them interior (the one-exponential loop), some masked.
+    monkeypatch.setattr(configs, "backward_config", _small_tiles)
+    a, b = make_views((2, 40, 16), "dot", seed=9, dot_scale=0.3)
+    a[1, 0] *= 30
+    b[1, 0] *= 30
+    a, b = a.bfloat16(), b.bfloat16()
+    kw = {"critic": "dot", "negatives": negatives, "symmetric": symmetric}
+
+    def ours(x, y, **k):
+        return fused_contrastive_loss(x, y, backend="triton", **k)
+
+    def plain(x, y, **k):
+        return reference_contrastive_loss(x, y, dtype=None, **k)
+
+    tau = TAU["dot"]
+    _, got = loss_and_grads(ours, a, b, tau, None, False, **kw)
+    _, ref = loss_and_grads(reference_contrastive_loss, a.double(), b.double(), tau, None, False,
+                            **kw)  # fmt: skip
+    _, base = loss_and_grads(plain, a, b, tau, None, False, **kw)
+    _, pos = loss_and_grads(positives_only, a, b, tau, None, False, **kw)
+    assert flags == [[1, 0]]
+    # Kernel level, against the two-exponential loop on the same inputs and statistics:
+    # the weights agree to ~1e-5 before their rounding to bfloat16, so the gradients
+    # agree to about that rounding (the loss-level check below also sees the positives'
+    # gradient, which is computed outside the kernels and is larger).
+    problem = Problem(a, b, torch.tensor(1 / tau), "dot", negatives, 1e-12)
+    stats = triton_backend.forward(problem)
+    gen = torch.Generator().manual_seed(2)
+    upstream = Upstream(*(torch.rand(t.shape, generator=gen) / t.shape[-1] for t in
+                          (stats.row_lse, stats.col_lse, stats.row_lse, stats.col_lse)))  # fmt: skip
+    fast = triton_backend.backward(problem, stats, upstream)
+    monkeypatch.setattr(triton_backend, "_one_exp", lambda *args: _slow(original(*args)))
+    two = triton_backend.backward(problem, stats, upstream)
+    for g, t in ((fast.a, two.a), (fast.b, two.b)):
+        for h in range(2):
+            bound = torch.finfo(torch.bfloat16).eps * float(t[h].abs().max())
+            assert max_abs_err(g[h], t[h]) <= bound, (h, max_abs_err(g[h], t[h]), bound)
+    assert max_abs_err(fast.inv_tau, two.inv_tau) <= 1e-5 * float(two.inv_tau.abs())
+    for h in range(2):  # each head on its own: head 1's gradients are 10x larger
+        for g, r, p, q in zip(got, ref, base, pos, strict=True):
+            bound = error_bound(max_abs_err(p[h], r[h]), torch.bfloat16, r[h])
+            bound += torch.finfo(torch.bfloat16).eps * float(q[h].abs().max())
+            assert max_abs_err(g[h], r[h]) <= bound, (h, max_abs_err(g[h], r[h]), bound)
 
 
 def test_float16_log_dot_gradient_beyond_float16_range_inside() -> None:

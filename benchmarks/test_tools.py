@@ -237,3 +237,14 @@ def test_sanitize_workout_runs_and_catches_a_wrong_result(monkeypatch, capsys) -
     assert "6 of 6 cases miss the float64 reference" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         sanitize_cuda.main(["--dtypes", "float64"])
+
+
+def test_exp2_scaling_two_steps_keep_the_dominant_weight() -> None:
+    """The float32 effect behind the kernels' separate log2(e) step: the dominant
+    term's backward weight stays 1 with two steps and drifts with |S| when folded."""
+    from benchmarks.exp2_scaling import dominant_weight_error
+
+    for scale in (1e3, 1e4, 6e4):
+        r = dominant_weight_error(scale, rows=2000)
+        assert r["two steps"] == 0.0
+        assert r["folded"] >= 1e-6 * scale / 20

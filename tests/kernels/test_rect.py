@@ -54,7 +54,7 @@ def test_rect_matches_float64(runner, shape, critic, dtype):
 
 def test_rect_offset_outside_the_columns_skips_nothing():
     """An offset whose pairs all lie past the columns is the problem without an offset."""
-    problem, g, center = _case((2, 6, 9, 4, None), "cosine", torch.float64, "cpu")
+    problem, _, _ = _case((2, 6, 9, 4, None), "cosine", torch.float64, "cpu")
     far = RectProblem(problem.x, problem.y, problem.inv_tau, "cosine", 1e-12, 9)
     assert torch.equal(torch_backend.rect_forward(far), torch_backend.rect_forward(problem))
 

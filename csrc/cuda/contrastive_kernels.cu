@@ -324,9 +324,17 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
     if (mnew != -INFINITY) {
 #pragma unroll 8
       for (int j = 0; j < JPT; ++j) sum += exp2f((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
+    } else {
+      // Every score so far masked or NaN (fmaxf skipped the NaNs): keep a NaN in the
+      // sum, or a row whose every score is NaN would come out as -inf.
+      for (int j = 0; j < JPT; ++j) {
+        const float v = ss[r * LDS + 2 * j + part];
+        if (v != v) sum = v;
+      }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = (mnew == -INFINITY) ? 0.0f : l * exp2f((m - mnew) * kLog2e) + sum;
+    // m = mnew = -inf: l is 0 or NaN so far, and stays NaN once it is.
+    l = (mnew == -INFINITY) ? l + sum : l * exp2f((m - mnew) * kLog2e) + sum;
     m = mnew;
   }
   if (part == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m + log2f(l) * kLn2;

@@ -10,7 +10,7 @@ import torch
 from mimac_kernels import dispatch, torch_backend
 from mimac_kernels.contract import RectProblem
 from mimac_kernels.options import CRITICS, KERNEL_DTYPES
-from tests.kernels.accuracy import TAU, make_views, rect_level_errors, weight_eps
+from tests.kernels.accuracy import TAU, make_views, rect_formula, rect_level_errors, weight_eps
 
 #: (H, R, C, D, offset): a few pairs (D = 1: S at its Cauchy-Schwarz bound); odd shapes with and without an offset; offsets that
 #: put the skipped pairs at the last rank's columns, partly past the columns, and before
@@ -88,3 +88,20 @@ def test_implementation_without_rect_functions_is_refused():
         with pytest.raises(dispatch.BackendUnavailable, match="no rectangular"):
             dispatch.resolve("cpu", problem)
         assert dispatch.resolve("auto", problem) == "torch"
+
+
+@pytest.mark.parametrize("critic", CRITICS)
+def test_rect_nan_propagates(runner, critic):
+    """A NaN in one row of x and one row of y gives NaN exactly where float64 PyTorch does
+    (that row's lse, and every row through the NaN column), and NaN gradients."""
+    problem, g, center = _case((1, 20, 30, 8, 5), critic, torch.float32, runner.device)
+    x, y = problem.x.clone(), problem.y.clone()
+    x[0, 3, 2] = float("nan")
+    y[0, 11, 1] = float("nan")
+    problem = RectProblem(x, y, problem.inv_tau, critic, problem.eps, 5)
+    got = runner.impl.rect_forward(problem)
+    ref = rect_formula(x.double(), y.double(), problem.inv_tau, critic, problem.eps, 5, g,
+                       center)[0]  # fmt: skip
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), (got, ref)
+    grads = runner.impl.rect_backward(problem, ref.float(), g, center)
+    assert torch.isnan(grads.x).any() and torch.isnan(grads.y).any()

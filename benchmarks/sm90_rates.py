@@ -127,14 +127,23 @@ def makespan(program_seconds: list[float], slots: int, slowdown: float) -> float
     return max(heap)
 
 
-def floor(pairing: str, rows: int, d: int, rates: Rates = H100) -> dict:
+def floor(pairing: str, rows: int, d: int, rates: Rates = H100, *, cols: int = 0) -> dict:
     """Physical floor of forward + backward (design/performance.md), matrix and exp units
     overlapped: NT-Xent (``all``, M = ``rows``) 4 M^2 D FLOP and M^2 exp; CLIP
-    (``cross``, N = ``rows``) 8 N^2 D FLOP and 4 N^2 exp."""
-    if pairing not in ("all", "cross"):
-        raise ValueError(f"pairing must be 'all' or 'cross', got {pairing!r}")
+    (``cross``, N = ``rows``) 8 N^2 D FLOP and 4 N^2 exp; one rank's rows against the
+    gathered columns (``rect``, R = ``rows``, C = ``cols``; no symmetry to share, the
+    scores recomputed in the backward) 8 R C D FLOP (scores twice, dX, dY) and 2 R C exp."""
+    if pairing not in ("all", "cross", "rect"):
+        raise ValueError(f"pairing must be 'all', 'cross' or 'rect', got {pairing!r}")
     m = float(rows)
-    flops, exps = (4.0 * m * m * d, m * m) if pairing == "all" else (8.0 * m * m * d, 4.0 * m * m)
+    if pairing == "rect":
+        if cols < 1:
+            raise ValueError(f"rect needs cols >= 1, got {cols}")
+        flops, exps = 8.0 * m * cols * d, 2.0 * m * cols
+    elif pairing == "all":
+        flops, exps = 4.0 * m * m * d, m * m
+    else:
+        flops, exps = 8.0 * m * m * d, 4.0 * m * m
     t_mm, t_exp = flops / rates.tensor_flops, exps / rates.exp_per_s
     return {"flops": flops, "exps": exps, "seconds": max(t_mm, t_exp),
             "bound": "tensor" if t_mm >= t_exp else "sfu"}  # fmt: skip

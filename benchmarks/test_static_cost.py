@@ -92,6 +92,11 @@ def test_rates_occupancy_floor_and_schedule() -> None:
     assert makespan([5.0, 1.0, 1.0], 2, 1.0) == 5.0
     with pytest.raises(ValueError, match="pairing"):
         floor("rows", 8, 8)
+    # One rank's rows against the gathered columns: 8 R C D FLOP and 2 R C exp.
+    rect = floor("rect", 8192, 128, cols=65536)
+    assert (rect["flops"], rect["exps"]) == (8.0 * 8192 * 65536 * 128, 2.0 * 8192 * 65536)
+    with pytest.raises(ValueError, match="cols"):
+        floor("rect", 8, 8)
 
 
 def test_l2_and_atomic_bounds_arithmetic() -> None:
@@ -169,6 +174,16 @@ except ValueError as exc:
 
 from benchmarks import static_cost
 from benchmarks.triton_launches import launch_plan, tiles_per_program
+rect = launch_plan("rect", 8192, 128, cols=65536, offset=7 * 8192)
+out["plan_rect"] = [[lc.kind, list(lc.grid), lc.rows, lc.cols, lc.cfg.block_m, lc.cfg.block_n,
+                     sum(tiles_per_program(lc)), lc.args["OFFSET"], lc.args["SKIP"],
+                     lc.args.get("ROWS_ONLY")] for lc in rect]
+out["rect_cases"] = [[c.rows, c.cols, c.d, c.dtype] for c in static_cost.CASES
+                     if c.pairing == "rect"]
+out["not_modelled"] = static_cost.NOT_MODELLED
+prof = static_cost.profile(rect[0])
+out["rect_fwd"] = {"per_tile": prof.per_tile, "unroll": prof.unroll,
+                   "cfg": [rect[0].cfg.block_m, rect[0].cfg.block_n, rect[0].cfg.num_warps]}
 plan = launch_plan("all", 32768, 128)
 out["plan"] = [[lc.kind, list(lc.grid), lc.cfg.block_m, lc.cfg.block_n, sum(tiles_per_program(lc)),
                 sum(tiles_per_program(lc, resweep_blocks=3))] for lc in plan]
@@ -298,3 +313,32 @@ def test_resources_compile_with_the_jit_hints(compiled: dict) -> None:
     ``tt.divisibility = 16`` (without it loads turn scalar and pipelining goes)."""
     assert len(compiled["ttir_hinted"]) == 3
     assert all(n >= 5 for n in compiled["ttir_hinted"])
+
+
+def test_rect_plan_is_one_ranks_launches(compiled: dict) -> None:
+    """8 ranks x 8,192 local rows against 65,536 gathered columns (the runtime's
+    ``rect_forward``/``rect_backward``): the forward visits every tile once and adds no
+    column sums, the finalize sweeps nothing unless asked, dX and dY each visit every
+    tile, dY with rows and columns swapped and the offset negated."""
+    (fwd, fin, bwd_x, bwd_y) = compiled["plan_rect"]
+    r, c = 8192, 65536
+    assert [p[0] for p in compiled["plan_rect"]] == ["fwd", "finalize", "bwd", "bwd"]
+    _, grid, rows, cols, bm, bn, tiles, offset, skip, rows_only = fwd
+    assert (rows, cols, grid[0], offset, skip, rows_only) == (r, c, r // bm, 7 * r, True, True)
+    assert tiles == (r // bm) * (c // bn)
+    assert fin[6] == 0 and fin[7] == 7 * r
+    assert bwd_x[2:4] == [r, c] and bwd_x[6] == (r // bwd_x[4]) * (c // bwd_x[5])
+    assert bwd_y[2:4] == [c, r] and bwd_y[6] == (c // bwd_y[4]) * (r // bwd_y[5])
+    assert (bwd_x[7], bwd_y[7]) == (7 * r, -7 * r)
+    # Rows only: one exp per element and no column-sum atomics in the hot loop.
+    prof = compiled["rect_fwd"]
+    bm, bn, warps = prof["cfg"]
+    assert prof["unroll"] == 1
+    assert prof["per_tile"]["mufu_ex2"] * warps * 32 == bm * bn
+    assert prof["per_tile"]["atomics"] == 0
+
+
+def test_the_multi_rank_case_is_modelled(compiled: dict) -> None:
+    """(Read in the child process: importing ``static_cost`` drops the interpreter.)"""
+    assert compiled["rect_cases"] == [[8192, 65536, 128, "bf16"]]
+    assert compiled["not_modelled"] == {}

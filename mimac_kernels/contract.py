@@ -24,7 +24,19 @@ normalised. With ``S = inv_tau * s`` and the critics ``s = x.y`` (``dot``, and
     Why the backend cannot run, or ``None``. ``probe`` holds the expensive part that
     depends only on where the inputs live (a compiler build, a driver query, the
     capability of ``device``, including its index); ``dispatch`` caches it. ``refusal``
-    sees the whole problem (shapes, heads) and must be cheap: it runs at every call.
+    sees the whole problem (shapes, heads; a ``Problem`` or a ``RectProblem``) and must
+    be cheap: it runs at every call.
+
+The rectangular problem (``RectProblem``: rows ``x`` ``(H, R, D)`` against columns ``y``
+``(H, C, D)``, row ``i`` optionally leaving out column ``i + offset``) is what the
+losses across ranks need: local rows against every rank's gathered columns.
+``rect_forward(problem) -> Tensor``
+    ``lse[h, i] = log sum_{k valid} exp(S_ik)``, ``(H, R)`` float32 (float64 for
+    float64 inputs on the torch backend).
+``rect_backward(problem, lse, g, center) -> RectGrads``
+    With ``W_ik = g_i exp(S_ik - lse_i)`` (0 for the skipped pair): the gradients of
+    ``sum(g * lse)`` w.r.t. x ``(H, R, D)`` and y ``(H, C, D)``, float32, and the centred
+    temperature sum ``sum_ik W_ik (s_ik - center_i)`` (0-dim), as ``Grads.inv_tau``.
 """
 
 from __future__ import annotations
@@ -126,16 +138,89 @@ class Grads:
     inv_tau: Tensor
 
 
+@dataclass(frozen=True)
+class RectProblem:
+    """Rows against columns: ``x`` ``(H, R, D)`` and ``y`` ``(H, C, D)`` of one dtype and
+    device (made contiguous here), ``inv_tau`` a 0-dim float tensor beside them, the
+    critic and ``eps``. ``offset``: row ``i`` leaves column ``i + offset`` out of its sum
+    (its self-pair, where that column exists); ``None``: every column counts.
+
+    The losses across ranks: this rank's rows against every rank's gathered columns,
+    its own columns starting at ``offset``.
+    """
+
+    x: Tensor
+    y: Tensor
+    inv_tau: Tensor
+    critic: str
+    eps: float
+    offset: int | None = None
+
+    def __post_init__(self) -> None:
+        x, y = self.x, self.y
+        if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+            raise ValueError(
+                f"x and y must have shapes (H, R, D) and (H, C, D), got {tuple(x.shape)} "
+                f"and {tuple(y.shape)}"
+            )
+        if x.dtype != y.dtype:
+            raise TypeError(f"x and y must have one dtype, got {x.dtype} and {y.dtype}")
+        if x.device != y.device or self.inv_tau.device != x.device:
+            raise ValueError(
+                f"x, y and inv_tau must share a device, got {x.device}, {y.device}, "
+                f"{self.inv_tau.device}"
+            )
+        if self.inv_tau.dim() != 0:
+            raise ValueError(f"inv_tau must be a 0-dim tensor, got shape {tuple(self.inv_tau.shape)}")
+        if self.critic not in CRITICS:
+            raise ValueError(f"critic must be one of {CRITICS}, got {self.critic!r}")
+        if self.offset is not None and (isinstance(self.offset, bool) or not isinstance(
+            self.offset, int
+        )):
+            raise TypeError(f"offset must be an int or None, got {self.offset!r}")
+        object.__setattr__(self, "x", x.contiguous())
+        object.__setattr__(self, "y", y.contiguous())
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def heads(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class RectGrads:
+    """Gradients w.r.t. ``x`` ``(H, R, D)`` and ``y`` ``(H, C, D)`` and the centred
+    temperature sum (0-dim) of a ``RectProblem``."""
+
+    x: Tensor
+    y: Tensor
+    inv_tau: Tensor
+
+
 class Backend(Protocol):
-    """A backend: a module (or any object) with these four functions."""
+    """A backend: a module (or any object) with these functions. ``rect_forward`` and
+    ``rect_backward`` may be missing: ``dispatch`` then refuses rectangular problems."""
 
     def probe(self, device: torch.device, dtype: torch.dtype) -> str | None: ...
 
-    def refusal(self, problem: Problem) -> str | None: ...
+    def refusal(self, problem: Problem | RectProblem) -> str | None: ...
 
     def forward(self, problem: Problem) -> Stats: ...
 
     def backward(self, problem: Problem, stats: Stats, upstream: Upstream) -> Grads: ...
+
+    def rect_forward(self, problem: RectProblem) -> Tensor: ...
+
+    def rect_backward(
+        self, problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor
+    ) -> RectGrads: ...
 
 
 def kernel_dtype_refusal(dtype: torch.dtype) -> str | None:
@@ -151,7 +236,7 @@ def kernel_dtype_refusal(dtype: torch.dtype) -> str | None:
 MAX_GRID_HEADS = 65535
 
 
-def heads_refusal(problem: Problem, limit: int = MAX_GRID_HEADS) -> str | None:
+def heads_refusal(problem: Problem | RectProblem, limit: int = MAX_GRID_HEADS) -> str | None:
     """Why a kernel with one grid axis per head refuses ``problem``, or ``None``."""
     if problem.heads > limit:
         return f"at most {limit} heads (a grid axis), got H={problem.heads}"

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from mimac_kernels import extension, extension_backend
-from mimac_kernels.contract import Problem, kernel_dtype_refusal
+from mimac_kernels.contract import Problem, RectProblem, kernel_dtype_refusal
 
 
 def probe(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -23,13 +23,15 @@ def probe(device: torch.device, dtype: torch.dtype) -> str | None:
     return kernel_dtype_refusal(dtype) or extension.unavailable_reason("cpu")
 
 
-def refusal(problem: Problem) -> str | None:
+def refusal(problem: Problem | RectProblem) -> str | None:
     """Never by shape: the kernel loops over any number of heads, rows and features."""
     return None
 
 
 forward = functools.partial(extension_backend.forward, "cpu")
 backward = functools.partial(extension_backend.backward, "cpu")
+rect_forward = functools.partial(extension_backend.rect_forward, "cpu")
+rect_backward = functools.partial(extension_backend.rect_backward, "cpu")
 
 
 def _ext():

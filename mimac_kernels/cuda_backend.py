@@ -13,7 +13,7 @@ import functools
 import torch
 
 from mimac_kernels import extension, extension_backend
-from mimac_kernels.contract import Problem, heads_refusal, kernel_dtype_refusal
+from mimac_kernels.contract import Problem, RectProblem, heads_refusal, kernel_dtype_refusal
 
 MIN_CAPABILITY = (8, 0)
 
@@ -39,10 +39,12 @@ def probe(device: torch.device, dtype: torch.dtype) -> str | None:
     return extension.unavailable_reason("cuda")
 
 
-def refusal(problem: Problem) -> str | None:
+def refusal(problem: Problem | RectProblem) -> str | None:
     """The heads lie on one grid axis (at most 65,535)."""
     return heads_refusal(problem)
 
 
 forward = functools.partial(extension_backend.forward, "cuda")
 backward = functools.partial(extension_backend.backward, "cuda")
+rect_forward = functools.partial(extension_backend.rect_forward, "cuda")
+rect_backward = functools.partial(extension_backend.rect_backward, "cuda")

@@ -20,7 +20,7 @@ from typing import cast
 
 import torch
 
-from mimac_kernels.contract import Backend, Problem
+from mimac_kernels.contract import Backend, Problem, RectProblem
 
 logger = logging.getLogger("mimac_kernels")
 
@@ -86,15 +86,22 @@ def forget_probes() -> None:
     _cached_probe.cache_clear()
 
 
-def refusal(name: str, problem: Problem) -> str | None:
+def refusal(name: str, problem: Problem | RectProblem) -> str | None:
     """Why ``name`` cannot run ``problem``, or ``None`` if it can."""
-    return unavailable_reason(name, problem.device, problem.dtype) or get_backend(name).refusal(
-        problem
-    )
+    why = unavailable_reason(name, problem.device, problem.dtype)
+    if why is not None:
+        return why
+    impl = get_backend(name)
+    if isinstance(problem, RectProblem) and not (
+        hasattr(impl, "rect_forward") and hasattr(impl, "rect_backward")
+    ):
+        return "this implementation has no rectangular (rows against columns) kernels"
+    return impl.refusal(problem)
 
 
-def resolve(backend: str, problem: Problem) -> str:
-    """Turn ``backend`` (a name or ``"auto"``) into a backend that can run ``problem``.
+def resolve(backend: str, problem: Problem | RectProblem) -> str:
+    """Turn ``backend`` (a name or ``"auto"``) into a backend that can run ``problem``
+    (the fused loss's ``Problem``, or the ``RectProblem`` of the losses across ranks).
 
     Raises:
         ValueError: unknown name.
@@ -120,8 +127,12 @@ def resolve(backend: str, problem: Problem) -> str:
     return backend
 
 
-def _describe(problem: Problem) -> str:
-    """The inputs, as messages name them: ``cpu/torch.float32 inputs of shape (H, N, D)``."""
+def _describe(problem: Problem | RectProblem) -> str:
+    """The inputs, as messages name them: ``cpu/torch.float32 inputs of shape (H, N, D)``
+    (rectangular: ``... rows (H, R, D) against columns (H, C, D)``)."""
+    if isinstance(problem, RectProblem):
+        return (f"{problem.device}/{problem.dtype} rows {tuple(problem.x.shape)} against "
+                f"columns {tuple(problem.y.shape)}")  # fmt: skip
     return f"{problem.device}/{problem.dtype} inputs of shape {tuple(problem.a.shape)}"
 
 

@@ -13,9 +13,18 @@ own mean, and their average (what DDP applies) is the single-process gradient.
 The log_dot closed form at tau = 1 (in ``functional``) needs only every rank's
 column sums (:func:`sum_with_grad`), not the rows.
 
+Kernels: each rank's rows against the gathered columns is the rectangular
+problem of ``contract.RectProblem`` (for ``all`` the local rows ``[a; b]`` skip
+their own columns, which start at ``offset = rank x 2 N_local`` in the gathered
+``[a_0; b_0; a_1; b_1; ...]``), run by the backend ``dispatch.resolve`` picks for
+it under the single-process rules: the fused kernels (Triton on a GPU, the C++
+kernel on CPU) where they run, the tiled torch backend for float64 and as the
+fallback.
+
 Memory: the gathered columns, ``2 x world_size x N_local x D`` elements per
-head, are the only global tensors; similarities are formed one row block at
-a time (``O(block x M_global)``), never ``M_local x M_global``.
+head, are the only global tensors; similarities are formed tile by tile (the
+torch backend: one row block at a time, ``O(block x M_global)``), never
+``M_local x M_global``.
 """
 
 from __future__ import annotations
@@ -24,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mimac_kernels import torch_backend
-from mimac_kernels.contract import Problem
+from mimac_kernels import dispatch
+from mimac_kernels.contract import Problem, RectProblem
 from mimac_kernels.options import DTYPES
 
 
@@ -84,27 +93,32 @@ def sum_with_grad(x: Tensor, group=None) -> Tensor:
 
 
 class _RectLoss(torch.autograd.Function):
-    """Per-row losses ``lse - inv_tau * pos`` of ``x`` against ``y`` (self-pairs skipped),
-    tiled; see ``torch_backend.rect_*``. As in ``ops``, the positive enters here so that
-    the temperature gradient is summed centred, element by element."""
+    """Per-row losses ``lse - inv_tau * pos`` of rows ``x`` against columns ``y`` (row ``i``
+    skipping column ``i + offset`` unless ``offset`` is None) on ``backend`` (a name or
+    ``"auto"``, resolved for the ``RectProblem``). As in ``ops``, the positive enters here
+    so that the temperature gradient is summed centred, element by element."""
 
     @staticmethod
-    def forward(ctx, x, y, inv_tau, pos, critic, eps, skip):
-        lse = torch_backend.rect_forward(x, y, inv_tau, critic=critic, eps=eps, skip=skip)
+    def forward(ctx, x, y, inv_tau, pos, critic, eps, offset, backend):
+        problem = RectProblem(x, y, inv_tau, critic, eps, offset)
+        name = dispatch.resolve(backend, problem)
+        lse = dispatch.get_backend(name).rect_forward(problem)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        lse = lse.to(dt)
         ctx.save_for_backward(x, y, inv_tau, pos, lse)
-        ctx.args = (critic, eps, skip)
-        return lse - inv_tau.to(lse.dtype) * pos.to(lse.dtype)
+        ctx.args = (critic, eps, offset, name)
+        return lse - inv_tau.to(dt) * pos.to(dt)
 
     @staticmethod
     def backward(ctx, g):
         x, y, inv_tau, pos, lse = ctx.saved_tensors
-        critic, eps, skip = ctx.args
+        critic, eps, offset, name = ctx.args
         g = g.contiguous()
-        gx, gy, gt = torch_backend.rect_backward(
-            x, y, inv_tau, critic=critic, eps=eps, skip=skip, lse=lse, g=g, center=pos
-        )
+        problem = RectProblem(x, y, inv_tau, critic, eps, offset)
+        grads = dispatch.get_backend(name).rect_backward(problem, lse, g, pos)
         g_pos = (-inv_tau.to(g.dtype) * g).to(pos.dtype)
-        return gx.to(x.dtype), gy.to(y.dtype), gt.to(inv_tau.dtype), g_pos, None, None, None
+        return (grads.x.to(x.dtype), grads.y.to(y.dtype), grads.inv_tau.to(inv_tau.dtype),
+                g_pos, None, None, None, None)  # fmt: skip
 
 
 def check_equal_inputs(x: Tensor, group) -> None:
@@ -134,27 +148,31 @@ def check_equal_inputs(x: Tensor, group) -> None:
         )
 
 
-def distributed_losses(problem: Problem, pos_raw: Tensor, group) -> tuple[Tensor, Tensor]:
-    """Per-row (and per-column) losses of this rank's rows against every rank's columns.
+def distributed_losses(
+    problem: Problem, pos_raw: Tensor, group, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Per-row (and per-column) losses of this rank's rows against every rank's columns,
+    on ``backend`` (``"auto"`` or a name, as ``fused_contrastive_loss`` takes it).
 
     Shape:
         problem.a, problem.b: ``(H, N, D)`` local; pos_raw: ``(H, N)`` unscaled positive
         scores.
-        Returns ``(H, 2N)`` and ``(H, 0)`` for ``all`` (rows ``[a; b]`` against
-        ``[a_all; b_all]``), ``(H, N)`` and ``(H, N)`` for ``cross`` (``a`` against
+        Returns ``(H, 2N)`` and ``(H, 0)`` for ``all`` (rows ``[a; b]`` against every
+        rank's ``[a_r; b_r]``), ``(H, N)`` and ``(H, N)`` for ``cross`` (``a`` against
         ``b_all``, ``b`` against ``a_all``).
     """
     a, b, inv_tau, critic, eps = problem.a, problem.b, problem.inv_tau, problem.critic, problem.eps
     check_equal_inputs(a, group)
-    n = a.shape[1]
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
-    own = torch.arange(n, device=a.device) + rank * n
     if problem.all_pairs:
-        z_all = torch.cat([a_all, b_all], dim=1)
-        row_a = _RectLoss.apply(a, z_all, inv_tau, pos_raw, critic, eps, own)
-        row_b = _RectLoss.apply(b, z_all, inv_tau, pos_raw, critic, eps, own + world * n)
-        return torch.cat([row_a, row_b], dim=1), row_a[..., :0]
-    row = _RectLoss.apply(a, b_all, inv_tau, pos_raw, critic, eps, None)
-    col = _RectLoss.apply(b, a_all, inv_tau, pos_raw, critic, eps, None)  # f(x, y) = f(y, x)
+        # One rectangular problem: the local rows [a; b] against every rank's [a_r; b_r],
+        # gathered in rank order, so this rank's own columns start at rank * 2N.
+        z = torch.cat([a, b], dim=1)
+        z_all = gather_with_grad(z, group)
+        offset = dist.get_rank(group) * z.shape[1]
+        pos = torch.cat([pos_raw, pos_raw], dim=-1)
+        rows = _RectLoss.apply(z, z_all, inv_tau, pos, critic, eps, offset, backend)
+        return rows, rows[..., :0]
+    a_all, b_all = gather_with_grad(a, group), gather_with_grad(b, group)
+    row = _RectLoss.apply(a, b_all, inv_tau, pos_raw, critic, eps, None, backend)
+    col = _RectLoss.apply(b, a_all, inv_tau, pos_raw, critic, eps, None, backend)  # f(x,y)=f(y,x)
     return row, col

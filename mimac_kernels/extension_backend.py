@@ -1,7 +1,9 @@
 """What the two compiled backends (``cpu``, ``cuda``) share: argument encoding and the calls.
 
 Both extensions expose ``forward(a, b, inv_tau, critic_id, all, eps)`` and
-``backward(..., row_lse, col_lse, g_row, g_col, row_center, col_center)`` with the
+``backward(..., row_lse, col_lse, g_row, g_col, row_center, col_center)``, and for the
+rectangular problem ``rect_forward(x, y, inv_tau, critic_id, offset, eps)`` and
+``rect_backward(..., lse, g, center)`` (``offset``: an int or ``None``), with the
 kernel-level contract of ``mimac_kernels.contract``; they differ only in where they
 run, which ``cpu_backend``/``cuda_backend`` check.
 """
@@ -12,18 +14,27 @@ import torch
 from torch import Tensor
 
 from mimac_kernels import extension
-from mimac_kernels.contract import Grads, Problem, Stats, Upstream
+from mimac_kernels.contract import Grads, Problem, RectGrads, RectProblem, Stats, Upstream
 
 #: Critic name -> id of the C++ kernels (``csrc/cpu/contrastive.cpp``, ``csrc/cuda/binding.cpp``).
 CRITIC_IDS = {"dot": 0, "cosine": 1, "log_dot": 2}
 
 
+def _inv_tau(problem: Problem | RectProblem) -> Tensor:
+    # A device pointer for CUDA, a host value for the CPU kernel: float32 beside the data.
+    return problem.inv_tau.detach().to(device=problem.device, dtype=torch.float32)
+
+
 def _head(problem: Problem) -> tuple[Tensor, Tensor, Tensor, int, bool, float]:
     """The leading arguments of both extension calls (cosine inputs arrive normalised)."""
-    # inv_tau: a device pointer for CUDA, a host value for the CPU kernel, float32 beside the data.
-    inv_tau = problem.inv_tau.detach().to(device=problem.device, dtype=torch.float32)
     critic_id = CRITIC_IDS[problem.critic]
-    return problem.a, problem.b, inv_tau, critic_id, problem.all_pairs, float(problem.eps)
+    return problem.a, problem.b, _inv_tau(problem), critic_id, problem.all_pairs, float(problem.eps)
+
+
+def _rect_head(problem: RectProblem) -> tuple[Tensor, Tensor, Tensor, int, int | None, float]:
+    """The leading arguments of both rectangular calls."""
+    critic_id = CRITIC_IDS[problem.critic]
+    return problem.x, problem.y, _inv_tau(problem), critic_id, problem.offset, float(problem.eps)
 
 
 def forward(kind: str, problem: Problem) -> Stats:
@@ -42,3 +53,18 @@ def backward(kind: str, problem: Problem, stats: Stats, upstream: Upstream) -> G
     ]  # fmt: skip
     ga, gb, gt = extension.load(kind).backward(*_head(problem), *f32)
     return Grads(ga, gb, gt)
+
+
+def rect_forward(kind: str, problem: RectProblem) -> Tensor:
+    """Row log-sum-exp ``(H, R)`` float32 of a ``RectProblem`` on the ``kind`` extension."""
+    return extension.load(kind).rect_forward(*_rect_head(problem))
+
+
+def rect_backward(
+    kind: str, problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor
+) -> RectGrads:
+    """Gradients ``(H, R, D)``, ``(H, C, D)`` float32 and the centred temperature sum
+    (0-dim) of a ``RectProblem`` on the ``kind`` extension."""
+    f32 = [t.float().contiguous() for t in (lse, g, center)]
+    gx, gy, gt = extension.load(kind).rect_backward(*_rect_head(problem), *f32)
+    return RectGrads(gx, gy, gt)

@@ -48,8 +48,10 @@ def fused_contrastive_loss(
         critic, negatives, symmetric: see above.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row values).
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``. The
-            log_dot closed form and ``group=`` run plain torch ops whatever it is; an
-            explicit backend that cannot run these inputs still raises.
+            log_dot closed form runs plain torch ops whatever it is; with ``group=``
+            the local rows against the gathered columns run on this backend (``auto``:
+            the same choice as without a group). An explicit backend that cannot run
+            these inputs still raises.
         eps: clamp for norms (cosine) and dot products (log_dot), in (0, 1) and at
             least ``min_eps(a.dtype)``, the smallest normal number of the compute dtype
             (1.18e-38; 2.2e-308 for float64); smaller values are refused.
@@ -150,7 +152,7 @@ def _fused_loss(
         problem = Problem(a, b, inv_tau, critic, negatives, eps)
         if backend != "auto" and not torch.compiler.is_compiling():
             dispatch.resolve(backend, problem)  # an explicit backend must be able to run
-        row_loss, col_loss = _losses_without_op(problem, pos_raw, group, closed)
+        row_loss, col_loss = _losses_without_op(problem, pos_raw, group, closed, backend)
     if row_loss is None:  # the tiled op (also where log_dot's closed form would not be exact)
         # The backend is resolved inside the op, where tracing does not look. The
         # positives are the centres of the temperature sum (see ``ops``).
@@ -175,10 +177,11 @@ def _fused_loss(
 
 
 def _losses_without_op(
-    problem: Problem, pos_raw: Tensor, group: object | None, closed: bool
+    problem: Problem, pos_raw: Tensor, group: object | None, closed: bool, backend: str
 ) -> tuple[Tensor, Tensor] | tuple[None, None]:
-    """Row and column losses by the paths that need no fused op: the distributed loss
-    and the log_dot closed form (linear time, plain torch, so autograd is exact; across
+    """Row and column losses by the paths outside the custom op: the distributed loss
+    (local rows against the gathered columns on ``backend``, see ``distributed``) and
+    the log_dot closed form (linear time, plain torch, so autograd is exact; across
     ranks it needs only the summed columns). ``(None, None)``: the tiled op must run
     (the closed form would not be exact on these inputs and there is no group)."""
     if closed:
@@ -194,7 +197,7 @@ def _losses_without_op(
             return row_lse - pos, col_lse - pos
     if group is None:
         return None, None
-    return distributed.distributed_losses(problem, pos_raw, group)
+    return distributed.distributed_losses(problem, pos_raw, group, backend)
 
 
 def _log_dot_unit_lse(

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor
 
-from mimac_kernels.contract import Grads, Problem, Stats, Upstream
+from mimac_kernels.contract import Grads, Problem, RectGrads, RectProblem, Stats, Upstream
 from mimac_kernels.options import DTYPES
 
 #: Elements of one (rows x M) similarity tile; bounds the working set.
@@ -26,7 +26,7 @@ def probe(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def refusal(problem: Problem) -> str | None:
+def refusal(problem: Problem | RectProblem) -> str | None:
     """Never: plain tensor ops take any shape."""
     return None
 
@@ -128,48 +128,46 @@ def backward(problem: Problem, stats: Stats, upstream: Upstream) -> Grads:
     return Grads(ga, gb, g_it)
 
 
-def rect_forward(
-    x: Tensor, y: Tensor, inv_tau: Tensor, *, critic: str, eps: float, skip: Tensor | None
-) -> Tensor:
-    """Row log-sum-exp of rows ``x`` against columns ``y``, optionally skipping one column per row.
+def _skipped(problem: RectProblem, i0: int, i1: int) -> tuple[Tensor, Tensor] | None:
+    """(tile rows, columns) of the pairs left out among rows ``[i0, i1)``, or ``None``."""
+    if problem.offset is None:
+        return None
+    rows = torch.arange(i0, i1, device=problem.device)
+    cols = rows + problem.offset
+    keep = (cols >= 0) & (cols < problem.y.shape[1])
+    return rows[keep] - i0, cols[keep]
 
-    The distributed losses are built from this: each rank's local rows against the
-    gathered columns of every rank.
 
-    Shape:
-        x: ``(H, R, D)``; y: ``(H, C, D)``; skip: ``(R,)`` int64 column index to
-        leave out of row r's sum (its self-pair), or ``None``. Returns ``(H, R)``.
+def rect_forward(problem: RectProblem) -> Tensor:
+    """Row log-sum-exp of the rows ``x`` against the columns ``y``, one row block at a time
+    (``contract``).
+
+    Shape: x ``(H, R, D)``, y ``(H, C, D)``; returns ``(H, R)``.
     """
-    x, y = _acc(x), _acc(y)
-    it = inv_tau.to(x.dtype)
+    x, y = _acc(problem.x), _acc(problem.y)
+    it = problem.inv_tau.to(x.dtype)
     r = x.shape[1]
     out = torch.empty(x.shape[0], r, dtype=x.dtype, device=x.device)
     bs = _block(y.shape[1])
     for i0 in range(0, r, bs):
         i1 = min(i0 + bs, r)
-        s = it * _scores(x[:, i0:i1], y, critic, eps)[0]
+        s = it * _scores(x[:, i0:i1], y, problem.critic, problem.eps)[0]
+        skip = _skipped(problem, i0, i1)
         if skip is not None:
-            s[:, torch.arange(i1 - i0, device=x.device), skip[i0:i1]] = float("-inf")
+            s[:, skip[0], skip[1]] = float("-inf")
         out[:, i0:i1] = torch.logsumexp(s, dim=-1)
     return out
 
 
-def rect_backward(
-    x: Tensor,
-    y: Tensor,
-    inv_tau: Tensor,
-    *,
-    critic: str,
-    eps: float,
-    skip: Tensor | None,
-    lse: Tensor,
-    g: Tensor,
-    center: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``sum(g * rect_forward(...))`` w.r.t. x and y (recomputed by tiles),
-    and the centred temperature sum ``sum_rk W_rk (s_rk - center_r)`` (see ``backward``)."""
-    x, y = _acc(x), _acc(y)
-    it = inv_tau.to(x.dtype)
+def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) -> RectGrads:
+    """Gradients of ``sum(g * lse)`` w.r.t. x and y, recomputed by tiles, and the centred
+    temperature sum ``sum_ik W_ik (s_ik - center_i)`` (``contract``).
+
+    Shape: lse, g, center ``(H, R)``; returns x ``(H, R, D)``, y ``(H, C, D)``, 0-dim.
+    """
+    x, y = _acc(problem.x), _acc(problem.y)
+    critic, eps = problem.critic, problem.eps
+    it = problem.inv_tau.to(x.dtype)
     lse, g, center = lse.to(x.dtype), g.to(x.dtype), center.to(x.dtype)
     gx, gy = torch.zeros_like(x), torch.zeros_like(y)
     g_it = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -179,10 +177,11 @@ def rect_backward(
         i1 = min(i0 + bs, r)
         s, dots = _scores(x[:, i0:i1], y, critic, eps)
         w = torch.exp(it * s - lse[:, i0:i1, None]) * g[:, i0:i1, None]
+        skip = _skipped(problem, i0, i1)
         if skip is not None:
-            w[:, torch.arange(i1 - i0, device=x.device), skip[i0:i1]] = 0.0
+            w[:, skip[0], skip[1]] = 0.0
         g_it = g_it + (w * (s - center[:, i0:i1, None])).sum()
         wd = _dscore(w, dots, it, eps)
         gx[:, i0:i1] = wd @ y
         gy += wd.transpose(-1, -2) @ x[:, i0:i1]
-    return gx, gy, g_it
+    return RectGrads(gx, gy, g_it)

@@ -7,7 +7,11 @@
 // computed once and feeds row block I and row block K (forward: exp-sums of
 // both; backward: G_ik + G_ki), i.e. half the dot products and exps of the
 // plain design. For "cross" one tile feeds the row sums of A and the column
-// sums of B. Backward recomputes tiles from the saved log-sum-exps.
+// sums of B. Backward recomputes tiles from the saved log-sum-exps. The
+// rectangular problem of the losses across ranks (rows X against columns Y of
+// another length, row i skipping column i + offset) runs the same tiles with
+// the row statistics only: its backward adds V Y to dX and V^T X to dY in one
+// sweep.
 //
 // Threads: tiles are scheduled in rounds in which no two tiles touch the same
 // row block (a round-robin tournament over groups of up to 4 blocks, whose
@@ -24,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,7 +50,9 @@ struct TileArgs {
   const float* yt;  // Y block transposed: d rows of kBlock floats
   int ldx, d, dp;   // row stride, real D, padded D (multiple of 16)
   int nx, ny;       // valid rows of X and of Y
-  bool diag;        // X == Y (the diagonal tile of "all"): mask i == k, rows only
+  bool rows_only;   // row statistics only (the diagonal tile of "all", the rectangular problem)
+  bool mask;        // leave out the pairs k == i + mask_shift (tile-local indices)
+  int mask_shift;
   int critic;
   float inv_tau, eps;
   // forward: running (max, sum) of the X rows and of the Y rows
@@ -192,25 +199,36 @@ struct Tile {
 // Round-robin schedule over groups of g consecutive blocks. "all": P = ng rounded
 // up to odd; in round r group r takes its diagonal group tile and the others pair
 // up as (r + j, r - j) mod P, so every unordered pair appears once and no group
-// twice in a round. "cross": round r holds the group tiles (I, I + r mod ng).
+// twice in a round. Otherwise (X and Y with ngx and ngy groups; "cross" has
+// ngx == ngy): max(ngx, ngy) rounds of min(ngx, ngy) group tiles, round r pairing
+// group j of the shorter side with group j + r (mod its length) of the longer.
 // A thread runs the tiles of its group tile itself, in a fixed order: rows of
 // group I against the blocks of group K (for a diagonal group of "all", the
 // pairs i <= k), so the g X blocks, the g Y blocks and their gradient rows stay
 // in its L2 for g tiles each instead of coming from memory for every tile.
 struct Schedule {
   bool all;
-  int64_t nb, heads, g;
+  int64_t nb, nby, heads, g;  // X blocks, Y blocks (nby == nb for "all" and "cross")
   int64_t groups() const { return (nb + g - 1) / g; }
-  int64_t rounds() const { return all ? (groups() | 1) : groups(); }
-  int64_t per_round() const { return heads * (all ? ((groups() | 1) + 1) / 2 : groups()); }
+  int64_t groups_y() const { return (nby + g - 1) / g; }
+  int64_t rounds() const { return all ? (groups() | 1) : std::max(groups(), groups_y()); }
+  int64_t per_round() const {
+    return heads * (all ? ((groups() | 1) + 1) / 2 : std::min(groups(), groups_y()));
+  }
   // Group tile w of round r (group indices in bx, by); false if it is a bye.
   bool group_tile(int64_t r, int64_t w, Tile& t) const {
     const int64_t ng = groups(), per_head = per_round() / heads;
     t.h = w / per_head;
     const int64_t j = w % per_head;
     if (!all) {
-      t.bx = j;
-      t.by = (j + r) % ng;
+      const int64_t ngy = groups_y();
+      if (ng <= ngy) {
+        t.bx = j;
+        t.by = (j + r) % ngy;
+      } else {
+        t.by = j;
+        t.bx = (j + r) % ng;
+      }
       return true;
     }
     const int64_t p = ng | 1;
@@ -274,7 +292,7 @@ double run_schedule(const Schedule& sched, Fn fn) {
         Tile gt;
         if (!sched.group_tile(r, w, gt)) continue;
         const int64_t i1 = std::min(sched.nb, (gt.bx + 1) * sched.g);
-        const int64_t k1 = std::min(sched.nb, (gt.by + 1) * sched.g);
+        const int64_t k1 = std::min(sched.nby, (gt.by + 1) * sched.g);
         const bool diag_group = sched.all && gt.bx == gt.by;
         for (int64_t i = gt.bx * sched.g; i < i1; ++i)
           for (int64_t k = diag_group ? i : gt.by * sched.g; k < k1; ++k)
@@ -298,7 +316,7 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& in
 }
 
 TileArgs base_args(const Operand& xo, const Operand& yo, const Tile& t, int64_t d, int critic,
-                   float inv_tau, float eps, bool diag) {
+                   float inv_tau, float eps, bool diag /* the diagonal tile of "all" */) {
   const int64_t dp = xo.rows.size(2), rp = xo.nb * kBlock;
   TileArgs a{};
   const float* xr = xo.rows.data_ptr<float>() + (t.h * rp + t.bx * kBlock) * dp;
@@ -311,7 +329,8 @@ TileArgs base_args(const Operand& xo, const Operand& yo, const Tile& t, int64_t 
   a.dp = static_cast<int>(dp);
   a.nx = static_cast<int>(std::min<int64_t>(kBlock, xo.n - t.bx * kBlock));
   a.ny = static_cast<int>(std::min<int64_t>(kBlock, yo.n - t.by * kBlock));
-  a.diag = diag;
+  a.rows_only = a.mask = diag;
+  a.mask_shift = 0;
   a.critic = critic;
   a.inv_tau = inv_tau;
   a.eps = eps;
@@ -336,7 +355,7 @@ std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const 
   float *pxm = xm.data_ptr<float>(), *pxs = xs.data_ptr<float>();
   float *pym = ym.data_ptr<float>(), *pys = ys.data_ptr<float>();
   const Kernels k = active_kernels();
-  const Schedule sched{all, xo.nb, h, group_size(xo.nb, xo.rows.size(2))};
+  const Schedule sched{all, xo.nb, yo.nb, h, group_size(xo.nb, xo.rows.size(2))};
   {
     pybind11::gil_scoped_release no_gil;
     run_schedule(sched, [&](const Tile& t, Scratch& sc) {
@@ -386,7 +405,7 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
   const float *pcx = cx.data_ptr<float>(), *pcy = cy.data_ptr<float>();
   float *pdx = gxo.data_ptr<float>(), *pdy = gyo.data_ptr<float>();
   const Kernels k = active_kernels();
-  const Schedule sched{all, xo.nb, h, group_size(xo.nb, xo.rows.size(2))};
+  const Schedule sched{all, xo.nb, yo.nb, h, group_size(xo.nb, xo.rows.size(2))};
   double tau;
   {
     pybind11::gil_scoped_release no_gil;
@@ -413,6 +432,98 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
   return {gz.narrow(1, 0, n).contiguous(), gw.narrow(1, 0, n).contiguous(), g_tau};
 }
 
+// ---------------------------------------------------------------------------
+// The rectangular problem: rows x (H, R, D) against columns y (H, C, D), row i
+// leaving out column i + offset when an offset is given.
+
+void check_rect(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau, int64_t critic) {
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.size(0) == y.size(0) && x.size(2) == y.size(2),
+              "x and y must be (H, R, D) and (H, C, D), got ", x.sizes(), " and ", y.sizes());
+  check_inputs(x, x, inv_tau, critic);
+  check_inputs(y, y, inv_tau, critic);
+}
+
+// The tile's mask of the pairs col == row + offset, in tile-local indices.
+void set_rect_mask(TileArgs& ta, const Tile& t, const std::optional<int64_t>& offset) {
+  ta.rows_only = true;
+  ta.mask = false;
+  if (!offset) return;
+  const int64_t shift = *offset + (t.bx - t.by) * kBlock;
+  if (shift <= -kBlock || shift >= kBlock) return;  // no such pair in this tile
+  ta.mask = true;
+  ta.mask_shift = static_cast<int>(shift);
+}
+
+at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau,
+                        int64_t critic, std::optional<int64_t> offset, double eps) {
+  check_rect(x, y, inv_tau, critic);
+  const int64_t h = x.size(0), d = x.size(2);
+  const float it = read_inv_tau(inv_tau);
+  const Operand xo = make_operand(x.to(at::kFloat), /*columns=*/false);
+  const Operand yo = make_operand(y.to(at::kFloat), /*columns=*/true);
+  const int64_t rx = xo.nb * kBlock;
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto xm = at::full({h, rx}, -INFINITY, opts), xs = at::zeros({h, rx}, opts);
+  float *pxm = xm.data_ptr<float>(), *pxs = xs.data_ptr<float>();
+  const Kernels k = active_kernels();
+  const Schedule sched{false, xo.nb, yo.nb, h, group_size(std::min(xo.nb, yo.nb), xo.rows.size(2))};
+  {
+    pybind11::gil_scoped_release no_gil;
+    run_schedule(sched, [&](const Tile& t, Scratch& sc) {
+      TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), false);
+      set_rect_mask(ta, t, offset);
+      ta.xm = pxm + t.h * rx + t.bx * kBlock;
+      ta.xs = pxs + t.h * rx + t.bx * kBlock;
+      k.fwd(ta, sc);
+      return 0.0;
+    });
+  }
+  return (xm + xs.log()).narrow(1, 0, xo.n).contiguous();
+}
+
+std::vector<at::Tensor> rect_backward(const at::Tensor& x, const at::Tensor& y,
+                                      const at::Tensor& inv_tau, int64_t critic,
+                                      std::optional<int64_t> offset, double eps,
+                                      const at::Tensor& lse, const at::Tensor& g,
+                                      const at::Tensor& center) {
+  check_rect(x, y, inv_tau, critic);
+  const int64_t h = x.size(0), r = x.size(1), c = y.size(1), d = x.size(2);
+  for (const auto* v : {&lse, &g, &center})
+    TORCH_CHECK(v->dim() == 2 && v->size(0) == h && v->size(1) == r,
+                "lse, g and center must be (H, ", r, "), got ", v->sizes());
+  const float it = read_inv_tau(inv_tau);
+  // Both operands serve as tile rows (dX, dY) and y as the columns of the scores.
+  const Operand xo = make_operand(x.to(at::kFloat), /*columns=*/false);
+  const Operand yo = make_operand(y.to(at::kFloat), /*columns=*/true);
+  const int64_t rx = xo.nb * kBlock, ry = yo.nb * kBlock, dp = xo.rows.size(2);
+  // Padded rows get lse 0 and gradient 0: their weights vanish.
+  const auto lx = pad_vec(lse, rx), gx = pad_vec(g, rx), cx = pad_vec(center, rx);
+  auto gxo = at::zeros({h, rx, dp}, at::kFloat), gyo = at::zeros({h, ry, dp}, at::kFloat);
+  const float *plx = lx.data_ptr<float>(), *pgx = gx.data_ptr<float>(), *pcx = cx.data_ptr<float>();
+  float *pdx = gxo.data_ptr<float>(), *pdy = gyo.data_ptr<float>();
+  const Kernels k = active_kernels();
+  const Schedule sched{false, xo.nb, yo.nb, h, group_size(std::min(xo.nb, yo.nb), dp)};
+  double tau;
+  {
+    pybind11::gil_scoped_release no_gil;
+    tau = run_schedule(sched, [&](const Tile& t, Scratch& sc) {
+      TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), false);
+      set_rect_mask(ta, t, offset);
+      ta.lx = plx + t.h * rx + t.bx * kBlock;
+      ta.gx = pgx + t.h * rx + t.bx * kBlock;
+      ta.cx = pcx + t.h * rx + t.bx * kBlock;
+      ta.dx = pdx + (t.h * rx + t.bx * kBlock) * dp;
+      ta.dy = pdy + (t.h * ry + t.by * kBlock) * dp;
+      return k.bwd(ta, sc);
+    });
+  }
+  gxo.mul_(it);
+  gyo.mul_(it);
+  auto g_tau = at::scalar_tensor(static_cast<float>(tau), at::kFloat);
+  return {gxo.narrow(2, 0, d).narrow(1, 0, r).contiguous(),
+          gyo.narrow(2, 0, d).narrow(1, 0, c).contiguous(), g_tau};
+}
+
 }  // namespace mimac_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -425,6 +536,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("all"), pybind11::arg("eps"), pybind11::arg("row_lse"),
         pybind11::arg("col_lse"), pybind11::arg("g_row"), pybind11::arg("g_col"),
         pybind11::arg("row_center"), pybind11::arg("col_center"));
+  m.def("rect_forward", &mimac_cpu::rect_forward, "row log-sum-exp of rows x against columns y",
+        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
+        pybind11::arg("offset"), pybind11::arg("eps"));
+  m.def("rect_backward", &mimac_cpu::rect_backward,
+        "gradients of sum(g*lse) w.r.t. x and y, and the centred temperature sum",
+        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
+        pybind11::arg("offset"), pybind11::arg("eps"), pybind11::arg("lse"), pybind11::arg("g"),
+        pybind11::arg("center"));
   m.def("isa", &mimac_cpu::get_isa, "instruction set the tile kernels use");
   m.def("set_isa", &mimac_cpu::set_isa, "use the tile kernels of another instruction set");
   m.def("available_isas", &mimac_cpu::available_isas, "instruction sets this CPU runs, best first");

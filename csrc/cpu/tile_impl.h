@@ -199,7 +199,7 @@ static inline vf score(vf d, int critic, float eps) {
 }
 
 // Forward: merge the tile's exp-sums into the running (max, sum) of its rows
-// and, unless `a.diag`, of its columns. One exp per element when a common
+// and, unless `a.rows_only`, of its columns. One exp per element when a common
 // shift suits every row and column of the tile (the usual case), else two.
 static void forward_tile(const TileArgs& a, Scratch& sc) {
   float* T = sc.tile;
@@ -219,7 +219,7 @@ static void forward_tile(const TileArgs& a, Scratch& sc) {
     for (int k0 = 0; k0 < kend; k0 += VL) {
       vi kk = lane + k0;
       vi bad = kk >= ny;
-      if (a.diag) bad |= (kk == i);
+      if (a.mask) bad |= (kk == i + a.mask_shift);
       vf s = sel(bad, ninf, score(ld(row + k0), a.critic, a.eps) * a.inv_tau);
       st(row + k0, s);
       rm = vmax(rm, s);
@@ -228,7 +228,7 @@ static void forward_tile(const TileArgs& a, Scratch& sc) {
     rmax[i] = hmax(rm);
   }
 
-  if (a.diag) {  // rows only, each with its own shift
+  if (a.rows_only) {  // each row with its own shift
     for (int i = 0; i < nx; ++i) {
       const float* row = T + i * kBlock;
       const float sh = rmax[i] == -__builtin_inff() ? 0.f : rmax[i];
@@ -284,7 +284,7 @@ static void forward_tile(const TileArgs& a, Scratch& sc) {
   }
 }
 
-// Backward: u_ik = gx_i exp(S_ik - lx_i) [+ gy_k exp(S_ik - ly_k) unless diag],
+// Backward: u_ik = gx_i exp(S_ik - lx_i) [+ gy_k exp(S_ik - ly_k) unless rows_only],
 // V = u (dot, cosine) or u / d (log_dot, 0 where d <= eps), then
 // dX += V Y and dY += V^T X. Returns sum(u * s), this tile's share of the
 // temperature gradient (an off-diagonal tile stands for both (i, k) and (k, i)).
@@ -305,7 +305,7 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
     for (int k0 = 0; k0 < kend; k0 += VL) {
       vi kk = lane + k0;
       vi bad = kk >= ny;
-      if (a.diag) bad |= (kk == i);
+      if (a.mask) bad |= (kk == i + a.mask_shift);
       vf s = score(ld(row + k0), a.critic, a.eps);
       if (logdot) st(Sb + i * kBlock + k0, s);
       tm = vmax(tm, sel(bad, ninf, s * a.inv_tau));
@@ -314,9 +314,9 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
   const float t = hmax(tm);
   float lxmin = __builtin_inff(), lymin = __builtin_inff();
   for (int i = 0; i < nx; ++i) lxmin = a.lx[i] < lxmin ? a.lx[i] : lxmin;
-  if (!a.diag)
+  if (!a.rows_only)
     for (int k = 0; k < ny; ++k) lymin = a.ly[k] < lymin ? a.ly[k] : lymin;
-  const bool common = !a.diag && t - lxmin <= kShiftSlack && t - lymin <= kShiftSlack;
+  const bool common = !a.rows_only && t - lxmin <= kShiftSlack && t - lymin <= kShiftSlack;
   if (common)
     for (int k = 0; k < kend; ++k) beta[k] = k < ny ? a.gy[k] * std::exp(t - a.ly[k]) : 0.f;
 
@@ -330,7 +330,7 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
     for (int k0 = 0; k0 < kend; k0 += VL) {
       vi kk = lane + k0;
       vi bad = kk >= ny;
-      if (a.diag) bad |= (kk == i);
+      if (a.mask) bad |= (kk == i + a.mask_shift);
       vf d = ld(row + k0);
       vf s = logdot ? ld(srow + k0) : d;
       vf S = sel(bad, ninf, s * a.inv_tau);
@@ -344,10 +344,10 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
         wc = e * ld(beta + k0);
       } else {
         wr = vexp(S - lx) * gx;
-        wc = a.diag ? vf{} : vexp(S - ld(a.ly + k0)) * ld(a.gy + k0);
+        wc = a.rows_only ? vf{} : vexp(S - ld(a.ly + k0)) * ld(a.gy + k0);
       }
       vf u = sel(bad, vf{}, wr + wc);
-      vf cy = a.diag ? vf{} : ld(a.cy + k0);
+      vf cy = a.rows_only ? vf{} : ld(a.cy + k0);
       tau += sel(bad, vf{}, wr * (s - cx) + wc * (s - cy));
       vf v = logdot ? sel(d > a.eps, u / d, vf{}) : u;
       st(row + k0, v);

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <optional>
 #include <vector>
 
 #include "contrastive_kernels.h"
@@ -112,6 +113,61 @@ std::vector<at::Tensor> backward(const at::Tensor& a_in, const at::Tensor& b_in,
   return {ga, gb, gt};
 }
 
+// The rectangular problem: rows x (H, R, D) against columns y (H, C, D), row i leaving
+// out column i + offset when an offset is given.
+void check_rect(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau, int64_t critic) {
+  TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.size(0) == y.size(0) && x.size(2) == y.size(2),
+              "x and y must be (H, R, D) and (H, C, D), got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.size(1) > 0 && y.size(1) > 0 && x.size(2) > 0, "x and y must not be empty");
+  check_inputs(x, x, inv_tau, critic);
+  check_inputs(y, y, inv_tau, critic);
+  TORCH_CHECK(x.device() == y.device() && x.scalar_type() == y.scalar_type(),
+              "x and y must share a device and a dtype");
+}
+
+at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
+                        int64_t critic, std::optional<int64_t> offset, double eps) {
+  check_rect(x_in, y_in, inv_tau, critic);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous(), y = y_in.contiguous();
+  const auto it = stat(inv_tau, x);
+  const int64_t h = x.size(0), r = x.size(1), c = y.size(1), d = x.size(2);
+  auto lse = at::empty({h, r}, x.options().dtype(at::kFloat));
+  check_launch(mimac_rect_forward(dtype_id(x.scalar_type()), x.data_ptr(), y.data_ptr(),
+                                  it.data_ptr<float>(), h, r, c, d, static_cast<int>(critic),
+                                  offset ? 1 : 0, offset.value_or(0), static_cast<float>(eps),
+                                  lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+               "rect forward");
+  return lse;
+}
+
+std::vector<at::Tensor> rect_backward(const at::Tensor& x_in, const at::Tensor& y_in,
+                                      const at::Tensor& inv_tau, int64_t critic,
+                                      std::optional<int64_t> offset, double eps,
+                                      const at::Tensor& lse, const at::Tensor& g,
+                                      const at::Tensor& center) {
+  check_rect(x_in, y_in, inv_tau, critic);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous(), y = y_in.contiguous();
+  const auto it = stat(inv_tau, x);
+  const int64_t h = x.size(0), r = x.size(1), c = y.size(1), d = x.size(2);
+  const auto l = stat(lse, x), gg = stat(g, x), cc = stat(center, x);
+  TORCH_CHECK(l.numel() == h * r && gg.numel() == h * r && cc.numel() == h * r,
+              "lse/g/center must be (H, ", r, ")");
+  const auto opts = x.options().dtype(at::kFloat);
+  auto gx = at::empty({h, r, d}, opts);  // every element is written by the kernels
+  auto gy = at::empty({h, c, d}, opts);
+  auto gt = at::zeros({}, opts);  // accumulated with atomicAdd
+  check_launch(mimac_rect_backward(dtype_id(x.scalar_type()), x.data_ptr(), y.data_ptr(),
+                                   it.data_ptr<float>(), h, r, c, d, static_cast<int>(critic),
+                                   offset ? 1 : 0, offset.value_or(0), static_cast<float>(eps),
+                                   l.data_ptr<float>(), gg.data_ptr<float>(), cc.data_ptr<float>(),
+                                   gx.data_ptr<float>(), gy.data_ptr<float>(), gt.data_ptr<float>(),
+                                   c10::cuda::getCurrentCUDAStream()),
+               "rect backward");
+  return {gx, gy, gt};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mimac_kernels fused CUDA contrastive-loss kernels (see mimac_kernels/dispatch.py)";
   m.def("forward", &forward, "row/column log-sum-exp", pybind11::arg("a"), pybind11::arg("b"),
@@ -120,4 +176,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("b"), pybind11::arg("inv_tau"), pybind11::arg("critic"), pybind11::arg("all"),
         pybind11::arg("eps"), pybind11::arg("row_lse"), pybind11::arg("col_lse"), pybind11::arg("g_row"),
         pybind11::arg("g_col"), pybind11::arg("row_center"), pybind11::arg("col_center"));
+  m.def("rect_forward", &rect_forward, "row log-sum-exp of rows x against columns y",
+        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
+        pybind11::arg("offset"), pybind11::arg("eps"));
+  m.def("rect_backward", &rect_backward,
+        "gradients of sum(g*lse) w.r.t. x and y, and the centred temperature sum",
+        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
+        pybind11::arg("offset"), pybind11::arg("eps"), pybind11::arg("lse"), pybind11::arg("g"),
+        pybind11::arg("center"));
 }

@@ -60,8 +60,9 @@ struct Pass {
   const void* y1;
   int64_t y_split;
   int64_t rows, cols, d;
-  int64_t in_hs;   // elements per head of each input tensor (N * D)
-  int diag;        // "all": mask global column == global row
+  int64_t x_hs, y_hs;  // elements per head of the X and the Y tensors (N * D)
+  int diag;        // mask global column == global row + diag_offset ("all": offset 0)
+  int64_t diag_offset;
   const float* inv_tau;
   float eps;
   // forward output
@@ -81,6 +82,7 @@ struct Pass {
   float* out0;
   float* out1;
   int64_t out_split;
+  int64_t out_hs;  // elements per head of the outputs
   float* grad_tau;
   int tau_mode;    // 0: none, 1: row side only (gx P^row (s - cx)), 2: both sides, centred
 };
@@ -292,10 +294,10 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
   float* ss = reinterpret_cast<float*>(smem + staging_bytes<T>());
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const T* x0 = static_cast<const T*>(p.x0) + h * p.in_hs;
-  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.in_hs : x0;
-  const T* y0 = static_cast<const T*>(p.y0) + h * p.in_hs;
-  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.in_hs : y0;
+  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
+  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
+  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
+  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
   const float it = *p.inv_tau;
   const int r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
@@ -310,7 +312,7 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
       const int c = 2 * j + part;  // interleaved: fewer bank conflicts than halves
       const int64_t gk = col0 + c;
       const float sn = raw_score<kCritic>(ss[r * LDS + c], p.eps) * it;
-      const bool bad = gk >= p.cols || (p.diag && gk == gi);
+      const bool bad = gk >= p.cols || (p.diag && gk == gi + p.diag_offset);
       const float v = bad ? -INFINITY : sn;
       ss[r * LDS + c] = v;
       tmax = fmaxf(tmax, v);  // fmaxf skips NaN; the sum below still carries it
@@ -322,9 +324,17 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
     if (mnew != -INFINITY) {
 #pragma unroll 8
       for (int j = 0; j < JPT; ++j) sum += exp2f((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
+    } else {
+      // Every score so far masked or NaN (fmaxf skipped the NaNs): keep a NaN in the
+      // sum, or a row whose every score is NaN would come out as -inf.
+      for (int j = 0; j < JPT; ++j) {
+        const float v = ss[r * LDS + 2 * j + part];
+        if (v != v) sum = v;
+      }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = (mnew == -INFINITY) ? 0.0f : l * exp2f((m - mnew) * kLog2e) + sum;
+    // m = mnew = -inf: l is 0 or NaN so far, and stays NaN once it is.
+    l = (mnew == -INFINITY) ? l + sum : l * exp2f((m - mnew) * kLog2e) + sum;
     m = mnew;
   }
   if (part == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m + log2f(l) * kLn2;
@@ -346,23 +356,26 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t dout0 = static_cast<int64_t>(blockIdx.y) * DO;
-  const T* x0 = static_cast<const T*>(p.x0) + h * p.in_hs;
-  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.in_hs : x0;
-  const T* y0 = static_cast<const T*>(p.y0) + h * p.in_hs;
-  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.in_hs : y0;
-  const float* lx = p.lx + h * p.lx_hs;
-  const float* gx = p.gx + h * p.lx_hs;
-  const float* ly = p.ly + h * p.ly_hs;
-  const float* gy = p.gy + h * p.ly_hs;
-  const float* cx = p.cx + h * p.lx_hs;
-  const float* cy = p.cy + h * p.ly_hs;
+  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
+  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
+  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
+  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  // A side without statistics (null: the rectangular problem's columns, or its rows
+  // in the dY pass) carries no weight at all.
+  const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
+  const float* lx = x_side ? p.lx + h * p.lx_hs : nullptr;
+  const float* gx = x_side ? p.gx + h * p.lx_hs : nullptr;
+  const float* cx = x_side ? p.cx + h * p.lx_hs : nullptr;
+  const float* ly = y_side ? p.ly + h * p.ly_hs : nullptr;
+  const float* gy = y_side ? p.gy + h * p.ly_hs : nullptr;
+  const float* cy = y_side ? p.cy + h * p.ly_hs : nullptr;
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
   const bool row_ok = gi < p.rows;
-  const float lxi = row_ok ? lx[gi] : 0.0f;  // natural log, as the scores below
-  const float gxi = row_ok ? gx[gi] : 0.0f;
-  const float cxi = row_ok ? cx[gi] : 0.0f;
+  const float lxi = row_ok && x_side ? lx[gi] : 0.0f;  // natural log, as the scores below
+  const float gxi = row_ok && x_side ? gx[gi] : 0.0f;
+  const float cxi = row_ok && x_side ? cx[gi] : 0.0f;
   const bool want_tau = p.tau_mode != 0 && blockIdx.y == 0;  // count each pair once
 
   C2 acc[DO / 16];
@@ -373,9 +386,10 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
     if (threadIdx.x < BN) {
       const int64_t gk = col0 + threadIdx.x;
-      s_ly[threadIdx.x] = gk < p.cols ? ly[gk] : 0.0f;
-      s_gy[threadIdx.x] = gk < p.cols ? gy[gk] : 0.0f;
-      s_cy[threadIdx.x] = gk < p.cols ? cy[gk] : 0.0f;
+      const bool ok = y_side && gk < p.cols;
+      s_ly[threadIdx.x] = ok ? ly[gk] : 0.0f;
+      s_gy[threadIdx.x] = ok ? gy[gk] : 0.0f;
+      s_cy[threadIdx.x] = ok ? cy[gk] : 0.0f;
     }
     tile_dots<T>(p, x0, x1, y0, y1, row0, col0, xs, ys, ss);  // ends with __syncthreads
     float tau_tile = 0.0f;
@@ -386,9 +400,9 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
       const float dot = ss[r * LDS + c];
       const float s = raw_score<kCritic>(dot, p.eps);
       const float sn = s * it;
-      const bool bad = !row_ok || gk >= p.cols || (p.diag && gk == gi);
-      float w = gxi * exp2f((sn - lxi) * kLog2e);             // through row i's log-sum-exp
-      float u = w + s_gy[c] * exp2f((sn - s_ly[c]) * kLog2e);  // + through column k's
+      const bool bad = !row_ok || gk >= p.cols || (p.diag && gk == gi + p.diag_offset);
+      float w = x_side ? gxi * exp2f((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
+      float u = w + (y_side ? s_gy[c] * exp2f((sn - s_ly[c]) * kLog2e) : 0.0f);  // + column k's
       if (bad) u = w = 0.0f;
       // Each side centred on its own positive score, per element: the weights of
       // a row sum to its g, so this is the loss's temperature gradient with no
@@ -423,8 +437,8 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
     const int rr = idx / DO, c = idx % DO;
     const int64_t g = row0 + rr, gd = dout0 + c;
     if (g < p.rows && gd < p.d) {
-      float* dst = g < p.out_split ? p.out0 + h * p.in_hs + g * p.d
-                                   : p.out1 + h * p.in_hs + (g - p.out_split) * p.d;
+      float* dst = g < p.out_split ? p.out0 + h * p.out_hs + g * p.d
+                                   : p.out1 + h * p.out_hs + (g - p.out_split) * p.d;
       dst[gd] = out[rr * LDO + c];
     }
   }
@@ -506,7 +520,7 @@ Pass base_pass(const void* a, const void* b, const float* inv_tau, int64_t n, in
   p.inv_tau = inv_tau;
   p.eps = eps;
   p.d = d;
-  p.in_hs = n * d;
+  p.x_hs = p.y_hs = p.out_hs = n * d;
   if (all) {  // rows and columns are Z = [a; b]
     p.x0 = p.y0 = a;
     p.x1 = p.y1 = b;
@@ -522,11 +536,46 @@ Pass base_pass(const void* a, const void* b, const float* inv_tau, int64_t n, in
   return p;
 }
 
-Pass swapped(Pass p) {  // cross: rows b, columns a
-  const void* t = p.x0;
-  p.x0 = p.y0;
-  p.y0 = t;
+template <typename V>
+void swap_values(V& a, V& b) {
+  const V t = a;
+  a = b;
+  b = t;
+}
+
+Pass swapped(Pass p) {  // rows and columns exchanged (cross: rows b, columns a)
+  swap_values(p.x0, p.y0);
+  swap_values(p.x1, p.y1);
+  swap_values(p.x_split, p.y_split);
+  swap_values(p.rows, p.cols);
+  swap_values(p.x_hs, p.y_hs);
+  p.diag_offset = -p.diag_offset;  // col == row + o  <=>  row == col - o
   return p;
+}
+
+// The rectangular problem: rows x (H, r, D) against columns y (H, c, D), row i
+// skipping column i + offset when skip is set.
+Pass rect_pass(const void* x, const void* y, const float* inv_tau, int64_t r, int64_t c, int64_t d,
+               float eps, int skip, int64_t offset) {
+  Pass p{};
+  p.inv_tau = inv_tau;
+  p.eps = eps;
+  p.d = d;
+  p.x0 = x;
+  p.y0 = y;
+  p.x_split = r;
+  p.y_split = c;
+  p.rows = r;
+  p.cols = c;
+  p.x_hs = r * d;
+  p.y_hs = c * d;
+  p.diag = skip != 0;
+  p.diag_offset = offset;
+  return p;
+}
+
+bool bad_rect_sizes(int64_t heads, int64_t r, int64_t c, int64_t d, int critic) {
+  return bad_sizes(heads, r, d, critic) || bad_sizes(heads, c, d, critic);
 }
 
 }  // namespace
@@ -596,6 +645,61 @@ extern "C" cudaError_t mimac_lse_backward(int dtype, const void* a, const void* 
     q.gy = g_row;
     q.cy = row_center;
     q.out0 = q.out1 = grad_b;
+    q.tau_mode = 0;
+    return backward_pass<T>(q, critic, heads, stream);
+  });
+}
+
+extern "C" cudaError_t mimac_rect_forward(int dtype, const void* x, const void* y,
+                                          const float* inv_tau, int64_t heads, int64_t r,
+                                          int64_t c, int64_t d, int critic, int skip,
+                                          int64_t offset, float eps, float* lse,
+                                          cudaStream_t stream) {
+  if (bad_rect_sizes(heads, r, c, d, critic)) return cudaErrorInvalidValue;
+  return by_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    Pass p = rect_pass(x, y, inv_tau, r, c, d, eps, skip, offset);
+    p.lse = lse;
+    p.lse_hs = r;
+    return forward_pass<T>(p, critic, heads, stream);
+  });
+}
+
+extern "C" cudaError_t mimac_rect_backward(int dtype, const void* x, const void* y,
+                                           const float* inv_tau, int64_t heads, int64_t r,
+                                           int64_t c, int64_t d, int critic, int skip,
+                                           int64_t offset, float eps, const float* lse,
+                                           const float* g, const float* center, float* grad_x,
+                                           float* grad_y, float* grad_inv_tau,
+                                           cudaStream_t stream) {
+  if (bad_rect_sizes(heads, r, c, d, critic)) return cudaErrorInvalidValue;
+  return by_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    // rows x: u_ik = g_i P_ik, the columns carry no statistics; the temperature sum
+    // is all here (row side, centred on the rows' centres)
+    Pass p = rect_pass(x, y, inv_tau, r, c, d, eps, skip, offset);
+    p.grad_tau = grad_inv_tau;
+    p.lx = lse;
+    p.gx = g;
+    p.cx = center;
+    p.lx_hs = r;
+    p.out0 = p.out1 = grad_x;
+    p.out_split = r;
+    p.out_hs = r * d;
+    p.tau_mode = 1;
+    cudaError_t e = backward_pass<T>(p, critic, heads, stream);
+    if (e != cudaSuccess) return e;
+    // rows y (S transposed): the same u, seen from the column side
+    Pass q = swapped(p);
+    q.lx = q.gx = q.cx = nullptr;
+    q.lx_hs = 0;
+    q.ly = lse;
+    q.gy = g;
+    q.cy = center;
+    q.ly_hs = r;
+    q.out0 = q.out1 = grad_y;
+    q.out_split = c;
+    q.out_hs = c * d;
     q.tau_mode = 0;
     return backward_pass<T>(q, critic, heads, stream);
   });

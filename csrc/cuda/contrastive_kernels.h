@@ -9,6 +9,10 @@
 //             a, b (float32, (H, N, D), every element written), and the centred
 //             temperature sum  sum W_row (s - row_center_i) + W_col (s - col_center_k)
 //             (*grad_inv_tau is ADDED to atomically: zero it first).
+//   rect:     rows x (H, R, D) against columns y (H, C, D), row i leaving out column
+//             i + offset when skip != 0: lse (H, R); backward given lse, g, center (H, R):
+//             grad_x (H, R, D), grad_y (H, C, D) and the centred temperature sum
+//             sum_ik W_ik (s_ik - center_i) (*grad_inv_tau ADDED to, as above).
 // S = inv_tau * s with s = x.y (dot, cosine on unit rows) or log(max(x.y, eps)).
 // inv_tau is a device pointer to one float. All launches go to `stream`.
 #pragma once
@@ -33,6 +37,16 @@ cudaError_t mimac_lse_backward(int dtype, const void* a, const void* b, const fl
                                const float* g_col, const float* row_center,
                                const float* col_center, float* grad_a, float* grad_b,
                                float* grad_inv_tau, cudaStream_t stream);
+
+cudaError_t mimac_rect_forward(int dtype, const void* x, const void* y, const float* inv_tau,
+                               int64_t heads, int64_t r, int64_t c, int64_t d, int critic, int skip,
+                               int64_t offset, float eps, float* lse, cudaStream_t stream);
+
+cudaError_t mimac_rect_backward(int dtype, const void* x, const void* y, const float* inv_tau,
+                                int64_t heads, int64_t r, int64_t c, int64_t d, int critic,
+                                int skip, int64_t offset, float eps, const float* lse,
+                                const float* g, const float* center, float* grad_x, float* grad_y,
+                                float* grad_inv_tau, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

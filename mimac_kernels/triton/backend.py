@@ -22,6 +22,8 @@ from torch import Tensor
 from mimac_kernels.contract import (
     Grads,
     Problem,
+    RectGrads,
+    RectProblem,
     Stats,
     Upstream,
     heads_refusal,
@@ -59,7 +61,7 @@ def _cuda_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def refusal(problem: Problem) -> str | None:
+def refusal(problem: Problem | RectProblem) -> str | None:
     """The heads lie on one grid axis (at most 65,535)."""
     return heads_refusal(problem)
 
@@ -104,7 +106,7 @@ def _autotuned(name: str) -> Callable:
         )
         for c in configs.autotune_configs(square)
     ]
-    key = ["R", "C", "D", "ALL", "LOG_DOT"]
+    key = ["R", "C", "D", "SKIP", "LOG_DOT"] + (["ALL", "ROWS_ONLY"] if name == "fwd" else [])
     return triton.autotune(configs=cands, key=key, reset_to_zero=reset or None)(kernel)
 
 
@@ -157,7 +159,7 @@ def shift_from_bound(bound: Tensor) -> Tensor:
     return torch.minimum(bound, (bound - kernels.SHIFT_HEADROOM).clamp_min(kernels.SHIFT_LEVEL))
 
 
-def _require(problem: Problem) -> Tensor:
+def _require(problem: Problem | RectProblem) -> Tensor:
     """Refuse what the kernels cannot take (a direct call, past ``dispatch``); returns
     ``inv_tau`` as float32."""
     why = kernel_dtype_refusal(problem.dtype) or refusal(problem)
@@ -167,7 +169,8 @@ def _require(problem: Problem) -> Tensor:
 
 
 def _lse_finalize(
-    p: Problem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor, sums: Tensor
+    p: Problem | RectProblem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor,
+    sums: Tensor,
 ) -> Tensor:
     """Turn shifted exp-sums ``(H, rows)`` of ``x`` against ``y`` (``operands``) into
     log-sum-exps, redoing underflowed rows."""
@@ -181,28 +184,43 @@ def _lse_finalize(
         kernels.lse_finalize_kernel,
         lambda bm, bn: (triton.cdiv(rows, bm), h),
         cfg,
-        x, y, inv_tau, shift, sums, lse, rows, cols, d, p.eps,
-        ALL=p.all_pairs, LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
+        x, y, inv_tau, shift, sums, lse, rows, cols, d, p.eps, _offset(p),
+        SKIP=_skips(p), LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
         SINGLE_D=cfg.single_d, **_precision(x.dtype),
     )  # fmt: skip
     return lse
 
 
+def _all_pairs(p: Problem | RectProblem) -> bool:
+    return isinstance(p, Problem) and p.all_pairs
+
+
+def _skips(p: Problem | RectProblem) -> bool:
+    """Whether the kernels mask the pairs ``col == row + offset`` (``all``'s diagonal)."""
+    return _all_pairs(p) or (isinstance(p, RectProblem) and p.offset is not None)
+
+
+def _offset(p: Problem | RectProblem) -> int:
+    return (p.offset or 0) if isinstance(p, RectProblem) else 0
+
+
 def _exp_sums(
-    p: Problem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor,
+    p: Problem | RectProblem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor,
     sums: tuple[Tensor, Tensor],
 ) -> None:
     """One launch of ``fwd_exp_sums_kernel``: the shifted exp-sums of the rows of ``x``
     against ``y`` (``operands``) into ``sums`` (rows, columns; one buffer twice for
-    ``all``, whose symmetric tiles add to both their rows and their columns)."""
+    ``all``, whose symmetric tiles add to both their rows and their columns; the
+    rectangular problem adds no column sums and passes the row buffer twice)."""
     x, y = operands
     h, r, d = x.shape
     c = y.shape[1]
+    all_pairs = _all_pairs(p)
     cfg = configs.forward_config(d, x.element_size())
     tr = triton.cdiv(r, cfg.block_m)
     # all: only the tiles on and above the diagonal run; cross: every tile.
-    tc = tr if p.all_pairs else triton.cdiv(c, cfg.block_n)
-    tiles = tr * (tr + 1) // 2 * h if p.all_pairs else tr * tc * h
+    tc = tr if all_pairs else triton.cdiv(c, cfg.block_n)
+    tiles = tr * (tr + 1) // 2 * h if all_pairs else tr * tc * h
     col_blocks = configs.column_blocks_per_program(
         tr * h, tc, tiles, configs.target_programs(x.device)
     )
@@ -211,8 +229,9 @@ def _exp_sums(
         kernels.fwd_exp_sums_kernel,
         lambda bm, bn: (triton.cdiv(r, bm), _col_chunks(c, bn, col_blocks), h),
         cfg,
-        x, y, inv_tau, shift, sums[0], sums[1], r, c, d, p.eps, col_blocks,
-        ALL=p.all_pairs, LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
+        x, y, inv_tau, shift, sums[0], sums[1], r, c, d, p.eps, col_blocks, _offset(p),
+        ALL=all_pairs, SKIP=_skips(p), ROWS_ONLY=isinstance(p, RectProblem),
+        LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
         SINGLE_D=cfg.single_d, **_precision(x.dtype),
     )  # fmt: skip
 
@@ -274,17 +293,19 @@ def _one_exp(shift: Tensor, lse: tuple[Tensor, Tensor], g: tuple[Tensor, Tensor]
 
 
 def _bwd_rows(
-    p: Problem,
+    p: Problem | RectProblem,
     inv_tau: Tensor,
     operands: tuple[Tensor, Tensor],
     rows: tuple[Tensor, Tensor, Tensor],
     cols: tuple[Tensor, Tensor, Tensor],
     gscale: Tensor,
     one: _OneExp,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """One launch of ``bwd_rows_kernel`` for the rows of ``x`` against ``y``
     (``operands``). ``rows``: (lse, g, center) of the rows; ``cols``: (lse, g, v) of the
-    columns (``v``: ``_OneExp``). Returns (dX float32 (H, R, D), temperature partials)."""
+    columns (``v``: ``_OneExp``). ``offset``: the mask ``col == row + offset`` (rows and
+    columns swapped, its negative). Returns (dX float32 (H, R, D), temperature partials)."""
     x, y = operands
     (lse_r, g_r, center_r), (lse_c, g_c, v_c) = rows, cols
     critic = p.critic
@@ -309,8 +330,8 @@ def _bwd_rows(
         lambda bm, bn: (triton.cdiv(r, bm) * slices, _col_chunks(c, bn, col_blocks), h),
         cfg,
         x, y, inv_tau, lse_r, lse_c, g_r, g_c, center_r, gscale, one.shift, one.fast, v_c, dx,
-        parts, r, c, d, p.eps, col_blocks,
-        ALL=p.all_pairs, LOG_DOT=critic == "log_dot", ATOMIC=atomic,
+        parts, r, c, d, p.eps, col_blocks, offset,
+        SKIP=_skips(p), LOG_DOT=critic == "log_dot", ATOMIC=atomic,
         GRAD_TF32=critic == "log_dot" and x.dtype == torch.float16,
         ONE_EXP=x.element_size() <= 2, BLOCK_D=cfg.block_d,
         SINGLE_D=cfg.single_d, SLICE_D=cfg.grad_d, **_precision(x.dtype),
@@ -336,7 +357,7 @@ def backward(problem: Problem, stats: Stats, upstream: Upstream) -> Grads:
             one = _one_exp(_shift(z, None, inv_tau, crit, eps), (row_lse, col_lse), (g_row, g_col))
             dz, parts = _bwd_rows(
                 problem, inv_tau, (z, z), (row_lse, g_row, row_center),
-                (row_lse, g_row, one.v_row), _grad_scale(g_row), one,
+                (row_lse, g_row, one.v_row), _grad_scale(g_row), one, 0,
             )  # fmt: skip
             return Grads(dz[:, :n], dz[:, n:], parts.sum())
         one = _one_exp(_shift(a, b, inv_tau, crit, eps), (row_lse, col_lse), (g_row, g_col))
@@ -350,3 +371,50 @@ def backward(problem: Problem, stats: Stats, upstream: Upstream) -> Grads:
             gscale, one,
         )  # fmt: skip
         return Grads(da, db, parts_a.sum() + parts_b.sum())
+
+
+def rect_forward(problem: RectProblem) -> Tensor:
+    """Row log-sum-exp ``(H, R)`` float32 of the rows x against the columns y
+    (``contract``): the forward's two kernels without the symmetric triangle, no column
+    sums, the pairs ``col == row + offset`` masked."""
+    inv_tau = _require(problem)
+    x, y = problem.x, problem.y
+    h, r, _ = x.shape
+    with _device_guard(x):
+        shift = _shift(x, y, inv_tau, problem.critic, problem.eps)
+        sums = torch.zeros(h, r, dtype=torch.float32, device=x.device)
+        _exp_sums(problem, inv_tau, (x, y), shift, (sums, sums))
+        return _lse_finalize(problem, inv_tau, (x, y), shift, sums)
+
+
+def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) -> RectGrads:
+    """Gradients of ``sum(g * lse)`` w.r.t. x ``(H, R, D)`` and y ``(H, C, D)`` (float32) and
+    the centred temperature sum (``contract``).
+
+    Two launches of ``bwd_rows_kernel``: x's rows against y with the row statistics
+    (the columns carry none: lse = +inf, g = 0, so their term is exactly 0), then y's
+    rows against x with the statistics on the column side and none on the rows (whose
+    temperature partials are then 0), the mask's offset negated.
+    """
+    inv_tau = _require(problem)
+    lse, g, center = (t.to(torch.float32).contiguous() for t in (lse, g, center))
+    x, y = problem.x, problem.y
+    h, c = y.shape[0], y.shape[1]
+    off = _offset(problem)
+    with _device_guard(x):
+        gscale = _grad_scale(g)
+        # +inf, not a large finite value: exp(S - lse) must be 0 even where S overflows
+        # no further than to a finite number, and 0 * exp(...) must not meet an inf.
+        none_lse = torch.full((h, c), float("inf"), dtype=torch.float32, device=x.device)
+        none_g = torch.zeros(h, c, dtype=torch.float32, device=x.device)
+        shift = _shift(x, y, inv_tau, problem.critic, problem.eps)  # the forward's
+        one = _one_exp(shift, (lse, none_g[:, :0]), (g, none_g[:, :0]))
+        dx, parts = _bwd_rows(
+            problem, inv_tau, (x, y), (lse, g, center), (none_lse, none_g, none_g), gscale,
+            one, off,
+        )  # fmt: skip
+        dy, _ = _bwd_rows(
+            problem, inv_tau, (y, x), (none_lse, none_g, none_g), (lse, g, one.v_row), gscale,
+            one, -off,
+        )  # fmt: skip
+        return RectGrads(dx, dy, parts.sum())

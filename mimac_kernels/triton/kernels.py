@@ -2,7 +2,11 @@
 
 Notation: rows ``X`` (``(H, R, D)``) against columns ``Y`` (``(H, C, D)``),
 ``S_ik = inv_tau * s(x_i, y_k)``. For ``negatives="all"`` both are ``Z = [a; b]``
-and the diagonal is masked; for ``"cross"`` ``X = a``, ``Y = b``.
+and the diagonal is masked; for ``"cross"`` ``X = a``, ``Y = b``. The
+rectangular problem of the losses across ranks (local rows against gathered
+columns) runs the same kernels with ``ALL`` off: ``SKIP`` masks the pairs
+``k == i + OFFSET`` (``all``: ``SKIP`` with ``OFFSET = 0``), and the forward's
+``ROWS_ONLY`` drops the column sums nobody reads.
 Everything after ``tl.dot`` is float32. Every exponential is one ``exp2`` of
 ``(S - shift) * log2(e)``: the difference is taken in natural units first so
 that the rounding of the scaling is relative to it, not to ``|S| ~ 1/tau``
@@ -172,12 +176,24 @@ def _exp(x):
 
 
 @triton.jit
-def _valid(rows, rmask, cols, cmask, ALL: tl.constexpr):
-    """Pairs that enter the sums: in range, and off the diagonal for ``all``."""
+def _valid(rows, rmask, cols, cmask, SKIP: tl.constexpr, offset):
+    """Pairs that enter the sums: in range and, with ``SKIP``, not ``col == row + offset``
+    (the diagonal of ``all``, the self-pairs among gathered columns)."""
     ok = rmask[:, None] & cmask[None, :]
-    if ALL:
-        ok = ok & (rows[:, None] != cols[None, :])
+    if SKIP:
+        ok = ok & (rows[:, None] + offset != cols[None, :])
     return ok
+
+
+@triton.jit
+def _skip_blocks(ib, k_lo, hf, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column blocks ``[a, b)`` (clamped to ``[k_lo, hf]``) holding the skipped pairs
+    ``col = row + offset`` of row block ``ib``."""
+    lo = tl.maximum(ib * BLOCK_M + offset, 0)
+    hi = tl.maximum((ib + 1) * BLOCK_M + offset, 0)
+    a = tl.minimum(tl.maximum(lo // BLOCK_N, k_lo), hf)
+    b = tl.minimum(tl.maximum(tl.cdiv(hi, BLOCK_N), k_lo), hf)
+    return a, b
 
 
 @triton.jit
@@ -191,7 +207,8 @@ def _split_masks(X):
 @triton.jit
 def _fwd_tile(
     kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau, shift,
-    C, D, eps, MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr,
+    C, D, eps, offset, MASKED: tl.constexpr, ALL: tl.constexpr, SKIP: tl.constexpr,
+    ROWS_ONLY: tl.constexpr, LOG_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -209,11 +226,13 @@ def _fwd_tile(
     sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
     e = _exp(sc - shift)
     if MASKED:
-        e = tl.where(_valid(rows, rmask, cols, cmask, ALL), e, 0.0)
+        e = tl.where(_valid(rows, rmask, cols, cmask, SKIP, offset), e, 0.0)
     row_acc += tl.sum(e, axis=1)
     # Relaxed atomics: only the sums matter, and the next kernel launch orders every
     # add before the reads. all: the diagonal tile already holds both halves.
-    if ALL and MASKED:
+    if ROWS_ONLY:
+        pass
+    elif ALL and MASKED:
         if kb != ib:
             tl.atomic_add(COL_h + cols, tl.sum(e, axis=0), mask=cmask, sem="relaxed")
     else:
@@ -234,7 +253,10 @@ def fwd_exp_sums_kernel(
     D,
     eps,
     COL_BLOCKS,
+    OFFSET,
     ALL: tl.constexpr,
+    SKIP: tl.constexpr,
+    ROWS_ONLY: tl.constexpr,
     LOG_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -254,7 +276,8 @@ def fwd_exp_sums_kernel(
     feeds row block I with its row sums and row block K with its column sums
     (skipped on the diagonal tile, which already holds both halves), so every
     element of S is computed once for both of its rows: half the work.
-    Otherwise (cross) COL_SUM receives the column sums of every tile.
+    Otherwise (cross) COL_SUM receives the column sums of every tile, unless
+    ``ROWS_ONLY`` (the rectangular problem: COL_SUM is not touched).
 
     Shape: X (H, R, D), Y (H, C, D), SHIFT (H,), ROW_SUM (H, R) and COL_SUM
     (H, C) float32, zero-initialised (ALL: COL_SUM is ROW_SUM).
@@ -289,6 +312,8 @@ def fwd_exp_sums_kernel(
         if ALL:
             a = tl.minimum(tl.maximum(ib, k_lo), hf)
             b = tl.minimum(tl.maximum(ib + 1, k_lo), hf)
+        elif SKIP:
+            a, b = _skip_blocks(ib, k_lo, hf, OFFSET, BLOCK_M, BLOCK_N)
         else:
             a = k_lo
             b = k_lo
@@ -297,15 +322,15 @@ def fwd_exp_sums_kernel(
                 kb = tl.where(j >= a, j + (b - a), j)
                 row_acc = _fwd_tile(
                     kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
-                    shift, C, D, eps, False, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
-                    PREC, DOT_F32,
+                    shift, C, D, eps, OFFSET, False, ALL, SKIP, ROWS_ONLY, LOG_DOT, BLOCK_M,
+                    BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
                 )  # fmt: skip
         for j in range((b - a) + (k_hi - hf)):
             kb = tl.where(j < b - a, a + j, hf + j - (b - a))
             row_acc = _fwd_tile(
                 kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
-                shift, C, D, eps, True, ALL, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
-                PREC, DOT_F32,
+                shift, C, D, eps, OFFSET, True, ALL, SKIP, ROWS_ONLY, LOG_DOT, BLOCK_M,
+                BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
             )  # fmt: skip
         tl.atomic_add(ROW_SUM + h * R + rows, row_acc, mask=rmask, sem="relaxed")
 
@@ -322,7 +347,8 @@ def lse_finalize_kernel(
     C,
     D,
     eps,
-    ALL: tl.constexpr,
+    OFFSET,
+    SKIP: tl.constexpr,
     LOG_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -367,7 +393,7 @@ def lse_finalize_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
             )  # fmt: skip
             sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
-            sc = tl.where(_valid(rows, rmask, cols, cmask, ALL), sc, float("-inf"))
+            sc = tl.where(_valid(rows, rmask, cols, cmask, SKIP, OFFSET), sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far
             acc = acc * _exp(m - m_ref) + tl.sum(_exp(sc - m_ref[:, None]), axis=1)
@@ -380,8 +406,8 @@ def lse_finalize_kernel(
 @triton.jit
 def _bwd_tile(
     kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h, REF_C_h, F_C_h,
-    ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-    MASKED: tl.constexpr, ALL: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
+    ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset,
+    MASKED: tl.constexpr, SKIP: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
     ONE_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, SLICE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -427,7 +453,7 @@ def _bwd_tile(
     t = w_r * (s - c_r[:, None])
     wq = w * inv_gs
     if MASKED:
-        valid = _valid(rows, rmask, cols, cmask, ALL)
+        valid = _valid(rows, rmask, cols, cmask, SKIP, offset)
         t = tl.where(valid, t, 0.0)
         wq = tl.where(valid, wq, 0.0)
     tau_acc += tl.sum(t, axis=1)
@@ -454,6 +480,27 @@ def _bwd_tile(
 
 
 @triton.jit
+def _bwd_interior(
+    k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+    REF_C_h, F_C_h, ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset,
+    SKIP: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr, ONE_EXP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr, SLICE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """The unmasked column tiles of ``bwd_rows_kernel``: ``[k_lo, hf)`` without the
+    masked blocks ``[a, b)``; (ref, f) as in ``_bwd_tile``. Returns (acc, tau_acc)."""
+    for j in range(k_lo, hf - (b - a)):
+        kb = tl.where(j >= a, j + (b - a), j)
+        acc, tau_acc = _bwd_tile(
+            kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+            REF_C_h, F_C_h, ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset,
+            False, SKIP, LOG_DOT, GRAD_TF32, ONE_EXP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+            SLICE_D, PREC, DOT_F32,
+        )  # fmt: skip
+    return acc, tau_acc
+
+
+@triton.jit
 def bwd_rows_kernel(
     X,
     Y,
@@ -474,7 +521,8 @@ def bwd_rows_kernel(
     D,
     eps,
     COL_BLOCKS,
-    ALL: tl.constexpr,
+    OFFSET,
+    SKIP: tl.constexpr,
     LOG_DOT: tl.constexpr,
     ATOMIC: tl.constexpr,
     GRAD_TF32: tl.constexpr,
@@ -562,9 +610,8 @@ def bwd_rows_kernel(
     hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
     if not _split_masks(X):
         hf = k_lo
-    if ALL:
-        a = tl.minimum(tl.maximum((ib * BLOCK_M) // BLOCK_N, k_lo), hf)
-        b = tl.minimum(tl.maximum(tl.cdiv((ib + 1) * BLOCK_M, BLOCK_N), k_lo), hf)
+    if SKIP:
+        a, b = _skip_blocks(ib, k_lo, hf, OFFSET, BLOCK_M, BLOCK_N)
     else:
         a = k_lo
         b = k_lo
@@ -578,29 +625,25 @@ def bwd_rows_kernel(
     if fast:
         shift = tl.load(SHIFT + h)
         u_r = g_r * _exp(shift - lse_r)  # rows past R: 0 * e^-inf = 0
-        for j in range(k_lo, hf - (b - a)):
-            kb = tl.where(j >= a, j + (b - a), j)
-            acc, tau_acc = _bwd_tile(
-                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
-                LSE_C + h * C, V_C + h * C, shift, u_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-                False, ALL, LOG_DOT, GRAD_TF32, True, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
-                SLICE_D, PREC, DOT_F32,
-            )  # fmt: skip
+        acc, tau_acc = _bwd_interior(
+            k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+            LSE_C + h * C, V_C + h * C, shift, u_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
+            SKIP, LOG_DOT, GRAD_TF32, True, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, SLICE_D, PREC,
+            DOT_F32,
+        )  # fmt: skip
     elif _split_masks(X):
-        for j in range(k_lo, hf - (b - a)):
-            kb = tl.where(j >= a, j + (b - a), j)
-            acc, tau_acc = _bwd_tile(
-                kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
-                LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-                False, ALL, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
-                SLICE_D, PREC, DOT_F32,
-            )  # fmt: skip
+        acc, tau_acc = _bwd_interior(
+            k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
+            SKIP, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, SLICE_D, PREC,
+            DOT_F32,
+        )  # fmt: skip
     for j in range((b - a) + (k_hi - hf)):
         kb = tl.where(j < b - a, a + j, hf + j - (b - a))
         acc, tau_acc = _bwd_tile(
             kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
-            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps,
-            True, ALL, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
+            True, SKIP, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
             SLICE_D, PREC, DOT_F32,
         )  # fmt: skip
     if SINGLE_D:

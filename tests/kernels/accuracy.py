@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mimac_kernels import fused_contrastive_loss, reference_contrastive_loss, torch_backend
-from mimac_kernels.contract import Backend, Problem, Stats, Upstream
+from mimac_kernels.contract import Backend, Problem, RectProblem, Stats, Upstream
 
 #: Absolute slack added to the "2x plain PyTorch error" rule, per input dtype.
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -269,4 +269,73 @@ def kernel_level_errors(backend: Backend, case: KernelCase, weights: float = 0.0
         err = max_abs_err(x, r)
         if not err <= bound:  # NaN fails too
             errors.append(f"grad {name}: {err:.3g} off, bound {bound:.3g}")
+    return errors
+
+
+def rect_formula(
+    x: Tensor, y: Tensor, inv_tau: Tensor, critic: str, eps: float, offset: int | None,
+    g: Tensor, center: Tensor,
+) -> tuple[Tensor, ...]:
+    """The rectangular problem of ``contract.RectProblem`` as the plain dense formula, in
+    the dtype of ``x`` (float64: the oracle; float32: "plain PyTorch").
+
+    Returns ``(lse (H, R), grad x (H, R, D), grad y (H, C, D), centred temperature sum)``:
+    the gradients of ``sum(g * lse)`` and of ``sum(g * (lse - inv_tau * center))``
+    w.r.t. ``inv_tau``, by autograd.
+    """
+    x, y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    it = inv_tau.detach().to(x.dtype).clone().requires_grad_()
+    dots = x @ y.transpose(-1, -2)
+    s = dots.clamp_min(eps).log() if critic == "log_dot" else dots
+    scores = it * s
+    if offset is not None:
+        rows = torch.arange(x.shape[1])
+        cols = rows + offset
+        keep = (cols >= 0) & (cols < y.shape[1])
+        mask = torch.zeros(x.shape[1], y.shape[1], dtype=torch.bool)
+        mask[rows[keep], cols[keep]] = True
+        scores = scores.masked_fill(mask.to(x.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    g, center = g.to(x.dtype), center.to(x.dtype)
+    gx, gy = torch.autograd.grad((g * lse).sum(), (x, y), retain_graph=True)
+    (gt,) = torch.autograd.grad((g * (lse - it * center)).sum(), (it,))
+    return lse.detach(), gx, gy, gt
+
+
+def rect_level_errors(
+    backend: Backend, problem: RectProblem, g: Tensor, center: Tensor, weights: float = 0.0
+) -> list[str]:
+    """Where ``backend``'s ``rect_forward``/``rect_backward`` miss the float64 formula
+    (``rect_formula``) on the same rounded inputs by more than the kernel-level rule
+    allows (``kernel_level_errors``: "plain" is the torch backend in float32, which
+    centres the temperature sum element by element as the contract asks); empty: it
+    matches. The backward runs from the float64 log-sum-exps rounded to float32."""
+    args = (problem.inv_tau, problem.critic, problem.eps, problem.offset, g, center)
+    ref = rect_formula(problem.x.double(), problem.y.double(), *args)
+    p32 = RectProblem(problem.x.float(), problem.y.float(), problem.inv_tau.float(),
+                      problem.critic, problem.eps, problem.offset)  # fmt: skip
+    p_grads = torch_backend.rect_backward(p32, ref[0].float(), g, center)
+    plain = (torch_backend.rect_forward(p32), p_grads.x, p_grads.y, p_grads.inv_tau)
+    lse = backend.rect_forward(problem)
+    grads = backend.rect_backward(problem, ref[0].float(), g, center)
+    # The temperature sum's own scale: the sum of its terms' magnitudes (a sum of n
+    # terms rounds relative to that, not to its value), in float64.
+    x64, y64 = problem.x.double(), problem.y.double()
+    dots = x64 @ y64.transpose(-1, -2)
+    s = dots.clamp_min(problem.eps).log() if problem.critic == "log_dot" else dots
+    w = torch.exp(problem.inv_tau.double() * s - ref[0][..., None]) * g.double()[..., None]
+    terms = (w * (s - center.double()[..., None])).abs().nan_to_num(posinf=0.0).sum()
+    errors = []
+    for i, (name, x) in enumerate(zip(("lse", "grad x", "grad y", "grad inv_tau"),
+                                      (lse, grads.x, grads.y, grads.inv_tau))):  # fmt: skip
+        r, q = ref[i], plain[i]
+        if x.shape != r.shape or x.dtype != torch.float32:
+            errors.append(f"{name}: {x.dtype} {tuple(x.shape)}, expected float32 {tuple(r.shape)}")
+            continue
+        bound = _kernel_bound(q, r) + (2.0 * weights * float(r.abs().max()) if i else 0.0)
+        if i == 3:
+            bound += 2.0 * torch.finfo(torch.float32).eps * float(terms)
+        err = max_abs_err(x, r)
+        if not err <= bound:  # NaN fails too
+            errors.append(f"{name}: {err:.3g} off, bound {bound:.3g}")
     return errors

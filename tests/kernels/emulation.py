@@ -42,6 +42,8 @@ class EmulatedCuda:
     refusal = staticmethod(cuda_backend.refusal)
     forward = staticmethod(cuda_backend.forward)
     backward = staticmethod(cuda_backend.backward)
+    rect_forward = staticmethod(cuda_backend.rect_forward)
+    rect_backward = staticmethod(cuda_backend.rect_backward)
 
 
 @contextlib.contextmanager

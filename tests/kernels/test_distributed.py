@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -13,9 +16,12 @@ from mimac_kernels import (
     ClipLoss,
     NTXentLoss,
     ProbabilityContrastLoss,
+    dispatch,
     fused_contrastive_loss,
+    reference_contrastive_loss,
 )
 from mimac_kernels.distributed import gather_with_grad
+from tests.kernels.accuracy import error_bound, max_abs_err
 from tests.ranks import run_ranks
 
 N_LOCAL, D, H = 5, 6, 2
@@ -185,3 +191,115 @@ def test_world_of_one_equals_the_plain_call(tmp_path, pg_backend):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=str(key))
     if pg_backend == "gloo":
         assert "backend 'cuda' cannot run" in (tmp_path / "refusal.txt").read_text()
+
+
+class _Counting:
+    """A backend implementation that counts its calls of the rectangular functions."""
+
+    def __init__(self, impl) -> None:
+        self.impl, self.calls = impl, Counter()
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.impl, name)
+        if not name.startswith("rect_"):
+            return fn
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+#: Backend labels of the multi-rank runs: (name asked for, implementation counted).
+_RANK_BACKENDS = {"auto-cpu": ("auto", "cpu"), "triton": ("triton", "triton"),
+                  "cuda-emulated": ("cuda", "cuda")}  # fmt: skip
+
+
+def _float32_tau(value: float, critic: str):
+    tau = _tau(value, critic)
+    return tau.detach().float().requires_grad_() if isinstance(tau, torch.Tensor) else tau
+
+
+def _backend_worker(rank: int, world: int, init_file: str, out_dir: str, label: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        asked, name = _RANK_BACKENDS[label]
+        with contextlib.ExitStack() as stack:
+            if label == "cuda-emulated":
+                from tests.kernels.emulation import emulated_cuda_backend
+
+                stack.enter_context(emulated_cuda_backend())
+            counting = _Counting(dispatch.get_backend(name))
+            stack.enter_context(dispatch.override_backend(name, counting))
+            results = {}
+            sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+            for critic, negatives, tau_value in CASES:
+                a, b = (x[:, sl].float().requires_grad_() for x in _global_inputs(world, critic))
+                tau = _float32_tau(tau_value, critic)
+                loss = fused_contrastive_loss(a, b, temperature=tau, critic=critic,
+                                              negatives=negatives, backend=asked,
+                                              group=dist.group.WORLD)  # fmt: skip
+                params = (a, b, tau) if isinstance(tau, torch.Tensor) else (a, b)
+                grads = torch.autograd.grad(loss, params)
+                results[(critic, negatives, tau_value)] = (loss.detach(), [g for g in grads])
+            results["calls"] = dict(counting.calls)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_backend_skip(label: str) -> str | None:
+    """Why the backend of ``label`` cannot run on CPU tensors here, or ``None``."""
+    if label in ("auto-cpu", "cuda-emulated") and shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler on this machine"
+    if label == "triton":
+        return dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32)
+    if label == "auto-cpu":
+        assert dispatch.unavailable_reason("cpu", torch.device("cpu"), torch.float32) is None
+    if label == "cuda-emulated":
+        from tests.kernels.emulation import cuda_emulation
+
+        cuda_emulation()  # built here once, not by every rank at the same time
+    return None
+
+
+@pytest.mark.parametrize("label", [
+    "auto-cpu", "triton", pytest.param("cuda-emulated", marks=pytest.mark.emulated)])
+def test_ranks_run_the_fused_kernels(label, tmp_path):
+    """float32 across 2 gloo ranks: the local rows against the gathered columns reach the
+    chosen backend's rectangular kernels (``auto`` on CPU: the C++ kernel), forward and
+    backward, and the ranks' mean loss and gradients match one process on the whole
+    batch in float64 within the project's rule (twice plain float32's error)."""
+    why = _rank_backend_skip(label)
+    if why is not None:
+        pytest.skip(why)
+    world = 2
+    run_ranks(_backend_worker, world, (str(tmp_path / "init"), str(tmp_path), label), timeout=300)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r in per_rank:
+        assert r["calls"].get("rect_forward", 0) > 0 and r["calls"].get("rect_backward", 0) > 0
+    for critic, negatives, tau_value in CASES:
+        key = (critic, negatives, tau_value)
+        a64, b64 = _global_inputs(world, critic)
+        a32, b32 = a64.float(), b64.float()
+        kw = {"critic": critic, "negatives": negatives}
+        ref, ref_grads = _loss_grads(reference_contrastive_loss, a64, b64, _tau(tau_value, critic),
+                                     kw)  # fmt: skip
+        plain, plain_grads = _loss_grads(reference_contrastive_loss, a32, b32,
+                                         _float32_tau(tau_value, critic), kw, dtype=None)
+        got = torch.stack([r[key][0] for r in per_rank]).mean()
+        got_grads = [torch.cat([r[key][1][i] for r in per_rank], dim=1) / world for i in (0, 1)]
+        if len(ref_grads) == 3:  # DDP averages the ranks' temperature gradients
+            got_grads.append(torch.stack([r[key][1][2] for r in per_rank]).mean())
+        for name, x, r, p in zip(["loss", "grad_a", "grad_b", "grad_tau"],
+                                 [got, *got_grads], [ref, *ref_grads], [plain, *plain_grads]):
+            err, bound = max_abs_err(x, r), error_bound(max_abs_err(p, r), torch.float32, r)
+            assert err <= bound, f"{label} {key} {name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def _loss_grads(fn, a, b, tau, kw, **extra):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = fn(a, b, temperature=tau, **kw, **extra)
+    params = (a, b, tau) if isinstance(tau, torch.Tensor) else (a, b)
+    return loss.detach(), list(torch.autograd.grad(loss, params))

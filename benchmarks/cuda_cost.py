@@ -310,6 +310,13 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_line(r: dict) -> str:
+    """One printed line of a case's CUDA estimate."""
+    return (f"cuda {r['case']['name']}: estimated {r['estimate_ms']:.2f} ms, floor "
+            f"{r['floor_ms']:.2f} ms ({100 * r['share_of_floor']:.0f} %), "
+            f"binding {r['binding']}")  # fmt: skip
+
+
 def run(cases, out: Path | None = None, rates: Rates = H100) -> list[dict]:
     """Estimate ``cases`` (``static_cost.StaticCase``); with ``out``, write
     ``estimate-cuda<nvcc>.json`` and ``.md`` there."""
@@ -339,9 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     picks = range(len(CASES)) if not args.cases else [int(x) for x in args.cases.split(",")]
     for r in run([CASES[i] for i in picks], args.out):
-        print(f"cuda {r['case']['name']}: estimated {r['estimate_ms']:.2f} ms, floor "
-              f"{r['floor_ms']:.2f} ms ({100 * r['share_of_floor']:.0f} %), "
-              f"binding {r['binding']}", flush=True)  # fmt: skip
+        print(summary_line(r), flush=True)
     return 0
 
 

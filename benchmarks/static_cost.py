@@ -414,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     elif "cuda" in backends:
         # The CUDA C++ kernels (benchmarks.cuda_cost): same cases, model and rates.
         for r in cuda_cost.run([CASES[i] for i in picks], args.out):
-            print(f"cuda {r['case']['name']}: estimated {r['estimate_ms']:.2f} ms, floor "
-                  f"{r['floor_ms']:.2f} ms ({100 * r['share_of_floor']:.0f} %), "
-                  f"binding {r['binding']}", flush=True)  # fmt: skip
+            print(cuda_cost.summary_line(r), flush=True)
     if "triton" not in backends:
         return 0
     cache: dict = {}

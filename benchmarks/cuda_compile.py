@@ -87,7 +87,11 @@ def _nvcc_or_raise() -> str:
 
 
 def _cache_dir(source: Path) -> Path:
-    digest = hashlib.sha256(source.read_bytes() + ARCH.encode()).hexdigest()[:16]
+    """A temp folder keyed by the source, the headers beside it and the target."""
+    h = hashlib.sha256(source.read_bytes() + ARCH.encode())
+    for header in sorted(source.parent.glob("*.h")) + sorted(source.parent.glob("*.cuh")):
+        h.update(header.read_bytes())
+    digest = h.hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"mimac-cuda-static-{os.getuid()}" / digest
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -174,8 +174,12 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     assert pb.per_tile["tensor_macs_per_cta"] == elements * (d + c["DO"])
     assert pb.per_tile["tensor_tf32_macs_per_cta"] == elements * c["DO"]
     assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements
-    # The staged operands: a BM x D row panel and a BN x D column panel per tile.
-    assert pf.per_tile["global_bytes"] * warps >= (c["BM"] + c["BN"]) * d * 2
+    # Global loads: the staged operands, a BM x D row panel and a BN x D column panel per
+    # tile (backward: and the BN x DO slab of Y for the gradient), plus the statistics and
+    # the copy loops' remainder code, which the static count includes (under 15 %).
+    staged = (c["BM"] + c["BN"]) * d * 2
+    for prof, extra in ((pf, 0), (pb, c["BN"] * c["DO"] * 2)):
+        assert staged + extra <= prof.per_tile["global_bytes"] * warps <= 1.15 * (staged + extra)
 
 
 @needs_nvcc

@@ -77,6 +77,8 @@ class _Trips:
       (its shared stores, one per element; else its exp2 over :func:`exps_per_element`).
 
     Every division must be exact (ValueError otherwise: the kernel changed shape).
+    The rules follow today's kernels (WMMA, element-wise staging); a redesign with
+    wgmma or TMA copies re-points them with :func:`gemm_macs` and the launch plan.
     """
 
     def __init__(self, launch: CudaLaunch, hot: sass_counts.Loop) -> None:

@@ -15,13 +15,16 @@ What one instruction means per warp (``Counts`` fields):
 - ``ex2``: ``MUFU.EX2``, 32 lanes of 2^x; ``mufu``: every MUFU (EX2, RCP, LG2, ...).
 - ``hgmma``/``hmma``: tensor-core instructions by shape, e.g. ``64x128x16`` for
   ``HGMMA.64x128x16`` (wgmma: one per *warpgroup* of 4 warps, ``m*n*k`` MACs)
-  and ``16x8x16`` for ``HMMA.16816`` (mma.sync: per warp).
+  and ``16x8x16`` for ``HMMA.16816`` (mma.sync: per warp); ``tf32_macs``: the
+  MACs of those whose inputs are TF32 (half the bf16 rate on sm_90).
 - ``atomics``/``atomic_bytes``: global ``RED``/``ATOM`` instructions and their
   bytes if all 32 lanes are active (an upper bound: masked lanes are not seen).
 - ``global_bytes``: global loads/stores/``cp.async`` (``LDG``/``STG``/``LDGSTS``)
   likewise per 32 lanes (TMA copies are not counted: none in these kernels);
   ``shared_bytes``: ``LDS``/``STS``/``LDSM``/``STSM`` plus the operands wgmma
-  reads from shared memory (B always, A when given by descriptor).
+  reads from shared memory (B always, A when given by descriptor);
+  ``generic_bytes``: generic-address ``LD``/``ST`` (the space is known only at run
+  time; in the CUDA kernels every one of them reads or writes shared memory).
 """
 
 from __future__ import annotations
@@ -115,12 +118,15 @@ class Counts:
     atomic_bytes: int = 0
     global_bytes: int = 0
     shared_bytes: int = 0
+    generic_bytes: int = 0
     barriers: int = 0
     #: Issue slots by opcode family (``FADD``, ``SHFL``, ``MUFU``, ...).
     opcodes: Counter = field(default_factory=Counter)
     #: wgmma MACs counted per warp (a warpgroup's instruction shared by its 4 warps).
     _hgmma_macs_x4: int = 0
     _hmma_macs: int = 0
+    _tf32_hgmma_macs_x4: int = 0
+    _tf32_hmma_macs: int = 0
 
     def add(self, ins: Instr, times: int = 1) -> None:
         op = ins.opcode
@@ -135,6 +141,7 @@ class Counts:
             m, n, k = (int(x) for x in g.groups())
             self.hgmma[f"{m}x{n}x{k}"] += times
             self._hgmma_macs_x4 += m * n * k * times
+            self._tf32_hgmma_macs_x4 += m * n * k * times if ".TF32" in op else 0
             a_from_shared = ins.operands.split(",")[1].strip().startswith("gdesc")
             dsize = 4 if ".TF32" in op else (1 if ".E4M3" in op or ".E5M2" in op else 2)
             shared = (n * k + (m * k if a_from_shared else 0)) * dsize
@@ -143,6 +150,7 @@ class Counts:
             m, n, k = _hmma_shape(h.group(1))
             self.hmma[f"{m}x{n}x{k}"] += times
             self._hmma_macs += m * n * k * times
+            self._tf32_hmma_macs += m * n * k * times if ".TF32" in op else 0
         elif op.startswith(("RED", "ATOM")) and not op.startswith(("ATOMS", "REDUX")):
             self.atomics += times  # REDUX is a warp reduction, ATOMS a shared-memory atomic
             self.atomic_bytes += LANES * _width(op) * times
@@ -152,13 +160,16 @@ class Counts:
             self.shared_bytes += _ldsm_bytes(op) * times
         elif op.startswith(("LDS", "STS", "ATOMS")):
             self.shared_bytes += LANES * _width(op) * times
+        elif op.split(".")[0] in ("LD", "ST"):
+            self.generic_bytes += LANES * _width(op) * times
         elif op.startswith("BAR"):
             self.barriers += times
 
     def merge(self, other: Counts, times: int = 1) -> None:
         """Add ``times`` x ``other`` into these counts."""
         for name in ("issue", "ex2", "mufu", "atomics", "atomic_bytes", "global_bytes",
-                     "shared_bytes", "barriers", "_hgmma_macs_x4", "_hmma_macs"):  # fmt: skip
+                     "shared_bytes", "generic_bytes", "barriers", "_hgmma_macs_x4",
+                     "_hmma_macs", "_tf32_hgmma_macs_x4", "_tf32_hmma_macs"):  # fmt: skip
             setattr(self, name, getattr(self, name) + times * getattr(other, name))
         for key, value in other.hgmma.items():
             self.hgmma[key] += times * value
@@ -171,13 +182,19 @@ class Counts:
         """Tensor-core multiply-adds of the whole CTA (wgmma per warpgroup, mma.sync per warp)."""
         return self._hgmma_macs_x4 * num_warps // WARPGROUP + self._hmma_macs * num_warps
 
+    def tf32_macs_per_cta(self, num_warps: int) -> int:
+        """The part of :meth:`macs_per_cta` with TF32 inputs."""
+        return (self._tf32_hgmma_macs_x4 * num_warps // WARPGROUP
+                + self._tf32_hmma_macs * num_warps)  # fmt: skip
+
     def to_dict(self, num_warps: int) -> dict:
         return {
             "issue": self.issue, "mufu_ex2": self.ex2, "mufu_all": self.mufu,
             "hgmma": dict(self.hgmma), "hmma": dict(self.hmma), "atomics": self.atomics,
             "atomic_bytes": self.atomic_bytes, "global_bytes": self.global_bytes,
-            "shared_bytes": self.shared_bytes, "barriers": self.barriers,
-            "tensor_macs_per_cta": self.macs_per_cta(num_warps),
+            "shared_bytes": self.shared_bytes, "generic_bytes": self.generic_bytes,
+            "barriers": self.barriers, "tensor_macs_per_cta": self.macs_per_cta(num_warps),
+            "tensor_tf32_macs_per_cta": self.tf32_macs_per_cta(num_warps),
             "opcodes": dict(self.opcodes.most_common()),
         }  # fmt: skip
 
@@ -249,6 +266,18 @@ def iteration_counts(instrs: list[Instr], loop: Loop, inner_trips: list[int]) ->
         if inner.inner:
             raise ValueError("loops nested three deep are not supported")
         out.merge(count_range(instrs, inner.start, inner.end), trips)
+    return out
+
+
+def nested_counts(instrs: list[Instr], loop: Loop, trips) -> Counts:
+    """Counts of one iteration of ``loop``, at any depth of nesting: each inner loop's
+    own iteration (:func:`nested_counts` of it) times ``trips(inner, counts, parent)``,
+    a callable given the inner loop, its one-iteration counts and the loop holding it.
+    """
+    out = count_range(instrs, loop.start, loop.end, loop.inner)
+    for inner in loop.inner:
+        body = nested_counts(instrs, inner, trips)
+        out.merge(body, trips(inner, body, loop))
     return out
 
 

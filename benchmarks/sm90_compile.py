@@ -22,13 +22,13 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import inspect
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import triton
+
+from benchmarks.cuda_compile import nvidia_tool
 
 #: Shared memory per block on sm_90 (227 KiB opt-in).
 SM90_SHARED = 227 * 1024
@@ -112,17 +112,6 @@ def compile_kernel(
         target=GPUTarget("cuda", capability, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
-
-
-def nvidia_tool(name: str) -> Path:
-    """Path of ``cuobjdump``/``nvdisasm``: Triton's own copy, else the one on PATH."""
-    own = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    if own.exists():
-        return own
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} is neither in triton's package nor on PATH")
-    return Path(found)
 
 
 def _cuobjdump(compiled: triton.compiler.CompiledKernel, *flags: str) -> str:

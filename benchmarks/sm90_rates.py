@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class Rates:
     #: Dense bf16 tensor-core rate, 989.4 TFLOP/s (H100 SXM datasheet; it is
     #: 132 SMs x 4,096 FLOP/clock x 1.83 GHz, the clock the datasheet rates it at).
     tensor_flops: float = 989.4e12
+    #: Dense TF32 tensor-core rate, 494.7 TFLOP/s (H100 SXM datasheet: "TF32 Tensor
+    #: Core 989 TFLOPS" is with sparsity; dense is half): half the bf16 rate.
+    tensor_tf32_flops: float = 494.7e12
     #: Shared-memory bandwidth per SM: 32 banks x 4 bytes per clock (CUDA C++
     #: Programming Guide, "Shared Memory" of compute capability 5.x and later).
     shared_bytes_per_clock: float = 128.0
@@ -87,7 +90,8 @@ def tile_bounds(per_tile: dict, num_warps: int, rates: Rates = H100,
                 l2_resident: bool = True) -> dict[str, float]:  # fmt: skip
     """Every bound of one tile on one SM, in seconds, from its per-warp counts
     (``issue``, ``mufu_all``, ``shared_bytes``, ``global_bytes``, ``atomic_bytes``) and
-    its CTA's ``tensor_macs_per_cta``.
+    its CTA's ``tensor_macs_per_cta`` (of which ``tensor_tf32_macs_per_cta``, if given,
+    run at the TF32 rate).
 
     ``l2_resident``: whether the launch's working set fits in L2; if not, the tile's
     global bytes and its reductions (read from DRAM and written back: twice) are also
@@ -96,10 +100,12 @@ def tile_bounds(per_tile: dict, num_warps: int, rates: Rates = H100,
     t, clock = per_tile, rates.clock_hz
     glob, atom = t["global_bytes"] * num_warps, t["atomic_bytes"] * num_warps
     missed = 0.0 if l2_resident else glob + 2 * atom
+    tf32 = t.get("tensor_tf32_macs_per_cta", 0)
     return {
         "issue": t["issue"] * num_warps / rates.issue_per_clock / clock,
         "sfu": t["mufu_all"] * num_warps * 32 / rates.mufu_per_clock / clock,
-        "tensor": 2 * t["tensor_macs_per_cta"] / (rates.tensor_flops / rates.sms),
+        "tensor": 2 * (t["tensor_macs_per_cta"] - tf32) / (rates.tensor_flops / rates.sms)
+        + 2 * tf32 / (rates.tensor_tf32_flops / rates.sms),
         "shared": t["shared_bytes"] * num_warps / rates.shared_bytes_per_clock / clock,
         **memory_tile_seconds(glob, atom, rates),
         "dram": missed / (rates.dram_bytes_per_s / rates.sms),
@@ -147,3 +153,85 @@ def floor(pairing: str, rows: int, d: int, rates: Rates = H100, *, cols: int = 0
     t_mm, t_exp = flops / rates.tensor_flops, exps / rates.exp_per_s
     return {"flops": flops, "exps": exps, "seconds": max(t_mm, t_exp),
             "bound": "tensor" if t_mm >= t_exp else "sfu"}  # fmt: skip
+
+
+def operand_rereads(operand: int, resident: int, programs: int, slots: int,
+                    rates: Rates = H100) -> int:  # fmt: skip
+    """DRAM bytes of the column operand (``operand`` bytes) read again: once more per
+    further wave of ``slots`` resident programs (each wave sweeps it from the start)
+    when it does not fit in L2 beside the ``resident`` bytes of the row panels."""
+    waves = -(-programs // max(slots, 1))
+    return (waves - 1) * operand if operand + resident > rates.l2_bytes else 0
+
+
+@dataclass
+class Profile:
+    """A compiled kernel's counts per column tile (whole CTA) and its resources."""
+
+    kernel: str
+    resources: dict
+    warps_per_cta: list
+    ctas_per_sm: int
+    unroll: int
+    #: Tensor MACs issued per useful MAC (1.0: none redundant).
+    tensor_redundancy: float
+    per_tile: dict  # per-warp counts of one tile (one source iteration of the hot loop)
+    outside_issue: int  # per-warp instructions outside the hot loop
+    #: Trip counts given to the hot loop's inner loops, by ``start-end`` address.
+    inner_trips: dict = field(default_factory=dict)
+
+    def tile_seconds(self, num_warps: int, rates: Rates = H100,
+                     l2_resident: bool = True) -> dict[str, float]:  # fmt: skip
+        """The bounds of one tile on a whole SM, in seconds (:func:`tile_bounds`).
+
+        ``l2_resident``: whether the launch's working set fits in L2; if not, the
+        tile's global and atomic bytes are also charged at the HBM rate (``dram``).
+        """
+        return tile_bounds(self.per_tile, num_warps, rates, l2_resident)
+
+
+def launch_estimate(prof: Profile, num_warps: int, tiles: list[int], working_set: int,
+                    dram_bytes: int, elements: int, rates: Rates = H100) -> dict:  # fmt: skip
+    """Seconds of one launch and what bounds it.
+
+    ``tiles``: column tiles of each program in launch order; ``working_set``: bytes the
+    resident programs keep touching (the tiles' traffic goes to DRAM when it exceeds
+    L2); ``dram_bytes``: the launch's DRAM traffic; ``elements``: useful score elements
+    of one tile (the unit of ``per_element``). Programs are dealt to ``sms x CTAs per
+    SM`` slots (:func:`makespan`); the launch lasts at least its DRAM bytes at the HBM rate.
+    """
+    k = max(prof.ctas_per_sm, 1)
+    bounds = prof.tile_seconds(num_warps, rates, l2_resident=working_set <= rates.l2_bytes)
+    tile = max(bounds.values())
+    fixed = prof.outside_issue * num_warps / rates.issue_per_clock / rates.clock_hz
+    progs = [fixed + n * tile for n in tiles]
+    span = makespan(progs, rates.sms * k, k)
+    dram = dram_bytes / rates.dram_bytes_per_s
+    seconds = max(span, dram)
+    binding = "dram" if dram > span else max(bounds, key=bounds.get)
+    t = prof.per_tile
+    l2 = (t["global_bytes"] + t["atomic_bytes"]) * num_warps
+    busy = sum(tiles) * tile
+    compute = max(bounds[b] for b in ("issue", "sfu", "tensor", "shared"))
+    per_element = {
+        "issue_slots": t["issue"] * num_warps / elements,
+        "mufu_ex2": t["mufu_ex2"] * num_warps * 32 / elements,
+        "mufu_all": t["mufu_all"] * num_warps * 32 / elements,
+        "tensor_macs": t["tensor_macs_per_cta"] / elements,
+        "atomic_bytes": t["atomic_bytes"] * num_warps / elements,
+        "global_bytes": t["global_bytes"] * num_warps / elements,
+        "shared_bytes": t["shared_bytes"] * num_warps / elements,
+    }
+    return {
+        "programs": len(tiles), "tiles": sum(tiles),
+        "tile_us": {name: v * 1e6 for name, v in bounds.items()},
+        "per_element": per_element,
+        "binding": binding, "seconds": seconds, "dram_seconds": dram,
+        "balance": busy / (span * rates.sms) if span > 0 else 1.0,
+        "l2_bytes_per_tile": l2, "working_set_bytes": working_set,
+        "working_set_share_of_l2": working_set / rates.l2_bytes,
+        # L2 bandwidth at which the per-tile global traffic would cost as much as the
+        # tile's compute (issue, SFU, tensor, shared memory: the bounds the memory
+        # bounds now sit beside):
+        "l2_break_even_tb_s": l2 * rates.sms / compute / 1e12 if compute > 0 else 0.0,
+    }  # fmt: skip

@@ -35,6 +35,9 @@ contention, the far L2 partition, launch gaps and clocks under load all make
 real kernels slower, so a kernel that only reaches a target here has not reached it.
 
     python -m benchmarks.static_cost --out benchmarks/results/<date>-static-sm90
+
+writes the Triton estimate and, where ``nvcc`` is found, the CUDA C++ backend's
+(``benchmarks.cuda_cost``: the same cases and model on ``nvcc``'s sm_90a SASS).
 """
 
 from __future__ import annotations
@@ -47,16 +50,24 @@ import argparse
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import triton
 
-from benchmarks import sass_counts, sm90_rates
+from benchmarks import cuda_cost, sass_counts, sm90_rates
 from benchmarks.sm90_compile import compile_kernel, resource_usage, sass, warps_per_cta
-from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan, tile_bounds
+from benchmarks.sm90_rates import (
+    H100,
+    Profile,
+    Rates,
+    ctas_per_sm,
+    launch_estimate,
+    operand_rereads,
+)
+from benchmarks.static_cases import CASES, StaticCase
 from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
 from mimac_kernels.triton import kernels as K
 from mimac_kernels.triton.backend import shift_from_bound
@@ -74,30 +85,6 @@ def tile_macs(launch: Launch) -> int:
     padded = cfg.block_d * _cdiv(launch.d, cfg.block_d)
     grad = (cfg.grad_d if cfg.single_d else padded) if launch.kind == "bwd" else 0
     return cfg.block_m * cfg.block_n * (padded + grad)
-
-
-@dataclass
-class Profile:
-    """A compiled launch's counts per column tile (whole CTA) and its resources."""
-
-    kernel: str
-    resources: dict
-    warps_per_cta: list
-    ctas_per_sm: int
-    unroll: int
-    #: Tensor MACs issued per useful MAC (1.0: none redundant).
-    tensor_redundancy: float
-    per_tile: dict  # per-warp counts of one tile (one source iteration of the hot loop)
-    outside_issue: int  # per-warp instructions outside the hot loop
-
-    def tile_seconds(self, num_warps: int, rates: Rates = H100,
-                     l2_resident: bool = True) -> dict[str, float]:  # fmt: skip
-        """The bounds of one tile on a whole SM, in seconds (see the module docstring).
-
-        ``l2_resident``: whether the launch's working set fits in L2; if not, the
-        tile's global and atomic bytes are also charged at the HBM rate (``dram``).
-        """
-        return tile_bounds(self.per_tile, num_warps, rates, l2_resident)
 
 
 def profile(launch: Launch, one_pass: bool = True) -> Profile:
@@ -180,90 +167,22 @@ def dram_bytes(launch: Launch, programs: int, slots: int, rates: Rates = H100) -
     L2 beside the resident row panels (each wave sweeps it from the start)."""
     size = ELEMENT[launch.args["X"].dtype]
     operand = launch.cols * launch.d * size
-    waves = _cdiv(programs, max(slots, 1))
     resident = working_set_bytes(launch, slots) - launch.cfg.block_n * launch.d * size
-    rereads = (waves - 1) * operand if operand + resident > rates.l2_bytes else 0
-    return compulsory_bytes(launch) + rereads
+    return compulsory_bytes(launch) + operand_rereads(operand, resident, programs, slots, rates)
 
 
 def estimate_launch(launch: Launch, prof: Profile, resweep_blocks: int = 0,
                     rates: Rates = H100) -> dict:  # fmt: skip
-    """Seconds of one launch and what bounds it."""
-    warps = launch.cfg.num_warps
+    """Seconds of one launch and what bounds it (``sm90_rates.launch_estimate``)."""
     tiles = tiles_per_program(launch, resweep_blocks)
-    k = max(prof.ctas_per_sm, 1)
-    ws = working_set_bytes(launch, rates.sms * k)
-    bounds = prof.tile_seconds(warps, rates, l2_resident=ws <= rates.l2_bytes)
-    tile = max(bounds.values())
-    fixed = prof.outside_issue * warps / rates.issue_per_clock / rates.clock_hz
-    progs = [fixed + n * tile for n in tiles]
-    span = makespan(progs, rates.sms * k, k)
-    dram = dram_bytes(launch, sum(1 for n in tiles if n), rates.sms * k, rates)
-    dram /= rates.dram_bytes_per_s
-    seconds = max(span, dram)
-    binding = "dram" if dram > span else max(bounds, key=bounds.get)
-    t = prof.per_tile
-    l2 = (t["global_bytes"] + t["atomic_bytes"]) * warps
-    busy = sum(tiles) * tile
-    compute = max(bounds[b] for b in ("issue", "sfu", "tensor", "shared"))
-    elements = launch.cfg.block_m * launch.cfg.block_n  # useful score elements of a tile
-    per_element = {
-        "issue_slots": t["issue"] * warps / elements,
-        "mufu_ex2": t["mufu_ex2"] * warps * 32 / elements,
-        "mufu_all": t["mufu_all"] * warps * 32 / elements,
-        "tensor_macs": t["tensor_macs_per_cta"] / elements,
-        "atomic_bytes": t["atomic_bytes"] * warps / elements,
-        "global_bytes": t["global_bytes"] * warps / elements,
-        "shared_bytes": t["shared_bytes"] * warps / elements,
-    }
-    return {
-        "kernel": launch.name, "grid": list(launch.grid), "programs": len(tiles),
-        "tiles": sum(tiles), "tile_us": {name: v * 1e6 for name, v in bounds.items()},
-        "per_element": per_element,
-        "binding": binding, "seconds": seconds, "dram_seconds": dram,
-        "balance": busy / (span * rates.sms) if span > 0 else 1.0,
-        "l2_bytes_per_tile": l2, "working_set_bytes": ws,
-        "working_set_share_of_l2": ws / rates.l2_bytes,
-        # L2 bandwidth at which the per-tile global traffic would cost as much as the
-        # tile's compute (issue, SFU, tensor, shared memory: the bounds the memory
-        # bounds now sit beside):
-        "l2_break_even_tb_s": l2 * rates.sms / compute / 1e12 if compute > 0 else 0.0,
-    }  # fmt: skip
+    slots = rates.sms * max(prof.ctas_per_sm, 1)
+    ws = working_set_bytes(launch, slots)
+    dram = dram_bytes(launch, sum(1 for n in tiles if n), slots, rates)
+    est = launch_estimate(prof, launch.cfg.num_warps, tiles, ws, dram,
+                          launch.cfg.block_m * launch.cfg.block_n, rates)  # fmt: skip
+    return {"kernel": launch.name, "grid": list(launch.grid), **est}
 
 
-@dataclass(frozen=True)
-class StaticCase:
-    """One headline case: pairing, rows of S per side, D, tau and the data's positive cosine.
-
-    ``rect``: one rank of the losses across ranks, ``rows`` local rows of ``Z = [a; b]``
-    against ``cols`` gathered columns, its self-pairs at ``col == row + offset``.
-    """
-
-    name: str
-    pairing: str
-    rows: int  # M for ``all`` (2N rows of Z), N for ``cross``, local rows for ``rect``
-    d: int
-    tau: float
-    positive_cos: float = 0.3
-    dtype: str = "bf16"
-    cols: int = 0  # rect: gathered columns
-    offset: int = 0  # rect: where this rank's own columns start
-
-    @property
-    def n(self) -> int:
-        return self.rows // 2 if self.pairing == "all" else self.rows
-
-
-CASES = (
-    StaticCase("NT-Xent M=65,536 D=128", "all", 65536, 128, 0.1),
-    StaticCase("NT-Xent M=65,536 D=512", "all", 65536, 512, 0.1),
-    StaticCase("CLIP N=65,536 D=128", "cross", 65536, 128, 0.1),
-    StaticCase("CLIP N=65,536 D=128, tau=0.01, positives ~0.3 cos", "cross", 65536, 128, 0.01),
-    # NT-Xent over 8 ranks of 4,096 pairs: the launches of one rank (the last, whose
-    # own columns close the gathered [a_0; b_0; ...; a_7; b_7]).
-    StaticCase("8 ranks: 8,192 local rows x 65,536 gathered columns D=128", "rect", 8192, 128,
-               0.1, cols=65536, offset=7 * 8192),
-)
 #: Cases the current runtime cannot launch, and why (listed in the results).
 NOT_MODELLED: dict[str, str] = {}
 
@@ -487,8 +406,22 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("--out", type=Path, help="folder for estimate.json and estimate.md")
     parser.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
+    parser.add_argument("--backends", default="triton,cuda",
+                        help="triton, cuda or both (default); cuda needs nvcc and writes "
+                             "estimate-cuda-nvccX.json/.md beside Triton's")  # fmt: skip
     args = parser.parse_args(argv)
     picks = range(len(CASES)) if not args.cases else [int(x) for x in args.cases.split(",")]
+    backends = set(args.backends.split(","))
+    if not backends or backends - {"triton", "cuda"}:
+        parser.error(f"--backends takes triton and/or cuda, got {args.backends!r}")
+    if "cuda" in backends and cuda_cost.cuda_compile.find_nvcc() is None:
+        print("cuda: skipped, nvcc not found (no CUDA toolkit)", flush=True)
+    elif "cuda" in backends:
+        # The CUDA C++ kernels (benchmarks.cuda_cost): same cases, model and rates.
+        for r in cuda_cost.run([CASES[i] for i in picks], args.out):
+            print(cuda_cost.summary_line(r), flush=True)
+    if "triton" not in backends:
+        return 0
     cache: dict = {}
     results = []
     for i in picks:

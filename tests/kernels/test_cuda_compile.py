@@ -7,39 +7,16 @@ per kernel and target) is printed; run with ``-s`` to see it.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CUDA_DIR = ROOT / "csrc" / "cuda"
-KERNELS = CUDA_DIR / "contrastive_kernels.cu"
+from benchmarks.cuda_compile import CUDA_DIR, KERNELS, TORCH_DEFINES, find_nvcc
+
 TARGETS = ("sm_80", "sm_90a")
-#: torch's extension builds pass these to nvcc: the kernels must not rely on
-#: implicit half/bfloat16 conversions or operators.
-TORCH_DEFINES = (
-    "-D__CUDA_NO_HALF_OPERATORS__",
-    "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__",
-)
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and Path(home, "bin", "nvcc").exists():
-            return str(Path(home, "bin", "nvcc"))
-    return None
-
-
-NVCC = _nvcc()
+NVCC = find_nvcc()
 needs_nvcc = pytest.mark.skipif(
     NVCC is None, reason="nvcc not found (no CUDA toolkit): cannot compile the CUDA kernels"
 )

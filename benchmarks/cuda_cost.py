@@ -1,0 +1,357 @@
+"""Static cost model of the CUDA C++ kernels on an H100 SXM, from their sm_90a SASS.
+
+An *estimate*, never a measurement: the same model as ``static_cost`` (tile
+bounds of ``sm90_rates``, programs dealt to SM slots, DRAM floor per launch),
+fed by ``nvcc -cubin -arch=sm_90a`` of ``csrc/cuda/contrastive_kernels.cu``
+(``cuda_compile``) and the launches of ``cuda_launches.launch_plan``.
+
+A CTA of these kernels owns ``BM`` rows and sweeps every column tile of ``BN``;
+the column loop is the hot loop (the top-level loop holding the tensor-core
+work). Its inner loops run as many times as the source says, found from the
+work each one does per iteration in the SASS (:func:`profile`): the score GEMM's
+D chunks and the gradient GEMM by their MACs, the staging copies by their global
+bytes, the per-element passes by their stores or exponentials. Generic ``LD``/``ST``
+(WMMA fragments loaded through a generic pointer) are charged as shared memory:
+every generic access of these kernels points at it. Programs do not share work
+(no triangle of S is skipped), and nothing depends on the data: no re-sweep.
+
+    python -m benchmarks.cuda_cost --out DIR   # estimate-cuda-<nvcc>.json / .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import cuda_compile, sass_counts
+from benchmarks.cuda_launches import ELEMENT, CudaLaunch, launch_plan, tiles_per_program
+from benchmarks.sm90_rates import (
+    H100,
+    Profile,
+    Rates,
+    ctas_per_sm,
+    floor,
+    launch_estimate,
+    operand_rereads,
+)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemm_macs(launch: CudaLaunch) -> list[int]:
+    """MACs of one column tile, per GEMM in source order: the score GEMM over D in
+    ``KC`` chunks (padded), and in ``bwd`` the gradient GEMM of one ``DO`` slice.
+    float32 inputs run each as 3xTF32 (three MMAs per product)."""
+    c = launch.consts
+    split = 3 if ELEMENT[launch.dtype] == 4 else 1
+    out = [c["BM"] * c["BN"] * c["KC"] * _cdiv(launch.d, c["KC"]) * split]
+    if launch.kind == "bwd":
+        out.append(c["BM"] * c["BN"] * c["DO"] * (3 if launch.split else 1))
+    return out
+
+
+def exps_per_element(launch: CudaLaunch) -> int:
+    """exp2 per score element in the per-element pass: the forward's sum, the
+    backward's row and column probabilities."""
+    return 1 if launch.kind == "fwd" else 2
+
+
+class _Trips:
+    """Trip counts of the hot loop's inner loops, from the work of one iteration.
+
+    - a loop with tensor work: the GEMM's MACs per tile (:func:`gemm_macs`, in address
+      order) over its MACs per iteration;
+    - a loop with global loads and no tensor work: a staging copy of 64 rows of the
+      operand, ``KC`` wide inside the score GEMM's chunk loop and ``DO`` wide (the Y
+      slab of the gradient) directly in the column loop, over its bytes per iteration;
+    - any other loop directly in the column loop: a per-element pass, ``BM * BN / NT``
+      source iterations per thread over the source iterations one SASS iteration holds
+      (its shared stores, one per element; else its exp2 over :func:`exps_per_element`).
+
+    Every division must be exact (ValueError otherwise: the kernel changed shape).
+    The rules follow today's kernels (WMMA, element-wise staging); a redesign with
+    wgmma or TMA copies re-points them with :func:`gemm_macs` and the launch plan.
+    """
+
+    def __init__(self, launch: CudaLaunch, hot: sass_counts.Loop) -> None:
+        self.launch, self.hot = launch, hot
+        self.gemms = list(gemm_macs(launch))
+        self.given: dict[str, int] = {}
+
+    def __call__(self, loop: sass_counts.Loop, body: sass_counts.Counts,
+                 parent: sass_counts.Loop) -> int:  # fmt: skip
+        lc, c = self.launch, self.launch.consts
+        warps = lc.num_warps
+        macs = body.macs_per_cta(warps)
+        if macs:
+            if parent is not self.hot or not self.gemms:
+                raise ValueError(f"{lc.name}: unexpected tensor-core loop at {loop.start:#x}")
+            trips = self._exact(self.gemms.pop(0), macs, loop, "MACs")
+        elif body.global_bytes:
+            width = c["DO"] if parent is self.hot else c["KC"]
+            total = 64 * width * ELEMENT[lc.dtype]
+            trips = self._exact(total, body.global_bytes * warps, loop, "staged bytes")
+        elif parent is self.hot:
+            per_thread = c["BM"] * c["BN"] // c["NT"]
+            stores = body.opcodes.get("STS", 0)
+            per_iter = stores if stores else body.ex2 // exps_per_element(lc)
+            trips = self._exact(per_thread, per_iter, loop, "elements")
+        else:
+            raise ValueError(f"{lc.name}: cannot tell what the loop at {loop.start:#x} does")
+        self.given[f"{loop.start:#x}-{loop.end:#x}"] = trips
+        return trips
+
+    def _exact(self, total: int, per_iter: int, loop: sass_counts.Loop, what: str) -> int:
+        if per_iter <= 0 or total % per_iter:
+            raise ValueError(f"{self.launch.name}: the loop at {loop.start:#x} does {per_iter} "
+                             f"{what} per iteration, not a divisor of {total}")  # fmt: skip
+        return total // per_iter
+
+
+def profile(launch: CudaLaunch, sass: str, resources: dict) -> Profile:
+    """Counts of one column tile of ``launch``'s kernel (its ``cuobjdump -sass`` text
+    and ``cuda_compile.resource_usage`` entry): the hot loop's iteration with every
+    inner loop run its trip count (:class:`_Trips`), per warp; generic accesses added
+    to the shared bytes. Raises RuntimeError when no loop does tensor work or the
+    iteration holds less than one tile's MACs."""
+    instrs = sass_counts.parse(sass)
+    loops = sass_counts.find_loops(instrs)
+    warps = launch.num_warps
+    static = {id(lp): sass_counts.count_range(instrs, lp.start, lp.end).macs_per_cta(warps)
+              for lp in loops}  # fmt: skip
+    hot = max(loops, key=lambda lp: static[id(lp)], default=None)
+    if hot is None or static[id(hot)] == 0:
+        raise RuntimeError(f"{launch.name}: no loop with tensor-core work in its SASS")
+    trips = _Trips(launch, hot)
+    counts = sass_counts.nested_counts(instrs, hot, trips)
+    tile = sum(gemm_macs(launch))
+    unroll = counts.macs_per_cta(warps) // tile
+    if unroll < 1 or trips.gemms:
+        raise RuntimeError(f"{launch.name}: the column loop does {counts.macs_per_cta(warps)} "
+                           f"MACs, not whole {tile}-MAC tiles")  # fmt: skip
+    per = counts.to_dict(warps)
+    per["shared_bytes"] += per["generic_bytes"]
+    per_tile = {k: (v / unroll if isinstance(v, int) else {s: n / unroll for s, n in v.items()})
+                for k, v in per.items()}  # fmt: skip
+    # cuobjdump's SHARED on sm_90 includes the 1 KiB the system reserves per block (a
+    # kernel with only dynamic shared memory reads 1024); ctas_per_sm adds that itself.
+    static = max(resources["static_shared"] - H100.shared_reserved_per_block, 0)
+    res = {**resources, "dynamic_shared": launch.smem, "shared": launch.smem + static}
+    outside = sass_counts.outside_counts(instrs, [hot]).issue
+    return Profile(launch.name, res, [[warps, 1]],
+                   ctas_per_sm(res["registers"], res["shared"], warps), unroll,
+                   counts.macs_per_cta(warps) / (unroll * tile), per_tile, outside,
+                   trips.given)  # fmt: skip
+
+
+def compulsory_bytes(launch: CudaLaunch) -> int:
+    """DRAM bytes a launch cannot avoid: its inputs read once, its outputs written once
+    (forward: the row log-sum-exps; backward: the float32 gradient rows, reading the six
+    per-row statistics of both sides)."""
+    size = ELEMENT[launch.dtype]
+    r, c, d = launch.rows, launch.cols, launch.d
+    inputs = (r + (0 if launch.all_pairs else c)) * d * size
+    if launch.kind == "bwd":
+        return inputs + r * d * 4 + 3 * 4 * (r + c)
+    return inputs + 4 * r
+
+
+def working_set_bytes(launch: CudaLaunch, slots: int) -> int:
+    """Bytes the ``slots`` resident programs keep touching: their row panels
+    (``BM x D`` inputs each) and the ``BN x D`` column panel they sweep in step (as
+    ``static_cost.working_set_bytes``; no float32 atomics here)."""
+    size, c = ELEMENT[launch.dtype], launch.consts
+    return (slots * c["BM"] + c["BN"]) * launch.d * size
+
+
+def estimate_launch(launch: CudaLaunch, prof: Profile, rates: Rates = H100) -> dict:
+    """Seconds of one launch and what bounds it (``sm90_rates.launch_estimate``);
+    ``per_element`` is per element of a program's tile, as for Triton (the backward's
+    ``d_slices`` programs each cover every element of their row block)."""
+    tiles = tiles_per_program(launch)
+    slots = rates.sms * max(prof.ctas_per_sm, 1)
+    ws = working_set_bytes(launch, slots)
+    size, c = ELEMENT[launch.dtype], launch.consts
+    operand = launch.cols * launch.d * size
+    dram = compulsory_bytes(launch) + operand_rereads(
+        operand, ws - c["BN"] * launch.d * size, len(tiles), slots, rates
+    )
+    est = launch_estimate(prof, launch.num_warps, tiles, ws, dram, c["BM"] * c["BN"], rates)
+    return {"kernel": launch.name, "kind": launch.kind, "side": launch.side,
+            "grid": list(launch.grid), "d_slices": launch.d_slices,
+            "dynamic_shared": launch.smem, **est}  # fmt: skip
+
+
+class Compiled:
+    """The kernels of one compile of ``contrastive_kernels.cu``: SASS, resources and
+    constants, each read once."""
+
+    def __init__(self, source: Path = cuda_compile.KERNELS) -> None:
+        cubin = cuda_compile.compile_cubin(source)
+        self.sass = cuda_compile.sass_functions(cubin)
+        self.resources = cuda_compile.resource_usage(cubin)
+        self.consts = cuda_compile.kernel_constants(source)
+        self._profiles: dict[tuple, Profile] = {}
+
+    def profile(self, launch: CudaLaunch) -> Profile:
+        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d)
+        if key not in self._profiles:
+            name = cuda_compile.kernel_symbol(list(self.sass), launch.kernel, launch.dtype,
+                                              launch.critic, launch.split)  # fmt: skip
+            self._profiles[key] = profile(launch, self.sass[name], self.resources[name])
+        return self._profiles[key]
+
+
+def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
+    """Forward + backward estimate of a ``static_cost.StaticCase`` on the CUDA backend
+    (dot critic, one head): per launch and in total, with the floor."""
+    plan = launch_plan(case.pairing, case.n, case.d, compiled.consts, case.dtype,
+                       cols=case.cols)  # fmt: skip
+    launches, profiles = [], {}
+    for lc in plan:
+        prof = compiled.profile(lc)
+        profiles[lc.kind] = prof
+        launches.append(estimate_launch(lc, prof, rates))
+    total = sum(e["seconds"] for e in launches)
+    top = max(launches, key=lambda e: e["seconds"])
+    fl = floor(case.pairing, case.rows, case.d, rates, cols=case.cols)
+    return {
+        "case": asdict(case), "backend": "cuda", "estimate_ms": total * 1e3,
+        "floor_ms": fl["seconds"] * 1e3, "floor": fl, "share_of_floor": fl["seconds"] / total,
+        "binding": f"{top['binding']} ({top['kind']})", "launches": launches,
+        "profiles": {k: {**asdict(p), "num_warps": plan[0].num_warps}
+                     for k, p in profiles.items()},
+    }  # fmt: skip
+
+
+def nvcc_version() -> str:
+    """``13.0`` etc. from ``nvcc --version`` (``unknown`` when it cannot be read)."""
+    nvcc = cuda_compile.find_nvcc()
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else "unknown"
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    """The CUDA estimates as Markdown tables, labelled as a static estimate."""
+    lines = [
+        (
+            "# Static estimate (not a measurement): CUDA C++ backend, sm_90a SASS from nvcc "
+            f"{meta['nvcc']}"
+        ),
+        "",
+        f"`python -m benchmarks.cuda_cost` ({meta['date']}), the model and H100 SXM rates of",
+        "`benchmarks/static_cost.py`. Forward + backward, bf16, one head, dot critic (cosine",
+        "runs the same kernel on unit rows). The model sees no latency, stalls or barriers:",
+        "real kernels will be slower.",
+        "",
+        "| case | estimated ms | floor ms | share of floor | binding bound (launch) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r['case']['name']} | {r['estimate_ms']:.2f} | {r['floor_ms']:.2f} | "
+                     f"{100 * r['share_of_floor']:.0f} % | {r['binding']} |")  # fmt: skip
+    lines += [
+        "",
+        "Per launch: tile bounds in microseconds per column tile on one SM (as for Triton).",
+        "",
+        (
+            "| case | kernel | rows | grid | tiles | issue | SFU | tensor | shared | L2 | DRAM "
+            "| binding | balance | ms |"
+        ),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in results:
+        for e in r["launches"]:
+            t = e["tile_us"]
+            lines.append(
+                f"| {r['case']['name']} | {e['kind']} | {e['side']} | "
+                f"{'x'.join(map(str, e['grid']))} | {e['tiles']} | {t['issue']:.3f} | "
+                f"{t['sfu']:.3f} | {t['tensor']:.3f} | {t['shared']:.3f} | {t['l2']:.3f} | "
+                f"{t['dram']:.3f} | {e['binding']} | {100 * e['balance']:.0f} % | "
+                f"{1e3 * e['seconds']:.3f} |"
+            )
+    lines += [
+        "",
+        "Hot loop per element of a program's 64 x 64 tile (whole CTA; the backward's",
+        "D slices each recompute the whole score tile), and resources:",
+        "",
+        (
+            "| case | kernel | D slices | issue slots | EX2 | MACs (of them TF32) | "
+            "tensor instructions per warp | shared B | global B | regs | spill B | "
+            "shared B (dynamic + static, less 1 KiB reserved) | CTAs/SM | inner trips |"
+        ),
+        "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        for kind, p in r["profiles"].items():
+            e = next(x for x in r["launches"] if x["kind"] == kind)
+            pe, t, res = e["per_element"], p["per_tile"], p["resources"]
+            tf32 = t["tensor_tf32_macs_per_cta"] / (t["tensor_macs_per_cta"] or 1)
+            shapes = ", ".join(f"{v:g} x {k}" for k, v in t["hmma"].items()) or "-"
+            lines.append(
+                f"| {r['case']['name']} | {kind} | {e['d_slices']} | {pe['issue_slots']:.2f} | "
+                f"{pe['mufu_ex2']:.3f} | {pe['tensor_macs']:.0f} ({100 * tf32:.0f} %) | "
+                f"{shapes} HMMA | {pe['shared_bytes']:.1f} | {pe['global_bytes']:.2f} | "
+                f"{res['registers']} | {res['local']} | {res['shared']} | {p['ctas_per_sm']} | "
+                f"{', '.join(f'{v}' for v in p['inner_trips'].values())} |"
+            )
+    lines += ["", "Where the issue slots of a tile go (per element, top 8 opcode families):", ""]
+    for r in results:
+        for kind, p in r["profiles"].items():
+            top = list(p["per_tile"]["opcodes"].items())[:8]
+            lines.append(f"- {r['case']['name']}, {kind}: " + ", ".join(
+                f"{op} {v * p['num_warps'] / 4096:.3f}" for op, v in top))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(r: dict) -> str:
+    """One printed line of a case's CUDA estimate."""
+    return (f"cuda {r['case']['name']}: estimated {r['estimate_ms']:.2f} ms, floor "
+            f"{r['floor_ms']:.2f} ms ({100 * r['share_of_floor']:.0f} %), "
+            f"binding {r['binding']}")  # fmt: skip
+
+
+def run(cases, out: Path | None = None, rates: Rates = H100) -> list[dict]:
+    """Estimate ``cases`` (``static_cost.StaticCase``); with ``out``, write
+    ``estimate-cuda<nvcc>.json`` and ``.md`` there."""
+    compiled = Compiled()
+    results = [estimate_case(c, compiled, rates) for c in cases]
+    if out is not None:
+        meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "nvcc": nvcc_version(), "arch": cuda_compile.ARCH,
+                "python": platform.python_version(), "kind": "static estimate, not a measurement",
+                "constants": compiled.consts, "rates": asdict(rates)}  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        tag = f"cuda-nvcc{meta['nvcc']}"
+        (out / f"estimate-{tag}.json").write_text(
+            json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
+        )
+        (out / f"estimate-{tag}.md").write_text(markdown(results, meta))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.static_cases import CASES
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cuda_cost",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser.add_argument("--out", type=Path, help="folder for estimate-cuda-*.json and .md")
+    parser.add_argument("--cases", help="comma-separated indices into CASES (default: all)")
+    args = parser.parse_args(argv)
+    picks = range(len(CASES)) if not args.cases else [int(x) for x in args.cases.split(",")]
+    for r in run([CASES[i] for i in picks], args.out):
+        print(summary_line(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

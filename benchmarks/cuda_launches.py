@@ -1,0 +1,128 @@
+"""The kernel launches the CUDA C++ backend makes for one problem, rebuilt offline.
+
+:func:`launch_plan` mirrors the host code of ``csrc/cuda/contrastive_kernels.cu``
+(``mimac_lse_forward`` / ``mimac_lse_backward`` and their ``forward_pass``,
+``backward_pass``, ``grid_for``), which ``csrc/cuda/binding.cpp`` calls once per
+forward and once per backward: which kernel template, in which order, with which
+grid and dynamic shared memory. The constants (``BM``, ``BN``, ``DO``, shared
+bytes) come from the source through ``cuda_compile.kernel_constants``. When the
+launchers change, this function is what to re-point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Bytes per element of the launcher's input dtypes.
+ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
+#: Critic ids of contrastive_kernels.h (cosine runs the dot kernel: unit rows).
+CRITICS = {"dot": 0, "cosine": 1, "log_dot": 2}
+KERNELS = {"fwd": "lse_forward_kernel", "bwd": "lse_backward_kernel"}
+
+
+@dataclass(frozen=True)
+class CudaLaunch:
+    """One kernel launch of the CUDA backend.
+
+    ``kind``: ``fwd`` (row log-sum-exps) or ``bwd`` (gradient rows of one operand);
+    ``dtype``/``critic``/``split``: the template arguments (``split``: the backward's
+    3xTF32 flag, ``None`` for the forward); ``rows``/``cols``: R and C of S for this
+    pass; ``side``: which rows the pass produces (``Z``, ``a`` or ``b``).
+    """
+
+    kind: str
+    dtype: str
+    critic: int
+    split: bool | None
+    grid: tuple[int, int, int]
+    smem: int
+    rows: int
+    cols: int
+    d: int
+    all_pairs: bool
+    side: str
+    consts: dict = field(repr=False, compare=False)
+
+    @property
+    def kernel(self) -> str:
+        return KERNELS[self.kind]
+
+    @property
+    def name(self) -> str:
+        split = "" if self.split is None else f", {str(self.split).lower()}"
+        return f"{self.kernel}<{self.dtype}, {self.critic}{split}>"
+
+    @property
+    def num_warps(self) -> int:
+        return self.consts["NT"] // 32
+
+    @property
+    def d_slices(self) -> int:
+        """Programs per row block: the backward's D slices of ``DO`` columns (grid.y)."""
+        return self.grid[1]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
+                critic: str = "dot", heads: int = 1, cols: int = 0) -> list[CudaLaunch]:  # fmt: skip
+    """The launches of one forward + backward, in order.
+
+    ``pairing``: ``all`` (NT-Xent: rows and columns are ``Z = [a; b]``, ``2n`` of them,
+    one pass each way), ``cross`` (CLIP: ``n`` x ``n``; the forward runs rows a,
+    then rows b for the column log-sum-exp, and the backward dA then dB) or ``rect``
+    (``mimac_rect_forward`` / ``mimac_rect_backward``: ``n`` rows x against ``cols``
+    columns y; one forward, then dX and dY, y's rows against x).
+    ``consts``: ``cuda_compile.kernel_constants()``.
+    """
+    if pairing not in ("all", "cross", "rect"):
+        raise ValueError(f"pairing must be 'all', 'cross' or 'rect', got {pairing!r}")
+    if pairing == "rect" and cols < 1:
+        raise ValueError(f"rect needs cols >= 1 columns, got cols={cols}")
+    if dtype not in ELEMENT:
+        raise ValueError(f"dtype must be one of {sorted(ELEMENT)}, got {dtype!r}")
+    if critic not in CRITICS:
+        raise ValueError(f"critic must be one of {sorted(CRITICS)}, got {critic!r}")
+    if n < 1 or d < 1 or not 1 <= heads <= 65535:
+        raise ValueError(f"n, d and heads must be positive (heads <= 65535), got "
+                         f"n={n}, d={d}, heads={heads}")  # fmt: skip
+    all_pairs = pairing == "all"
+    m = 2 * n if all_pairs else n
+    kernel_critic = CRITICS["log_dot"] if critic == "log_dot" else CRITICS["dot"]
+    if pairing == "rect":
+        return _rect_plan(n, cols, d, consts, dtype, kernel_critic, heads)
+    rows = _cdiv(m, consts["BM"])
+    common = {"dtype": dtype, "critic": kernel_critic, "rows": m, "cols": m, "d": d,
+              "all_pairs": all_pairs, "consts": consts}  # fmt: skip
+    sides = ("Z",) if all_pairs else ("a", "b")
+    fwd = [CudaLaunch("fwd", split=None, grid=(rows, 1, heads), smem=consts["fwd_smem"][dtype],
+                      side=s, **common) for s in sides]  # fmt: skip
+    slices = _cdiv(d, consts["DO"])
+    bwd = [CudaLaunch("bwd", split=ELEMENT[dtype] == 4, grid=(rows, slices, heads),
+                      smem=consts["bwd_smem"][dtype], side=s, **common)
+           for s in sides]  # fmt: skip
+    return fwd + bwd
+
+
+def _rect_plan(r: int, c: int, d: int, consts: dict, dtype: str, critic: int,
+               heads: int) -> list[CudaLaunch]:  # fmt: skip
+    common = {"dtype": dtype, "critic": critic, "d": d, "all_pairs": False, "consts": consts}
+    slices = _cdiv(d, consts["DO"])
+    split = ELEMENT[dtype] == 4
+    return [
+        CudaLaunch("fwd", split=None, grid=(_cdiv(r, consts["BM"]), 1, heads),
+                   smem=consts["fwd_smem"][dtype], rows=r, cols=c, side="x", **common),
+        CudaLaunch("bwd", split=split, grid=(_cdiv(r, consts["BM"]), slices, heads),
+                   smem=consts["bwd_smem"][dtype], rows=r, cols=c, side="x", **common),
+        CudaLaunch("bwd", split=split, grid=(_cdiv(c, consts["BM"]), slices, heads),
+                   smem=consts["bwd_smem"][dtype], rows=c, cols=r, side="y", **common),
+    ]  # fmt: skip
+
+
+def tiles_per_program(launch: CudaLaunch) -> list[int]:
+    """Column tiles each program walks, in launch order: every program of these kernels
+    sweeps all ``ceil(C / BN)`` column tiles (no triangle is skipped for ``all``)."""
+    gx, gy, gz = launch.grid
+    return [_cdiv(launch.cols, launch.consts["BN"])] * (gx * gy * gz)

@@ -1,0 +1,44 @@
+"""The headline cases of the static cost model (Triton and CUDA estimates alike).
+
+Kept apart from ``static_cost`` so that the CUDA model (``cuda_cost``) imports no
+Triton compiler: the cases are plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StaticCase:
+    """One headline case: pairing, rows of S per side, D, tau and the data's positive cosine.
+
+    ``rect``: one rank of the losses across ranks, ``rows`` local rows of ``Z = [a; b]``
+    against ``cols`` gathered columns, its self-pairs at ``col == row + offset``.
+    """
+
+    name: str
+    pairing: str
+    rows: int  # M for ``all`` (2N rows of Z), N for ``cross``, local rows for ``rect``
+    d: int
+    tau: float
+    positive_cos: float = 0.3
+    dtype: str = "bf16"
+    cols: int = 0  # rect: gathered columns
+    offset: int = 0  # rect: where this rank's own columns start
+
+    @property
+    def n(self) -> int:
+        return self.rows // 2 if self.pairing == "all" else self.rows
+
+
+CASES = (
+    StaticCase("NT-Xent M=65,536 D=128", "all", 65536, 128, 0.1),
+    StaticCase("NT-Xent M=65,536 D=512", "all", 65536, 512, 0.1),
+    StaticCase("CLIP N=65,536 D=128", "cross", 65536, 128, 0.1),
+    StaticCase("CLIP N=65,536 D=128, tau=0.01, positives ~0.3 cos", "cross", 65536, 128, 0.01),
+    # NT-Xent over 8 ranks of 4,096 pairs: the launches of one rank (the last, whose
+    # own columns close the gathered [a_0; b_0; ...; a_7; b_7]).
+    StaticCase("8 ranks: 8,192 local rows x 65,536 gathered columns D=128", "rect", 8192, 128,
+               0.1, cols=65536, offset=7 * 8192),
+)

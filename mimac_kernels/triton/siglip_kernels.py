@@ -127,8 +127,10 @@ def siglip_bwd_kernel(
         logit = t * s + bias
         pos = bcol[None, :] == arow[:, None] + offset
         zl = tl.where(pos, logit, -logit)
-        # d softplus(-z l) / dl = -z / (1 + exp(z l)): no cancellation at the positive.
-        w = tl.where(pos, -1.0, 1.0) / (1.0 + tl.exp(zl))
+        # d softplus(-z l) / dl = -z sigmoid(-z l), no cancellation at the positive;
+        # sigmoid(-u) from e = exp(-|u|) <= 1, which cannot overflow.
+        e = tl.exp(-tl.abs(zl))
+        w = tl.where(pos, -1.0, 1.0) * tl.where(zl >= 0, e, 1.0) / (1.0 + e)
         if G_ON_A:
             w = w * g_rows[:, None]
         else:

@@ -1,0 +1,186 @@
+"""Static cost model of the sigmoid loss's (SigLIP) Triton launches on an H100 SXM.
+
+An *estimate*, never a measurement, by the method of ``benchmarks.static_cost``: each
+launch the runtime makes (``mimac_kernels/triton/siglip_backend.py``: forward, row
+gradient, column gradient) is compiled for sm_90 with the JIT's specialisation, its
+hot loop (the loop over column tiles, holding the score GEMM's D loop) counted per
+tile from the SASS, each tile charged the largest of its issue, SFU, tensor, shared,
+L2 and atomic bounds (``sm90_rates.tile_bounds``), and the programs dealt to the SMs
+(``sm90_rates.makespan``); a launch lasts at least its compulsory DRAM traffic.
+The floor: ``8 N^2 D`` tensor FLOP (forward scores; backward scores, dX and dY) and
+``2 N^2`` exponentials (one per element and pass) at the H100 rates, overlapped.
+
+    python -m benchmarks.static_siglip [--n 65536 --d 768 --dtype bf16] [--json]
+"""
+
+from __future__ import annotations
+
+from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET before triton loads)
+
+# isort: split
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+
+from benchmarks import sass_counts
+from benchmarks.sm90_compile import Ptr, compile_kernel, resource_usage, sass
+from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan, tile_bounds
+from benchmarks.triton_launches import ELEMENT
+from mimac_kernels.triton.siglip_backend import SiglipTiles, tiles
+from mimac_kernels.triton.siglip_kernels import siglip_bwd_kernel, siglip_fwd_kernel
+
+#: The peer's figure the issue sets as the target: siglip-kernel at B = 65,536,
+#: D = 768, bf16, forward + backward (a measurement on an H100, not ours).
+PEER_MS = 48.8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class SiglipLaunch:
+    """One launch: the kernel, its JIT arguments, grid, warps, stages and the tiles."""
+
+    kind: str  # fwd, bwd_rows, bwd_cols
+    fn: object = field(repr=False)
+    args: dict = field(repr=False)
+    grid: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    tiles_per_program: int
+    #: Tensor-core MACs of one column tile (D padded to whole steps).
+    tile_macs: int
+    #: Compulsory DRAM bytes: inputs read once, outputs written once.
+    dram_bytes: int
+
+
+def launch_plan(n: int, d: int, dtype: str = "bf16", cfg: SiglipTiles | None = None,
+                heads: int = 1) -> list[SiglipLaunch]:  # fmt: skip
+    """The three launches of one forward + backward of an ``n x n`` problem, as
+    ``siglip_backend`` makes them (rows and columns both ``n``; offset 0)."""
+    if dtype not in ELEMENT:
+        raise ValueError(f"dtype must be one of {sorted(ELEMENT)}, got {dtype!r}")
+    cfg = cfg or tiles(d)
+    size = ELEMENT[dtype]
+    x, f32 = Ptr(dtype), Ptr("fp32")
+    prec = {"PREC": "ieee", "DOT_F32": False}
+    padded = cfg.block_d * _cdiv(d, cfg.block_d)
+    col_tiles = _cdiv(n, cfg.block_n)
+    fwd = SiglipLaunch(
+        "fwd", siglip_fwd_kernel,
+        {"X": x, "Y": x, "SCALE": f32, "BIAS": f32, "OUT": f32, "R": n, "C": n, "D": d,
+         "offset": 0, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
+         **prec},
+        (_cdiv(n, cfg.block_m), heads, 1), cfg.fwd_warps, cfg.fwd_stages, col_tiles,
+        cfg.block_m * cfg.block_n * padded, 2 * n * d * size + 4 * n,
+    )  # fmt: skip
+    slices = _cdiv(d, cfg.block_g)
+    plan = [fwd]
+    for kind, g_on_a in (("bwd_rows", True), ("bwd_cols", False)):
+        args = {"A": x, "B": x, "SCALE": f32, "BIAS": f32, "G": f32, "OUT": f32, "PART": f32,
+                "NA": n, "NB": n, "D": d, "offset": 0, "G_ON_A": g_on_a,
+                "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
+                "BLOCK_G": cfg.block_g, **prec}  # fmt: skip
+        plan.append(SiglipLaunch(
+            kind, siglip_bwd_kernel, args, (_cdiv(n, cfg.block_m), slices, heads),
+            cfg.bwd_warps, cfg.bwd_stages, col_tiles,
+            cfg.block_m * cfg.block_n * (padded + cfg.block_g),
+            2 * n * d * size + 4 * n * d + 4 * n,
+        ))  # fmt: skip
+    return plan
+
+
+def floor(n: int, d: int, rates: Rates = H100) -> dict:
+    """Physical floor of forward + backward: 8 N^2 D tensor FLOP, 2 N^2 exponentials."""
+    flops, exps = 8.0 * n * n * d, 2.0 * n * n
+    t_mm, t_exp = flops / rates.tensor_flops, exps / rates.exp_per_s
+    return {"flops": flops, "exps": exps, "seconds": max(t_mm, t_exp),
+            "bound": "tensor" if t_mm >= t_exp else "sfu"}  # fmt: skip
+
+
+def profile(launch: SiglipLaunch, d: int) -> dict:
+    """Compile ``launch`` for sm_90 and count its hot loop per column tile."""
+    compiled = compile_kernel(launch.fn, launch.args, launch.num_warps, launch.num_stages)
+    instrs = sass_counts.parse(sass(compiled))
+    trips = _cdiv(d, launch.args["BLOCK_D"])
+    best, best_macs = None, 0
+    for lp in sass_counts.find_loops(instrs):
+        counts = sass_counts.iteration_counts(instrs, lp, [trips] * len(lp.inner))
+        macs = counts.macs_per_cta(launch.num_warps)
+        if macs > best_macs:
+            best, best_macs = counts, macs
+    if best is None:
+        raise RuntimeError(f"{launch.kind}: no loop with tensor-core work in its SASS")
+    unroll = best_macs // launch.tile_macs
+    if unroll < 1:
+        raise RuntimeError(f"{launch.kind}: hot loop does {best_macs} MACs, less than a tile "
+                           f"({launch.tile_macs})")  # fmt: skip
+    per = best.to_dict(launch.num_warps)
+    per_tile = {k: (v / unroll if isinstance(v, int) else {s: c / unroll for s, c in v.items()})
+                for k, v in per.items()}  # fmt: skip
+    res = resource_usage(compiled)
+    return {"resources": res, "unroll": unroll,
+            "tensor_redundancy": best_macs / (unroll * launch.tile_macs),
+            "ctas_per_sm": ctas_per_sm(res["registers"], res["shared"], launch.num_warps),
+            "per_tile": per_tile}  # fmt: skip
+
+
+def estimate_launch(launch: SiglipLaunch, prof: dict, rates: Rates = H100) -> dict:
+    """Seconds of one launch and what bounds it (the row panels stay in L2: each program
+    sweeps the same column operand, ``2 N D`` bytes, 100 MB at the headline case, which
+    does not fit; the tiles' loads are charged at the L2 rate all the same, as
+    ``static_cost`` does for operands swept in step)."""
+    bounds = tile_bounds(prof["per_tile"], launch.num_warps, rates)
+    tile = max(bounds.values())
+    k = max(prof["ctas_per_sm"], 1)
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    span = makespan([launch.tiles_per_program * tile] * programs, rates.sms * k, k)
+    dram = launch.dram_bytes / rates.dram_bytes_per_s
+    return {"kind": launch.kind, "grid": list(launch.grid), "programs": programs,
+            "tile_us": {b: v * 1e6 for b, v in bounds.items()},
+            "binding": "dram" if dram > span else max(bounds, key=bounds.get),
+            "seconds": max(span, dram), "registers": prof["resources"]["registers"],
+            "spill_bytes": prof["resources"]["local"], "ctas_per_sm": prof["ctas_per_sm"],
+            "unroll": prof["unroll"], "tensor_redundancy": prof["tensor_redundancy"]}  # fmt: skip
+
+
+def estimate(n: int = 65536, d: int = 768, dtype: str = "bf16", rates: Rates = H100) -> dict:
+    """Forward + backward estimate of the sigmoid loss, per launch and in total."""
+    launches = [estimate_launch(lc, profile(lc, d), rates) for lc in launch_plan(n, d, dtype)]
+    total = sum(e["seconds"] for e in launches)
+    fl = floor(n, d, rates)
+    return {"n": n, "d": d, "dtype": dtype, "estimate_ms": total * 1e3,
+            "floor_ms": fl["seconds"] * 1e3, "floor": fl, "share_of_floor": fl["seconds"] / total,
+            "peer_ms": PEER_MS, "launches": launches}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.static_siglip",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser.add_argument("--n", type=int, default=65536)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(ELEMENT))
+    parser.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    args = parser.parse_args(argv)
+    r = estimate(args.n, args.d, args.dtype)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"SigLIP N={args.n} D={args.d} {args.dtype}: estimated {r['estimate_ms']:.1f} ms "
+          f"(static, not measured), floor {r['floor_ms']:.1f} ms "
+          f"({100 * r['share_of_floor']:.0f} %), siglip-kernel {PEER_MS} ms")  # fmt: skip
+    for e in r["launches"]:
+        t = ", ".join(f"{b} {v:.3f}" for b, v in e["tile_us"].items())
+        print(f"  {e['kind']}: grid {e['grid']}, {1e3 * e['seconds']:.2f} ms, binding "
+              f"{e['binding']}; per tile (us): {t}; regs {e['registers']}, spill "
+              f"{e['spill_bytes']} B, CTAs/SM {e['ctas_per_sm']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["PEER_MS", "SiglipLaunch", "asdict", "estimate", "floor", "launch_plan"]

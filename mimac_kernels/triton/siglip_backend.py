@@ -1,8 +1,8 @@
 """The sigmoid loss (SigLIP) on the ``triton`` backend: tiles, grids and launches.
 
 Contract: ``mimac_kernels.siglip_torch``. Kernels: ``siglip_kernels``. Three launches
-per forward + backward pair: the forward (row blocks), the row gradient (row blocks x
-slices of D) and the column gradient (column blocks x slices of D). Nothing is read
+per column panel in the backward (weights, row gradient, column gradient) after the
+forward's one (row blocks). Nothing is read
 back to the host: scale and bias are loaded by the kernels.
 """
 
@@ -16,32 +16,41 @@ from torch import Tensor
 
 from mimac_kernels.contract import kernel_dtype_refusal
 from mimac_kernels.triton import configs
-from mimac_kernels.triton.siglip_kernels import siglip_bwd_kernel, siglip_fwd_kernel
+from mimac_kernels.triton.siglip_kernels import (
+    siglip_fwd_kernel,
+    siglip_gemm_kernel,
+    siglip_weights_kernel,
+)
 
 
 @dataclass(frozen=True)
 class SiglipTiles:
-    """Tile sizes of the three launches (powers of two; ``block_d``, ``block_g`` >= 16).
+    """Tiles of the launches (powers of two; ``block_d``, ``gemm_*`` >= 16).
 
-    block_m, block_n: rows of the program's block and of the swept tile; block_d: the
-    feature step of the score GEMM; block_g: the slice of D one backward program holds.
+    block_m, block_n, block_d: rows, columns and feature step of the score tiles
+    (forward and weights); panel: columns whose weights the backward stores at once;
+    gemm_m, gemm_n, gemm_k: output rows, output features and reduction step of the
+    gradient GEMMs.
     """
 
-    block_m: int = 64
-    block_n: int = 64
+    block_m: int = 128
+    block_n: int = 256
     block_d: int = 64
-    block_g: int = 256
-    fwd_warps: int = 4
-    fwd_stages: int = 3
-    bwd_warps: int = 8
-    bwd_stages: int = 2
+    fwd_warps: int = 8
+    fwd_stages: int = 2
+    panel: int = 2048
+    gemm_m: int = 128
+    gemm_n: int = 256
+    gemm_k: int = 64
+    gemm_warps: int = 8
+    gemm_stages: int = 3
 
 
 def tiles(d: int) -> SiglipTiles:
-    """The tiles for feature width ``d``: the score step and the gradient slice no wider
-    than D rounded up to a power of two (at least 16, ``tl.dot``'s smallest)."""
+    """The tiles for feature width ``d``: the score step and the GEMMs' feature tile no
+    wider than D rounded up to a power of two (at least 16, ``tl.dot``'s smallest)."""
     width = max(16, triton.next_power_of_2(d))
-    return SiglipTiles(block_d=min(64, width), block_g=min(256, width))
+    return SiglipTiles(block_d=min(64, width), gemm_n=min(256, width))
 
 
 def _consts(dtype: torch.dtype) -> dict:
@@ -89,7 +98,12 @@ def forward(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, offset: int) -> T
 def backward(
     x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, g: Tensor, offset: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dy, dscale, dbias)``, float32 (``siglip_torch.backward``)."""
+    """``(dx, dy, dscale, dbias)``, float32 (``siglip_torch.backward``).
+
+    Column panels of ``cfg.panel`` columns, one after another: the panel's weights
+    (``(H, R, panel)`` in the inputs' dtype, the only buffer beyond the gradients), then
+    ``dx += t W y_panel`` and ``dy_panel = t W^T x``.
+    """
     _require(x)
     x, y = x.contiguous(), y.contiguous()
     h, r, d = x.shape
@@ -97,20 +111,32 @@ def backward(
     cfg = tiles(d)
     g = g.float().contiguous()
     t, b = scale.float().contiguous(), bias.float().contiguous()
-    dx = torch.empty(h, r, d, dtype=torch.float32, device=x.device)
+    dx = torch.zeros(h, r, d, dtype=torch.float32, device=x.device)
     dy = torch.empty(h, c, d, dtype=torch.float32, device=x.device)
-    part = torch.empty(2, h, r, dtype=torch.float32, device=x.device)
-    slices = triton.cdiv(d, cfg.block_g)
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                BLOCK_G=cfg.block_g, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages,
-                **_consts(x.dtype))  # fmt: skip
+    part = torch.zeros(2, h, r, dtype=torch.float32, device=x.device)
+    width = min(cfg.panel, c)
+    w = torch.empty(h, r, width, dtype=x.dtype, device=x.device)
+    consts = _consts(x.dtype)
+    gemm = dict(BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k,
+                num_warps=cfg.gemm_warps, num_stages=cfg.gemm_stages, **consts)  # fmt: skip
     with _guard(x):
-        siglip_bwd_kernel[(triton.cdiv(r, cfg.block_m), slices, h)](
-            x, y, t, b, g, dx, part, r, c, d, offset, G_ON_A=True, **meta
-        )
-        siglip_bwd_kernel[(triton.cdiv(c, cfg.block_m), slices, h)](
-            y, x, t, b, g, dy, part, c, r, d, -offset, G_ON_A=False, **meta
-        )
+        for c0 in range(0, c, width):
+            p = min(width, c - c0)
+            siglip_weights_kernel[(triton.cdiv(r, cfg.block_m), h)](
+                x, y, t, b, g, w, part, r, c, d, c0, width, offset,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **consts,
+            )  # fmt: skip
+            # dx (R x D) += t W (R x p) @ y[c0 : c0 + p] (p x D)
+            siglip_gemm_kernel[(triton.cdiv(r, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n), h)](
+                w, y[:, c0:], dx, t, r, d, p, r * width, width, 1, c * d, d, 1, r * d,
+                ACC=True, **gemm,
+            )  # fmt: skip
+            # dy[c0 : c0 + p] (p x D) = t W^T (p x R) @ x (R x D)
+            siglip_gemm_kernel[(triton.cdiv(p, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n), h)](
+                w, x, dy[:, c0:], t, p, d, r, r * width, 1, width, r * d, d, 1, c * d,
+                ACC=False, **gemm,
+            )  # fmt: skip
     # The per-row partials summed in float64, in a fixed order: deterministic.
     sums = part.double().sum(dim=(1, 2)).float()
     return dx, dy, sums[0], sums[1]

@@ -7,11 +7,13 @@ against the swept operand ``B``, ``s = a . b``, ``l = t s + bias``; the pair
 
 - ``siglip_fwd_kernel``: A = X, B = Y; each program stores its rows' sums of
   ``softplus(-z l)`` over every column (no atomics: deterministic).
-- ``siglip_bwd_kernel``: one slice of D of the gradient of the program's block,
-  ``t sum_b w_ab b[slice]``, ``w = -z g / (1 + exp(z l))``, the scores recomputed
-  over the whole of D. Launched twice: rows (A = X, g by A's rows, plus each row's
-  partials of dt = sum w s and db = sum w) and columns (A = Y, B = X, offset
-  negated, g by B's rows).
+- backward, per panel of P columns: ``siglip_weights_kernel`` writes the panel's
+  weights ``w_ij = -g_i z_ij / (1 + exp(z_ij l_ij))`` (``R x P``, the inputs' dtype)
+  and adds each row's partials of dt = sum w s and db = sum w; then
+  ``siglip_gemm_kernel`` twice: ``dX += t W Y_panel`` and ``dY_panel = t W^T X``.
+  The scores are computed once per element and the gradients are plain GEMMs over
+  the stored panel, tiled over D (a row block's whole gradient, 64 x 768 float32
+  at D = 768, does not fit one program's registers).
 """
 
 from __future__ import annotations
@@ -93,57 +95,82 @@ def siglip_fwd_kernel(
 
 
 @triton.jit
-def siglip_bwd_kernel(
-    A, B, SCALE, BIAS, G, OUT, PART, NA, NB, D, offset,
-    G_ON_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+def siglip_weights_kernel(
+    X, Y, SCALE, BIAS, G, W, PART, R, C, D, c0, P, offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(NA, BLOCK_M), cdiv(D, BLOCK_G), H)``: ``OUT[h, a, slice] =
-    t sum_b w_ab B[h, b, slice]`` (float32). ``G``: ``(H, rows of X)``, X being A when
-    ``G_ON_A`` else B. With ``G_ON_A`` the programs of slice 0 also store each row's
-    ``sum_b w_ab s_ab`` and ``sum_b w_ab`` into ``PART[0, h, a]`` and ``PART[1, h, a]``.
+    """Grid ``(cdiv(R, BLOCK_M), H)``: the weights of one panel of columns ``c0 .. c0 + P``,
+    ``W[h, i, j - c0] = -g_i z_ij / (1 + exp(z_ij l_ij))`` (W's dtype: the inputs'), and
+    each row's ``sum_j w s`` and ``sum_j w`` added to ``PART[0 or 1, h, i]`` (one program
+    per row block per launch, panels one launch after another: no races).
     """
     pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
-    arow = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    amask = arow < NA
-    A_h = A + h * NA * D
-    B_h = B + h * NB * D
+    h = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < R
+    X_h = X + h * R * D
+    Y_h = Y + h * C * D
+    W_h = W + h * R * P
     t = tl.load(SCALE)
     bias = tl.load(BIAS)
-    offs_g = sl * BLOCK_G + tl.arange(0, BLOCK_G)
-    gmask = offs_g < D
-    if G_ON_A:
-        g_rows = tl.load(G + h * NA + arow, mask=amask, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    g = tl.load(G + h * R + rows, mask=rmask, other=0.0)
     part_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     part_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for c0 in range(0, NB, BLOCK_N):
-        bcol = c0 + tl.arange(0, BLOCK_N)
-        bmask = bcol < NB
-        s = _scores(A_h, B_h, arow, amask, bcol, bmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
+    for j0 in range(0, P, BLOCK_N):
+        cols = c0 + j0 + tl.arange(0, BLOCK_N)
+        cmask = (cols < C) & (cols < c0 + P)
+        s = _scores(X_h, Y_h, rows, rmask, cols, cmask, D, BLOCK_M, BLOCK_N, BLOCK_D,
                     PREC, DOT_F32)  # fmt: skip
         logit = t * s + bias
-        pos = bcol[None, :] == arow[:, None] + offset
+        pos = cols[None, :] == rows[:, None] + offset
         zl = tl.where(pos, logit, -logit)
         # d softplus(-z l) / dl = -z sigmoid(-z l), no cancellation at the positive;
         # sigmoid(-u) from e = exp(-|u|) <= 1, which cannot overflow.
         e = tl.exp(-tl.abs(zl))
-        w = tl.where(pos, -1.0, 1.0) * tl.where(zl >= 0, e, 1.0) / (1.0 + e)
-        if G_ON_A:
-            w = w * g_rows[:, None]
-        else:
-            w = w * tl.load(G + h * NB + bcol, mask=bmask, other=0.0)[None, :]
-        w = tl.where(amask[:, None] & bmask[None, :], w, 0.0)
-        if G_ON_A:
-            part_t += tl.sum(w * s, axis=1)
-            part_b += tl.sum(w, axis=1)
-        b_slice = _load_rows(B_h, bcol, bmask, tl.arange(0, BLOCK_G), sl * BLOCK_G, D)
-        acc = _dot(w.to(b_slice.dtype), b_slice, acc, PREC, DOT_F32)
-    out_ptrs = OUT + h * NA * D + arow.to(tl.int64)[:, None] * D + offs_g[None, :]
-    tl.store(out_ptrs, t * acc, mask=amask[:, None] & gmask[None, :])
-    if G_ON_A:
-        first = amask & ((arow * 0 + sl) == 0)
-        tl.store(PART + h * NA + arow, part_t, mask=first)
-        tl.store(PART + (tl.num_programs(2) + h) * NA + arow, part_b, mask=first)
+        w = tl.where(pos, -1.0, 1.0) * tl.where(zl >= 0, e, 1.0) / (1.0 + e) * g[:, None]
+        valid = rmask[:, None] & cmask[None, :]
+        w = tl.where(valid, w, 0.0)
+        part_t += tl.sum(w * s, axis=1)
+        part_b += tl.sum(w, axis=1)
+        w_ptrs = W_h + rows.to(tl.int64)[:, None] * P + (cols - c0)[None, :]
+        tl.store(w_ptrs, w.to(W.dtype.element_ty), mask=valid)
+    pt = PART + h * R + rows
+    pb = PART + (tl.num_programs(1) + h) * R + rows
+    tl.store(pt, tl.load(pt, mask=rmask, other=0.0) + part_t, mask=rmask)
+    tl.store(pb, tl.load(pb, mask=rmask, other=0.0) + part_b, mask=rmask)
+
+
+@triton.jit
+def siglip_gemm_kernel(
+    A, B, OUT, SCALE, M, N, K, s_ah, s_am, s_ak, s_bh, s_bk, s_bn, s_oh,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), H)``: ``OUT[h] (+)= t A[h] @ B[h]``, OUT
+    float32 ``(M, N)`` rows of stride N per head (added to with ``ACC``). A and B by
+    strides: the weights or their transpose, then the columns or the rows."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask, nmask = rm < M, rn < N
+    A_h = A + h * s_ah + rm.to(tl.int64)[:, None] * s_am
+    B_h = B + h * s_bh + rn.to(tl.int64)[None, :] * s_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+        a = tl.load(A_h + kk.to(tl.int64)[None, :] * s_ak, mask=mmask[:, None] & kmask[None, :],
+                    other=0.0)  # fmt: skip
+        b = tl.load(B_h + kk.to(tl.int64)[:, None] * s_bk, mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)  # fmt: skip
+        acc = _dot(a, b, acc, PREC, DOT_F32)
+    out_ptrs = OUT + h * s_oh + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    out = tl.load(SCALE) * acc
+    if ACC:
+        out += tl.load(out_ptrs, mask=omask, other=0.0)
+    tl.store(out_ptrs, out, mask=omask)

@@ -130,12 +130,15 @@ def test_saturated_logits(backend):
     assert_matches_float64(name, x, y, 1000.0, -3.0, torch.float32)
 
 
-def test_triton_many_tiles_and_slices(monkeypatch):
-    """The smallest tiles: several row and column tiles, D cut into three slices."""
+def test_triton_many_tiles_and_panels(monkeypatch):
+    """The smallest tiles: several row and column tiles, two column panels and a ragged
+    third (a panel of 24 columns, not a whole number of 16-column tiles), GEMMs over
+    three feature tiles of D = 40."""
     _backend_or_skip("triton")
     from mimac_kernels.triton import siglip_backend
 
-    small = siglip_backend.SiglipTiles(block_m=16, block_n=16, block_d=16, block_g=16)
+    small = siglip_backend.SiglipTiles(block_m=16, block_n=16, block_d=16, panel=24, gemm_m=16,
+                                       gemm_n=16, gemm_k=16)  # fmt: skip
     monkeypatch.setattr(siglip_backend, "tiles", lambda d: small)
     x, y = _inputs((2, 37, 40), seed=6)
     assert_matches_float64("triton", x, y, 3.0, -1.0, torch.float32)

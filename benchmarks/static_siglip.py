@@ -4,7 +4,7 @@ An *estimate*, never a measurement, by the method of ``benchmarks.static_cost``:
 launch the runtime makes (``mimac_kernels/triton/siglip_backend.py``: forward, row
 gradient, column gradient) is compiled for sm_90 with the JIT's specialisation, its
 hot loop (the loop over column tiles, holding the score GEMM's D loop) counted per
-tile from the SASS, each tile charged the largest of its issue, SFU, tensor, shared,
+iteration from the SASS, each tile charged the largest of its issue, SFU, tensor, shared,
 L2 and atomic bounds (``sm90_rates.tile_bounds``), and the programs dealt to the SMs
 (``sm90_rates.makespan``); a launch lasts at least its compulsory DRAM traffic.
 The floor: ``8 N^2 D`` tensor FLOP (forward scores; backward scores, dX and dY) and
@@ -27,8 +27,12 @@ from benchmarks import sass_counts
 from benchmarks.sm90_compile import Ptr, compile_kernel, resource_usage, sass
 from benchmarks.sm90_rates import H100, Rates, ctas_per_sm, makespan, tile_bounds
 from benchmarks.triton_launches import ELEMENT
-from mimac_kernels.triton.siglip_backend import SiglipTiles, tiles
-from mimac_kernels.triton.siglip_kernels import siglip_bwd_kernel, siglip_fwd_kernel
+from mimac_kernels.triton.siglip_backend import SiglipTiles, column_splits, tiles
+from mimac_kernels.triton.siglip_kernels import (
+    siglip_fwd_kernel,
+    siglip_gemm_kernel,
+    siglip_weights_kernel,
+)
 
 #: The peer's figure the issue sets as the target: siglip-kernel at B = 65,536,
 #: D = 768, bf16, forward + backward (a measurement on an H100, not ours).
@@ -43,53 +47,78 @@ def _cdiv(a: int, b: int) -> int:
 class SiglipLaunch:
     """One launch: the kernel, its JIT arguments, grid, warps, stages and the tiles."""
 
-    kind: str  # fwd, bwd_rows, bwd_cols
+    kind: str  # fwd, weights, grad_x, grad_y
     fn: object = field(repr=False)
     args: dict = field(repr=False)
     grid: tuple[int, int, int]
     num_warps: int
     num_stages: int
+    #: Hot-loop iterations per program (column tiles; K steps of the GEMMs).
     tiles_per_program: int
-    #: Tensor-core MACs of one column tile (D padded to whole steps).
+    #: Tensor-core MACs of one iteration (D padded to whole steps for the scores).
     tile_macs: int
     #: Compulsory DRAM bytes: inputs read once, outputs written once.
     dram_bytes: int
+    #: Feature steps of the inner loop (the score GEMM's D loop; 1 for the GEMMs).
+    inner_trips: int = 1
+    #: Times the launch is made (once per column panel for the backward's launches).
+    repeat: int = 1
 
 
 def launch_plan(n: int, d: int, dtype: str = "bf16", cfg: SiglipTiles | None = None,
-                heads: int = 1) -> list[SiglipLaunch]:  # fmt: skip
-    """The three launches of one forward + backward of an ``n x n`` problem, as
-    ``siglip_backend`` makes them (rows and columns both ``n``; offset 0)."""
+                heads: int = 1, sms: int = H100.sms) -> list[SiglipLaunch]:  # fmt: skip
+    """The launches of one forward + backward of an ``n x n`` problem, as
+    ``siglip_backend`` makes them (offset 0; the backward's three once per panel, every
+    panel counted as a full one)."""
     if dtype not in ELEMENT:
         raise ValueError(f"dtype must be one of {sorted(ELEMENT)}, got {dtype!r}")
     cfg = cfg or tiles(d)
     size = ELEMENT[dtype]
     x, f32 = Ptr(dtype), Ptr("fp32")
     prec = {"PREC": "ieee", "DOT_F32": False}
-    padded = cfg.block_d * _cdiv(d, cfg.block_d)
-    col_tiles = _cdiv(n, cfg.block_n)
+    trips = _cdiv(d, cfg.block_d)
+    score_macs = cfg.block_m * cfg.block_n * cfg.block_d * trips
+    p = min(cfg.panel, n)
+    panels = _cdiv(n, p)
+    score_args = {"X": x, "Y": x, "SCALE": f32, "BIAS": f32, "R": n, "C": n, "D": d,
+                  "offset": 0, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                  "BLOCK_D": cfg.block_d, **prec}  # fmt: skip
     fwd = SiglipLaunch(
-        "fwd", siglip_fwd_kernel,
-        {"X": x, "Y": x, "SCALE": f32, "BIAS": f32, "OUT": f32, "R": n, "C": n, "D": d,
-         "offset": 0, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
-         **prec},
-        (_cdiv(n, cfg.block_m), heads, 1), cfg.fwd_warps, cfg.fwd_stages, col_tiles,
-        cfg.block_m * cfg.block_n * padded, 2 * n * d * size + 4 * n,
+        "fwd", siglip_fwd_kernel, {**score_args, "OUT": f32}, (_cdiv(n, cfg.block_m), heads, 1),
+        cfg.fwd_warps, cfg.fwd_stages, _cdiv(n, cfg.block_n), score_macs,
+        2 * n * d * size + 4 * n, trips,
     )  # fmt: skip
-    slices = _cdiv(d, cfg.block_g)
-    plan = [fwd]
-    for kind, g_on_a in (("bwd_rows", True), ("bwd_cols", False)):
-        args = {"A": x, "B": x, "SCALE": f32, "BIAS": f32, "G": f32, "OUT": f32, "PART": f32,
-                "NA": n, "NB": n, "D": d, "offset": 0, "G_ON_A": g_on_a,
-                "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
-                "BLOCK_G": cfg.block_g, **prec}  # fmt: skip
-        plan.append(SiglipLaunch(
-            kind, siglip_bwd_kernel, args, (_cdiv(n, cfg.block_m), slices, heads),
-            cfg.bwd_warps, cfg.bwd_stages, col_tiles,
-            cfg.block_m * cfg.block_n * (padded + cfg.block_g),
-            2 * n * d * size + 4 * n * d + 4 * n,
-        ))  # fmt: skip
-    return plan
+    weights = SiglipLaunch(
+        "weights", siglip_weights_kernel,
+        {**score_args, "G": f32, "W": x, "PART": f32, "c0": 0, "P": p},
+        (_cdiv(n, cfg.block_m), heads, 1), cfg.fwd_warps, cfg.fwd_stages, _cdiv(p, cfg.block_n),
+        score_macs, (n + p) * d * size + n * p * size + 12 * n, trips, panels,
+    )  # fmt: skip
+    gemm = {"SCALE": f32, "ACC": True, "BLOCK_M": cfg.gemm_m, "BLOCK_N": cfg.gemm_n,
+            "BLOCK_K": cfg.gemm_k, **prec}  # fmt: skip
+    gemm_macs = cfg.gemm_m * cfg.gemm_n * cfg.gemm_k
+    grad_x = SiglipLaunch(  # dx (n x d, float32, read and written) += W (n x p) @ y_panel
+        "grad_x", siglip_gemm_kernel,
+        {**gemm, "A": x, "B": x, "OUT": f32, "M": n, "N": d, "K": p, "s_ah": n * p, "s_am": p,
+         "s_ak": 1, "s_bh": n * d, "s_bk": d, "s_bn": 1, "s_oh": n * d, "SPLIT": 1, "k_step": n,
+         "s_os": 0},
+        (_cdiv(n, cfg.gemm_m), _cdiv(d, cfg.gemm_n), heads), cfg.gemm_warps, cfg.gemm_stages,
+        _cdiv(p, cfg.gemm_k), gemm_macs, n * p * size + p * d * size + 8 * n * d, 1, panels,
+    )  # fmt: skip
+    out_tiles = _cdiv(p, cfg.gemm_m) * _cdiv(d, cfg.gemm_n) * heads
+    split = column_splits(out_tiles, n, cfg, sms)
+    step = _cdiv(_cdiv(n, split), cfg.gemm_k) * cfg.gemm_k
+    grad_y = SiglipLaunch(  # dy_panel (p x d, float32) = W^T (p x n) @ x, in `split` ranges
+        "grad_y", siglip_gemm_kernel,
+        {**gemm, "ACC": False, "A": x, "B": x, "OUT": f32, "M": p, "N": d, "K": n,
+         "s_ah": n * p, "s_am": 1, "s_ak": p, "s_bh": n * d, "s_bk": d, "s_bn": 1,
+         "s_oh": p * d, "SPLIT": split, "k_step": step, "s_os": heads * p * d},
+        (_cdiv(p, cfg.gemm_m), _cdiv(d, cfg.gemm_n), heads * split), cfg.gemm_warps,
+        cfg.gemm_stages, step // cfg.gemm_k, gemm_macs,
+        # W and x read, the splits written, then read and the sum written (torch's sum)
+        n * p * size + n * d * size + (2 * split + 1) * 4 * p * d, 1, panels,
+    )  # fmt: skip
+    return [fwd, weights, grad_x, grad_y]
 
 
 def floor(n: int, d: int, rates: Rates = H100) -> dict:
@@ -100,14 +129,13 @@ def floor(n: int, d: int, rates: Rates = H100) -> dict:
             "bound": "tensor" if t_mm >= t_exp else "sfu"}  # fmt: skip
 
 
-def profile(launch: SiglipLaunch, d: int) -> dict:
+def profile(launch: SiglipLaunch) -> dict:
     """Compile ``launch`` for sm_90 and count its hot loop per column tile."""
     compiled = compile_kernel(launch.fn, launch.args, launch.num_warps, launch.num_stages)
     instrs = sass_counts.parse(sass(compiled))
-    trips = _cdiv(d, launch.args["BLOCK_D"])
     best, best_macs = None, 0
     for lp in sass_counts.find_loops(instrs):
-        counts = sass_counts.iteration_counts(instrs, lp, [trips] * len(lp.inner))
+        counts = sass_counts.iteration_counts(instrs, lp, [launch.inner_trips] * len(lp.inner))
         macs = counts.macs_per_cta(launch.num_warps)
         if macs > best_macs:
             best, best_macs = counts, macs
@@ -128,10 +156,9 @@ def profile(launch: SiglipLaunch, d: int) -> dict:
 
 
 def estimate_launch(launch: SiglipLaunch, prof: dict, rates: Rates = H100) -> dict:
-    """Seconds of one launch and what bounds it (the row panels stay in L2: each program
-    sweeps the same column operand, ``2 N D`` bytes, 100 MB at the headline case, which
-    does not fit; the tiles' loads are charged at the L2 rate all the same, as
-    ``static_cost`` does for operands swept in step)."""
+    """Seconds of one launch (times ``repeat``) and what bounds it. Every tile's loads are
+    charged at the L2 rate (programs that run together sweep the same operand in step,
+    as ``static_cost`` assumes), and the launch lasts at least its compulsory DRAM bytes."""
     bounds = tile_bounds(prof["per_tile"], launch.num_warps, rates)
     tile = max(bounds.values())
     k = max(prof["ctas_per_sm"], 1)
@@ -139,16 +166,16 @@ def estimate_launch(launch: SiglipLaunch, prof: dict, rates: Rates = H100) -> di
     span = makespan([launch.tiles_per_program * tile] * programs, rates.sms * k, k)
     dram = launch.dram_bytes / rates.dram_bytes_per_s
     return {"kind": launch.kind, "grid": list(launch.grid), "programs": programs,
-            "tile_us": {b: v * 1e6 for b, v in bounds.items()},
+            "repeat": launch.repeat, "tile_us": {b: v * 1e6 for b, v in bounds.items()},
             "binding": "dram" if dram > span else max(bounds, key=bounds.get),
-            "seconds": max(span, dram), "registers": prof["resources"]["registers"],
+            "seconds": max(span, dram) * launch.repeat, "registers": prof["resources"]["registers"],
             "spill_bytes": prof["resources"]["local"], "ctas_per_sm": prof["ctas_per_sm"],
             "unroll": prof["unroll"], "tensor_redundancy": prof["tensor_redundancy"]}  # fmt: skip
 
 
 def estimate(n: int = 65536, d: int = 768, dtype: str = "bf16", rates: Rates = H100) -> dict:
     """Forward + backward estimate of the sigmoid loss, per launch and in total."""
-    launches = [estimate_launch(lc, profile(lc, d), rates) for lc in launch_plan(n, d, dtype)]
+    launches = [estimate_launch(lc, profile(lc), rates) for lc in launch_plan(n, d, dtype)]
     total = sum(e["seconds"] for e in launches)
     fl = floor(n, d, rates)
     return {"n": n, "d": d, "dtype": dtype, "estimate_ms": total * 1e3,
@@ -173,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * r['share_of_floor']:.0f} %), siglip-kernel {PEER_MS} ms")  # fmt: skip
     for e in r["launches"]:
         t = ", ".join(f"{b} {v:.3f}" for b, v in e["tile_us"].items())
-        print(f"  {e['kind']}: grid {e['grid']}, {1e3 * e['seconds']:.2f} ms, binding "
+        print(f"  {e['kind']} x {e['repeat']}: grid {e['grid']}, {1e3 * e['seconds']:.2f} ms, binding "
               f"{e['binding']}; per tile (us): {t}; regs {e['registers']}, spill "
               f"{e['spill_bytes']} B, CTAs/SM {e['ctas_per_sm']}")  # fmt: skip
     return 0

@@ -30,7 +30,7 @@ class SiglipTiles:
     block_m, block_n, block_d: rows, columns and feature step of the score tiles
     (forward and weights); panel: columns whose weights the backward stores at once;
     gemm_m, gemm_n, gemm_k: output rows, output features and reduction step of the
-    gradient GEMMs.
+    gradient GEMMs; split: see ``column_splits``.
     """
 
     block_m: int = 128
@@ -44,6 +44,8 @@ class SiglipTiles:
     gemm_k: int = 64
     gemm_warps: int = 8
     gemm_stages: int = 3
+    #: Splits of the column gradient's reduction over rows (0: from the device's SMs).
+    split: int = 0
 
 
 def tiles(d: int) -> SiglipTiles:
@@ -51,6 +53,28 @@ def tiles(d: int) -> SiglipTiles:
     wider than D rounded up to a power of two (at least 16, ``tl.dot``'s smallest)."""
     width = max(16, triton.next_power_of_2(d))
     return SiglipTiles(block_d=min(64, width), gemm_n=min(256, width))
+
+
+#: Most splits of the column gradient's reduction (each writes a ``p x D`` float32 slab).
+MAX_SPLIT = 16
+
+
+def column_splits(tiles_out: int, k: int, cfg: SiglipTiles, sms: int) -> int:
+    """Splits of the column gradient's reduction (K = every row). A panel has few output
+    tiles (``tiles_out``: 16 x 3 at a 2,048-column panel and D = 768), fewer than the
+    ``sms`` SMs: the split with the shortest schedule, ``ceil(tiles x s / sms) / s`` waves
+    of whole-K programs, up to ``MAX_SPLIT`` and no range shorter than 8 reduction steps
+    (the smallest such s on a tie). ``cfg.split`` > 0 is taken as is."""
+    if cfg.split > 0:
+        return cfg.split
+    most = max(1, min(MAX_SPLIT, k // (8 * cfg.gemm_k)))
+    cost = [(-(-tiles_out * s // max(sms, 1)) / s, s) for s in range(1, most + 1)]
+    return min(cost)[1]
+
+
+def _sms(x: Tensor) -> int:
+    """Streaming multiprocessors of ``x``'s GPU (1 on the CPU: the interpreter)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
 
 
 def _consts(dtype: torch.dtype) -> dict:
@@ -130,13 +154,21 @@ def backward(
             # dx (R x D) += t W (R x p) @ y[c0 : c0 + p] (p x D)
             siglip_gemm_kernel[(triton.cdiv(r, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n), h)](
                 w, y[:, c0:], dx, t, r, d, p, r * width, width, 1, c * d, d, 1, r * d,
-                ACC=True, **gemm,
+                1, r, 0, ACC=True, **gemm,
             )  # fmt: skip
-            # dy[c0 : c0 + p] (p x D) = t W^T (p x R) @ x (R x D)
-            siglip_gemm_kernel[(triton.cdiv(p, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n), h)](
-                w, x, dy[:, c0:], t, p, d, r, r * width, 1, width, r * d, d, 1, c * d,
-                ACC=False, **gemm,
+            # dy[c0 : c0 + p] (p x D) = t W^T (p x R) @ x (R x D), the reduction over R in
+            # `split` ranges written apart and summed in order (deterministic).
+            col_tiles = triton.cdiv(p, cfg.gemm_m) * triton.cdiv(d, cfg.gemm_n) * h
+            split = column_splits(col_tiles, r, cfg, _sms(x))
+            step = triton.cdiv(triton.cdiv(r, split), cfg.gemm_k) * cfg.gemm_k
+            out = dy[:, c0:] if split == 1 else torch.empty(split, h, p, d, device=x.device)
+            siglip_gemm_kernel[(triton.cdiv(p, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n),
+                                h * split)](
+                w, x, out, t, p, d, r, r * width, 1, width, r * d, d, 1,
+                c * d if split == 1 else p * d, split, step, h * p * d, ACC=False, **gemm,
             )  # fmt: skip
+            if split > 1:
+                dy[:, c0 : c0 + p] = out.sum(0)
     # The per-row partials summed in float64, in a fixed order: deterministic.
     sums = part.double().sum(dim=(1, 2)).float()
     return dx, dy, sums[0], sums[1]

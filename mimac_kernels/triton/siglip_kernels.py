@@ -143,16 +143,21 @@ def siglip_weights_kernel(
 
 @triton.jit
 def siglip_gemm_kernel(
-    A, B, OUT, SCALE, M, N, K, s_ah, s_am, s_ak, s_bh, s_bk, s_bn, s_oh,
+    A, B, OUT, SCALE, M, N, K, s_ah, s_am, s_ak, s_bh, s_bk, s_bn, s_oh, SPLIT, k_step, s_os,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), H)``: ``OUT[h] (+)= t A[h] @ B[h]``, OUT
-    float32 ``(M, N)`` rows of stride N per head (added to with ``ACC``). A and B by
-    strides: the weights or their transpose, then the columns or the rows."""
+    """Grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), H * SPLIT)``: ``OUT[k, h] (+)= t A[h] @
+    B[h]`` over the k-th of SPLIT ranges of ``k_step`` (a multiple of BLOCK_K) along K;
+    OUT float32 ``(M, N)`` rows of stride N per head (``s_oh``) and split (``s_os``), added
+    to with ``ACC``. A and B by strides: the weights or their transpose, then the columns
+    or the rows. SPLIT > 1 keeps the SMs busy when M x N has few tiles (the column
+    gradient of a panel: K = every row); the caller sums the splits in order."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
+    h = (tl.program_id(2) // SPLIT).to(tl.int64)
+    k_lo = (tl.program_id(2) % SPLIT) * k_step
+    k_hi = tl.minimum(K, k_lo + k_step)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -160,15 +165,16 @@ def siglip_gemm_kernel(
     A_h = A + h * s_ah + rm.to(tl.int64)[:, None] * s_am
     B_h = B + h * s_bh + rn.to(tl.int64)[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
-        kmask = kk < K
+        kmask = kk < k_hi
         a = tl.load(A_h + kk.to(tl.int64)[None, :] * s_ak, mask=mmask[:, None] & kmask[None, :],
                     other=0.0)  # fmt: skip
         b = tl.load(B_h + kk.to(tl.int64)[:, None] * s_bk, mask=kmask[:, None] & nmask[None, :],
                     other=0.0)  # fmt: skip
         acc = _dot(a, b, acc, PREC, DOT_F32)
-    out_ptrs = OUT + h * s_oh + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    split = (tl.program_id(2) % SPLIT).to(tl.int64)
+    out_ptrs = OUT + split * s_os + h * s_oh + rm.to(tl.int64)[:, None] * N + rn[None, :]
     omask = mmask[:, None] & nmask[None, :]
     out = tl.load(SCALE) * acc
     if ACC:

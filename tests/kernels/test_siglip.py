@@ -133,16 +133,17 @@ def test_saturated_logits(backend):
 def test_triton_many_tiles_and_panels(monkeypatch):
     """The smallest tiles: several row and column tiles, two column panels and a ragged
     third (a panel of 24 columns, not a whole number of 16-column tiles), GEMMs over
-    three feature tiles of D = 40."""
+    three feature tiles of D = 40, the column gradient's reduction whole and split."""
     _backend_or_skip("triton")
     from mimac_kernels.triton import siglip_backend
 
-    small = siglip_backend.SiglipTiles(block_m=16, block_n=16, block_d=16, panel=24, gemm_m=16,
-                                       gemm_n=16, gemm_k=16)  # fmt: skip
-    monkeypatch.setattr(siglip_backend, "tiles", lambda d: small)
     x, y = _inputs((2, 37, 40), seed=6)
-    assert_matches_float64("triton", x, y, 3.0, -1.0, torch.float32)
-    assert_matches_float64("triton", x, y, 3.0, -1.0, torch.bfloat16)
+    for split in (1, 3):  # the column gradient's reduction whole, and in three ranges
+        small = siglip_backend.SiglipTiles(block_m=16, block_n=16, block_d=16, panel=24,
+                                           gemm_m=16, gemm_n=16, gemm_k=16, split=split)
+        monkeypatch.setattr(siglip_backend, "tiles", lambda d, cfg=small: cfg)
+        assert_matches_float64("triton", x, y, 3.0, -1.0, torch.float32)
+        assert_matches_float64("triton", x, y, 3.0, -1.0, torch.bfloat16)
 
 
 def test_cuda_refuses_with_reason():

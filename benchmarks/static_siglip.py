@@ -63,6 +63,15 @@ class SiglipLaunch:
     inner_trips: int = 1
     #: Times the launch is made (once per column panel for the backward's launches).
     repeat: int = 1
+    #: Iterations of each program in launch order where they differ (a split reduction's
+    #: last range is shorter); empty: every program runs ``tiles_per_program``.
+    program_tiles: tuple[int, ...] = ()
+
+    def tiles(self) -> list[int]:
+        """Hot-loop iterations of every program, in launch order (x fastest)."""
+        if self.program_tiles:
+            return list(self.program_tiles)
+        return [self.tiles_per_program] * (self.grid[0] * self.grid[1] * self.grid[2])
 
 
 def launch_plan(n: int, d: int, dtype: str = "bf16", cfg: SiglipTiles | None = None,
@@ -117,6 +126,8 @@ def launch_plan(n: int, d: int, dtype: str = "bf16", cfg: SiglipTiles | None = N
         cfg.gemm_stages, step // cfg.gemm_k, gemm_macs,
         # W and x read, the splits written, then read and the sum written (torch's sum)
         n * p * size + n * d * size + (2 * split + 1) * 4 * p * d, 1, panels,
+        tuple(_cdiv(max(0, min(step, n - k * step)), cfg.gemm_k)
+              for k in range(split) for _ in range(out_tiles)),
     )  # fmt: skip
     return [fwd, weights, grad_x, grad_y]
 
@@ -162,8 +173,9 @@ def estimate_launch(launch: SiglipLaunch, prof: dict, rates: Rates = H100) -> di
     bounds = tile_bounds(prof["per_tile"], launch.num_warps, rates)
     tile = max(bounds.values())
     k = max(prof["ctas_per_sm"], 1)
-    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    span = makespan([launch.tiles_per_program * tile] * programs, rates.sms * k, k)
+    per_program = launch.tiles()
+    programs = len(per_program)
+    span = makespan([n * tile for n in per_program], rates.sms * k, k)
     dram = launch.dram_bytes / rates.dram_bytes_per_s
     return {"kind": launch.kind, "grid": list(launch.grid), "programs": programs,
             "repeat": launch.repeat, "tile_us": {b: v * 1e6 for b, v in bounds.items()},

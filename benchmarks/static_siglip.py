@@ -109,7 +109,7 @@ def launch_plan(n: int, d: int, dtype: str = "bf16", cfg: SiglipTiles | None = N
     grad_x = SiglipLaunch(  # dx (n x d, float32, read and written) += W (n x p) @ y_panel
         "grad_x", siglip_gemm_kernel,
         {**gemm, "A": x, "B": x, "OUT": f32, "M": n, "N": d, "K": p, "s_ah": n * p, "s_am": p,
-         "s_ak": 1, "s_bh": n * d, "s_bk": d, "s_bn": 1, "s_oh": n * d, "SPLIT": 1, "k_step": n,
+         "s_ak": 1, "s_bh": n * d, "s_bk": d, "s_bn": 1, "s_oh": n * d, "SPLIT": 1, "k_step": p,
          "s_os": 0},
         (_cdiv(n, cfg.gemm_m), _cdiv(d, cfg.gemm_n), heads), cfg.gemm_warps, cfg.gemm_stages,
         _cdiv(p, cfg.gemm_k), gemm_macs, n * p * size + p * d * size + 8 * n * d, 1, panels,

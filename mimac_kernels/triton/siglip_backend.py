@@ -154,7 +154,7 @@ def backward(
             # dx (R x D) += t W (R x p) @ y[c0 : c0 + p] (p x D)
             siglip_gemm_kernel[(triton.cdiv(r, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n), h)](
                 w, y[:, c0:], dx, t, r, d, p, r * width, width, 1, c * d, d, 1, r * d,
-                1, r, 0, ACC=True, **gemm,
+                1, p, 0, ACC=True, **gemm,
             )  # fmt: skip
             # dy[c0 : c0 + p] (p x D) = t W^T (p x R) @ x (R x D), the reduction over R in
             # `split` ranges written apart and summed in order (deterministic).

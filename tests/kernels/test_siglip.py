@@ -146,6 +146,40 @@ def test_triton_many_tiles_and_panels(monkeypatch):
         assert_matches_float64("triton", x, y, 3.0, -1.0, torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0, 7, 40])
+def test_rectangular_columns_with_offset(backend, offset):
+    """The op as the ranks call it: 17 rows against 60 gathered columns, the positive of
+    row i at column i + offset (none for rows past the last column), every output and
+    gradient against the float64 formula."""
+    name = _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(12)
+    x = F.normalize(torch.randn(2, 17, 9, generator=g, dtype=torch.float64), dim=-1)
+    y = F.normalize(torch.randn(2, 60, 9, generator=g, dtype=torch.float64), dim=-1)
+    up = torch.rand(2, 17, generator=g, dtype=torch.float64)  # a non-uniform upstream
+    t, b = torch.tensor(6.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+
+    def rows(x, y, t, b, op=True):
+        if op:
+            return siglip.siglip_fwd(x, y, t, b, offset=offset, backend=name)
+        logits = t * (x @ y.transpose(1, 2)) + b
+        pos = torch.arange(60)[None, :] == torch.arange(17)[:, None] + offset
+        return -F.logsigmoid(torch.where(pos, logits, -logits)).sum(-1)
+
+    def weighted(op):
+        def fn(x, y, t, b):
+            return (rows(x, y, t, b, op) * up.to(x.dtype if op else torch.float64)).sum()
+        return fn
+
+    args = [v.to(DEVICE) for v in (x, y, t, b)]
+    got = _value_and_grads(weighted(True), *args, torch.float32)
+    ref = _value_and_grads(weighted(False), *args, torch.float64)
+    plain = _value_and_grads(weighted(False), *args, torch.float32)
+    for n, o, r, p in zip(NAMES, got, ref, plain, strict=True):
+        err, bound = max_abs_err(o, r), error_bound(max_abs_err(p, r), torch.float32, r)
+        assert err <= bound, f"{name} offset {offset} {n}: error {err:.3g} > bound {bound:.3g}"
+
+
 def test_cuda_refuses_with_reason():
     x = torch.randn(4, 3, device=DEVICE)
     with pytest.raises(BackendUnavailable, match="cuda.*no sigmoid-loss kernel"):
@@ -292,6 +326,13 @@ def _params():
             torch.tensor(-2.5, dtype=torch.float64, requires_grad=True))  # fmt: skip
 
 
+def _rank_backends() -> list[tuple[str, torch.dtype]]:
+    """The backends the ranks run (CPU tensors): torch in float64, cpu in float32, and
+    triton in float32 under the interpreter."""
+    out = [("torch", torch.float64), ("cpu", torch.float32)]
+    return out + ([("triton", torch.float32)] if triton_runs_here() else [])
+
+
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -301,7 +342,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             x, y = _global(world, heads)
             sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
             x, y = x[..., sl, :].clone().requires_grad_(), y[..., sl, :].clone().requires_grad_()
-            for backend, dtype in (("torch", torch.float64), ("cpu", torch.float32)):
+            for backend, dtype in _rank_backends():
                 xs = x.detach().to(dtype).requires_grad_()
                 ys = y.detach().to(dtype).requires_grad_()
                 t, b = _params()
@@ -333,7 +374,8 @@ def test_ranks_match_single_process_and_open_clip(world, tmp_path):
         t, b = _params()
         single = formula(x, y, t.exp(), b)
         ref = torch.autograd.grad(single, (x, y, t, b))
-        for backend, tol in (("torch", 1e-10), ("cpu", 2e-5)):
+        for backend, dtype in _rank_backends():
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
             key = (heads, backend)
             close = {"rtol": tol, "atol": tol, "check_dtype": False}
             values = torch.stack([r[key][0].double() for r in per_rank])

@@ -39,19 +39,21 @@ _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 def sigmoid_contrastive_loss(
-    x: Tensor,
-    y: Tensor,
+    image_features: Tensor,
+    text_features: Tensor,
     logit_scale: float | Tensor,
     logit_bias: float | Tensor,
     *,
     backend: str = "auto",
     group: object | None = None,
 ) -> Tensor:
-    """SigLIP's loss of rows ``x`` (images) against columns ``y`` (texts), fused.
+    """SigLIP's loss of rows ``x = image_features`` against columns ``y = text_features``,
+    fused.
 
     Args:
-        x, y: same shape, dtype (float16/bfloat16/float32; float64 on the torch
-            backend) and device. Used as given (open_clip normalises before the loss).
+        image_features, text_features: same shape, dtype (float16/bfloat16/float32;
+            float64 on the torch backend) and device. Used as given (open_clip
+            normalises before the loss).
         logit_scale: t, the multiplier of the scores (open_clip passes
             ``model.logit_scale.exp()``); a float or a 0-dim floating tensor, finite;
             a tensor may require grad.
@@ -66,14 +68,15 @@ def sigmoid_contrastive_loss(
             same shape and dtype.
 
     Shape:
-        x, y: ``(N, D)`` or ``(H, N, D)`` (H heads, averaged). Output: scalar, float32
-        (float64 for float64 inputs).
+        image_features, text_features: ``(N, D)`` or ``(H, N, D)`` (H heads, averaged).
+        Output: scalar, float32 (float64 for float64 inputs).
 
     Example:
         >>> x, y = torch.randn(8, 16), torch.randn(8, 16)
         >>> sigmoid_contrastive_loss(x, y, 10.0, -10.0).shape
         torch.Size([])
     """
+    x, y = image_features, text_features
     _check_inputs(x, y, backend)
     scale = _scalar(logit_scale, "logit_scale", x)
     bias = _scalar(logit_bias, "logit_bias", x)

@@ -195,6 +195,20 @@ def test_auto_picks_a_backend_and_float64_runs_on_torch():
         sigmoid_contrastive_loss(x, y, 2.0, -1.0, backend="cpu")
 
 
+def test_compiles_without_graph_breaks():
+    """``torch.compile(fullgraph=True)`` traces the op (fake implementations, no host reads)
+    and gives the eager value and gradients."""
+    loss = SigLipLoss(backend="torch")
+    compiled = torch.compile(lambda *a: loss(a[0], a[1], a[2].exp(), a[3]), fullgraph=True)
+    x, y = _inputs((10, 6), seed=13)
+    t, b = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    got = _value_and_grads(compiled, x, y, t, b, torch.float32)
+    want = _value_and_grads(lambda *a: loss(a[0], a[1], a[2].exp(), a[3]), x, y, t, b,
+                            torch.float32)  # fmt: skip
+    for n, o, w in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_op_passes_opcheck():
     x, y = _inputs((2, 6, 5), seed=8)
     x, y = x.float().requires_grad_(), y.float().requires_grad_()

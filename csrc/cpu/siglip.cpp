@@ -10,6 +10,8 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,11 +22,56 @@ namespace mimac_siglip {
 constexpr int64_t kRows = 16;  // rows per block: their dot products reuse each column in L1
 constexpr int64_t kCols = 64;  // columns per tile
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  float acc = 0.0f;
+// The two hot loops, compiled for AVX-512, AVX2 + FMA and the baseline and picked at
+// load time (GCC's function multiversioning), so one cached build runs on any x86-64.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MIMAC_SIGLIP_CLONES \
+  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define MIMAC_SIGLIP_CLONES
+#endif
+
+// s[i * kCols + j] = a_i . b_j for nr rows of a and nc rows of b (both of stride d); four
+// columns at a time share each load of a_i.
+MIMAC_SIGLIP_CLONES
+void dots_tile(const float* a, const float* b, int64_t d, int64_t nr, int64_t nc, float* s) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const float* ai = a + i * d;
+    int64_t j = 0;
+    for (; j + 4 <= nc; j += 4) {
+      const float *b0 = b + j * d, *b1 = b0 + d, *b2 = b1 + d, *b3 = b2 + d;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < d; ++k) {
+        s0 += ai[k] * b0[k];
+        s1 += ai[k] * b1[k];
+        s2 += ai[k] * b2[k];
+        s3 += ai[k] * b3[k];
+      }
+      s[i * kCols + j] = s0;
+      s[i * kCols + j + 1] = s1;
+      s[i * kCols + j + 2] = s2;
+      s[i * kCols + j + 3] = s3;
+    }
+    for (; j < nc; ++j) {
+      const float* bj = b + j * d;
+      float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < d; ++k) acc += a[k] * b[k];
-  return acc;
+      for (int64_t k = 0; k < d; ++k) acc += ai[k] * bj[k];
+      s[i * kCols + j] = acc;
+    }
+  }
+}
+
+// out[k] += sum_j w[j] b_j[k] over nc rows of b (stride d).
+MIMAC_SIGLIP_CLONES
+void weighted_rows(const float* w, const float* b, int64_t d, int64_t nc, float* out) {
+  for (int64_t j = 0; j < nc; ++j) {
+    const float wj = w[j];
+    const float* bj = b + j * d;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) out[k] += wj * bj[k];
+  }
 }
 
 inline float softplus(float u) { return std::max(u, 0.0f) + std::log1p(std::exp(-std::fabs(u))); }
@@ -40,8 +87,7 @@ void check(const torch::Tensor& x, const torch::Tensor& y) {
 // Scores of rows [r0, r1) of head h against columns [c0, c1): s[(i - r0) * kCols + (j - c0)].
 void scores(const float* x, const float* y, int64_t d, int64_t r0, int64_t r1, int64_t c0,
             int64_t c1, float* s) {
-  for (int64_t i = r0; i < r1; ++i)
-    for (int64_t j = c0; j < c1; ++j) s[(i - r0) * kCols + (j - c0)] = dot(x + i * d, y + j * d, d);
+  dots_tile(x + r0 * d, y + c0 * d, d, r1 - r0, c1 - c0, s);
 }
 
 torch::Tensor forward(torch::Tensor x, torch::Tensor y, double scale, double bias,
@@ -54,7 +100,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor y, double scale, double bia
   const float* yp = y.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t blocks = (r + kRows - 1) / kRows;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t task = 0; task < h * blocks; ++task) {
     const int64_t hh = task / blocks, r0 = (task % blocks) * kRows, r1 = std::min(r, r0 + kRows);
     const float* xh = xp + hh * r * d;
@@ -102,29 +148,28 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor y, double sca
   double* dbp = dtp + h * r;
 
   const int64_t row_blocks = (r + kRows - 1) / kRows;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t task = 0; task < h * row_blocks; ++task) {
     const int64_t hh = task / row_blocks, r0 = (task % row_blocks) * kRows;
     const int64_t r1 = std::min(r, r0 + kRows);
     const float* xh = xp + hh * r * d;
     const float* yh = yp + hh * c * d;
     std::vector<float> s(kRows * kCols);
+    float w_row[kCols];
     for (int64_t c0 = 0; c0 < c; c0 += kCols) {
       const int64_t c1 = std::min(c, c0 + kCols);
       scores(xh, yh, d, r0, r1, c0, c1, s.data());
       for (int64_t i = r0; i < r1; ++i) {
-        float* dxi = dxp + (hh * r + i) * d;
         const float gi = gp[hh * r + i];
         float st = 0.0f, sb = 0.0f;
         for (int64_t j = c0; j < c1; ++j) {
           const float sij = s[(i - r0) * kCols + (j - c0)];
           const float w = weight(t * sij + b, j == i + offset, gi);
+          w_row[j - c0] = w;
           st += w * sij;
           sb += w;
-          const float* yj = yh + j * d;
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) dxi[k] += w * yj[k];
         }
+        weighted_rows(w_row, yh + c0 * d, d, c1 - c0, dxp + (hh * r + i) * d);
         dtp[hh * r + i] += st;
         dbp[hh * r + i] += sb;
       }
@@ -132,25 +177,23 @@ std::vector<torch::Tensor> backward(torch::Tensor x, torch::Tensor y, double sca
   }
 
   const int64_t col_blocks = (c + kRows - 1) / kRows;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t task = 0; task < h * col_blocks; ++task) {
     const int64_t hh = task / col_blocks, c0 = (task % col_blocks) * kRows;
     const int64_t c1 = std::min(c, c0 + kRows);
     const float* xh = xp + hh * r * d;
     const float* yh = yp + hh * c * d;
     std::vector<float> s(kRows * kCols);  // s[(j - c0) * kCols + (i - i0)]: columns as rows
+    float w_row[kCols];
     for (int64_t i0 = 0; i0 < r; i0 += kCols) {
       const int64_t i1 = std::min(r, i0 + kCols);
       scores(yh, xh, d, c0, c1, i0, i1, s.data());
       for (int64_t j = c0; j < c1; ++j) {
-        float* dyj = dyp + (hh * c + j) * d;
         for (int64_t i = i0; i < i1; ++i) {
           const float sij = s[(j - c0) * kCols + (i - i0)];
-          const float w = weight(t * sij + b, j == i + offset, gp[hh * r + i]);
-          const float* xi = xh + i * d;
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) dyj[k] += w * xi[k];
+          w_row[i - i0] = weight(t * sij + b, j == i + offset, gp[hh * r + i]);
         }
+        weighted_rows(w_row, xh + i0 * d, d, i1 - i0, dyp + (hh * c + j) * d);
       }
     }
   }

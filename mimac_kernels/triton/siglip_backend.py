@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from mimac_kernels.contract import kernel_dtype_refusal
+from mimac_kernels.contract import MAX_GRID_HEADS, kernel_dtype_refusal
 from mimac_kernels.triton import configs
 from mimac_kernels.triton.siglip_kernels import (
     siglip_fwd_kernel,
@@ -159,7 +159,8 @@ def backward(
             # dy[c0 : c0 + p] (p x D) = t W^T (p x R) @ x (R x D), the reduction over R in
             # `split` ranges written apart and summed in order (deterministic).
             col_tiles = triton.cdiv(p, cfg.gemm_m) * triton.cdiv(d, cfg.gemm_n) * h
-            split = column_splits(col_tiles, r, cfg, _sms(x))
+            # heads x splits share one grid axis (at most 65,535)
+            split = min(column_splits(col_tiles, r, cfg, _sms(x)), max(1, MAX_GRID_HEADS // h))
             step = triton.cdiv(triton.cdiv(r, split), cfg.gemm_k) * cfg.gemm_k
             out = dy[:, c0:] if split == 1 else torch.empty(split, h, p, d, device=x.device)
             siglip_gemm_kernel[(triton.cdiv(p, cfg.gemm_m), triton.cdiv(d, cfg.gemm_n),

@@ -201,9 +201,7 @@ def _check_inputs(x: object, y: object, backend: object) -> None:
         if t.dim() not in (2, 3):
             raise ValueError(f"{name} must have shape (N, D) or (H, N, D), got {tuple(t.shape)}")
         if t.dtype not in DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.numel() == 0:
             raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
     assert isinstance(x, Tensor) and isinstance(y, Tensor)

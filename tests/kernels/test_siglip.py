@@ -140,7 +140,7 @@ def test_triton_many_tiles_and_panels(monkeypatch):
     x, y = _inputs((2, 37, 40), seed=6)
     for split in (1, 3):  # the column gradient's reduction whole, and in three ranges
         small = siglip_backend.SiglipTiles(block_m=16, block_n=16, block_d=16, panel=24,
-                                           gemm_m=16, gemm_n=16, gemm_k=16, split=split)
+                                           gemm_m=16, gemm_n=16, gemm_k=16, split=split)  # fmt: skip
         monkeypatch.setattr(siglip_backend, "tiles", lambda d, cfg=small: cfg)
         assert_matches_float64("triton", x, y, 3.0, -1.0, torch.float32)
         assert_matches_float64("triton", x, y, 3.0, -1.0, torch.bfloat16)
@@ -169,6 +169,7 @@ def test_rectangular_columns_with_offset(backend, offset):
     def weighted(op):
         def fn(x, y, t, b):
             return (rows(x, y, t, b, op) * up.to(x.dtype if op else torch.float64)).sum()
+
         return fn
 
     args = [v.to(DEVICE) for v in (x, y, t, b)]

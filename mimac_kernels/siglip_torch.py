@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 #: Score elements per block (rows x columns x heads), about 16 MiB of float32 per buffer.
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

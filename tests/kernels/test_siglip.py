@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mimac_kernels import BackendUnavailable, SigLipLoss, siglip, sigmoid_contrastive_loss
+from mimac_kernels.demo import peak_rss_mb
 from tests.kernels.accuracy import HALF_DTYPES, error_bound, max_abs_err, weight_eps
 from tests.ranks import run_ranks
 
@@ -216,6 +217,42 @@ def test_op_passes_opcheck():
     t = torch.tensor(2.0, requires_grad=True)
     b = torch.tensor(-1.0, requires_grad=True)
     torch.library.opcheck(siglip.siglip_fwd, (x, y, t, b), {"offset": 0, "backend": "torch"})
+
+
+def _memory_probe(n: int, backend: str | None) -> str:
+    """Source of a probe: ``(n, 128)`` inputs and, for a backend (None: the plain
+    full-matrix loss in float32), one forward + backward of the sigmoid loss."""
+    code = (
+        "import torch, torch.nn.functional as F, mimac_kernels\n"
+        "torch.set_num_threads(1)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        f"a = torch.randn({n}, 128, generator=g).requires_grad_()\n"
+        f"b = torch.randn({n}, 128, generator=g).requires_grad_()\n"
+        "x = (a.sum() + b.sum()).item()\n"
+    )
+    if backend is None:
+        call = f"-F.logsigmoid((2 * torch.eye({n}) - 1) * (10.0 * a @ b.T - 10.0)).sum() / {n}"
+    else:
+        call = f"mimac_kernels.sigmoid_contrastive_loss(a, b, 10.0, -10.0, backend={backend!r})"
+    return code + f"loss = {call}\nloss.backward()\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
+def test_memory_grows_with_n_not_n_squared():
+    """Peak RSS of forward + backward at N = 8,192, D = 128 in fresh processes: above the
+    same call at N = 256 (the first call's fixed cost: libraries, the extension, autograd),
+    the fused loss (torch and cpu backends) takes under a tenth of what the plain loss's
+    N x N matrices take."""
+
+    def extra(n: int, backend: str | None) -> float:
+        code = _memory_probe(n, backend)
+        return peak_rss_mb(code) - peak_rss_mb(code[: code.index("loss =")])
+
+    plain = extra(8192, None)
+    assert plain > 1000, "the plain loss must hold several N x N float32 matrices"
+    for backend in ("torch", "cpu"):
+        fixed, fused = extra(256, backend), extra(8192, backend)
+        assert fused - max(fixed, 0.0) < 0.10 * plain, (backend, fused, fixed, plain)
 
 
 # --- bad input --------------------------------------------------------------------------

@@ -1,22 +1,26 @@
 """mimac_kernels: fused contrastive losses (NT-Xent, InfoNCE/CLIP) that never store N x N.
 
 Public API: ``fused_contrastive_loss``, the drop-in modules ``NTXentLoss``,
-``ClipLoss``, ``ProbabilityContrastLoss``, ``available_backends``, and
+``ClipLoss``, ``ProbabilityContrastLoss``, ``SigLipLoss`` (with
+``sigmoid_contrastive_loss``), ``available_backends``, and
 ``reference_contrastive_loss`` (the full-matrix formula, float64 by default).
 """
 
 from mimac_kernels.dispatch import BackendUnavailable, available_backends
 from mimac_kernels.functional import fused_contrastive_loss
-from mimac_kernels.modules import ClipLoss, NTXentLoss, ProbabilityContrastLoss
+from mimac_kernels.modules import ClipLoss, NTXentLoss, ProbabilityContrastLoss, SigLipLoss
 from mimac_kernels.reference import reference_contrastive_loss
+from mimac_kernels.siglip import sigmoid_contrastive_loss
 
 __all__ = [
     "BackendUnavailable",
     "ClipLoss",
     "NTXentLoss",
     "ProbabilityContrastLoss",
+    "SigLipLoss",
     "available_backends",
     "fused_contrastive_loss",
     "reference_contrastive_loss",
+    "sigmoid_contrastive_loss",
 ]
 __version__ = "0.1.0"

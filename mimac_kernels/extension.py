@@ -84,7 +84,7 @@ def cpu_spec(csrc: Path = CSRC) -> ExtensionSpec:
         kind="cpu",
         name="mimac_kernels_cpu",
         source_dir=src,
-        sources=(src / "contrastive.cpp",),
+        sources=(src / "contrastive.cpp", src / "siglip.cpp"),
         cflags=("-O3", "-ffp-contract=fast", *omp),
         ldflags=omp,
     )

@@ -11,6 +11,7 @@ from mimac_kernels.functional import (
     contrastive_loss_with_scale,
     fused_contrastive_loss,
 )
+from mimac_kernels.siglip import sigmoid_contrastive_loss
 
 
 class _AllPairsLoss(nn.Module):
@@ -110,3 +111,38 @@ class ProbabilityContrastLoss(_AllPairsLoss):
 
     def forward(self, p1: Tensor, p2: Tensor) -> Tensor:
         return self._loss(p1, p2)
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss``: the sigmoid loss, fused (docs/losses.md).
+
+    ``-(1/N) sum_ij log sigmoid(z_ij (t x_i . y_j + b))``, ``z_ii = +1``, ``-1`` elsewhere.
+    ``logit_scale`` t (open_clip passes ``model.logit_scale.exp()``) and ``logit_bias``
+    b are floats or 0-dim tensors and receive their exact gradients. With a process
+    ``group``, open_clip's multi-rank loss (its ``rank``/``world_size``): local images
+    against own texts with labels and every other rank's texts as negatives, the
+    texts gathered with gradient (``sigmoid_contrastive_loss``).
+
+    Shape:
+        image_features, text_features: ``(N, D)`` (or ``(H, N, D)``). Output: scalar, or
+        ``{"contrastive_loss": scalar}`` with ``output_dict=True``.
+    """
+
+    def __init__(self, backend: str = "auto", group: Any = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.group = group
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: float | Tensor,
+        logit_bias: float | Tensor,
+        output_dict: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        loss = sigmoid_contrastive_loss(
+            image_features, text_features, logit_scale, logit_bias, backend=self.backend,
+            group=self.group,
+        )
+        return {"contrastive_loss": loss} if output_dict else loss

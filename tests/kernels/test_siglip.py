@@ -199,16 +199,22 @@ def test_auto_picks_a_backend_and_float64_runs_on_torch():
 
 def test_compiles_without_graph_breaks():
     """``torch.compile(fullgraph=True)`` traces the op (fake implementations, no host reads)
-    and gives the eager value and gradients."""
+    and gives the value and gradients within the accuracy rule (inductor's fused code
+    rounds differently from eager, and differently on AVX2 and AVX-512)."""
     loss = SigLipLoss(backend="torch")
-    compiled = torch.compile(lambda *a: loss(a[0], a[1], a[2].exp(), a[3]), fullgraph=True)
+
+    def eager(*a):
+        return loss(a[0], a[1], a[2].exp(), a[3])
+
+    compiled = torch.compile(eager, fullgraph=True)
     x, y = _inputs((10, 6), seed=13)
     t, b = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
     got = _value_and_grads(compiled, x, y, t, b, torch.float32)
-    want = _value_and_grads(lambda *a: loss(a[0], a[1], a[2].exp(), a[3]), x, y, t, b,
-                            torch.float32)  # fmt: skip
-    for n, o, w in zip(NAMES, got, want, strict=True):
-        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-6, msg=n)
+    ref = _value_and_grads(eager, x, y, t, b, torch.float64)
+    plain = _value_and_grads(eager, x, y, t, b, torch.float32)
+    for n, o, r, p in zip(NAMES, got, ref, plain, strict=True):
+        bound = error_bound(max_abs_err(p, r), torch.float32, r)
+        assert max_abs_err(o, r) <= bound, f"{n}: {max_abs_err(o, r):.3g} > {bound:.3g}"
 
 
 def test_op_passes_opcheck():
@@ -427,18 +433,25 @@ def test_ranks_match_single_process_and_open_clip(world, tmp_path):
         single = formula(x, y, t.exp(), b)
         ref = torch.autograd.grad(single, (x, y, t, b))
         for backend, dtype in _rank_backends():
-            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            # The accuracy rule: plain PyTorch's error on the global problem in ``dtype``
+            # sets each quantity's bound (rank gradients are ``world`` times the global).
+            xp, yp = x.detach().to(dtype).requires_grad_(), y.detach().to(dtype).requires_grad_()
+            tp, bp = (v.detach().to(dtype).requires_grad_() for v in _params())
+            plain_value = formula(xp, yp, tp.exp(), bp)
+            plain = [plain_value, *torch.autograd.grad(plain_value, (xp, yp, tp, bp))]
+            want = [single.detach(), *ref]
+            bound = [error_bound(max_abs_err(p, r), dtype, r) for p, r in zip(plain, want)]
             key = (heads, backend)
-            close = {"rtol": tol, "atol": tol, "check_dtype": False}
             values = torch.stack([r[key][0].double() for r in per_rank])
-            torch.testing.assert_close(values.mean(), single.detach(), **close, msg=str(key))
+            assert max_abs_err(values.mean(), single) <= bound[0], f"{key} loss"
             for rank, r in enumerate(per_rank):
                 sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-                torch.testing.assert_close(r[key][1].double(), world * ref[0][..., sl, :], **close)
-                torch.testing.assert_close(r[key][2].double(), world * ref[1][..., sl, :], **close)
+                for i in (1, 2):
+                    err = max_abs_err(r[key][i], world * ref[i - 1][..., sl, :])
+                    assert err <= world * bound[i], f"{key} rank {rank} {NAMES[i]}: {err:.3g}"
             for i in (3, 4):  # DDP averages the ranks' scale and bias gradients
                 mean = torch.stack([r[key][i].double() for r in per_rank]).mean()
-                torch.testing.assert_close(mean, ref[i - 1], **close, msg=f"{key} {NAMES[i]}")
+                assert max_abs_err(mean, ref[i - 1]) <= bound[i], f"{key} {NAMES[i]}"
     if importlib.util.find_spec("open_clip") is None:
         if os.environ.get("CI"):
             pytest.fail("open_clip is not installed (CI installs open_clip_torch --no-deps)")

@@ -17,9 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mimac_kernels import dispatch, labels_torch
+from mimac_kernels import dispatch, distributed, labels_torch
 from mimac_kernels.distributed import _RectLoss
-from mimac_kernels.functional import _check, _inverse_temperature, _normalize, _wide_dtype
+from mimac_kernels.functional import (
+    _check,
+    _check_group,
+    _inverse_temperature,
+    _normalize,
+    _wide_dtype,
+)
 from mimac_kernels.options import DEFAULT_EPS
 
 #: Critics whose score is linear in the columns, so the positives' sum factors.
@@ -45,6 +51,7 @@ def supervised_contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     eps: float = DEFAULT_EPS,
+    group: object | None = None,
 ) -> Tensor:
     """SupCon: ``l_i = -(1/|P(i)|) sum_{p in P(i)} log(e^{S_ip} / sum_{k != i} e^{S_ik})``,
     ``P(i)`` the other rows with row i's label, ``S = s / tau``.
@@ -64,6 +71,13 @@ def supervised_contrastive_loss(
         backend: ``"auto"`` or a name, as ``fused_contrastive_loss`` takes it (every
             backend with rectangular kernels).
         eps: clamp of the norms (cosine), as ``fused_contrastive_loss``.
+        group: a ``torch.distributed`` process group: this rank's rows are anchors
+            against every rank's rows and labels (gathered; the rows with gradient).
+            ``mean``: this rank's anchors' sum times ``world_size`` over the number of
+            anchors with a positive on all ranks, so the ranks' mean is the
+            single-process loss and input gradients are ``world_size x`` the
+            single-process ones (``fused_contrastive_loss``'s convention); ``sum`` and
+            ``none``: this rank's anchors. Every rank passes the same N, H, D, dtype.
 
     Shape:
         embeddings: ``(N, D)`` or ``(H, N, D)`` (heads share the labels); labels: ``(N,)``.
@@ -78,18 +92,27 @@ def supervised_contrastive_loss(
     z, squeeze = _prepare(embeddings, labels, critic, reduction, backend, eps)
     inv_tau = _inverse_temperature(temperature, embeddings)
     acc = inv_tau.dtype
-    _, ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    columns, labels_all, offset, world = z, labels, 0, 1
+    if group is not None:
+        _check_group(group)
+        distributed.check_equal_inputs(z, group)
+        columns, labels_all = distributed.gather_with_grad(z, group), gather_labels(labels, group)
+        world = torch.distributed.get_world_size(group)
+        offset = torch.distributed.get_rank(group) * z.shape[1]
+    _, ids_all, counts = torch.unique(labels_all, return_inverse=True, return_counts=True)
+    ids = ids_all[offset : offset + z.shape[1]]  # this rank's anchors
     n_pos = (counts[ids] - 1).to(acc)  # |P(i)|, (N,)
     has_pos = n_pos > 0
     # sum_{p in P(i)} z_i . z_p = z_i . (c_{label_i} - z_i): the difference before the dot
     # (one rounding of c for a single positive), the sums in float64 where there is one.
-    wide = z.to(_wide_dtype(z))
-    class_sums = wide.new_zeros(z.shape[0], counts.numel(), z.shape[2]).index_add_(1, ids, wide)
+    wide, wide_cols = z.to(_wide_dtype(z)), columns.to(_wide_dtype(z))
+    class_sums = wide_cols.new_zeros(z.shape[0], counts.numel(), z.shape[2])
+    class_sums = class_sums.index_add(1, ids_all, wide_cols)
     pos_sum = (wide * (class_sums[:, ids] - wide)).sum(-1)  # (H, N)
     pos_mean = (pos_sum / n_pos.clamp_min(1).to(pos_sum.dtype)).to(acc)
-    # Row i against every column but itself (offset 0); the positive mean is the centre
-    # of the temperature sum, so its gradient is summed element by element.
-    rows = _RectLoss.apply(z, z, inv_tau, pos_mean, critic, eps, 0, backend)
+    # Row i against every column but itself (``offset``: this rank's own columns); the
+    # positive mean is the centre of the temperature sum, summed element by element.
+    rows = _RectLoss.apply(z, columns, inv_tau, pos_mean, critic, eps, offset, backend)
     per_anchor = torch.where(has_pos, rows, torch.zeros_like(rows))
     if squeeze:
         per_anchor = per_anchor.squeeze(0)
@@ -97,8 +120,19 @@ def supervised_contrastive_loss(
         return per_anchor
     if reduction == "sum":
         return per_anchor.sum()
-    anchors = has_pos.sum().clamp_min(1) * z.shape[0]  # no anchor: 0 / 1, a documented 0
-    return per_anchor.sum() / anchors.to(acc)
+    # Anchors with a positive, on every rank (no anchor: 0 / 1, a documented 0).
+    anchors = (counts[ids_all] > 1).sum().clamp_min(1) * z.shape[0]
+    return per_anchor.sum() * world / anchors.to(acc)
+
+
+def gather_labels(labels: Tensor, group: object) -> Tensor:
+    """Every rank's ``labels`` ``(N,)`` concatenated in rank order, ``(world_size * N,)``
+    (same N on every rank: ``distributed.check_equal_inputs``)."""
+    world = torch.distributed.get_world_size(group)
+    mine = labels.to(torch.int64).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(parts, mine, group=group)
+    return torch.cat(parts)
 
 
 def supervised_ntxent_loss(

@@ -12,7 +12,11 @@ from mimac_kernels.functional import (
     contrastive_loss_with_scale,
     fused_contrastive_loss,
 )
-from mimac_kernels.labels import supervised_contrastive_loss, supervised_ntxent_loss
+from mimac_kernels.labels import (
+    gather_labels,
+    supervised_contrastive_loss,
+    supervised_ntxent_loss,
+)
 from mimac_kernels.siglip import sigmoid_contrastive_loss
 
 
@@ -96,26 +100,33 @@ class SupConLoss(nn.Module):
     Args:
         temperature: ``tau``, a float > 0.
         backend: passed to ``supervised_contrastive_loss``.
+        group: a process group: this rank's anchors against every rank's rows
+            (``supervised_contrastive_loss``'s convention: the ranks' mean is the
+            single-process loss).
 
     Shape:
-        embeddings: ``(N, D)`` (or ``(H, N, D)``), labels: ``(N,)`` integer. Output: scalar.
+        embeddings: ``(N, D)`` (or ``(H, N, D)``), labels: ``(N,)`` integer (this rank's).
+        Output: scalar.
 
     Example:
         >>> loss = SupConLoss(0.1)(torch.randn(8, 32), torch.tensor([0, 1, 2, 0, 1, 2, 3, 3]))
     """
 
-    def __init__(self, temperature: float = 0.1, backend: str = "auto") -> None:
+    def __init__(self, temperature: float = 0.1, backend: str = "auto", group: Any = None) -> None:
         super().__init__()
         self.temperature = check_positive_number(temperature, "temperature")
         self.backend = backend
+        self.group = group
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         loss = supervised_contrastive_loss(
-            embeddings, labels, temperature=self.temperature, backend=self.backend
+            embeddings, labels, temperature=self.temperature, backend=self.backend,
+            group=self.group,
         )
         # PML computes nothing without a negative pair (one label in the batch): its 0,
         # selected on the device (no host read), with a zero gradient.
-        has_negative = (labels != labels[0]).any()
+        every = labels if self.group is None else gather_labels(labels, self.group)
+        has_negative = (every != every[0]).any()
         return torch.where(has_negative, loss, torch.zeros_like(loss))
 
 

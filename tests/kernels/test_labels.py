@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mimac_kernels import (
@@ -22,6 +23,7 @@ from mimac_kernels import (
     torch_backend,
 )
 from tests.kernels.accuracy import assert_within_bound
+from tests.ranks import run_ranks
 
 # --- the formulas, dense and written out (float64 as the oracle, float32 as "plain") ---
 
@@ -338,3 +340,77 @@ def test_modules_refuse_bad_calls():
         NTXentLoss()(z)
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         SupConLoss()(z, labels.float())
+
+
+# --- across ranks -----------------------------------------------------------------------
+
+N_LOCAL = 7
+
+
+def _rank_backends() -> list[tuple[str, torch.dtype]]:
+    """torch in float64 and cpu in float32 (the ranks run CPU tensors)."""
+    return [("torch", torch.float64), ("cpu", torch.float32)]
+
+
+def _global_case(world: int, heads: int | None):
+    shape = (world * N_LOCAL, 5) if heads is None else (heads, world * N_LOCAL, 5)
+    z, labels = _case(shape, 3, seed=20 + world)
+    return z.double(), labels
+
+
+def _supcon_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        for heads in (None, 2):
+            z, labels = _global_case(world, heads)
+            for backend, dtype in _rank_backends():
+                x = z[..., sl, :].to(dtype).requires_grad_()
+                t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+                loss = supervised_contrastive_loss(x, labels[sl], temperature=t,
+                                                   backend=backend, group=dist.group.WORLD)
+                module = SupConLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
+                results[(heads, backend)] = [loss.detach(), *torch.autograd.grad(loss, (x, t)),
+                                             module.detach()]  # fmt: skip
+        # One label per rank: each rank alone has no negative, the batch has.
+        split = torch.full((N_LOCAL,), rank)
+        x = _global_case(world, None)[0][sl]
+        results["split"] = SupConLoss(0.2, backend="torch", group=dist.group.WORLD)(x, split)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_supcon_ranks_match_single_process(tmp_path):
+    """Two ranks against the single process on the concatenated batch (positives and
+    negatives on both ranks, a singleton anchor): the ranks' mean is the loss, input
+    gradients world_size x, the temperature gradients averaged (DDP) the loss's."""
+    world = 2
+    run_ranks(_supcon_rank_worker, world, (str(tmp_path / "init"), str(tmp_path)), timeout=150)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for heads in (None, 2):
+        z, labels = _global_case(world, heads)
+        z.requires_grad_()
+        t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+        single = supcon_formula(z, labels, t)
+        grad_z, grad_t = torch.autograd.grad(single, (z, t))
+        for backend, dtype in _rank_backends():
+            tol = 1e-10 if dtype == torch.float64 else 2e-5
+            close = {"rtol": tol, "atol": tol, "check_dtype": False, "msg": f"{heads} {backend}"}
+            key = (heads, backend)
+            values = torch.stack([r[key][0].double() for r in per_rank])
+            torch.testing.assert_close(values.mean(), single.detach(), **close)
+            modules = torch.stack([r[key][3].double() for r in per_rank])
+            torch.testing.assert_close(modules.mean(), single.detach(), **close)
+            for rank, r in enumerate(per_rank):
+                sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+                torch.testing.assert_close(r[key][1].double(), world * grad_z[..., sl, :], **close)
+            mean_t = torch.stack([r[key][2].double() for r in per_rank]).mean()
+            torch.testing.assert_close(mean_t, grad_t, **close)
+    z, _ = _global_case(world, None)
+    split = torch.arange(world).repeat_interleave(N_LOCAL)
+    expected = supcon_formula(z, split, torch.tensor(0.2, dtype=torch.float64))
+    assert expected > 0
+    values = torch.stack([r["split"] for r in per_rank])
+    torch.testing.assert_close(values.mean(), expected, rtol=1e-10, atol=1e-10)

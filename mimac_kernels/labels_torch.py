@@ -12,7 +12,8 @@ minus positives) and ``S = inv_tau * z_a . z_k`` (docs/losses.md, "Labels").
 
 ``z`` ``(H, N, D)`` holds the rows as the critic scores them (cosine rows already
 unit-normed), ``labels`` ``(N,)`` integer, ``inv_tau`` a 0-dim tensor of the compute
-dtype. Working memory: a few ``H x block x N`` tiles, about ``TILE_ELEMS`` elements.
+dtype. Working memory: about a dozen ``H x block x N`` tiles of ``TILE_ELEMS / 4``
+elements each.
 
 Precision: the scores come from a matmul in the compute dtype, everything after it
 (S, M, the weights) in float64 where the device has it. Every pair's loss and weight
@@ -37,7 +38,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_per_block(h: int, n: int) -> int:
-    return max(1, TILE_ELEMS // max(1, h * n))
+    # A quarter of the torch backend's tile: each block holds about a dozen float64
+    # temporaries of its size (the backend's hold a few float32 ones).
+    return max(1, TILE_ELEMS // 4 // max(1, h * n))
 
 
 def _wide(dt: torch.dtype, device: torch.device) -> torch.dtype:

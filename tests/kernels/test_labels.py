@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from mimac_kernels import (
     supervised_ntxent_loss,
     torch_backend,
 )
+from mimac_kernels.demo import peak_rss_mb
 from tests.kernels.accuracy import assert_within_bound
 from tests.ranks import run_ranks
 
@@ -191,12 +193,37 @@ def test_row_blocks_give_the_one_block_result(monkeypatch):
     fns = (lambda: supervised_contrastive_loss(z, labels, temperature=t, backend="torch"),
            lambda: supervised_ntxent_loss(z, labels, temperature=t))  # fmt: skip
     whole = [[fn(), *torch.autograd.grad(fn(), (z, t))] for fn in fns]
-    monkeypatch.setattr(labels_torch, "TILE_ELEMS", 2 * 3 * 31)  # 3 rows per block
+    monkeypatch.setattr(labels_torch, "TILE_ELEMS", 4 * 2 * 3 * 31)  # 3 rows per block
     monkeypatch.setattr(torch_backend, "TILE_ELEMS", 4 * 31)
     for fn, ref in zip(fns, whole, strict=True):
         out = fn()
         for x, r in zip([out, *torch.autograd.grad(out, (z, t))], ref, strict=True):
             torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-14)
+
+
+def _memory_probe(n: int, call: str) -> str:
+    """Source of a probe: ``(n, 32)`` rows, 100 labels, one forward + backward of ``call``."""
+    return (
+        "import torch, mimac_kernels\n"
+        "torch.set_num_threads(1)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        f"z = torch.randn({n}, 32, generator=g).requires_grad_()\n"
+        f"y = torch.randint(0, 100, ({n},), generator=g)\n"
+        f"loss = {call}\nloss.backward()\n"
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
+def test_memory_grows_with_n_not_n_squared():
+    """Peak RSS of forward + backward at N = 8,192 in fresh processes, above both losses at
+    N = 256 (the fixed cost: libraries, the extension, autograd): under half of one
+    N x N float32 matrix (256 MiB; the dense formulas hold several, 1.5-2.4 GB here)."""
+    supcon = "mimac_kernels.supervised_contrastive_loss(z, y)"
+    ntxent = "mimac_kernels.supervised_ntxent_loss(z, y)"
+    fixed = peak_rss_mb(_memory_probe(256, f"{supcon} + {ntxent}"))
+    for call in (supcon, ntxent):
+        extra = peak_rss_mb(_memory_probe(8192, call)) - fixed
+        assert extra < 128, (call, extra)
 
 
 # --- batches without positives or negatives --------------------------------------------

@@ -92,13 +92,7 @@ def supervised_contrastive_loss(
     z, squeeze = _prepare(embeddings, labels, critic, reduction, backend, eps)
     inv_tau = _inverse_temperature(temperature, embeddings)
     acc = inv_tau.dtype
-    columns, labels_all, offset, world = z, labels, 0, 1
-    if group is not None:
-        _check_group(group)
-        distributed.check_equal_inputs(z, group)
-        columns, labels_all = distributed.gather_with_grad(z, group), gather_labels(labels, group)
-        world = torch.distributed.get_world_size(group)
-        offset = torch.distributed.get_rank(group) * z.shape[1]
+    columns, labels_all, offset, world = _columns(z, labels, group)
     _, ids_all, counts = torch.unique(labels_all, return_inverse=True, return_counts=True)
     ids = ids_all[offset : offset + z.shape[1]]  # this rank's anchors
     n_pos = (counts[ids] - 1).to(acc)  # |P(i)|, (N,)
@@ -144,6 +138,7 @@ def supervised_ntxent_loss(
     reduction: str = "mean",
     backend: str = "auto",
     eps: float = DEFAULT_EPS,
+    group: object | None = None,
 ) -> Tensor:
     """pytorch-metric-learning's ``NTXentLoss`` with labels: for every positive pair (a, p),
     ``-log(e^{S_ap} / (e^{S_ap} + sum_{n: label_n != label_a} e^{S_an}))``, mean over pairs.
@@ -159,6 +154,9 @@ def supervised_ntxent_loss(
         reduction: ``"mean"`` (over heads and positive pairs), ``"sum"`` or ``"none"``
             (per-anchor sums over its positive pairs).
         backend: ``"auto"`` or ``"torch"``.
+        group: as ``supervised_contrastive_loss``: this rank's anchors against every
+            rank's rows; ``mean`` is this rank's pairs' sum times ``world_size`` over the
+            number of positive pairs on all ranks (the ranks' mean is the loss).
 
     Shape:
         embeddings: ``(N, D)`` or ``(H, N, D)``; labels: ``(N,)``. Output: scalar, or
@@ -172,33 +170,52 @@ def supervised_ntxent_loss(
             f"{embeddings.dtype} inputs of shape {shape}: {NTXENT_REFUSAL}"
         )
     inv_tau = _inverse_temperature(temperature, embeddings)
-    per_anchor = _LabelledNTXent.apply(z, inv_tau, labels)
+    columns, labels_all, offset, world = _columns(z, labels, group)
+    per_anchor = _LabelledNTXent.apply(z, columns, inv_tau, labels, labels_all, offset)
     if squeeze:
         per_anchor = per_anchor.squeeze(0)
     if reduction == "none":
         return per_anchor
     if reduction == "sum":
         return per_anchor.sum()
-    _, ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    pairs = (counts[ids] - 1).sum().clamp_min(1) * z.shape[0]  # no pair: 0 / 1
-    return per_anchor.sum() / pairs.to(per_anchor.dtype)
+    _, ids, counts = torch.unique(labels_all, return_inverse=True, return_counts=True)
+    pairs = (counts[ids] - 1).sum().clamp_min(1) * z.shape[0]  # every rank's; none: 0 / 1
+    return per_anchor.sum() * world / pairs.to(per_anchor.dtype)
+
+
+def _columns(
+    z: Tensor, labels: Tensor, group: object | None
+) -> tuple[Tensor, Tensor, int, int]:
+    """The columns and their labels (every rank's with a group, gathered in rank order,
+    the rows with gradient), this rank's first column and the world size."""
+    if group is None:
+        return z, labels, 0, 1
+    _check_group(group)
+    distributed.check_equal_inputs(z, group)
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    columns = distributed.gather_with_grad(z, group)
+    return columns, gather_labels(labels, group), rank * z.shape[1], world
 
 
 class _LabelledNTXent(torch.autograd.Function):
-    """Per-anchor sums of PML's pair losses ``(H, N)`` (``labels_torch``), with the
-    negatives' log-sum-exps saved and the scores recomputed in the backward."""
+    """Per-anchor sums of PML's pair losses ``(H, R)`` (``labels_torch``), rows x against
+    columns y, with the negatives' log-sum-exps saved and the scores recomputed in the
+    backward."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, inv_tau: Tensor, labels: Tensor) -> Tensor:
-        sums, neg_lse = labels_torch.forward(z, inv_tau, labels)
-        ctx.save_for_backward(z, inv_tau, labels, neg_lse)
+    def forward(ctx, x, y, inv_tau, row_labels, col_labels, offset):
+        sums, neg_lse = labels_torch.forward(x, y, inv_tau, row_labels, col_labels, offset)
+        ctx.save_for_backward(x, y, inv_tau, row_labels, col_labels, neg_lse)
+        ctx.offset = offset
         return sums
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        z, inv_tau, labels, neg_lse = ctx.saved_tensors
-        gz, g_it = labels_torch.backward(z, inv_tau, labels, neg_lse, g.contiguous())
-        return gz.to(z.dtype), g_it.to(inv_tau.dtype), None
+        x, y, inv_tau, row_labels, col_labels, neg_lse = ctx.saved_tensors
+        gx, gy, g_it = labels_torch.backward(
+            x, y, inv_tau, row_labels, col_labels, ctx.offset, neg_lse, g.contiguous()
+        )
+        return gx.to(x.dtype), gy.to(y.dtype), g_it.to(inv_tau.dtype), None, None, None
 
 
 def _prepare(

@@ -2,18 +2,22 @@
 
 For each positive pair (a, p): ``softplus(M_a - S_ap)``, where ``M_a`` is the
 log-sum-exp of row a's scores over its negatives only (label-masked, never total
-minus positives) and ``S = inv_tau * z_a . z_k`` (docs/losses.md, "Labels").
+minus positives) and ``S = inv_tau * x_a . y_k`` (docs/losses.md, "Labels"). Rows
+``x`` ``(H, R, D)`` with labels ``(R,)`` against columns ``y`` ``(H, C, D)`` with labels
+``(C,)``; row i's own column is ``i + offset`` (neither positive nor negative). One
+process: x = y, offset 0; across ranks: local rows against every rank's columns.
 
-- ``forward(z, inv_tau, labels)``: per-anchor sums ``sum_{p in P(a)} softplus(M_a -
-  S_ap)`` ``(H, N)`` in the compute dtype (float32; float64 for float64 inputs) and
-  ``M`` ``(H, N)`` (``-inf`` where an anchor has no negative) in float64.
-- ``backward(z, inv_tau, labels, neg_lse, g)``: gradients of ``sum(g * sums)`` w.r.t.
-  z ``(H, N, D)`` and ``inv_tau`` (0-dim), scores recomputed block by block.
+- ``forward(x, y, inv_tau, row_labels, col_labels, offset)``: per-row sums
+  ``sum_{p in P(a)} softplus(M_a - S_ap)`` ``(H, R)`` in the compute dtype (float32;
+  float64 for float64 inputs) and ``M`` ``(H, R)`` (``-inf`` where a row has no
+  negative) in float64.
+- ``backward(x, y, inv_tau, row_labels, col_labels, offset, neg_lse, g)``: gradients of
+  ``sum(g * sums)`` w.r.t. x ``(H, R, D)``, y ``(H, C, D)`` and ``inv_tau`` (0-dim),
+  scores recomputed block by block.
 
-``z`` ``(H, N, D)`` holds the rows as the critic scores them (cosine rows already
-unit-normed), ``labels`` ``(N,)`` integer, ``inv_tau`` a 0-dim tensor of the compute
-dtype. Working memory: about a dozen ``H x block x N`` tiles of ``TILE_ELEMS / 4``
-elements each.
+x and y hold the rows as the critic scores them (cosine rows already unit-normed),
+labels are integer, ``inv_tau`` a 0-dim tensor. Working memory: about a dozen
+``H x block x C`` tiles of ``TILE_ELEMS / 4`` elements each.
 
 Precision: the scores come from a matmul in the compute dtype, everything after it
 (S, M, the weights) in float64 where the device has it. Every pair's loss and weight
@@ -49,52 +53,62 @@ def _wide(dt: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def _block(
-    z: Tensor, labels: Tensor, inv_tau: Tensor, i0: int, i1: int
+    x: Tensor, y: Tensor, labels: tuple[Tensor, Tensor], inv_tau: Tensor, rows: range,
+    offset: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Raw scores ``s`` and ``S = inv_tau * s`` ``(H, rows, N)`` of rows ``i0 .. i1`` in
-    ``inv_tau``'s dtype, and their masks ``(rows, N)``: positives (same label, not the
-    row itself) and negatives (another label)."""
-    s = (z[:, i0:i1] @ z.transpose(-1, -2)).to(inv_tau.dtype)
-    same = labels[i0:i1, None] == labels[None, :]
-    rows = torch.arange(i0, i1, device=z.device)
-    not_self = rows[:, None] != torch.arange(z.shape[1], device=z.device)[None, :]
+    """Raw scores ``s`` and ``S = inv_tau * s`` ``(H, rows, C)`` of the block ``rows`` in
+    ``inv_tau``'s dtype, and their masks ``(rows, C)``: positives (same label, not the
+    row's own column) and negatives (another label)."""
+    i0, i1 = rows.start, rows.stop
+    s = (x[:, i0:i1] @ y.transpose(-1, -2)).to(inv_tau.dtype)
+    row_labels, col_labels = labels
+    same = row_labels[i0:i1, None] == col_labels[None, :]
+    own = torch.arange(i0, i1, device=x.device)[:, None] + offset
+    not_self = own != torch.arange(y.shape[1], device=x.device)[None, :]
     return s, inv_tau * s, same & not_self, ~same
 
 
-def forward(z: Tensor, inv_tau: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-anchor sums of the pair losses and the negatives' log-sum-exps, both ``(H, N)``."""
-    z = z.to(compute_dtype(z.dtype))
-    wide = _wide(z.dtype, z.device)
+def forward(
+    x: Tensor, y: Tensor, inv_tau: Tensor, row_labels: Tensor, col_labels: Tensor,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Per-row sums of the pair losses and the negatives' log-sum-exps, both ``(H, R)``."""
+    dt = compute_dtype(x.dtype)
+    x, y = x.to(dt), y.to(dt)
+    wide = _wide(dt, x.device)
     it = inv_tau.to(wide)
-    h, n, _ = z.shape
-    sums = torch.empty(h, n, dtype=wide, device=z.device)
-    neg_lse = torch.empty(h, n, dtype=wide, device=z.device)
-    bs = _rows_per_block(h, n)
-    for i0 in range(0, n, bs):
-        i1 = min(i0 + bs, n)
-        _, scores, pos, neg = _block(z, labels, it, i0, i1)
+    h, r, _ = x.shape
+    sums = torch.empty(h, r, dtype=wide, device=x.device)
+    neg_lse = torch.empty(h, r, dtype=wide, device=x.device)
+    bs = _rows_per_block(h, y.shape[1])
+    for i0 in range(0, r, bs):
+        i1 = min(i0 + bs, r)
+        _, scores, pos, neg = _block(x, y, (row_labels, col_labels), it, range(i0, i1), offset)
         # All -inf (no negative) gives M = -inf and softplus(-inf) = 0, PML's value.
         m = torch.logsumexp(scores.masked_fill(~neg, float("-inf")), dim=-1)
         neg_lse[:, i0:i1] = m
         terms = F.softplus(torch.where(pos, m[..., None] - scores, float("-inf")))
         sums[:, i0:i1] = terms.sum(-1)
-    return sums.to(z.dtype), neg_lse
+    return sums.to(dt), neg_lse
 
 
 def backward(
-    z: Tensor, inv_tau: Tensor, labels: Tensor, neg_lse: Tensor, g: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(g * sums)`` w.r.t. z ``(H, N, D)`` and ``inv_tau`` (0-dim)."""
-    z = z.to(compute_dtype(z.dtype))
-    dt, wide = z.dtype, _wide(z.dtype, z.device)
+    x: Tensor, y: Tensor, inv_tau: Tensor, row_labels: Tensor, col_labels: Tensor,
+    offset: int, neg_lse: Tensor, g: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``sum(g * sums)`` w.r.t. x ``(H, R, D)``, y ``(H, C, D)`` and
+    ``inv_tau`` (0-dim)."""
+    dt = compute_dtype(x.dtype)
+    x, y = x.to(dt), y.to(dt)
+    wide = _wide(dt, x.device)
     it, neg_lse, g = inv_tau.to(wide), neg_lse.to(wide), g.to(wide)
-    h, n, _ = z.shape
-    gz = torch.zeros_like(z)
-    g_it = torch.zeros((), dtype=wide, device=z.device)
-    bs = _rows_per_block(h, n)
-    for i0 in range(0, n, bs):
-        i1 = min(i0 + bs, n)
-        s, scores, pos, neg = _block(z, labels, it, i0, i1)
+    h, r, _ = x.shape
+    gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+    g_it = torch.zeros((), dtype=wide, device=x.device)
+    bs = _rows_per_block(h, y.shape[1])
+    for i0 in range(0, r, bs):
+        i1 = min(i0 + bs, r)
+        s, scores, pos, neg = _block(x, y, (row_labels, col_labels), it, range(i0, i1), offset)
         m, gb = neg_lse[:, i0:i1, None], g[:, i0:i1, None]
         # sigma(M - S) without overflow: the masked entries are 0, never inf * 0.
         sig = torch.where(pos, torch.sigmoid(m - scores), 0.0)
@@ -104,6 +118,6 @@ def backward(
         mean_neg = (q * s).sum(-1, keepdim=True)
         g_it = g_it + (gb * sig * (mean_neg - s)).sum()
         wd = (w * it).to(dt)
-        gz[:, i0:i1] += wd @ z  # d S_ik / d z_i
-        gz += wd.transpose(-1, -2) @ z[:, i0:i1]  # d S_ik / d z_k
-    return gz, g_it.to(dt)
+        gx[:, i0:i1] = wd @ y  # d S_ik / d x_i
+        gy += wd.transpose(-1, -2) @ x[:, i0:i1]  # d S_ik / d y_k
+    return gx, gy, g_it.to(dt)

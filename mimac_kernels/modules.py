@@ -53,7 +53,7 @@ class NTXentLoss(_AllPairsLoss):
         backend: passed to ``fused_contrastive_loss`` (with labels: ``auto`` or ``torch``).
         group: a process group (lightly's ``gather_distributed=True``): every rank's
             rows are negatives; see ``fused_contrastive_loss`` for the gradient convention.
-            Not taken with labels.
+            With labels: this rank's anchors against every rank's rows and labels.
 
     Shape:
         out0, out1: ``(N, D)``, the two views' embeddings (this rank's); or embeddings
@@ -81,10 +81,8 @@ class NTXentLoss(_AllPairsLoss):
         if out1 is not None:
             raise TypeError("NTXentLoss takes out1 (two views) or labels (one set of rows), "
                             "not both")
-        if self.group is not None:
-            raise ValueError("NTXentLoss with labels does not take a process group (group=)")
         return supervised_ntxent_loss(
-            out0, labels, temperature=self.temperature, backend=self.backend
+            out0, labels, temperature=self.temperature, backend=self.backend, group=self.group
         )
 
 

@@ -385,7 +385,7 @@ def _global_case(world: int, heads: int | None):
     return z.double(), labels
 
 
-def _supcon_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
@@ -400,6 +400,15 @@ def _supcon_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
                 module = SupConLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
                 results[(heads, backend)] = [loss.detach(), *torch.autograd.grad(loss, (x, t)),
                                              module.detach()]  # fmt: skip
+            for dtype in (torch.float64, torch.float32):  # NTXent: torch only
+                x = z[..., sl, :].to(dtype).requires_grad_()
+                t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+                loss = supervised_ntxent_loss(x, labels[sl], temperature=t,
+                                              group=dist.group.WORLD)  # fmt: skip
+                module = NTXentLoss(0.2, group=dist.group.WORLD)(x, labels[sl])
+                results[(heads, "ntxent", dtype)] = [
+                    loss.detach(), *torch.autograd.grad(loss, (x, t)), module.detach()
+                ]
         # One label per rank: each rank alone has no negative, the batch has.
         split = torch.full((N_LOCAL,), rank)
         x = _global_case(world, None)[0][sl]
@@ -409,23 +418,26 @@ def _supcon_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
-def test_supcon_ranks_match_single_process(tmp_path):
-    """Two ranks against the single process on the concatenated batch (positives and
-    negatives on both ranks, a singleton anchor): the ranks' mean is the loss, input
-    gradients world_size x, the temperature gradients averaged (DDP) the loss's."""
+def test_ranks_match_single_process(tmp_path):
+    """Both losses on two ranks against the single process on the concatenated batch
+    (positives and negatives on both ranks, a singleton anchor): the ranks' mean is the
+    loss, input gradients world_size x, the temperature gradients averaged (DDP) the
+    loss's."""
     world = 2
-    run_ranks(_supcon_rank_worker, world, (str(tmp_path / "init"), str(tmp_path)), timeout=150)
+    run_ranks(_rank_worker, world, (str(tmp_path / "init"), str(tmp_path)), timeout=150)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for heads in (None, 2):
         z, labels = _global_case(world, heads)
         z.requires_grad_()
         t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-        single = supcon_formula(z, labels, t)
-        grad_z, grad_t = torch.autograd.grad(single, (z, t))
-        for backend, dtype in _rank_backends():
+        cases = [(supcon_formula, (heads, backend), dtype) for backend, dtype in _rank_backends()]
+        cases += [(ntxent_formula, (heads, "ntxent", dtype), dtype)
+                  for dtype in (torch.float64, torch.float32)]  # fmt: skip
+        for formula, key, dtype in cases:
+            single = formula(z, labels, t)
+            grad_z, grad_t = torch.autograd.grad(single, (z, t))
             tol = 1e-10 if dtype == torch.float64 else 2e-5
-            close = {"rtol": tol, "atol": tol, "check_dtype": False, "msg": f"{heads} {backend}"}
-            key = (heads, backend)
+            close = {"rtol": tol, "atol": tol, "check_dtype": False, "msg": str(key)}
             values = torch.stack([r[key][0].double() for r in per_rank])
             torch.testing.assert_close(values.mean(), single.detach(), **close)
             modules = torch.stack([r[key][3].double() for r in per_rank])

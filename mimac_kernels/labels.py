@@ -162,7 +162,7 @@ def supervised_ntxent_loss(
         embeddings: ``(N, D)`` or ``(H, N, D)``; labels: ``(N,)``. Output: scalar, or
         ``(N,)`` / ``(H, N)`` for ``none``; float32 (float64 for float64 inputs).
     """
-    z, squeeze = _prepare(embeddings, labels, critic, reduction, backend, eps)
+    z, squeeze = _prepare(embeddings, labels, critic, reduction, backend, eps, widen=True)
     if backend not in ("auto", "torch"):
         shape = tuple(embeddings.shape)
         raise dispatch.BackendUnavailable(
@@ -219,16 +219,20 @@ class _LabelledNTXent(torch.autograd.Function):
 
 
 def _prepare(
-    embeddings: Tensor, labels: Tensor, critic: str, reduction: str, backend: str, eps: float
+    embeddings: Tensor, labels: Tensor, critic: str, reduction: str, backend: str, eps: float,
+    widen: bool = False,
 ) -> tuple[Tensor, bool]:
-    """Check the inputs; the rows as ``(H, N, D)`` (normalised for cosine) and whether the
-    caller's were 2-d."""
+    """Check the inputs; the rows as ``(H, N, D)`` (normalised for cosine; ``widen``: in
+    float32 for half inputs, as the torch blocks compute, rather than rounded back to
+    the inputs' dtype for the kernels) and whether the caller's were 2-d."""
     _check(embeddings, embeddings, critic, "all", True, reduction, backend, eps)
     if critic not in LABEL_CRITICS:
         raise ValueError(LOG_DOT_REFUSAL)
     check_labels(labels, embeddings)
     squeeze = embeddings.dim() == 2
     z = embeddings.unsqueeze(0) if squeeze else embeddings
+    if widen:
+        z = z.to(labels_torch.compute_dtype(z.dtype))
     if critic == "cosine":
         z = _normalize(z, eps)
     return z, squeeze

@@ -24,7 +24,13 @@ from mimac_kernels import (
     torch_backend,
 )
 from mimac_kernels.demo import peak_rss_mb
-from tests.kernels.accuracy import assert_within_bound
+from tests.kernels.accuracy import (
+    HALF_DTYPES,
+    assert_within_bound,
+    error_bound,
+    max_abs_err,
+    weight_eps,
+)
 from tests.ranks import run_ranks
 
 # --- the formulas, dense and written out (float64 as the oracle, float32 as "plain") ---
@@ -132,6 +138,29 @@ def test_supcon_matches_float64(runner, shape, classes, critic):
     _assert_matches_formula(ours, formula, z, labels, 0.1 if critic == "cosine" else 0.5)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_supcon_half_inputs_match_float64(runner, dtype):
+    """bfloat16 and float16 rows: the kernels take the normalised rows in that dtype; the
+    rule's slack for a backward that rounds its weights (``weight_eps``) is added to the
+    gradient's bound."""
+    z, labels = _case((2, 29, 7), 4, seed=9, device=runner.device)
+    z = z.to(dtype)
+
+    def ours(x, y, t):
+        return supervised_contrastive_loss(x, y, temperature=t, backend=runner.name)
+
+    got = _value_and_grads(ours, z, labels, 0.1, dtype)
+    plain = _value_and_grads(supcon_formula, z, labels, 0.1, dtype)
+    ref = _value_and_grads(supcon_formula, z.double(), labels, 0.1, torch.float64)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for i, (name, x, p, r) in enumerate(zip(["loss", "grad z", "grad tau"], got, plain, ref)):
+        bound = error_bound(max_abs_err(p, r), dtype, r)
+        if i:
+            bound += 2.0 * weight_eps(runner.name, dtype) * float(r.abs().max())
+        err = max_abs_err(x, r)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape,classes", SHAPES, ids=str)
@@ -152,7 +181,7 @@ def test_supcon_torch_reductions_and_float64(shape, classes, dtype, reduction):
 
 
 @pytest.mark.parametrize("critic", ["cosine", "dot"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF_DTYPES], ids=str)
 @pytest.mark.parametrize("shape,classes", SHAPES, ids=str)
 def test_ntxent_with_labels_matches_float64(shape, classes, dtype, critic):
     z, labels = _case(shape, classes, seed=3)

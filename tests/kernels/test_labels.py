@@ -268,6 +268,17 @@ def test_no_positive_gives_zero_and_zero_gradient(fn):
     assert fn(one, torch.zeros(1, dtype=torch.long)).item() == 0.0
 
 
+def test_supcon_without_positives_is_zero_on_every_backend(runner):
+    """No positive (distinct labels), and N = 1 (a row without any other column: its
+    log-sum-exp is -inf): 0 and a zero gradient, never NaN, on each backend."""
+    for n in (7, 1):
+        z = torch.randn(2, n, 4, device=runner.device, requires_grad=True)
+        loss = supervised_contrastive_loss(z, torch.arange(n, device=runner.device),
+                                           backend=runner.name)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, z)
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (n, grad)
+
+
 def test_one_label_supcon_is_the_formula_ntxent_is_zero():
     """Every row one label: SupCon's denominator holds only positives (a finite, positive
     value); NTXent's pairs have no negative, each pair's loss is log(1) = 0."""

@@ -268,6 +268,10 @@ def test_no_positive_gives_zero_and_zero_gradient(fn):
     assert fn(one, torch.zeros(1, dtype=torch.long)).item() == 0.0
 
 
+# N = 1: Triton's interpreter (numpy) warns on the row with no column, log(0) and 0 * inf,
+# inside kernels whose result the test checks.
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_supcon_without_positives_is_zero_on_every_backend(runner):
     """No positive (distinct labels), and N = 1 (a row without any other column: its
     log-sum-exp is -inf): 0 and a zero gradient, never NaN, on each backend."""

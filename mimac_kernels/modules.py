@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mimac_kernels.functional import (
     check_positive_number,
     contrastive_loss_with_scale,
     fused_contrastive_loss,
+)
+from mimac_kernels.labels import (
+    gather_labels,
+    supervised_contrastive_loss,
+    supervised_ntxent_loss,
 )
 from mimac_kernels.siglip import sigmoid_contrastive_loss
 
@@ -33,19 +39,29 @@ class _AllPairsLoss(nn.Module):
 
 
 class NTXentLoss(_AllPairsLoss):
-    """lightly's ``NTXentLoss`` (no memory bank): cosine critic, all other rows as negatives.
+    """lightly's ``NTXentLoss`` (no memory bank): cosine critic, all other rows as negatives;
+    called with labels, pytorch-metric-learning's ``NTXentLoss``.
+
+    ``forward(out0, out1)``: lightly's two views. ``forward(embeddings, labels)`` (an
+    integer second argument, or ``labels=``): PML's loss with labels, every row with the
+    same label a positive, per positive pair only the anchor's negatives beside it in
+    the denominator, mean over pairs (``supervised_ntxent_loss``; torch backend, row
+    blocks, no N x N). Note the defaults: lightly's temperature 0.5 here, PML's is 0.07.
 
     Args:
         temperature: ``tau``, a float > 0.
-        backend: passed to ``fused_contrastive_loss``.
+        backend: passed to ``fused_contrastive_loss`` (with labels: ``auto`` or ``torch``).
         group: a process group (lightly's ``gather_distributed=True``): every rank's
             rows are negatives; see ``fused_contrastive_loss`` for the gradient convention.
+            With labels: this rank's anchors against every rank's rows and labels.
 
     Shape:
-        out0, out1: ``(N, D)``, the two views' embeddings (this rank's). Output: scalar.
+        out0, out1: ``(N, D)``, the two views' embeddings (this rank's); or embeddings
+        ``(N, D)`` and labels ``(N,)``. Output: scalar.
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 32), torch.randn(8, 32))
+        >>> loss = NTXentLoss(0.07)(torch.randn(8, 32), torch.tensor([0, 1] * 4))
     """
 
     critic = "cosine"
@@ -53,8 +69,67 @@ class NTXentLoss(_AllPairsLoss):
     def __init__(self, temperature: float = 0.5, backend: str = "auto", group: Any = None) -> None:
         super().__init__(temperature, backend, group)
 
-    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return self._loss(out0, out1)
+    def forward(
+        self, out0: Tensor, out1: Tensor | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        if labels is None and isinstance(out1, Tensor) and _is_integer(out1):
+            out1, labels = None, out1  # PML's call: loss(embeddings, labels)
+        if labels is None:
+            if out1 is None:
+                raise TypeError("NTXentLoss needs out1 (the second view) or labels")
+            return self._loss(out0, out1)
+        if out1 is not None:
+            raise TypeError("NTXentLoss takes out1 (two views) or labels (one set of rows), "
+                            "not both")
+        return supervised_ntxent_loss(
+            out0, labels, temperature=self.temperature, backend=self.backend, group=self.group
+        )
+
+
+class SupConLoss(nn.Module):
+    """pytorch-metric-learning's ``SupConLoss``: supervised contrast, cosine critic.
+
+    ``-(1/|P(i)|) sum_{p in P(i)} log(e^{S_ip} / sum_{k != i} e^{S_ik})`` per anchor i
+    (``P(i)``: the other rows with its label), averaged over the anchors that have a
+    positive (``supervised_contrastive_loss``: any backend with rectangular kernels,
+    no N x N). As PML's, 0 (gradient 0) where no anchor has a positive or every row
+    has one label (no negative pair in the batch).
+
+    Args:
+        temperature: ``tau``, a float > 0.
+        backend: passed to ``supervised_contrastive_loss``.
+        group: a process group: this rank's anchors against every rank's rows
+            (``supervised_contrastive_loss``'s convention: the ranks' mean is the
+            single-process loss).
+
+    Shape:
+        embeddings: ``(N, D)`` (or ``(H, N, D)``), labels: ``(N,)`` integer (this rank's).
+        Output: scalar.
+
+    Example:
+        >>> loss = SupConLoss(0.1)(torch.randn(8, 32), torch.tensor([0, 1, 2, 0, 1, 2, 3, 3]))
+    """
+
+    def __init__(self, temperature: float = 0.1, backend: str = "auto", group: Any = None) -> None:
+        super().__init__()
+        self.temperature = check_positive_number(temperature, "temperature")
+        self.backend = backend
+        self.group = group
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        loss = supervised_contrastive_loss(
+            embeddings, labels, temperature=self.temperature, backend=self.backend,
+            group=self.group,
+        )
+        # PML computes nothing without a negative pair (one label in the batch): its 0,
+        # selected on the device (no host read), with a zero gradient.
+        every = labels if self.group is None else gather_labels(labels, self.group)
+        has_negative = (every != every[0]).any()
+        return torch.where(has_negative, loss, torch.zeros_like(loss))
+
+
+def _is_integer(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 class ClipLoss(nn.Module):

@@ -23,8 +23,11 @@ The custom ops ``mimac_kernels::bank_fwd`` / ``bank_bwd`` carry fake implementat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mimac_kernels import dispatch
 from mimac_kernels.contract import RectProblem
@@ -158,3 +161,85 @@ def _backward(ctx, g: Tensor | None, _g_lse=None):
 
 
 bank_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the FIFO bank of the drop-in module ------------------------------------------------
+
+
+class MemoryBank(nn.Module):
+    """A FIFO queue of K detached rows of width D, as lightly's ``MemoryBankModule``
+    keeps it: a float32 buffer ``bank`` ``(K, D)`` of random unit rows at first
+    (``torch.randn`` from the global generator, then normalised) and a pointer
+    ``bank_ptr`` ``(1,)``. ``enqueue`` writes a batch at the pointer; a batch that
+    reaches the end fills the bank up to it, drops its remaining rows and moves the
+    pointer back to 0 (lightly's rule, no wrap-around). Neither buffer is saved in a
+    state dict (lightly's ``persistent=False``).
+
+    Args:
+        size: ``(K, D)``, allocated now; or an int K, the width D taken from the first
+            batch (``materialize``), the random rows drawn then.
+        group: a process group: ``enqueue`` writes every rank's batch, in rank order
+            (lightly's ``gather_distributed=True``), so every rank holds the same bank.
+    """
+
+    bank: Tensor | None
+    bank_ptr: Tensor
+
+    def __init__(self, size: int | Sequence[int], group: Any = None) -> None:
+        super().__init__()
+        self.size, self.dim = _bank_size(size)
+        self.group = group
+        self.register_buffer("bank", None, persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if self.dim is not None:
+            self._initialize(self.dim, torch.device("cpu"))
+
+    def _initialize(self, dim: int, device: torch.device) -> None:
+        rows = torch.randn(self.size, dim)  # the global generator, as lightly draws it
+        self.bank = torch.nn.functional.normalize(rows, dim=-1).to(device)
+        self.bank_ptr.zero_()
+
+    def materialize(self, like: Tensor) -> Tensor:
+        """The bank, drawn now with ``like``'s width (``(N, D)``) if it has none yet."""
+        if self.bank is None:
+            self.dim = like.shape[-1]
+            self._initialize(self.dim, like.device)
+        assert self.bank is not None
+        return self.bank
+
+    @torch.no_grad()
+    def enqueue(self, batch: Tensor) -> None:
+        """Write the rows of ``batch`` ``(N, D)`` (detached, cast to the bank's dtype and
+        device) at the pointer, lightly's ``_dequeue_and_enqueue``."""
+        bank = self.materialize(batch)
+        if self.group is not None and torch.distributed.get_world_size(self.group) > 1:
+            parts = [torch.empty_like(batch) for _ in range(torch.distributed.get_world_size(
+                self.group))]  # fmt: skip
+            torch.distributed.all_gather(parts, batch.contiguous(), group=self.group)
+            batch = torch.cat(parts)
+        n, ptr = batch.shape[0], int(self.bank_ptr)
+        if ptr + n >= self.size:
+            bank[ptr:] = batch[: self.size - ptr].detach()
+            self.bank_ptr.zero_()
+        else:
+            bank[ptr : ptr + n] = batch.detach()
+            self.bank_ptr[0] = ptr + n
+
+
+def _bank_size(size: object) -> tuple[int, int | None]:
+    """``(K, D)`` of a memory bank from ``memory_bank_size`` (an int K, D not yet known:
+    None; or a ``(K, D)`` pair); ValueError/TypeError naming it otherwise."""
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if count(size):
+        return int(size), None  # type: ignore[call-overload]
+    if isinstance(size, Sequence) and len(size) == 2 and all(count(v) for v in size):
+        k, d = (int(v) for v in size)
+        if k > 0 and d == 0:
+            raise ValueError(f"memory_bank_size (K, D) needs D >= 1, got {tuple(size)}")
+        return k, d
+    raise ValueError(
+        "memory_bank_size must be an int K >= 0 (0: no bank; D from the first batch) or a "
+        f"(K, D) pair of ints >= 0, got {size!r}"
+    )

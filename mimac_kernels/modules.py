@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn import functional
 
 from mimac_kernels.functional import (
     check_positive_number,
     contrastive_loss_with_scale,
     fused_contrastive_loss,
 )
+from mimac_kernels.memory_bank import MemoryBank
 from mimac_kernels.siglip import sigmoid_contrastive_loss
 
 
@@ -33,28 +36,75 @@ class _AllPairsLoss(nn.Module):
 
 
 class NTXentLoss(_AllPairsLoss):
-    """lightly's ``NTXentLoss`` (no memory bank): cosine critic, all other rows as negatives.
+    """lightly's ``NTXentLoss``: cosine critic; without a memory bank every other row
+    of ``[out0; out1]`` is a negative, with one (``memory_bank_size``) the bank's rows
+    are (MoCo; lightly's ``memory_bank_size=(K, D)``).
+
+    With a bank, row i's logits are ``[out0_i . out1_i | out0_i . bank^T] / tau`` (unit
+    rows; no in-batch negatives), computed without the N x K matrix
+    (``fused_contrastive_loss(queue=)``); the loss uses the bank as it was before the
+    call; then, if ``out0`` requires grad (a training step: lightly's rule), the
+    normalised ``out1`` is written into the bank, FIFO (``memory_bank.MemoryBank``:
+    lightly's pointer rule, the bank float32 and not in the state dict). The bank
+    receives no gradient.
 
     Args:
         temperature: ``tau``, a float > 0.
+        memory_bank_size: 0 (no bank, SimCLR), ``(K, D)`` (lightly's form: K random
+            unit rows of width D drawn now from the global generator, as lightly draws
+            them), or an int K (the width taken from the first batch, the random rows
+            drawn then).
         backend: passed to ``fused_contrastive_loss``.
-        group: a process group (lightly's ``gather_distributed=True``): every rank's
-            rows are negatives; see ``fused_contrastive_loss`` for the gradient convention.
+        group: a process group (lightly's ``gather_distributed=True``). Without a bank:
+            every rank's rows are negatives; see ``fused_contrastive_loss`` for the
+            gradient convention. With a bank: the loss is this rank's rows against the
+            bank, and every rank's ``out1`` is written into it (rank order), as lightly.
 
     Shape:
         out0, out1: ``(N, D)``, the two views' embeddings (this rank's). Output: scalar.
+        ``memory_bank.bank``: ``(K, D)``.
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 32), torch.randn(8, 32))
+        >>> moco = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 32))
     """
 
     critic = "cosine"
 
-    def __init__(self, temperature: float = 0.5, backend: str = "auto", group: Any = None) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: int | Sequence[int] = 0,
+        backend: str = "auto",
+        group: Any = None,
+    ) -> None:
         super().__init__(temperature, backend, group)
+        self.memory_bank = MemoryBank(memory_bank_size, group=group)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return self._loss(out0, out1)
+        if self.memory_bank.size == 0:
+            return self._loss(out0, out1)
+        for name, t in (("out0", out0), ("out1", out1)):
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape (N, D) with a memory bank, got {shape}")
+        dim = self.memory_bank.dim
+        if dim is not None and out0.shape[-1] != dim:
+            raise ValueError(
+                f"out0 and out1 must have the memory bank's width D={dim} "
+                f"(memory_bank_size={(self.memory_bank.size, dim)}), got {tuple(out0.shape)}"
+            )
+        # The bank before this call, in the inputs' dtype and on their device (a copy:
+        # the bank is written below, while the backward still needs these rows).
+        bank = self.memory_bank.materialize(out0)
+        negatives = bank.detach().to(device=out0.device, dtype=out0.dtype, copy=True)
+        loss = fused_contrastive_loss(
+            out0, out1, temperature=self.temperature, critic="cosine", backend=self.backend,
+            group=self.group, queue=negatives,
+        )
+        if out0.requires_grad:
+            self.memory_bank.enqueue(functional.normalize(out1.detach(), dim=1))
+        return loss
 
 
 class ClipLoss(nn.Module):

@@ -227,12 +227,15 @@ def _lightly_fifo(bank: torch.Tensor, ptr: int, batch: torch.Tensor) -> int:
     return ptr + batch.shape[0]
 
 
-def test_drop_in_matches_the_written_out_bank():
+@pytest.mark.parametrize("kk, last", [(10, 4), (12, 4), (17, 16)], ids=["drop", "exact", "none"])
+def test_drop_in_matches_the_written_out_bank(kk, last):
     """Without lightly installed too: over four calls the loss is the formula on the
     bank as it was before the call (``out0`` the queries, ``out1`` the keys), then the
-    normalised ``out1`` is written in FIFO order (lightly's pointer rule); an int
-    ``memory_bank_size`` draws the bank's unit rows at the first call, with its width."""
-    kk, d, n = 10, 6, 4
+    normalised ``out1`` is written in FIFO order (lightly's pointer rule: a batch that
+    reaches the end, exactly or past it, fills it and the pointer returns to 0, the rest
+    of the batch dropped); an int ``memory_bank_size`` draws the bank's unit rows at the
+    first call, with its width."""
+    d, n = 6, 4
     mine = NTXentLoss(temperature=0.2, memory_bank_size=kk, backend="torch")
     gen = torch.Generator().manual_seed(3)
     bank, ptr = None, 0
@@ -249,7 +252,7 @@ def test_drop_in_matches_the_written_out_bank():
         ptr = _lightly_fifo(bank, ptr, F.normalize(out1.detach(), dim=1))
         assert torch.equal(mine.memory_bank.bank, bank), f"call {step}"
         assert int(mine.memory_bank.bank_ptr) == ptr
-    assert ptr == 4  # 0 -> 4 -> 8 -> 0 (the batch fills 8:10, two rows dropped) -> 4
+    assert ptr == last
 
 
 # --- memory -------------------------------------------------------------------------------

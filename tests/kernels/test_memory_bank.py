@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mimac_kernels import NTXentLoss, fused_contrastive_loss, memory_bank
 from tests.kernels.accuracy import HALF_DTYPES, TAU, error_bound, make_views, max_abs_err
+from tests.ranks import run_ranks
 
 NAMES = ["loss", "grad_q", "grad_k", "grad_tau"]
 #: (q shape, K): a single pair and D = 1; odd shapes; heads; more bank rows than one block.
@@ -368,3 +371,67 @@ def test_drop_in_without_bank_is_unchanged():
     want = NTXentLoss(0.5)(out0, out1)
     for size in (0, (0, 5)):
         torch.testing.assert_close(NTXentLoss(0.5, memory_bank_size=size)(out0, out1), want)
+
+
+# --- across ranks -------------------------------------------------------------------------
+
+N_LOCAL, D_RANKS, K_RANKS = 5, 6, 16
+
+
+def _rank_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global queries and keys ``(world * N_LOCAL, D)`` and one queue, float64."""
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(world * N_LOCAL, D_RANKS, generator=gen, dtype=torch.float64)
+    k = q + 0.5 * torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    queue = torch.randn(K_RANKS, D_RANKS, generator=gen, dtype=torch.float64)
+    return q, k, queue
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q, k, queue = _rank_inputs(world)
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        a, b = q[sl].clone().requires_grad_(), k[sl].clone().requires_grad_()
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        loss = fused_contrastive_loss(a, b, temperature=tau, queue=queue, backend="torch",
+                                      group=dist.group.WORLD)  # fmt: skip
+        grads = torch.autograd.grad(loss, (a, b, tau))
+        torch.manual_seed(5)  # every rank draws the same initial bank
+        module = NTXentLoss(0.3, memory_bank_size=(K_RANKS, D_RANKS), backend="torch",
+                            group=dist.group.WORLD)  # fmt: skip
+        value = module(q[sl].float().requires_grad_(), k[sl].float())
+        out = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
+               "module": value.detach(), "bank": module.memory_bank.bank.clone(),
+               "ptr": int(module.memory_bank.bank_ptr)}  # fmt: skip
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_match_single_process(tmp_path):
+    """Two gloo ranks: ``fused_contrastive_loss(queue=, group=)`` follows the README's
+    convention (ranks' mean = the single-process loss, input gradients world x, the
+    temperature's averaged); the drop-in's ``group`` (lightly's ``gather_distributed``)
+    writes every rank's normalised ``out1`` into the bank, in rank order, on each rank."""
+    world = 2
+    run_ranks(_rank_worker, world, (str(tmp_path / "init"), str(tmp_path)), timeout=120)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    q, k, queue = _rank_inputs(world)
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    single = fused_contrastive_loss(q, k, temperature=tau, queue=queue, backend="torch")
+    ref = torch.autograd.grad(single, (q, k, tau))
+    torch.testing.assert_close(torch.stack([r["loss"] for r in per_rank]).mean(), single.detach())
+    for rank, r in enumerate(per_rank):
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        torch.testing.assert_close(r["grads"][0], world * ref[0][sl])
+        torch.testing.assert_close(r["grads"][1], world * ref[1][sl])
+    torch.testing.assert_close(torch.stack([r["grads"][2] for r in per_rank]).mean(), ref[2])
+    torch.manual_seed(5)
+    bank = F.normalize(torch.randn(K_RANKS, D_RANKS), dim=-1)
+    want = moco_formula(q.detach(), k.detach(), bank.double(), 0.3).mean()
+    torch.testing.assert_close(torch.stack([r["module"] for r in per_rank]).double().mean(), want)
+    bank[: world * N_LOCAL] = F.normalize(k.detach().float(), dim=1)
+    for r in per_rank:
+        assert torch.equal(r["bank"], bank) and r["ptr"] == world * N_LOCAL

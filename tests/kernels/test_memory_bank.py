@@ -126,6 +126,24 @@ def test_queue_reductions_and_no_gradient_into_the_queue():
     assert torch.isfinite(q.grad).all() and torch.equal(queue, before) and queue.grad is None
 
 
+def test_queue_loss_compiles_without_graph_breaks():
+    """``torch.compile(fullgraph=True)`` traces the queue path (fake implementations, no
+    host reads) and gives the eager value and gradients."""
+    q, k, queue, _ = _inputs((6, 5), 9, "cosine", seed=6)
+    q.requires_grad_(), k.requires_grad_()
+    tau = torch.tensor(0.3, requires_grad=True)
+
+    def loss(a, b, t):
+        return fused_contrastive_loss(a, b, temperature=t, queue=queue, backend="torch")
+
+    compiled = torch.compile(loss, fullgraph=True)(q, k, tau)
+    eager = loss(q, k, tau)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, (q, k, tau)),
+                         torch.autograd.grad(eager, (q, k, tau)), strict=True):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_queue_op_passes_opcheck():
     x = F.normalize(torch.randn(2, 5, 4), dim=-1).requires_grad_()
     bank = F.normalize(torch.randn(2, 7, 4), dim=-1)

@@ -85,9 +85,11 @@ class NTXentLoss(_AllPairsLoss):
         if self.memory_bank.size == 0:
             return self._loss(out0, out1)
         for name, t in (("out0", out0), ("out1", out1)):
-            if not isinstance(t, Tensor) or t.dim() != 2:
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.numel() == 0:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape (N, D) with a memory bank, got {shape}")
+                raise ValueError(
+                    f"{name} must have a non-empty shape (N, D) with a memory bank, got {shape}"
+                )
         dim = self.memory_bank.dim
         if dim is not None and out0.shape[-1] != dim:
             raise ValueError(

@@ -377,8 +377,12 @@ def test_drop_in_refuses_inputs_of_another_width():
     loss = NTXentLoss(memory_bank_size=(8, 5), backend="torch")
     with pytest.raises(ValueError, match=r"out0 and out1 must have the memory bank's width D=5"):
         loss(*_qk(4, 6))
-    with pytest.raises(ValueError, match=r"out0 must have shape \(N, D\)"):
+    with pytest.raises(ValueError, match=r"out0 must have a non-empty shape \(N, D\)"):
         loss(torch.randn(2, 4, 5), torch.randn(2, 4, 5))
+    lazy = NTXentLoss(memory_bank_size=8)
+    with pytest.raises(ValueError, match=r"out1 must have a non-empty shape \(N, D\)"):
+        lazy(torch.randn(4, 5), torch.randn(4, 0))
+    assert lazy.memory_bank.bank is None  # a refused call draws no bank
     assert int(loss.memory_bank.bank_ptr) == 0  # a refused call writes nothing
 
 

@@ -228,7 +228,7 @@ class MemoryBank(nn.Module):
 
 def _bank_size(size: object) -> tuple[int, int | None]:
     """``(K, D)`` of a memory bank from ``memory_bank_size`` (an int K, D not yet known:
-    None; or a ``(K, D)`` pair); ValueError/TypeError naming it otherwise."""
+    None; or a ``(K, D)`` pair); ValueError naming it otherwise."""
     def count(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 

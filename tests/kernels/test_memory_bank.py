@@ -303,7 +303,12 @@ fused(*inputs(16, 64)).backward()
 dense(*inputs(16, 64)).backward()
 big = inputs(N, K)
 for name, loss in (('fused', fused), ('dense', dense)):
-    open('/proc/self/clear_refs', 'w').write('5')
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        print('noreset 0')
+        break
     base = mib('VmRSS:')
     loss(*big).backward()
     print(name, mib('VmHWM:') - base)
@@ -322,6 +327,8 @@ def test_memory_is_linear_not_n_times_k():
                          timeout=300, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     peaks = {ln.split()[0]: float(ln.split()[1]) for ln in out.stdout.splitlines()}
+    if "noreset" in peaks:
+        pytest.skip("this kernel does not let a process reset its peak RSS (clear_refs)")
     assert peaks["dense"] > 300, f"the dense loss must hold N x K float32 matrices: {peaks}"
     assert peaks["fused"] < 0.15 * peaks["dense"], peaks
 

@@ -274,6 +274,7 @@ def test_drop_in_matches_the_written_out_bank(kk, last):
         assert torch.equal(mine.memory_bank.bank, bank), f"call {step}"
         assert int(mine.memory_bank.bank_ptr) == ptr
     assert ptr == last
+    assert list(mine.state_dict()) == []  # lightly's buffers are not persistent either
 
 
 # --- memory -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """mimac_kernels: fused contrastive losses (NT-Xent, InfoNCE/CLIP) that never store N x N.
 
-Public API: ``fused_contrastive_loss``, the drop-in modules ``NTXentLoss``,
+Public API: ``fused_contrastive_loss`` (with ``queue=``: MoCo's queue negatives),
+the drop-in modules ``NTXentLoss`` (optionally with lightly's memory bank),
 ``ClipLoss``, ``ProbabilityContrastLoss``, ``SigLipLoss`` (with
 ``sigmoid_contrastive_loss``), ``SupConLoss`` (with ``supervised_contrastive_loss``;
 ``supervised_ntxent_loss`` is ``NTXentLoss`` called with labels), ``available_backends``, and

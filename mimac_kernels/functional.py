@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from mimac_kernels import dispatch, distributed, ops
-from mimac_kernels.contract import Problem
+from mimac_kernels import dispatch, distributed, memory_bank, ops
+from mimac_kernels.contract import Problem, RectProblem
 from mimac_kernels.options import CRITICS, DEFAULT_EPS, DTYPES, NEGATIVES, REDUCTIONS
 
 
@@ -24,6 +24,7 @@ def fused_contrastive_loss(
     backend: str = "auto",
     eps: float = DEFAULT_EPS,
     group: object | None = None,
+    queue: Tensor | None = None,
 ) -> Tensor:
     """Contrastive loss of two views, computed in one fused pass per direction.
 
@@ -64,12 +65,21 @@ def fused_contrastive_loss(
             gradients equal its gradients (DDP's averaging then divides them by
             ``world_size``); ``"none"`` gives this rank's rows. Every rank must pass the
             same N, H, D and dtype. See ``mimac_kernels.distributed``.
+        queue: MoCo's queue of negatives (``mimac_kernels.memory_bank``): ``a`` are the
+            queries, ``b`` their positive keys, and row i's loss is
+            ``-S(a_i, b_i) + log(exp(S(a_i, b_i)) + sum_k exp(S(a_i, queue_k)))``: no
+            in-batch negatives, no column losses (leave ``negatives`` and ``symmetric``
+            at their defaults), no gradient into the queue (it must not require grad).
+            Same width D, dtype and device as ``a``; the cosine critic normalises its
+            rows too. Never an N x K matrix. With ``group=``, each rank's rows against
+            its own queue (nothing gathered; the convention above holds).
 
     Shape:
         a, b: ``(N, D)`` or ``(H, N, D)`` (H independent heads).
+        queue: ``(K, D)``, or ``(H, K, D)`` for 3-d inputs.
         Output: scalar for ``mean``/``sum``; for ``none``, ``(2N,)`` (``all``) or
-        ``(N,)`` (``cross``), with a leading ``H`` for 3-d inputs. float32
-        (float64 for float64 inputs).
+        ``(N,)`` (``cross``, and with a queue), with a leading ``H`` for 3-d inputs.
+        float32 (float64 for float64 inputs).
 
     Example:
         >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
@@ -80,6 +90,9 @@ def fused_contrastive_loss(
     if group is not None:
         _check_group(group)
     inv_tau = _inverse_temperature(temperature, a)
+    if queue is not None:
+        return _queue_loss(a, b, queue, inv_tau, (critic, negatives, symmetric, reduction,
+                                                  backend, eps, group))  # fmt: skip
     unit = _is_unit_temperature(temperature)
     options = (critic, negatives, symmetric, reduction, backend, eps, group)
     return _fused_loss(a, b, inv_tau, options, unit_temperature=unit)
@@ -167,6 +180,43 @@ def _fused_loss(
         per_row = row_loss
     else:
         per_row = 0.5 * (row_loss + col_loss)
+    if squeeze:
+        per_row = per_row.squeeze(0)
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def _queue_loss(
+    a: Tensor,
+    b: Tensor,
+    queue: object,
+    inv_tau: Tensor,
+    options: tuple[str, str, bool, str, str, float, object | None],
+) -> Tensor:
+    """MoCo's loss of queries ``a`` with keys ``b`` against ``queue`` (``memory_bank``)."""
+    critic, negatives, symmetric, reduction, backend, eps, group = options
+    if negatives != "all" or symmetric is not True:
+        raise ValueError(
+            "with queue=, the negatives are the queue's rows and there are no column losses: "
+            f"leave negatives and symmetric at their defaults, got negatives={negatives!r}, "
+            f"symmetric={symmetric!r}"
+        )
+    memory_bank.check_queue(queue, a)
+    assert isinstance(queue, Tensor)
+    squeeze = a.dim() == 2
+    if squeeze:
+        a, b, queue = a.unsqueeze(0), b.unsqueeze(0), queue.unsqueeze(0)
+    if group is not None:
+        distributed.check_equal_inputs(a, group)  # the ranks' mean is the global mean
+    if critic == "cosine":
+        a, b, queue = _normalize(a, eps), _normalize(b, eps), _normalize(queue, eps)
+    if backend != "auto" and not torch.compiler.is_compiling():
+        # An explicit backend that cannot run the rows against the queue raises here.
+        dispatch.resolve(backend, RectProblem(a, queue, inv_tau, critic, eps, None))
+    per_row = memory_bank.queue_row_losses(a, b, queue, inv_tau, critic, eps, backend)
     if squeeze:
         per_row = per_row.squeeze(0)
     if reduction == "mean":

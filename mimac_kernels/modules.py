@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional
 
 from mimac_kernels.functional import (
     check_positive_number,
@@ -17,6 +19,7 @@ from mimac_kernels.labels import (
     supervised_contrastive_loss,
     supervised_ntxent_loss,
 )
+from mimac_kernels.memory_bank import MemoryBank
 from mimac_kernels.siglip import sigmoid_contrastive_loss
 
 
@@ -39,35 +42,60 @@ class _AllPairsLoss(nn.Module):
 
 
 class NTXentLoss(_AllPairsLoss):
-    """lightly's ``NTXentLoss`` (no memory bank): cosine critic, all other rows as negatives;
-    called with labels, pytorch-metric-learning's ``NTXentLoss``.
+    """lightly's ``NTXentLoss``: cosine critic; without a memory bank every other row
+    of ``[out0; out1]`` is a negative, with one (``memory_bank_size``) the bank's rows
+    are (MoCo; lightly's ``memory_bank_size=(K, D)``). Called with labels,
+    pytorch-metric-learning's ``NTXentLoss``.
 
     ``forward(out0, out1)``: lightly's two views. ``forward(embeddings, labels)`` (an
     integer second argument, or ``labels=``): PML's loss with labels, every row with the
     same label a positive, per positive pair only the anchor's negatives beside it in
     the denominator, mean over pairs (``supervised_ntxent_loss``; torch backend, row
-    blocks, no N x N). Note the defaults: lightly's temperature 0.5 here, PML's is 0.07.
+    blocks, no N x N; not with a memory bank). Note the defaults: lightly's temperature
+    0.5 here, PML's is 0.07.
+
+    With a bank, row i's logits are ``[out0_i . out1_i | out0_i . bank^T] / tau`` (unit
+    rows; no in-batch negatives), computed without the N x K matrix
+    (``fused_contrastive_loss(queue=)``); the loss uses the bank as it was before the
+    call; then, if ``out0`` requires grad (a training step: lightly's rule), the
+    normalised ``out1`` is written into the bank, FIFO (``memory_bank.MemoryBank``:
+    lightly's pointer rule, the bank float32 and not in the state dict). The bank
+    receives no gradient.
 
     Args:
         temperature: ``tau``, a float > 0.
+        memory_bank_size: 0 (no bank, SimCLR), ``(K, D)`` (lightly's form: K random
+            unit rows of width D drawn now from the global generator, as lightly draws
+            them), or an int K (the width taken from the first batch, the random rows
+            drawn then).
         backend: passed to ``fused_contrastive_loss`` (with labels: ``auto`` or ``torch``).
-        group: a process group (lightly's ``gather_distributed=True``): every rank's
-            rows are negatives; see ``fused_contrastive_loss`` for the gradient convention.
+        group: a process group (lightly's ``gather_distributed=True``). Without a bank:
+            every rank's rows are negatives; see ``fused_contrastive_loss`` for the
+            gradient convention. With a bank: the loss is this rank's rows against the
+            bank, and every rank's ``out1`` is written into it (rank order), as lightly.
             With labels: this rank's anchors against every rank's rows and labels.
 
     Shape:
         out0, out1: ``(N, D)``, the two views' embeddings (this rank's); or embeddings
-        ``(N, D)`` and labels ``(N,)``. Output: scalar.
+        ``(N, D)`` and labels ``(N,)``. Output: scalar. ``memory_bank.bank``: ``(K, D)``.
 
     Example:
         >>> loss = NTXentLoss(temperature=0.5)(torch.randn(8, 32), torch.randn(8, 32))
         >>> loss = NTXentLoss(0.07)(torch.randn(8, 32), torch.tensor([0, 1] * 4))
+        >>> moco = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 32))
     """
 
     critic = "cosine"
 
-    def __init__(self, temperature: float = 0.5, backend: str = "auto", group: Any = None) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: int | Sequence[int] = 0,
+        backend: str = "auto",
+        group: Any = None,
+    ) -> None:
         super().__init__(temperature, backend, group)
+        self.memory_bank = MemoryBank(memory_bank_size, group=group)
 
     def forward(
         self, out0: Tensor, out1: Tensor | None = None, labels: Tensor | None = None
@@ -77,13 +105,43 @@ class NTXentLoss(_AllPairsLoss):
         if labels is None:
             if out1 is None:
                 raise TypeError("NTXentLoss needs out1 (the second view) or labels")
-            return self._loss(out0, out1)
+            return self._two_views(out0, out1)
+        if self.memory_bank.size:
+            raise ValueError("NTXentLoss with labels takes no memory bank (memory_bank_size="
+                             f"{self.memory_bank.size}): call it with out0 and out1")
         if out1 is not None:
             raise TypeError("NTXentLoss takes out1 (two views) or labels (one set of rows), "
                             "not both")
         return supervised_ntxent_loss(
             out0, labels, temperature=self.temperature, backend=self.backend, group=self.group
         )
+
+    def _two_views(self, out0: Tensor, out1: Tensor) -> Tensor:
+        if self.memory_bank.size == 0:
+            return self._loss(out0, out1)
+        for name, t in (("out0", out0), ("out1", out1)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.numel() == 0:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{name} must have a non-empty shape (N, D) with a memory bank, got {shape}"
+                )
+        dim = self.memory_bank.dim
+        if dim is not None and out0.shape[-1] != dim:
+            raise ValueError(
+                f"out0 and out1 must have the memory bank's width D={dim} "
+                f"(memory_bank_size={(self.memory_bank.size, dim)}), got {tuple(out0.shape)}"
+            )
+        # The bank before this call, in the inputs' dtype and on their device (a copy:
+        # the bank is written below, while the backward still needs these rows).
+        bank = self.memory_bank.materialize(out0)
+        negatives = bank.detach().to(device=out0.device, dtype=out0.dtype, copy=True)
+        loss = fused_contrastive_loss(
+            out0, out1, temperature=self.temperature, critic="cosine", backend=self.backend,
+            group=self.group, queue=negatives,
+        )
+        if out0.requires_grad:
+            self.memory_bank.enqueue(functional.normalize(out1.detach(), dim=1))
+        return loss
 
 
 class SupConLoss(nn.Module):

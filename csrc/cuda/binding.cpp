@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -31,7 +32,15 @@ int dtype_id(at::ScalarType t) {
 // csrc/emulation runs these kernels on the CPU (tests): the tensors are host tensors.
 bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
 constexpr const char* kKernelDevice = "CPU tensors (the CUDA emulation)";
+// The emulation keeps the running launch in globals (csrc/emulation/runtime.cpp), and torch's
+// Python binding of an operator releases the GIL around the call: one call at a time.
+std::mutex& emulation_mutex() {
+  static std::mutex m;
+  return m;
+}
+#define MIMAC_ONE_CALL_AT_A_TIME const std::lock_guard<std::mutex> one_call(emulation_mutex())
 #else
+#define MIMAC_ONE_CALL_AT_A_TIME static_cast<void>(0)
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 constexpr const char* kKernelDevice = "CUDA tensors";
 #endif
@@ -66,6 +75,7 @@ using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in,
                                            const at::Tensor& inv_tau, int64_t critic, bool all, double eps) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_inputs(a_in, b_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
@@ -86,6 +96,7 @@ Grads3 backward(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor
                 int64_t critic, bool all, double eps, const at::Tensor& row_lse,
                                  const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
                                  const at::Tensor& row_center, const at::Tensor& col_center) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_inputs(a_in, b_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
@@ -132,6 +143,7 @@ void check_rect(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_
 
 at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
                         int64_t critic, std::optional<int64_t> offset, double eps) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), y = y_in.contiguous();
@@ -149,6 +161,7 @@ at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at
 Grads3 rect_backward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
                      int64_t critic, std::optional<int64_t> offset, double eps, const at::Tensor& lse,
                      const at::Tensor& g, const at::Tensor& center) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), y = y_in.contiguous();

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -210,3 +211,27 @@ def test_prebuilt_library_loads_without_building(tmp_path):
                           timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK (1, 18) (1, 18)" in proc.stdout
+
+
+def test_calls_from_two_threads_match_one_at_a_time(namespace):
+    """The dispatcher releases the GIL around a call, so two Python threads may call at
+    once; the results must be those of one call at a time (the emulation, whose launch
+    state is global, serialises its calls)."""
+    ops = _ops(namespace)
+    inputs = [_inputs(namespace, (1, 70, 24), seed=s) for s in range(4)]
+    it = torch.tensor(2.0, device=inputs[0].device)
+    expected = [ops.forward(x, x.flip(1), it, 0, False, 1e-12) for x in inputs]
+    results: dict[int, tuple] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = ops.forward(inputs[i], inputs[i].flip(1), it, 0, False, 1e-12)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(expected):
+        for got, ref in zip(results[i], want):
+            assert torch.equal(got, ref), i

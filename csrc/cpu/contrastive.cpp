@@ -380,9 +380,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& a, const at::Tensor
 
 Grads3 backward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau,
                 int64_t critic, bool all, double eps, const at::Tensor& row_lse,
-                                 const at::Tensor& col_lse, const at::Tensor& g_row,
-                                 const at::Tensor& g_col, const at::Tensor& row_center,
-                                 const at::Tensor& col_center) {
+                const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
+                const at::Tensor& row_center, const at::Tensor& col_center) {
   check_inputs(a, b, inv_tau, critic);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   // The statistics are read per head at fixed offsets: a wrong shape would read past them.

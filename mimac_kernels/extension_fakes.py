@@ -65,9 +65,11 @@ def _fakes(backend: str) -> dict[str, object]:
         h, n = a.shape[0], a.shape[1]
         return _f32(a, h, 2 * n if all_pairs else n), _f32(a, h, 0 if all_pairs else n)
 
-    def backward(a, b, inv_tau, critic, all_pairs, eps, row_lse, col_lse, g_row, g_col,
-                 row_center, col_center):  # fmt: skip
-        _one_device(backend, a=a, b=b, inv_tau=inv_tau, row_lse=row_lse, g_row=g_row)
+    def backward(a, b, inv_tau, critic, all_pairs, eps, *stats):
+        # stats: row_lse, col_lse, g_row, g_col, row_center, col_center
+        named = dict(zip(("row_lse", "col_lse", "g_row", "g_col", "row_center", "col_center"),
+                         stats))  # fmt: skip
+        _one_device(backend, a=a, b=b, inv_tau=inv_tau, **named)
         _check_3d(backend, a=a, b=b)
         return _f32(a, *a.shape), _f32(a, *b.shape), _f32(a)
 
@@ -76,8 +78,9 @@ def _fakes(backend: str) -> dict[str, object]:
         _check_3d(backend, x=x, y=y)
         return _f32(x, x.shape[0], x.shape[1])
 
-    def rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center):
-        _one_device(backend, x=x, y=y, inv_tau=inv_tau, lse=lse, g=g, center=center)
+    def rect_backward(x, y, inv_tau, critic, offset, eps, *stats):
+        # stats: lse, g, center
+        _one_device(backend, x=x, y=y, inv_tau=inv_tau, **dict(zip(("lse", "g", "center"), stats)))
         _check_3d(backend, x=x, y=y)
         return _f32(x, *x.shape), _f32(x, *y.shape), _f32(x)
 

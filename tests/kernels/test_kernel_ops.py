@@ -235,3 +235,18 @@ def test_calls_from_two_threads_match_one_at_a_time(namespace):
     for i, want in enumerate(expected):
         for got, ref in zip(results[i], want):
             assert torch.equal(got, ref), i
+
+
+def test_compiles_without_graph_breaks(namespace):
+    """The dispatcher sees the kernels: ``torch.compile(fullgraph=True)`` traces a call
+    (through the fake implementation) and runs it, with the eager results."""
+    ops = _ops(namespace)
+    a = _inputs(namespace, (2, 9, 6), seed=7)
+    it = torch.tensor(2.0, device=a.device)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        row, col = ops.forward(x, x.flip(1), it, 0, False, 1e-12)
+        return row.sum() + col.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(a), step(a), rtol=0, atol=0)

@@ -21,8 +21,9 @@
 #               N = 65,536, D = 128, bf16, then the four headline cases timed
 #               (mimac-triton and mimac-cuda, eager, torch.compile last while time
 #               remains), each beside its static sm_90 estimate
-# and writes 5 files: quick_check.json, quick_check.md, tests-cuda-gpu.xml,
-# tests-triton.xml, gpu_check.log.
+# and writes 6 files: quick_check.json, quick_check.md, dispatch_table.json (the
+# measured choice between the GPU backends, for mimac_kernels/dispatch_table.json),
+# tests-cuda-gpu.xml, tests-triton.xml, gpu_check.log.
 #
 # STEPS=full (= env,wheels,build,tests,bench,maxbatch,report) is the long run, its
 # budget for a 600 s job limit (default GPU_CHECK_BUDGET=560 there):

@@ -17,7 +17,10 @@ that would start past it is recorded as skipped, with the reason):
    last, only with ``--compile-min-left`` seconds still left (its first call compiles).
 
 Writes ``quick_check.json`` (rewritten after every measurement, so a run cut by a
-timeout keeps what it measured) and ``quick_check.md`` (the table). Each timing row
+timeout keeps what it measured) and ``quick_check.md`` (the table); on a GPU, also
+``dispatch_table.json``: the entries of ``mimac_kernels.dispatch_table`` that the times
+of both GPU backends make (merge them into the committed table with
+``python -m mimac_kernels.dispatch_table OUT/dispatch_table.json``). Each timing row
 carries ``estimate_ms`` from the static estimate of the running Triton's version
 (else 3.6's), joined by case name, and ``model_error`` = measured / estimate.
 ``--tiny`` runs the same code at a few hundred rows (CPU tests); the estimate is
@@ -45,7 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mimac_kernels import dispatch, fused_contrastive_loss, reference_contrastive_loss
+from mimac_kernels import (
+    dispatch,
+    dispatch_table,
+    fused_contrastive_loss,
+    reference_contrastive_loss,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -425,6 +433,18 @@ def time_one(rec: Recorder, case: Headline, provider: str,
     _release(a.device)
 
 
+def write_dispatch_table(doc: dict, out: Path, capability: tuple[int, int]) -> list[dict]:
+    """``out/dispatch_table.json`` from the run's timings of both GPU backends on a GPU of
+    ``capability`` (``dispatch_table.table_from_timings``); also kept in ``doc``."""
+    m = doc["meta"]
+    source = f"quick_check {m['date']} {m['device_name']} commit {m['commit']}"
+    entries = dispatch_table.table_from_timings(doc["timings"], capability, m["dtype"],
+                                                source=source)  # fmt: skip
+    doc["dispatch_table"] = entries
+    dispatch_table.write(out / "dispatch_table.json", entries)
+    return entries
+
+
 def run(args: argparse.Namespace) -> dict:
     """Both phases within ``args.deadline``; returns the result document."""
     clock = Clock(args.deadline)
@@ -475,6 +495,8 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             time_one(rec, case, "compile", compiled, views(case, device, dtype),
                      args.repeats)  # fmt: skip
+    if device.type == "cuda" and not args.tiny:  # tiny sizes say nothing about speed
+        write_dispatch_table(rec.doc, Path(args.out), dispatch_table.capability(device))
     rec.doc["meta"]["wall_s"] = round(time.monotonic() - clock.start, 1)
     rec.save()
     return rec.doc

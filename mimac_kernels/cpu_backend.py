@@ -3,7 +3,8 @@
 Kernel-level contract: ``mimac_kernels.contract``. Computes in float32
 (float16/bfloat16 inputs are upcast); float64 stays with the ``torch`` backend.
 The tile kernels exist for AVX-512, AVX2 and baseline x86-64 and are chosen at
-run time (``isa()``/``set_isa()`` inspect and override the choice).
+run time (``isa()``/``set_isa()`` inspect and override the choice). The kernels are the
+torch operators ``torch.ops.mimac_cpu.*`` (CPU dispatch key; ``extension_backend``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Kernel-level contract: ``mimac_kernels.contract``. Tensor-core tiles (WMMA):
 bf16/fp16 inputs natively, float32 through 3xTF32 (float32-level accuracy); sums,
 exp and the outputs in float32. Needs compute capability 8.0 or newer on the
-inputs' GPU. Nothing here touches CUDA at import time.
+inputs' GPU. The kernels are the torch operators ``torch.ops.mimac_cuda.*`` (CUDA
+dispatch key; ``extension_backend``). Nothing here touches CUDA at import time.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ query, the capability of the inputs' GPU), answered once per backend, device (wi
 its index) and dtype and cached here; then ``refusal(problem)``, a cheap look at the
 whole problem (e.g. more heads than a grid axis holds) at every call. Under
 ``backend="auto"`` a refusal of either kind moves on to the next backend in order.
+
+On CUDA the order is ``_AUTO_ORDER``'s unless ``dispatch_table`` holds a measured
+choice for the inputs' GPU capability, dtype and width D: that backend is then tried
+first, and a refusal still moves on, in the default order.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import cast
 
 import torch
 
+from mimac_kernels import dispatch_table
 from mimac_kernels.contract import Backend, Problem, RectProblem
 
 logger = logging.getLogger("mimac_kernels")
@@ -110,7 +115,7 @@ def resolve(backend: str, problem: Problem | RectProblem) -> str:
     """
     if backend == "auto":
         reasons = []
-        for name in _AUTO_ORDER.get(problem.device.type, ("torch",)):
+        for name in auto_order(problem):
             why = refusal(name, problem)
             if why is None:
                 _log_choice(name, _describe(problem), tuple(reasons))
@@ -125,6 +130,17 @@ def resolve(backend: str, problem: Problem | RectProblem) -> str:
     if why is not None:
         raise BackendUnavailable(f"backend {backend!r} cannot run {_describe(problem)}: {why}")
     return backend
+
+
+def auto_order(problem: Problem | RectProblem) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries for ``problem``, in order: ``_AUTO_ORDER`` of its
+    device type, with the measured choice of ``dispatch_table`` (if any) moved first."""
+    order = _AUTO_ORDER.get(problem.device.type, ("torch",))
+    d = (problem.x if isinstance(problem, RectProblem) else problem.a).shape[-1]
+    first = dispatch_table.preferred(problem.device, problem.dtype, d)
+    if first is None or first not in order:
+        return order
+    return (first, *(name for name in order if name != first))
 
 
 def _describe(problem: Problem | RectProblem) -> str:

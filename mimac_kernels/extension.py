@@ -8,6 +8,13 @@ compiler; an OS lock that survives a killed build; the CUDA toolkit root of an
 nvcc behind a wrapper script; and failures as reasons to fall back, never as
 errors at import or at the call. A build prints one line to stderr saying so.
 
+The kernels' libraries are torch operator libraries, not Python modules: their
+``TORCH_LIBRARY`` blocks register the ops (``ExtensionSpec.ops`` names the
+namespace: ``torch.ops.mimac_cpu``, ``torch.ops.mimac_cuda``, and
+``torch.ops.mimac_cuda_emu`` for the CPU emulation of the CUDA kernels), and
+``load`` returns that namespace once the library is loaded and the ops' fake
+implementations (``mimac_kernels.extension_fakes``) are registered.
+
 Example:
     >>> from mimac_kernels import extension
     >>> extension.spec_for("cpu").name
@@ -30,7 +37,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -45,7 +52,7 @@ ENV_CACHE = "MIMAC_KERNELS_CACHE"
 ENV_NO_BUILD = "MIMAC_KERNELS_NO_BUILD"
 KINDS = ("cpu", "cuda")
 #: Bumped when the way extensions are built changes (invalidates every cache entry).
-BUILD_SCHEMA = "2"
+BUILD_SCHEMA = "3"
 _SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 
 
@@ -70,6 +77,14 @@ class ExtensionSpec:
     ldflags: tuple[str, ...] = ()
     #: Header search path (default: ``source_dir``).
     include_dirs: tuple[Path, ...] = ()
+    #: The ``torch.ops`` namespace the library registers (``TORCH_LIBRARY``); empty: the
+    #: library is a Python extension module instead.
+    ops: str = ""
+
+
+#: What ``build``/``load`` return: the ops namespace (``torch.ops.<spec.ops>``) of an
+#: operator library, or the module of a Python extension module.
+Extension = Any
 
 
 def cpu_spec(csrc: Path = CSRC) -> ExtensionSpec:
@@ -87,6 +102,7 @@ def cpu_spec(csrc: Path = CSRC) -> ExtensionSpec:
         sources=(src / "contrastive.cpp", src / "siglip.cpp"),
         cflags=("-O3", "-ffp-contract=fast", *omp),
         ldflags=omp,
+        ops="mimac_cpu",  # and mimac_siglip (siglip.cpp)
     )
 
 
@@ -100,6 +116,7 @@ def cuda_spec(csrc: Path = CSRC) -> ExtensionSpec:
         sources=(src / "binding.cpp", src / "contrastive_kernels.cu"),
         cflags=("-O3",),
         cuda_cflags=("-O3", "-lineinfo"),
+        ops="mimac_cuda",
     )
 
 
@@ -120,6 +137,7 @@ def cuda_emulation_spec(csrc: Path = CSRC) -> ExtensionSpec:
         ),
         cflags=("-O2", "-DMIMAC_CUDA_EMULATION", "-Wno-unknown-pragmas"),
         include_dirs=(emu,),
+        ops="mimac_cuda_emu",  # and mimac_emu, mimac_emu_selftest (selftest.cpp)
     )
 
 
@@ -322,7 +340,7 @@ def _toolchain(spec: ExtensionSpec) -> Iterator[None]:
         yield
 
 
-def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
+def build(spec: ExtensionSpec, *, verbose: bool = False) -> Extension:
     """Compile ``spec`` (or reuse the cached build) and import it; with
     ``MIMAC_KERNELS_NO_BUILD=1``, import the cached build or fail.
 
@@ -352,7 +370,7 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
 
         try:
             with _toolchain(spec):
-                return cpp_extension.load(
+                loaded = cpp_extension.load(
                     name=module_name(spec),
                     sources=[str(s) for s in spec.sources],
                     extra_cflags=list(spec.cflags),
@@ -362,17 +380,22 @@ def build(spec: ExtensionSpec, *, verbose: bool = False) -> ModuleType:
                     build_directory=str(lib.parent),
                     verbose=verbose,
                     with_cuda=spec.kind == "cuda",
+                    is_python_module=not spec.ops,
                 )
         except Exception as exc:  # compiler missing, compile error, ninja missing, ...
             raise ExtensionUnavailable(
                 f"building the {spec.kind} extension failed: {_summarise(str(exc))} "
                 "(run `python -m mimac_kernels.build --verbose` for the full compiler output)"
             ) from exc
+        return _op_namespace(spec) if spec.ops else loaded
 
 
-def _import_library(spec: ExtensionSpec, lib: Path) -> ModuleType:
+def _import_library(spec: ExtensionSpec, lib: Path) -> Extension:
     """Import a library built earlier; one that does not load is a reason, not a crash."""
     try:
+        if spec.ops:
+            torch.ops.load_library(str(lib))  # runs its TORCH_LIBRARY registrations
+            return _op_namespace(spec)
         found = importlib.util.spec_from_file_location(module_name(spec), lib)
         module = importlib.util.module_from_spec(found)  # type: ignore[arg-type]
         found.loader.exec_module(module)  # type: ignore[union-attr]
@@ -384,14 +407,25 @@ def _import_library(spec: ExtensionSpec, lib: Path) -> ModuleType:
     return module
 
 
+def _op_namespace(spec: ExtensionSpec) -> Extension:
+    """``torch.ops.<spec.ops>`` of a loaded operator library, its fake implementations
+    registered (they let ``torch.compile`` and ``opcheck`` trace the ops)."""
+    from mimac_kernels import extension_fakes
+
+    extension_fakes.register(spec.ops)
+    return getattr(torch.ops, spec.ops)
+
+
 # --- one result per process -------------------------------------------------------------
 
 _LOCK = threading.Lock()
-_RESULTS: dict[str, ModuleType | str] = {}
+_RESULTS: dict[str, Extension | str] = {}
 
 
-def load(kind: str) -> ModuleType:
-    """The built extension ``kind`` ("cpu" or "cuda"), built at most once per process.
+def load(kind: str) -> Extension:
+    """The built extension ``kind`` ("cpu" or "cuda"), built at most once per process: its
+    ops namespace, ``torch.ops.mimac_cpu`` or ``torch.ops.mimac_cuda`` (or what
+    ``substitute`` put in its place).
 
     Raises:
         ExtensionUnavailable: with the reason (a failed build is reported once, as an
@@ -406,7 +440,7 @@ def load(kind: str) -> ModuleType:
     return result
 
 
-def _try_build(kind: str) -> ModuleType | str:
+def _try_build(kind: str) -> Extension | str:
     try:
         return build(spec_for(kind))
     except Exception as exc:  # noqa: BLE001 -- a build problem is a reason, never a crash
@@ -439,7 +473,7 @@ def reset() -> None:
 
 
 @contextlib.contextmanager
-def substitute(kind: str, module: ModuleType) -> Iterator[ModuleType]:
+def substitute(kind: str, module: Extension) -> Iterator[Extension]:
     """Inside the block, ``load(kind)`` returns ``module`` (a stand-in build, such as
     the CUDA emulation); the previous result, built or not, is restored after."""
     with _LOCK:

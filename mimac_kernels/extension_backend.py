@@ -1,11 +1,15 @@
 """What the two compiled backends (``cpu``, ``cuda``) share: argument encoding and the calls.
 
-Both extensions expose ``forward(a, b, inv_tau, critic_id, all, eps)`` and
-``backward(..., row_lse, col_lse, g_row, g_col, row_center, col_center)``, and for the
-rectangular problem ``rect_forward(x, y, inv_tau, critic_id, offset, eps)`` and
-``rect_backward(..., lse, g, center)`` (``offset``: an int or ``None``), with the
-kernel-level contract of ``mimac_kernels.contract``; they differ only in where they
-run, which ``cpu_backend``/``cuda_backend`` check.
+Both extensions register the same torch operators (``torch.ops.mimac_cpu`` for the CPU
+dispatch key, ``torch.ops.mimac_cuda`` for CUDA, ``torch.ops.mimac_cuda_emu`` for the
+CUDA kernels on the CPU emulation): ``forward(a, b, inv_tau, critic, all_pairs, eps)``
+and ``backward(..., row_lse, col_lse, g_row, g_col, row_center, col_center)``, and for
+the rectangular problem ``rect_forward(x, y, inv_tau, critic, offset, eps)`` and
+``rect_backward(..., lse, g, center)`` (``critic``: an id of ``CRITIC_IDS``; ``offset``:
+an int or ``None``), with the kernel-level contract of ``mimac_kernels.contract``
+(their fake implementations: ``mimac_kernels.extension_fakes``); they differ only in
+where they run, which ``cpu_backend``/``cuda_backend`` check. ``extension.load(kind)``
+returns the namespace.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ fi
 export MIMAC_KERNELS_CACHE="$VENV/kernels-cache" TORCH_CUDA_ARCH_LIST="8.0;9.0"
 "$VENV/bin/python" -m mimac_kernels.build
 # "skipped" is success for the build command; here the CUDA extension must load.
-"$VENV/bin/python" -c "from mimac_kernels import extension; print('cuda extension loads:', \
-extension.load('cuda').__file__)"
+"$VENV/bin/python" -c "from mimac_kernels import extension; ops = extension.load('cuda'); \
+print('cuda extension loads:', extension.library_path(extension.spec_for('cuda')), ops.forward)"
 # Registers and spills of every Triton kernel configuration under this triton, for sm_90.
 "$VENV/bin/python" -m benchmarks.triton_resources --out "$VENV/triton_resources.json" | tail -1
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q tests benchmarks --benchmark-disable \

@@ -20,9 +20,9 @@
 // atomics, no private copies to merge, and a result that does not depend on
 // the thread count.
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -30,6 +30,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef _OPENMP
@@ -339,8 +340,12 @@ TileArgs base_args(const Operand& xo, const Operand& yo, const Tile& t, int64_t 
 
 float read_inv_tau(const at::Tensor& inv_tau) { return inv_tau.to(at::kFloat).item<float>(); }
 
-std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau,
-                                int64_t critic, bool all, double eps) {
+// Two gradients and the temperature sum: the backward ops' `(Tensor, Tensor, Tensor)`.
+using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& a, const at::Tensor& b,
+                                           const at::Tensor& inv_tau, int64_t critic, bool all,
+                                           double eps) {
   check_inputs(a, b, inv_tau, critic);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   const float it = read_inv_tau(inv_tau);
@@ -357,7 +362,6 @@ std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const 
   const Kernels k = active_kernels();
   const Schedule sched{all, xo.nb, yo.nb, h, group_size(xo.nb, xo.rows.size(2))};
   {
-    pybind11::gil_scoped_release no_gil;
     run_schedule(sched, [&](const Tile& t, Scratch& sc) {
       const bool diag = all && t.bx == t.by;
       TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), diag);
@@ -374,11 +378,10 @@ std::vector<at::Tensor> forward(const at::Tensor& a, const at::Tensor& b, const 
   return {lse, (ym + ys.log()).narrow(1, 0, n).contiguous()};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau,
-                                 int64_t critic, bool all, double eps, const at::Tensor& row_lse,
-                                 const at::Tensor& col_lse, const at::Tensor& g_row,
-                                 const at::Tensor& g_col, const at::Tensor& row_center,
-                                 const at::Tensor& col_center) {
+Grads3 backward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau,
+                int64_t critic, bool all, double eps, const at::Tensor& row_lse,
+                const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
+                const at::Tensor& row_center, const at::Tensor& col_center) {
   check_inputs(a, b, inv_tau, critic);
   const int64_t h = a.size(0), n = a.size(1), d = a.size(2);
   // The statistics are read per head at fixed offsets: a wrong shape would read past them.
@@ -408,7 +411,6 @@ std::vector<at::Tensor> backward(const at::Tensor& a, const at::Tensor& b, const
   const Schedule sched{all, xo.nb, yo.nb, h, group_size(xo.nb, xo.rows.size(2))};
   double tau;
   {
-    pybind11::gil_scoped_release no_gil;
     tau = run_schedule(sched, [&](const Tile& t, Scratch& sc) {
       const bool diag = all && t.bx == t.by;
       TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), diag);
@@ -468,7 +470,6 @@ at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tens
   const Kernels k = active_kernels();
   const Schedule sched{false, xo.nb, yo.nb, h, group_size(std::min(xo.nb, yo.nb), xo.rows.size(2))};
   {
-    pybind11::gil_scoped_release no_gil;
     run_schedule(sched, [&](const Tile& t, Scratch& sc) {
       TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), false);
       set_rect_mask(ta, t, offset);
@@ -481,11 +482,9 @@ at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tens
   return (xm + xs.log()).narrow(1, 0, xo.n).contiguous();
 }
 
-std::vector<at::Tensor> rect_backward(const at::Tensor& x, const at::Tensor& y,
-                                      const at::Tensor& inv_tau, int64_t critic,
-                                      std::optional<int64_t> offset, double eps,
-                                      const at::Tensor& lse, const at::Tensor& g,
-                                      const at::Tensor& center) {
+Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau,
+                     int64_t critic, std::optional<int64_t> offset, double eps,
+                     const at::Tensor& lse, const at::Tensor& g, const at::Tensor& center) {
   check_rect(x, y, inv_tau, critic);
   const int64_t h = x.size(0), r = x.size(1), c = y.size(1), d = x.size(2);
   for (const auto* v : {&lse, &g, &center})
@@ -505,7 +504,6 @@ std::vector<at::Tensor> rect_backward(const at::Tensor& x, const at::Tensor& y,
   const Schedule sched{false, xo.nb, yo.nb, h, group_size(std::min(xo.nb, yo.nb), dp)};
   double tau;
   {
-    pybind11::gil_scoped_release no_gil;
     tau = run_schedule(sched, [&](const Tile& t, Scratch& sc) {
       TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), false);
       set_rect_mask(ta, t, offset);
@@ -526,30 +524,39 @@ std::vector<at::Tensor> rect_backward(const at::Tensor& x, const at::Tensor& y,
 
 }  // namespace mimac_cpu
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mimac_kernels fused CPU contrastive-loss kernel (see mimac_kernels/dispatch.py)";
-  m.def("forward", &mimac_cpu::forward, "row/column log-sum-exp", pybind11::arg("a"),
-        pybind11::arg("b"), pybind11::arg("inv_tau"), pybind11::arg("critic"), pybind11::arg("all"),
-        pybind11::arg("eps"));
-  m.def("backward", &mimac_cpu::backward, "gradients of sum(g_row*row_lse)+sum(g_col*col_lse)",
-        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
-        pybind11::arg("all"), pybind11::arg("eps"), pybind11::arg("row_lse"),
-        pybind11::arg("col_lse"), pybind11::arg("g_row"), pybind11::arg("g_col"),
-        pybind11::arg("row_center"), pybind11::arg("col_center"));
-  m.def("rect_forward", &mimac_cpu::rect_forward, "row log-sum-exp of rows x against columns y",
-        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
-        pybind11::arg("offset"), pybind11::arg("eps"));
-  m.def("rect_backward", &mimac_cpu::rect_backward,
-        "gradients of sum(g*lse) w.r.t. x and y, and the centred temperature sum",
-        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
-        pybind11::arg("offset"), pybind11::arg("eps"), pybind11::arg("lse"), pybind11::arg("g"),
-        pybind11::arg("center"));
-  m.def("isa", &mimac_cpu::get_isa, "instruction set the tile kernels use");
-  m.def("set_isa", &mimac_cpu::set_isa, "use the tile kernels of another instruction set");
-  m.def("available_isas", &mimac_cpu::available_isas, "instruction sets this CPU runs, best first");
-  m.def("set_group", &mimac_cpu::set_group,
-        "blocks per group tile of the schedule (0: automatic; tests compare them)");
-  m.def("group", &mimac_cpu::get_group, "blocks per group tile for n_rows rows of width d",
-        pybind11::arg("n_rows"), pybind11::arg("d"));
-  m.attr("block") = mimac_cpu::kBlock;
+// The dispatcher's view (torch.ops.mimac_cpu; schemas: mimac_kernels/extension_fakes.py has
+// their fake implementations). The kernels run on CPU tensors only, so they are the CPU
+// key's; the helpers without tensors (ISA and group-tile choice) take no dispatch key.
+// No GIL handling here: torch's Python binding of an operator releases it around the call.
+TORCH_LIBRARY(mimac_cpu, m) {
+  m.def("forward(Tensor a, Tensor b, Tensor inv_tau, int critic, bool all_pairs, float eps) "
+        "-> (Tensor row_lse, Tensor col_lse)");
+  m.def("backward(Tensor a, Tensor b, Tensor inv_tau, int critic, bool all_pairs, float eps, "
+        "Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, Tensor row_center, "
+        "Tensor col_center) -> (Tensor grad_a, Tensor grad_b, Tensor grad_tau)");
+  m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps) "
+        "-> Tensor");
+  m.def("rect_backward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
+        "Tensor lse, Tensor g, Tensor center) -> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
+  m.def("isa() -> str", &mimac_cpu::get_isa);
+  m.def("set_isa(str name) -> ()", &mimac_cpu::set_isa);
+  m.def("available_isas() -> str[]", &mimac_cpu::available_isas);
+  m.def("set_group(int g) -> ()", &mimac_cpu::set_group);
+  m.def("group(int n_rows, int d) -> int", &mimac_cpu::get_group);
+  m.def("block() -> int", []() -> int64_t { return mimac_cpu::kBlock; });
+}
+
+TORCH_LIBRARY_IMPL(mimac_cpu, CPU, m) {
+  m.impl("forward", &mimac_cpu::forward);
+  m.impl("backward", &mimac_cpu::backward);
+  m.impl("rect_forward", &mimac_cpu::rect_forward);
+  m.impl("rect_backward", &mimac_cpu::rect_backward);
+}
+
+// Not differentiable themselves: mimac_kernels/ops.py pairs forward and backward under
+// autograd. A fallthrough makes their outputs plain tensors, instead of the autograd
+// fallback's graph node that only warns once a backward reaches it.
+TORCH_LIBRARY_IMPL(mimac_cpu, Autograd, m) {
+  for (const char* op : {"forward", "backward", "rect_forward", "rect_backward"})
+    m.impl(op, torch::CppFunction::makeFallthrough());
 }

@@ -1,15 +1,18 @@
 // Torch glue for the CUDA launchers of contrastive_kernels.h: checks, device
-// guard, current stream, output allocation. Contract: mimac_kernels/dispatch.py.
+// guard, current stream, output allocation, and their registration as torch
+// operators (end of file). Contract: mimac_kernels/contract.py.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 // c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS and
 // cuSPARSE headers, which a CUDA install need not have and these kernels do not use.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <mutex>
 #include <optional>
-#include <vector>
+#include <tuple>
 
 #include "contrastive_kernels.h"
 
@@ -29,7 +32,15 @@ int dtype_id(at::ScalarType t) {
 // csrc/emulation runs these kernels on the CPU (tests): the tensors are host tensors.
 bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
 constexpr const char* kKernelDevice = "CPU tensors (the CUDA emulation)";
+// The emulation keeps the running launch in globals (csrc/emulation/runtime.cpp), and torch's
+// Python binding of an operator releases the GIL around the call: one call at a time.
+std::mutex& emulation_mutex() {
+  static std::mutex m;
+  return m;
+}
+#define MIMAC_ONE_CALL_AT_A_TIME const std::lock_guard<std::mutex> one_call(emulation_mutex())
 #else
+#define MIMAC_ONE_CALL_AT_A_TIME static_cast<void>(0)
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 constexpr const char* kKernelDevice = "CUDA tensors";
 #endif
@@ -57,10 +68,14 @@ at::Tensor stat(const at::Tensor& t, const at::Tensor& like) {
   return t.to(at::kFloat).contiguous();
 }
 
+// Two gradients and the temperature sum: the backward ops' `(Tensor, Tensor, Tensor)`.
+using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
 }  // namespace
 
-std::vector<at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& inv_tau,
-                                int64_t critic, bool all, double eps) {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in,
+                                           const at::Tensor& inv_tau, int64_t critic, bool all, double eps) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_inputs(a_in, b_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
@@ -77,10 +92,11 @@ std::vector<at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in, 
   return {row, col};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& inv_tau,
-                                 int64_t critic, bool all, double eps, const at::Tensor& row_lse,
+Grads3 backward(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& inv_tau,
+                int64_t critic, bool all, double eps, const at::Tensor& row_lse,
                                  const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
                                  const at::Tensor& row_center, const at::Tensor& col_center) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_inputs(a_in, b_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), b = b_in.contiguous();
@@ -127,6 +143,7 @@ void check_rect(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_
 
 at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
                         int64_t critic, std::optional<int64_t> offset, double eps) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), y = y_in.contiguous();
@@ -141,11 +158,10 @@ at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at
   return lse;
 }
 
-std::vector<at::Tensor> rect_backward(const at::Tensor& x_in, const at::Tensor& y_in,
-                                      const at::Tensor& inv_tau, int64_t critic,
-                                      std::optional<int64_t> offset, double eps,
-                                      const at::Tensor& lse, const at::Tensor& g,
-                                      const at::Tensor& center) {
+Grads3 rect_backward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
+                     int64_t critic, std::optional<int64_t> offset, double eps, const at::Tensor& lse,
+                     const at::Tensor& g, const at::Tensor& center) {
+  MIMAC_ONE_CALL_AT_A_TIME;
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), y = y_in.contiguous();
@@ -168,20 +184,44 @@ std::vector<at::Tensor> rect_backward(const at::Tensor& x_in, const at::Tensor& 
   return {gx, gy, gt};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mimac_kernels fused CUDA contrastive-loss kernels (see mimac_kernels/dispatch.py)";
-  m.def("forward", &forward, "row/column log-sum-exp", pybind11::arg("a"), pybind11::arg("b"),
-        pybind11::arg("inv_tau"), pybind11::arg("critic"), pybind11::arg("all"), pybind11::arg("eps"));
-  m.def("backward", &backward, "gradients of sum(g_row*row_lse)+sum(g_col*col_lse)", pybind11::arg("a"),
-        pybind11::arg("b"), pybind11::arg("inv_tau"), pybind11::arg("critic"), pybind11::arg("all"),
-        pybind11::arg("eps"), pybind11::arg("row_lse"), pybind11::arg("col_lse"), pybind11::arg("g_row"),
-        pybind11::arg("g_col"), pybind11::arg("row_center"), pybind11::arg("col_center"));
-  m.def("rect_forward", &rect_forward, "row log-sum-exp of rows x against columns y",
-        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
-        pybind11::arg("offset"), pybind11::arg("eps"));
-  m.def("rect_backward", &rect_backward,
-        "gradients of sum(g*lse) w.r.t. x and y, and the centred temperature sum",
-        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("inv_tau"), pybind11::arg("critic"),
-        pybind11::arg("offset"), pybind11::arg("eps"), pybind11::arg("lse"), pybind11::arg("g"),
-        pybind11::arg("center"));
+// The dispatcher's view. The GPU build registers torch.ops.mimac_cuda for the CUDA key; the
+// CPU emulation (csrc/emulation) runs these same functions on host tensors, so it registers
+// them for the CPU key, under its own namespace, torch.ops.mimac_cuda_emu: a process may load
+// both builds (a GPU machine running the emulated tests), and a namespace is defined once.
+// Fake implementations: mimac_kernels/extension_fakes.py.
+#ifdef MIMAC_CUDA_EMULATION
+#define MIMAC_CUDA_OPS mimac_cuda_emu
+#define MIMAC_CUDA_KEY CPU
+#else
+#define MIMAC_CUDA_OPS mimac_cuda
+#define MIMAC_CUDA_KEY CUDA
+#endif
+// TORCH_LIBRARY pastes its namespace argument (##), which would not expand a macro: expand first.
+#define MIMAC_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+MIMAC_TORCH_LIBRARY(MIMAC_CUDA_OPS, m) {
+  m.def("forward(Tensor a, Tensor b, Tensor inv_tau, int critic, bool all_pairs, float eps) "
+        "-> (Tensor row_lse, Tensor col_lse)");
+  m.def("backward(Tensor a, Tensor b, Tensor inv_tau, int critic, bool all_pairs, float eps, "
+        "Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, Tensor row_center, "
+        "Tensor col_center) -> (Tensor grad_a, Tensor grad_b, Tensor grad_tau)");
+  m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps) "
+        "-> Tensor");
+  m.def("rect_backward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
+        "Tensor lse, Tensor g, Tensor center) -> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
+}
+
+TORCH_LIBRARY_IMPL(MIMAC_CUDA_OPS, MIMAC_CUDA_KEY, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+  m.impl("rect_forward", &rect_forward);
+  m.impl("rect_backward", &rect_backward);
+}
+
+// Not differentiable themselves: mimac_kernels/ops.py pairs forward and backward under
+// autograd. A fallthrough makes their outputs plain tensors, instead of the autograd
+// fallback's graph node that only warns once a backward reaches it.
+TORCH_LIBRARY_IMPL(MIMAC_CUDA_OPS, Autograd, m) {
+  for (const char* op : {"forward", "backward", "rect_forward", "rect_backward"})
+    m.impl(op, torch::CppFunction::makeFallthrough());
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -22,10 +22,10 @@ EMULATION_SCHEDULES = ("in_order", "reversed", "shuffled", "warps_in_order", "wa
 
 
 @functools.cache
-def cuda_emulation() -> ModuleType:
-    """The CUDA emulation's extension (``extension.cuda_emulation_spec``), built or
-    loaded once per process; it also registers ``torch.ops.mimac_emu`` and
-    ``torch.ops.mimac_emu_selftest``."""
+def cuda_emulation() -> Any:
+    """The CUDA emulation's ops, ``torch.ops.mimac_cuda_emu`` (``binding.cpp`` for the
+    CPU dispatch key; ``extension.cuda_emulation_spec``), built or loaded once per
+    process; it also registers ``torch.ops.mimac_emu`` and ``torch.ops.mimac_emu_selftest``."""
     return extension.build(extension.cuda_emulation_spec())
 
 
@@ -47,7 +47,7 @@ class EmulatedCuda:
 
 
 @contextlib.contextmanager
-def emulated_cuda_backend() -> Iterator[ModuleType]:
+def emulated_cuda_backend() -> Iterator[Any]:
     """Inside the block, ``backend="cuda"`` runs the CUDA kernels' own source (and
     ``binding.cpp``) on CPU tensors. Builds the emulation on first use (about a
     minute); raises ``extension.ExtensionUnavailable`` if that fails."""

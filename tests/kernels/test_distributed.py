@@ -94,6 +94,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         except ValueError as exc:
             results["unequal_d"] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears gloo down: a peer's last transfer may
+        # still be in flight (a rank aborted in teardown without this, under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -174,6 +177,9 @@ def _world_one_worker(rank: int, world: int, init_file: str, out_dir: str, pg_ba
                 refusal = str(e)
             with open(os.path.join(out_dir, "refusal.txt"), "w") as f:
                 f.write(refusal)
+        # Every rank done before any tears gloo down: a peer's last transfer may
+        # still be in flight (a rank aborted in teardown without this, under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -245,6 +251,9 @@ def _backend_worker(rank: int, world: int, init_file: str, out_dir: str, label: 
                 results[(critic, negatives, tau_value)] = (loss.detach(), [g for g in grads])
             results["calls"] = dict(counting.calls)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears gloo down: a peer's last transfer may
+        # still be in flight (a rank aborted in teardown without this, under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -458,6 +458,9 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         x = _global_case(world, None)[0][sl]
         results["split"] = SupConLoss(0.2, backend="torch", group=dist.group.WORLD)(x, split)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears gloo down: a peer's last transfer may
+        # still be in flight (a rank aborted in teardown without this, under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -446,6 +446,9 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                "module": value.detach(), "bank": module.memory_bank.bank.clone(),
                "ptr": int(module.memory_bank.bank_ptr)}  # fmt: skip
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears gloo down: a peer's last transfer may
+        # still be in flight (a rank aborted in teardown without this, under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -415,6 +415,9 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     grads = torch.autograd.grad(loss, (x, y, t, b))
                     results[("open_clip", impl)] = [loss.detach(), *[g.detach() for g in grads]]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears gloo down: a peer's last transfer may
+        # still be in flight (a rank aborted in teardown without this, under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

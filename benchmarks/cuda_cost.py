@@ -202,10 +202,10 @@ class Compiled:
         self._profiles: dict[tuple, Profile] = {}
 
     def profile(self, launch: CudaLaunch) -> Profile:
-        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d)
+        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d, launch.fast)
         if key not in self._profiles:
             name = cuda_compile.kernel_symbol(list(self.sass), launch.kernel, launch.dtype,
-                                              launch.critic, launch.split)  # fmt: skip
+                                              launch.critic, launch.split, launch.fast)  # fmt: skip
             self._profiles[key] = profile(launch, self.sass[name], self.resources[name])
         return self._profiles[key]
 

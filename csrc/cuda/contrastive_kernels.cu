@@ -103,7 +103,7 @@ struct Mma<__half> {
   };
   __device__ static __half zero() { return __float2half(0.0f); }
   __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static void load_a(A& a, const __half* p) { wmma::load_matrix_sync(a.f, p, LD); }
+  __device__ static void load_a(A& a, const __half* p, unsigned ld) { wmma::load_matrix_sync(a.f, p, ld); }
   __device__ static void mma(C& c, const A& a, const __half* b) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
     wmma::load_matrix_sync(fb, b, LD);
@@ -121,7 +121,9 @@ struct Mma<__nv_bfloat16> {
   };
   __device__ static __nv_bfloat16 zero() { return __float2bfloat16(0.0f); }
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static void load_a(A& a, const __nv_bfloat16* p) { wmma::load_matrix_sync(a.f, p, LD); }
+  __device__ static void load_a(A& a, const __nv_bfloat16* p, unsigned ld) {
+    wmma::load_matrix_sync(a.f, p, ld);
+  }
   __device__ static void mma(C& c, const A& a, const __nv_bfloat16* b) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
     wmma::load_matrix_sync(fb, b, LD);
@@ -157,8 +159,8 @@ struct Tf32 {
   struct A {
     FA hi, lo;
   };
-  __device__ static void load_a(A& a, const float* p) {
-    wmma::load_matrix_sync(a.hi, p, kLdA);
+  __device__ static void load_a(A& a, const float* p, unsigned ld = kLdA) {
+    wmma::load_matrix_sync(a.hi, p, ld);
     if (kSplit) {
       split_tf32(a.hi, a.lo);
     } else {
@@ -173,9 +175,10 @@ struct Tf32 {
       split_tf32(bh, bl);
       wmma::mma_sync(c, a.lo, bh, c);  // small terms first
       wmma::mma_sync(c, a.hi, bl, c);
-    } else {
-      round_tf32(bh);
     }
+    // Unsplit, B is the backward's Y slab converted from bf16/fp16 (8 or 11 significant
+    // bits): already exact in TF32 (11), so no rounding of it (which cost more issue
+    // slots than the MMAs themselves).
     wmma::mma_sync(c, a.hi, bh, c);
   }
 };
@@ -189,7 +192,8 @@ struct Mma<float> : Tf32<KC + 4, KC + 4, wmma::col_major, true> {
   __device__ static float to_float(float v) { return v; }
 };
 
-// dX += V Y (always TF32; V and the Y slab are float in shared memory).
+// dX += V Y (always TF32; V and the Y slab are float in shared memory). Unsplit only
+// for 16-bit inputs, whose Y needs no TF32 rounding (see Tf32::mma).
 template <bool kSplit>
 using MmaVY = Tf32<LDS, LDO, wmma::row_major, kSplit>;
 using C2 = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
@@ -197,48 +201,110 @@ using C2 = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 // --- shared-memory layout -----------------------------------------------------------------
 
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+__host__ __device__ constexpr size_t cmax(size_t a, size_t b) { return a > b ? a : b; }
 
+// Elements of T per 16-byte vector of the fast path's staging.
 template <typename T>
+__host__ __device__ constexpr int vec_elems() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+// The fast path keeps the CTA's BM rows of X resident: all of D, padded with zeros
+// to whole KC chunks, staged once per CTA (X never changes across column tiles).
+// Row stride x_ld elements: the KC chunk's own padding, so WMMA fragments stay
+// 32-byte aligned and 16-byte vectors 16-byte aligned.
+template <typename T>
+__host__ __device__ constexpr int64_t x_cols(int64_t d) {
+  return (d + KC - 1) / KC * KC;
+}
+template <typename T>
+__host__ __device__ constexpr int64_t x_ld(int64_t d) {
+  return x_cols<T>(d) + (Mma<T>::LD - KC);
+}
+template <typename T>
+__host__ __device__ constexpr size_t x_bytes(int64_t d) {
+  return align128(BM * x_ld<T>(d) * sizeof(T));
+}
+// Resident X up to this size (bf16/fp16 D <= 512, float32 D <= 256): beyond it the
+// general path's per-chunk staging keeps two CTAs per SM.
+constexpr size_t kXResidentMax = 68 * 1024;
+
+template <typename T, bool kFast>
+__host__ __device__ constexpr size_t x_region(int64_t d) {
+  return kFast ? x_bytes<T>(d) : 0;
+}
+// The per-chunk staging: the Y chunk (fast path), or the X chunk and the Y chunk.
+template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t staging_bytes() {
-  return align128(2 * BM * Mma<T>::LD * sizeof(T));  // X chunk + Y chunk
+  return align128((kFast ? 1 : 2) * BM * Mma<T>::LD * sizeof(T));
 }
 __host__ __device__ constexpr size_t slab_bytes() { return align128(BM * LDO * sizeof(float)); }
 __host__ __device__ constexpr size_t tile_bytes() { return align128(BM * LDS * sizeof(float)); }
-__host__ __device__ constexpr size_t cmax(size_t a, size_t b) { return a > b ? a : b; }
 
-template <typename T>
-__host__ __device__ constexpr size_t fwd_smem() {
-  return staging_bytes<T>() + tile_bytes();
+// [resident X (fast path)] [staging] [S tile]
+template <typename T, bool kFast = false>
+__host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
+  return x_region<T, kFast>(d) + staging_bytes<T, kFast>() + tile_bytes();
 }
-// union {staging, Y slab, output staging} + S/V tile + column stats + reduction scratch
-template <typename T>
+// [resident X (fast path)] [union {staging, Y slab, output staging}] [S/V tile]
+// [column stats] [reduction scratch]
+template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_union() {
-  return cmax(staging_bytes<T>(), slab_bytes());
+  return cmax(staging_bytes<T, kFast>(), slab_bytes());
 }
-template <typename T>
-__host__ __device__ constexpr size_t bwd_smem() {
-  return bwd_union<T>() + tile_bytes() + align128(3 * BN * sizeof(float)) + align128(8 * sizeof(double));
-}
-
-// Row `gr` of a (possibly two-part) operand of one head, or nullptr past the end.
-template <typename T>
-__device__ __forceinline__ const T* row_ptr(const T* p0, const T* p1, int64_t split, int64_t n,
-                                            int64_t gr, int64_t d) {
-  if (gr >= n) return nullptr;
-  return gr < split ? p0 + gr * d : p1 + (gr - split) * d;
+template <typename T, bool kFast = false>
+__host__ __device__ constexpr size_t bwd_smem(int64_t d = 0) {
+  return x_region<T, kFast>(d) + bwd_union<T, kFast>() + tile_bytes() + align128(3 * BN * sizeof(float)) +
+         align128(8 * sizeof(double));
 }
 
-// dst[r][c] = row(row0 + r)[dc + c] for r < 64, c < kWidth; zero outside the operand.
+static_assert(Mma<__half>::LD * 2 % 16 == 0 && Mma<float>::LD * 4 % 16 == 0 && LDO * 4 % 16 == 0,
+              "16-byte vectors need 16-byte aligned rows in shared memory");
+
+// --- staging ------------------------------------------------------------------------------
+
+// Rows of one (possibly two-part) operand of one head: global row gr < split lives in
+// p0, else in p1 (Z = [a; b]); n rows in all.
+template <typename T>
+struct Rows {
+  const T* p0;
+  const T* p1;
+  int64_t split, n;
+};
+
+template <typename T>
+struct Ops {
+  Rows<T> x, y;
+};
+
+template <typename T>
+__device__ __forceinline__ Ops<T> head_operands(const Pass& p, int64_t h) {
+  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
+  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
+  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
+  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  return {{x0, x1, p.x_split, p.rows}, {y0, y1, p.y_split, p.cols}};
+}
+
+// Row `gr` of an operand, or nullptr past the end.
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const Rows<T>& o, int64_t gr, int64_t d) {
+  if (gr >= o.n) return nullptr;
+  return gr < o.split ? o.p0 + gr * d : o.p1 + (gr - o.split) * d;
+}
+
+// General path: dst[r][c] = row(row0 + r)[dc + c] for r < 64, c < kWidth, one element
+// at a time (any D, any alignment); zero outside the operand.
 // kToFloat: convert to float (the Y slab of the backward), else copy the raw
 // element (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit casts).
 template <bool kToFloat, typename T, int kWidth>
 __device__ __forceinline__ void stage_rows(typename std::conditional<kToFloat, float, T>::type* dst,
-                                           int ld, const T* p0, const T* p1, int64_t split,
-                                           int64_t n, int64_t row0, int64_t d, int64_t dc) {
+                                           int ld, const Rows<T>& o, int64_t row0, int64_t d,
+                                           int64_t dc) {
   for (int idx = threadIdx.x; idx < 64 * kWidth; idx += NT) {
     const int r = idx / kWidth, c = idx % kWidth;
     const int64_t gc = dc + c;
-    const T* src = row_ptr(p0, p1, split, n, row0 + r, d);
+    const T* src = row_ptr(o, row0 + r, d);
     const bool ok = src != nullptr && gc < d;
     if constexpr (kToFloat) {
       dst[r * ld + c] = ok ? Mma<T>::to_float(src[gc]) : 0.0f;
@@ -248,11 +314,91 @@ __device__ __forceinline__ void stage_rows(typename std::conditional<kToFloat, f
   }
 }
 
-// S tile (raw dot products, float, stride LDS) of rows row0.. against columns col0..
+// Element k of a 16-byte vector of T (little-endian lanes), as float.
 template <typename T>
-__device__ __forceinline__ void tile_dots(const Pass& p, const T* x0, const T* x1, const T* y0,
-                                          const T* y1, int64_t row0, int64_t col0, T* xs, T* ys,
-                                          float* ss) {
+__device__ __forceinline__ float vec_elem(const uint4& v, int k) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w[k]);
+  } else {
+    const unsigned short bits = static_cast<unsigned short>(w[k / 2] >> (16 * (k & 1)));
+    if constexpr (std::is_same<T, __half>::value) {
+      return __half2float(__ushort_as_half(bits));
+    } else {
+      return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+  }
+}
+
+// Fast path: as stage_rows for `width` columns, in 16-byte vectors (ld.global.nc: the
+// operands are read-only for the kernel's life). Needs d, dc and width multiples of
+// vec_elems<T>() and 16-byte aligned operands (fast_path() checks), so that a vector
+// lies wholly inside a row or wholly past its end (zeros there). One row pointer per
+// vector instead of one per element. `width` is a multiple of 2 * vec_elems<T>(), so
+// every thread copies the same number of vectors: a counted loop (unrolled where the
+// width is a constant) with no remainder.
+template <bool kToFloat, typename T>
+__device__ __forceinline__ void stage_vec(typename std::conditional<kToFloat, float, T>::type* dst,
+                                          int ld, const Rows<T>& o, int64_t row0, int64_t d,
+                                          int64_t dc, int width) {
+  constexpr int V = vec_elems<T>();
+  static_assert(64 * 2 == NT, "64 rows x width / V vectors: a whole number per thread");
+  const int per_row = width / V, per_thread = width / (2 * V);
+#pragma unroll 8
+  for (int i = 0; i < per_thread; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * NT;
+    const int r = idx / per_row, c = (idx - r * per_row) * V;
+    const int64_t gr = row0 + r, gc = dc + c;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (gr < o.n && gc < d) {
+      const T* src = (gr < o.split ? o.p0 + gr * d : o.p1 + (gr - o.split) * d) + gc;
+      v = __ldg(reinterpret_cast<const uint4*>(src));
+    }
+    if constexpr (kToFloat) {
+#pragma unroll
+      for (int k = 0; k < V; k += 4) {
+        *reinterpret_cast<float4*>(dst + r * ld + c + k) = make_float4(
+            vec_elem<T>(v, k), vec_elem<T>(v, k + 1), vec_elem<T>(v, k + 2), vec_elem<T>(v, k + 3));
+      }
+    } else {
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+  }
+}
+
+// Shared-memory operands of the score GEMM: X (the resident rows in the fast path,
+// row stride xld, else the current chunk), the Y chunk, and the S tile.
+template <typename T>
+struct Tiles {
+  T* xs;
+  unsigned xld;
+  T* ys;
+  float* ss;
+};
+
+// Carves the staging region (after the resident X) into Tiles.
+template <typename T, bool kFast>
+__device__ __forceinline__ Tiles<T> carve(unsigned char* smem, int64_t d, size_t tile_offset) {
+  unsigned char* stage = smem + x_region<T, kFast>(d);
+  T* xs = reinterpret_cast<T*>(kFast ? smem : stage);
+  T* ys = reinterpret_cast<T*>(stage) + (kFast ? 0 : BM * Mma<T>::LD);
+  const unsigned xld = kFast ? static_cast<unsigned>(x_ld<T>(d)) : Mma<T>::LD;
+  return {xs, xld, ys, reinterpret_cast<float*>(stage + tile_offset)};
+}
+
+// Fast path: the CTA's rows of X, all of D, once. No barrier of its own: tile_dots
+// stages the first Y chunk and waits at a barrier before any fragment load.
+template <typename T, bool kFast>
+__device__ __forceinline__ void stage_resident_x(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
+                                                 int64_t row0) {
+  if constexpr (kFast)
+    stage_vec<false, T>(t.xs, t.xld, op.x, row0, p.d, 0, static_cast<int>(x_cols<T>(p.d)));
+}
+
+// S tile (raw dot products, float, stride LDS) of rows row0.. against columns col0..
+template <typename T, bool kFast>
+__device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
+                                          int64_t row0, int64_t col0) {
   using M = Mma<T>;
   const int warp = threadIdx.x / 32;
   typename M::C acc[BN / 16];
@@ -260,20 +406,26 @@ __device__ __forceinline__ void tile_dots(const Pass& p, const T* x0, const T* x
   for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   for (int64_t dc = 0; dc < p.d; dc += KC) {
     __syncthreads();  // staging (and whatever shares it) is free
-    stage_rows<false, T, KC>(xs, M::LD, x0, x1, p.x_split, p.rows, row0, p.d, dc);
-    stage_rows<false, T, KC>(ys, M::LD, y0, y1, p.y_split, p.cols, col0, p.d, dc);
+    if constexpr (kFast) {
+      static_assert(KC % (2 * vec_elems<T>()) == 0 && DO % (2 * vec_elems<T>()) == 0, "whole vectors");
+      stage_vec<false, T>(t.ys, M::LD, op.y, col0, p.d, dc, KC);
+    } else {
+      stage_rows<false, T, KC>(t.xs, M::LD, op.x, row0, p.d, dc);
+      stage_rows<false, T, KC>(t.ys, M::LD, op.y, col0, p.d, dc);
+    }
     __syncthreads();
+    const T* xa = t.xs + warp * 16 * t.xld + (kFast ? dc : 0);
 #pragma unroll
     for (int ks = 0; ks < KC; ks += M::KS) {
       typename M::A fa;
-      M::load_a(fa, xs + warp * 16 * M::LD + ks);
+      M::load_a(fa, xa + ks, t.xld);
 #pragma unroll
-      for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, ys + n * 16 * M::LD + ks);
+      for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, t.ys + n * 16 * M::LD + ks);
     }
   }
 #pragma unroll
   for (int n = 0; n < BN / 16; ++n)
-    wmma::store_matrix_sync(ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
+    wmma::store_matrix_sync(t.ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
   __syncthreads();
 }
 
@@ -285,26 +437,27 @@ __device__ __forceinline__ float raw_score(float dot, float eps) {
 
 // --- kernels ---------------------------------------------------------------------------------
 
-template <typename T, int kCritic>
-__global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
+// kFast: the fast path (16-byte vector staging, resident X; fast_path() picks it).
+// Launch bounds with an explicit minimum of CTAs per SM give ptxas its register budget
+// (without one its own heuristic spilled in some variants): 3 CTAs (<= 168 registers)
+// for 16-bit inputs, 1 for float32 (the 3xTF32 fragments need more).
+template <typename T, int kCritic, bool kFast>
+__global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = xs + BM * Mma<T>::LD;
-  float* ss = reinterpret_cast<float*>(smem + staging_bytes<T>());
+  const Tiles<T> t = carve<T, kFast>(smem, p.d, staging_bytes<T, kFast>());
+  float* ss = t.ss;
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
-  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
-  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
-  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  const Ops<T> op = head_operands<T>(p, h);
+  stage_resident_x<T, kFast>(p, op, t, row0);
   const float it = *p.inv_tau;
   const int r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
   float m = -INFINITY, l = 0.0f;  // running max (natural log) and sum
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
-    tile_dots<T>(p, x0, x1, y0, y1, row0, col0, xs, ys, ss);
+    tile_dots<T, kFast>(p, op, t, row0, col0);
     // Pass 1: scaled, masked scores back into this thread's own slots of the tile.
     float tmax = -INFINITY;
 #pragma unroll 8
@@ -341,25 +494,26 @@ __global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
 #endif
 }
 
-template <typename T, int kCritic, bool kSplit>
-__global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
+// Register budget of a whole SM's file per CTA (see the forward): the DO-wide
+// gradient accumulators live in registers.
+template <typename T, int kCritic, bool kSplit, bool kFast>
+__global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = xs + BM * Mma<T>::LD;
-  float* slab = reinterpret_cast<float*>(smem);  // reuses the staging space
-  float* ss = reinterpret_cast<float*>(smem + bwd_union<T>());
-  float* s_ly = reinterpret_cast<float*>(smem + bwd_union<T>() + tile_bytes());
+  const Tiles<T> t = carve<T, kFast>(smem, p.d, bwd_union<T, kFast>());
+  unsigned char* stage = smem + x_region<T, kFast>(p.d);
+  float* slab = reinterpret_cast<float*>(stage);  // reuses the staging space
+  float* ss = t.ss;
+  float* s_ly = reinterpret_cast<float*>(stage + bwd_union<T, kFast>() + tile_bytes());
   float* s_gy = s_ly + BN;
   float* s_cy = s_gy + BN;
-  double* s_red = reinterpret_cast<double*>(smem + bwd_union<T>() + tile_bytes() + align128(3 * BN * sizeof(float)));
+  double* s_red = reinterpret_cast<double*>(stage + bwd_union<T, kFast>() + tile_bytes() +
+                                            align128(3 * BN * sizeof(float)));
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t dout0 = static_cast<int64_t>(blockIdx.y) * DO;
-  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
-  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
-  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
-  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  const Ops<T> op = head_operands<T>(p, h);
+  stage_resident_x<T, kFast>(p, op, t, row0);
   // A side without statistics (null: the rectangular problem's columns, or its rows
   // in the dY pass) carries no weight at all.
   const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
@@ -391,7 +545,7 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
       s_gy[threadIdx.x] = ok ? gy[gk] : 0.0f;
       s_cy[threadIdx.x] = ok ? cy[gk] : 0.0f;
     }
-    tile_dots<T>(p, x0, x1, y0, y1, row0, col0, xs, ys, ss);  // ends with __syncthreads
+    tile_dots<T, kFast>(p, op, t, row0, col0);  // ends with __syncthreads
     float tau_tile = 0.0f;
 #pragma unroll 8
     for (int j = 0; j < JPT; ++j) {
@@ -415,7 +569,11 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
     }
     if (want_tau) tau += tau_tile;
     __syncthreads();  // V complete, staging free
-    stage_rows<true, T, DO>(slab, LDO, y0, y1, p.y_split, p.cols, col0, p.d, dout0);
+    if constexpr (kFast) {
+      stage_vec<true, T>(slab, LDO, op.y, col0, p.d, dout0, DO);
+    } else {
+      stage_rows<true, T, DO>(slab, LDO, op.y, col0, p.d, dout0);
+    }
     __syncthreads();
     using VY = MmaVY<kSplit>;
 #pragma unroll 2
@@ -484,20 +642,42 @@ dim3 grid_for(const Pass& p, int64_t heads, int64_t slices) {
               static_cast<unsigned>(heads));
 }
 
+// The fast path's preconditions: whole 16-byte vectors per row (D a multiple of
+// vec_elems<T>(), every operand 16-byte aligned; head strides N * D keep that) and
+// the resident X within kXResidentMax. Anything else runs the general path.
+template <typename T>
+bool fast_path(const Pass& p) {
+  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return p.d % vec_elems<T>() == 0 && x_bytes<T>(p.d) <= kXResidentMax && aligned(p.x0) &&
+         aligned(p.x1) && aligned(p.y0) && aligned(p.y1);
+}
+
+template <typename T, int kCritic>
+cudaError_t forward_as(const Pass& p, dim3 grid, cudaStream_t s) {
+  if (fast_path<T>(p)) return launch(lse_forward_kernel<T, kCritic, true>, grid, fwd_smem<T, true>(p.d), p, s);
+  return launch(lse_forward_kernel<T, kCritic, false>, grid, fwd_smem<T, false>(p.d), p, s);
+}
+
 template <typename T>
 cudaError_t forward_pass(const Pass& p, int critic, int64_t heads, cudaStream_t s) {
   const dim3 grid = grid_for(p, heads, 1);
-  if (critic == MIMAC_LOG_DOT) return launch(lse_forward_kernel<T, MIMAC_LOG_DOT>, grid, fwd_smem<T>(), p, s);
-  return launch(lse_forward_kernel<T, MIMAC_DOT>, grid, fwd_smem<T>(), p, s);  // cosine == dot here
+  if (critic == MIMAC_LOG_DOT) return forward_as<T, MIMAC_LOG_DOT>(p, grid, s);
+  return forward_as<T, MIMAC_DOT>(p, grid, s);  // cosine == dot here
+}
+
+template <typename T, int kCritic>
+cudaError_t backward_as(const Pass& p, dim3 grid, cudaStream_t s) {
+  constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
+  if (fast_path<T>(p))
+    return launch(lse_backward_kernel<T, kCritic, kSplit, true>, grid, bwd_smem<T, true>(p.d), p, s);
+  return launch(lse_backward_kernel<T, kCritic, kSplit, false>, grid, bwd_smem<T, false>(p.d), p, s);
 }
 
 template <typename T>
 cudaError_t backward_pass(const Pass& p, int critic, int64_t heads, cudaStream_t s) {
-  constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
   const dim3 grid = grid_for(p, heads, (p.d + DO - 1) / DO);
-  if (critic == MIMAC_LOG_DOT)
-    return launch(lse_backward_kernel<T, MIMAC_LOG_DOT, kSplit>, grid, bwd_smem<T>(), p, s);
-  return launch(lse_backward_kernel<T, MIMAC_DOT, kSplit>, grid, bwd_smem<T>(), p, s);
+  if (critic == MIMAC_LOG_DOT) return backward_as<T, MIMAC_LOG_DOT>(p, grid, s);
+  return backward_as<T, MIMAC_DOT>(p, grid, s);
 }
 
 template <typename F>

@@ -15,7 +15,8 @@
 // What it checks beyond values: barrier divergence (a thread exits or waits at
 // another barrier while the block waits), dynamic shared memory over 48 KiB
 // without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
-// dynamic shared memory the launch asked for, launch bounds.
+// dynamic shared memory the launch asked for, launch bounds, misaligned 16-byte
+// vector loads (__ldg of uint4).
 //
 // Races between two barriers: a fiber runs from one barrier to the next without
 // a switch, so a race gives the right answer under one thread order and a
@@ -140,6 +141,33 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return out;
 }
 
+// --- vector types and 16-byte loads -------------------------------------------------
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+// ld.global.nc.v4: a misaligned vector address faults on a GPU ("misaligned
+// address"); here it fails the launch, naming the load.
+inline uint4 __ldg(const uint4* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    ::mimac_emu::fail("__ldg: 16-byte vector load from an address not 16-byte aligned");
+  uint4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // Fibers run on one OS thread: a plain add is atomic here.
 inline float atomicAdd(float* p, float v) {
   const float old = *p;
@@ -205,6 +233,8 @@ struct __nv_bfloat16 {
   uint16_t __x = 0;
 };
 
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
 inline float __half2float(__half h) { return ::mimac_emu::half_to_float(h.__x); }
 inline __half __float2half(float f) { return __half{::mimac_emu::float_to_half(f)}; }
 inline float __bfloat162float(__nv_bfloat16 h) { return ::mimac_emu::bf16_to_float(h.__x); }

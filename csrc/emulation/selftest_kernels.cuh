@@ -40,13 +40,21 @@ __global__ void neighbour_kernel(Args a) {
 }
 
 // Variant 0: fine; 1: only half the block reaches the barrier; 2: a write one
-// float past the dynamic shared memory; 3: a partial-mask shuffle.
+// float past the dynamic shared memory; 3: a partial-mask shuffle; 4: a 16-byte
+// vector load (__ldg of uint4) one float past an aligned address; 5: its aligned twin
+// (every thread t < 4 adds in[4 * (t / 4) .. + 3], summed as uint4 lanes of floats).
 __global__ void defect_kernel(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* s = reinterpret_cast<float*>(smem);
   const int t = threadIdx.x;
   if (a.variant != 1 || t < 64) __syncthreads();
   if (a.variant == 2 && t == 0) s[blockDim.x] = 1.0f;
+  if (a.variant >= 4) {
+    const float* src = a.in + 4 * (t / 4) + (a.variant == 4 ? 1 : 0);
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(src));
+    a.out[t] = __uint_as_float(q.x) + __uint_as_float(q.y) + __uint_as_float(q.z) + __uint_as_float(q.w);
+    return;
+  }
   float v = a.in[t];
   v += __shfl_xor_sync(a.variant == 3 ? 0xffffu : 0xffffffffu, v, 1);
   a.out[t] = v;

@@ -9,6 +9,7 @@ float64 torch backend, since the plain loss would need an M x M matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -95,6 +96,36 @@ def test_no_race_between_barriers(critic, negatives, dtype, dev):
             assert torch.equal(x, y), (schedule, name, max_abs_err(x, y))
         # One atomicAdd per CTA: the block order may change the temperature sum's rounding.
         torch.testing.assert_close(outputs[schedule][4], outputs["in_order"][4], rtol=1e-5, atol=0)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_fast_and_general_paths_agree(negatives, dtype, dev):
+    """D = 72 (whole 16-byte vectors, 16-byte aligned rows) takes the fast path: vector
+    staging, the CTA's X rows resident; the same values one element past a 16-byte
+    boundary take the general path, element-wise staging (the fast path's vector loads
+    would fault there: the emulation fails a misaligned one). The same products in the
+    same order: the same bits."""
+    if dev.type != "cpu":
+        pytest.skip("the emulation's check of vector alignment; on a GPU it would fault")
+    case = kernel_case((2, 70, 72), "dot", negatives, dtype, dev)
+    p = case.problem
+    odd = dataclasses.replace(
+        case, problem=dataclasses.replace(p, a=_misaligned(p.a), b=_misaligned(p.b))
+    )
+    assert p.a.data_ptr() % 16 == 0 and odd.problem.a.data_ptr() % 16 != 0
+    names = ("row_lse", "col_lse", "grad_a", "grad_b", "grad_inv_tau")
+    for name, x, y in zip(names, kernel_outputs(cuda_backend, case), kernel_outputs(cuda_backend, odd)):
+        assert torch.equal(x, y), (name, max_abs_err(x, y))
 
 
 @pytest.mark.slow

@@ -92,12 +92,20 @@ def test_shuffle(selftest):
         (1, "deadlock (barrier divergence) in block (0,0,0): 64 threads wait at __syncthreads; 64 have exited"),
         (2, "write past the 512 bytes of dynamic shared memory"),
         (3, "__shfl_xor_sync: only the full mask is emulated"),
+        (4, "__ldg: 16-byte vector load from an address not 16-byte aligned"),
     ],
 )
 def test_defects_fail_the_launch(selftest, variant, message):
     with pytest.raises(RuntimeError) as err:
         run(selftest, "defect", torch.arange(128.0), variant)
     assert message in str(err.value)
+
+
+def test_vector_load(selftest):
+    """The aligned twin of the misaligned 16-byte load: four floats per load, in order."""
+    x = torch.arange(128.0)
+    expected = x.view(32, 4).sum(1).repeat_interleave(4)
+    torch.testing.assert_close(run(selftest, "defect", x, 5), expected, rtol=0, atol=0)
 
 
 def test_dynamic_shared_memory_limits(selftest):

@@ -39,9 +39,9 @@ CONSTS = {"BM": 64, "BN": 64, "KC": 64, "DO": 128, "NT": 128,
           "fwd_smem": {"fp32": 52224, "fp16": 35840, "bf16": 35840},
           "bwd_smem": {"fp32": 53120, "fp16": 52096, "bf16": 52096},
           "x_resident_max": 69632,
-          "fast": {"fp32": {"fwd_base": 34816, "bwd_base": 52096, "x_pad": 4, "vec": 4},
-                   "fp16": {"fwd_base": 26624, "bwd_base": 52096, "x_pad": 8, "vec": 8},
-                   "bf16": {"fwd_base": 26624, "bwd_base": 52096, "x_pad": 8, "vec": 8}}}  # fmt: skip
+          "fast": {"fp32": {"fwd_base": 52224, "bwd_base": 86912, "x_pad": 4, "vec": 4},
+                   "fp16": {"fwd_base": 35840, "bwd_base": 70528, "x_pad": 8, "vec": 8},
+                   "bf16": {"fwd_base": 35840, "bwd_base": 70528, "x_pad": 8, "vec": 8}}}  # fmt: skip
 
 
 def test_launch_plan_mirrors_the_launchers() -> None:
@@ -54,7 +54,7 @@ def test_launch_plan_mirrors_the_launchers() -> None:
         ("bwd", "Z", (1024, 4, 1)),
     ]
     # bf16 D = 512: the fast path, X resident (64 rows x 520, 66,560 bytes) besides the rest
-    assert [lc.smem for lc in plan] == [26624 + 66560, 52096 + 66560]
+    assert [lc.smem for lc in plan] == [35840 + 66560, 70528 + 66560]
     assert all(lc.fast for lc in plan) and plan[0].name.endswith(", true>")
     assert plan[0].split is None and plan[1].split is False and plan[1].d_slices == 4
     assert tiles_per_program(plan[1]) == [1024] * 4096
@@ -69,7 +69,7 @@ def test_launch_plan_mirrors_the_launchers() -> None:
     # D = 100 is whole float32 vectors (X resident: 64 x 132 floats); D = 100 in bf16 is
     # not (12.5 vectors of 8), nor is float32 D = 320 within the resident X's limit:
     # the general path, with its fixed shared memory.
-    assert all(lc.fast for lc in cross) and cross[0].smem == 34816 + 64 * 132 * 4
+    assert all(lc.fast for lc in cross) and cross[0].smem == 52224 + 64 * 132 * 4
     for d, dtype in ((100, "bf16"), (320, "fp32"), (1024, "bf16")):
         general = launch_plan("all", 8, d, CONSTS, dtype)
         assert not any(lc.fast for lc in general), (d, dtype)
@@ -194,11 +194,13 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     assert pb.per_tile["tensor_macs_per_cta"] == elements * (d + c["DO"])
     assert pb.per_tile["tensor_tf32_macs_per_cta"] == elements * c["DO"]
     assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements
-    # Global loads per tile: the BN x D column panel (the row panel is resident, staged
-    # once per CTA outside the column loop; backward: and the BN x DO slab of Y for the
-    # gradient) in counted 16-byte loops, plus the backward's three column statistics
+    # Global loads per tile: the BN x D column panel (16-byte cp.async, LDGSTS, one chunk
+    # ahead; the row panel is resident, staged once per CTA outside the column loop;
+    # backward: and the BN x DO slab of Y for the gradient, 16-byte loads) in counted
+    # loops with no remainder, plus the backward's three column statistics
     # (loaded by BN threads, counted for every warp as the static count does).
     assert pf.per_tile["global_bytes"] * warps == c["BN"] * d * 2
+    assert pf.per_tile["opcodes"]["LDGSTS"] * warps * 32 * 16 == c["BN"] * d * 2
     staged = c["BN"] * (d + c["DO"]) * 2
     assert pb.per_tile["global_bytes"] * warps == staged + 3 * 4 * c["NT"]
     assert fwd.fast and bwd.fast

@@ -29,6 +29,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
 #include <type_traits>
@@ -233,10 +234,15 @@ template <typename T, bool kFast>
 __host__ __device__ constexpr size_t x_region(int64_t d) {
   return kFast ? x_bytes<T>(d) : 0;
 }
-// The per-chunk staging: the Y chunk (fast path), or the X chunk and the Y chunk.
+// The per-chunk staging: two Y chunk buffers (fast path: chunk q in buffer q % 2 while
+// chunk q + 1 is in flight), or the X chunk and the Y chunk. Both BM x KC, stride LD.
+template <typename T>
+__host__ __device__ constexpr size_t chunk_elems() {
+  return BM * Mma<T>::LD;
+}
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t staging_bytes() {
-  return align128((kFast ? 1 : 2) * BM * Mma<T>::LD * sizeof(T));
+  return align128(2 * chunk_elems<T>() * sizeof(T));
 }
 __host__ __device__ constexpr size_t slab_bytes() { return align128(BM * LDO * sizeof(float)); }
 __host__ __device__ constexpr size_t tile_bytes() { return align128(BM * LDS * sizeof(float)); }
@@ -246,11 +252,16 @@ template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
   return x_region<T, kFast>(d) + staging_bytes<T, kFast>() + tile_bytes();
 }
-// [resident X (fast path)] [union {staging, Y slab, output staging}] [S/V tile]
-// [column stats] [reduction scratch]
+// [resident X (fast path)] [staging] [Y slab, output staging] [S/V tile] [column stats]
+// [reduction scratch]; the general path's staging and slab share one region (union),
+// the fast path's are apart: the next tile's first Y chunk is in flight meanwhile.
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_union() {
-  return cmax(staging_bytes<T, kFast>(), slab_bytes());
+  return kFast ? staging_bytes<T, kFast>() + slab_bytes() : cmax(staging_bytes<T, kFast>(), slab_bytes());
+}
+template <typename T, bool kFast>
+__host__ __device__ constexpr size_t slab_offset() {
+  return kFast ? staging_bytes<T, kFast>() : 0;
 }
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_smem(int64_t d = 0) {
@@ -350,10 +361,7 @@ __device__ __forceinline__ void stage_vec(typename std::conditional<kToFloat, fl
     const int r = idx / per_row, c = (idx - r * per_row) * V;
     const int64_t gr = row0 + r, gc = dc + c;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (gr < o.n && gc < d) {
-      const T* src = (gr < o.split ? o.p0 + gr * d : o.p1 + (gr - o.split) * d) + gc;
-      v = __ldg(reinterpret_cast<const uint4*>(src));
-    }
+    if (gr < o.n && gc < d) v = __ldg(reinterpret_cast<const uint4*>(row_start(o, gr, d) + gc));
     if constexpr (kToFloat) {
 #pragma unroll
       for (int k = 0; k < V; k += 4) {
@@ -367,7 +375,8 @@ __device__ __forceinline__ void stage_vec(typename std::conditional<kToFloat, fl
 }
 
 // Shared-memory operands of the score GEMM: X (the resident rows in the fast path,
-// row stride xld, else the current chunk), the Y chunk, and the S tile.
+// row stride xld, else the current chunk), the Y chunk (fast path: the first of its
+// two buffers), and the S tile.
 template <typename T>
 struct Tiles {
   T* xs;
@@ -381,7 +390,7 @@ template <typename T, bool kFast>
 __device__ __forceinline__ Tiles<T> carve(unsigned char* smem, int64_t d, size_t tile_offset) {
   unsigned char* stage = smem + x_region<T, kFast>(d);
   T* xs = reinterpret_cast<T*>(kFast ? smem : stage);
-  T* ys = reinterpret_cast<T*>(stage) + (kFast ? 0 : BM * Mma<T>::LD);
+  T* ys = reinterpret_cast<T*>(stage) + (kFast ? 0 : chunk_elems<T>());
   const unsigned xld = kFast ? static_cast<unsigned>(x_ld<T>(d)) : Mma<T>::LD;
   return {xs, xld, ys, reinterpret_cast<float*>(stage + tile_offset)};
 }
@@ -395,10 +404,49 @@ __device__ __forceinline__ void stage_resident_x(const Pass& p, const Ops<T>& op
     stage_vec<false, T>(t.xs, t.xld, op.x, row0, p.d, 0, static_cast<int>(x_cols<T>(p.d)));
 }
 
+// Start of row gr of an operand (gr < o.n): two selects rather than a branch.
+template <typename T>
+__device__ __forceinline__ const T* row_start(const Rows<T>& o, int64_t gr, int64_t d) {
+  const bool first = gr < o.split;
+  return (first ? o.p0 : o.p1) + (first ? gr : gr - o.split) * d;
+}
+
+// Fast path: the BM x KC chunk (col0, dc) of Y into `buf` by cp.async, 16 bytes per
+// copy; zeros (plain stores) past the operand.
+template <typename T>
+__device__ __forceinline__ void issue_y_chunk(T* buf, const Rows<T>& o, int64_t col0, int64_t d,
+                                              int64_t dc) {
+  constexpr int V = vec_elems<T>(), per_row = KC / V;
+#pragma unroll
+  for (int i = 0; i < KC / (2 * V); ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * NT;
+    const int r = idx / per_row, c = (idx - r * per_row) * V;
+    const int64_t gr = col0 + r, gc = dc + c;
+    T* dst = buf + r * Mma<T>::LD + c;
+    if (gr < o.n && gc < d) {
+      __pipeline_memcpy_async(dst, row_start(o, gr, d) + gc, 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// Fast path, before the column loop: the first Y chunk in flight into buffer 0.
+template <typename T, bool kFast>
+__device__ __forceinline__ void prefetch_first_chunk(const Ops<T>& op, const Tiles<T>& t, int64_t d) {
+  if constexpr (kFast) {
+    issue_y_chunk(t.ys, op.y, 0, d, 0);
+    __pipeline_commit();
+  }
+}
+
 // S tile (raw dot products, float, stride LDS) of rows row0.. against columns col0..
+// Fast path: `q` counts the CTA's Y chunks; chunk q is in buffer q % 2 and, while its
+// MMAs run, chunk q + 1 (the next D chunk, else the next tile's first) is in flight
+// into the other buffer (issued after the barrier that frees it).
 template <typename T, bool kFast>
 __device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
-                                          int64_t row0, int64_t col0) {
+                                          int64_t row0, int64_t col0, int& q) {
   using M = Mma<T>;
   const int warp = threadIdx.x / 32;
   typename M::C acc[BN / 16];
@@ -406,21 +454,30 @@ __device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const
   for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   for (int64_t dc = 0; dc < p.d; dc += KC) {
     __syncthreads();  // staging (and whatever shares it) is free
+    const T* ys = t.ys;
     if constexpr (kFast) {
       static_assert(KC % (2 * vec_elems<T>()) == 0 && DO % (2 * vec_elems<T>()) == 0, "whole vectors");
-      stage_vec<false, T>(t.ys, M::LD, op.y, col0, p.d, dc, KC);
+      const bool last = dc + KC >= p.d;
+      const int64_t next_col = last ? col0 + BN : col0;
+      if (next_col < p.cols)
+        issue_y_chunk(t.ys + ((q + 1) & 1) * chunk_elems<T>(), op.y, next_col, p.d, last ? 0 : dc + KC);
+      __pipeline_commit();       // an empty group after the last chunk: the wait stays uniform
+      __pipeline_wait_prior(1);  // this thread's copies of chunk q have landed
+      __syncthreads();           // and everyone's
+      ys += (q & 1) * chunk_elems<T>();
+      ++q;
     } else {
       stage_rows<false, T, KC>(t.xs, M::LD, op.x, row0, p.d, dc);
       stage_rows<false, T, KC>(t.ys, M::LD, op.y, col0, p.d, dc);
+      __syncthreads();
     }
-    __syncthreads();
     const T* xa = t.xs + warp * 16 * t.xld + (kFast ? dc : 0);
 #pragma unroll
     for (int ks = 0; ks < KC; ks += M::KS) {
       typename M::A fa;
       M::load_a(fa, xa + ks, t.xld);
 #pragma unroll
-      for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, t.ys + n * 16 * M::LD + ks);
+      for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, ys + n * 16 * M::LD + ks);
     }
   }
 #pragma unroll
@@ -451,13 +508,15 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Ops<T> op = head_operands<T>(p, h);
   stage_resident_x<T, kFast>(p, op, t, row0);
+  prefetch_first_chunk<T, kFast>(op, t, p.d);
+  int q = 0;  // Y chunks so far (fast path)
   const float it = *p.inv_tau;
   const int r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
   float m = -INFINITY, l = 0.0f;  // running max (natural log) and sum
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
-    tile_dots<T, kFast>(p, op, t, row0, col0);
+    tile_dots<T, kFast>(p, op, t, row0, col0, q);
     // Pass 1: scaled, masked scores back into this thread's own slots of the tile.
     float tmax = -INFINITY;
 #pragma unroll 8
@@ -502,7 +561,7 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const Tiles<T> t = carve<T, kFast>(smem, p.d, bwd_union<T, kFast>());
   unsigned char* stage = smem + x_region<T, kFast>(p.d);
-  float* slab = reinterpret_cast<float*>(stage);  // reuses the staging space
+  float* slab = reinterpret_cast<float*>(stage + slab_offset<T, kFast>());  // general: in the staging
   float* ss = t.ss;
   float* s_ly = reinterpret_cast<float*>(stage + bwd_union<T, kFast>() + tile_bytes());
   float* s_gy = s_ly + BN;
@@ -514,6 +573,8 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   const int64_t dout0 = static_cast<int64_t>(blockIdx.y) * DO;
   const Ops<T> op = head_operands<T>(p, h);
   stage_resident_x<T, kFast>(p, op, t, row0);
+  prefetch_first_chunk<T, kFast>(op, t, p.d);
+  int q = 0;  // Y chunks so far (fast path)
   // A side without statistics (null: the rectangular problem's columns, or its rows
   // in the dY pass) carries no weight at all.
   const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
@@ -545,7 +606,7 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
       s_gy[threadIdx.x] = ok ? gy[gk] : 0.0f;
       s_cy[threadIdx.x] = ok ? cy[gk] : 0.0f;
     }
-    tile_dots<T, kFast>(p, op, t, row0, col0);  // ends with __syncthreads
+    tile_dots<T, kFast>(p, op, t, row0, col0, q);  // ends with __syncthreads
     float tau_tile = 0.0f;
 #pragma unroll 8
     for (int j = 0; j < JPT; ++j) {

@@ -16,7 +16,9 @@
 // another barrier while the block waits), dynamic shared memory over 48 KiB
 // without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
 // dynamic shared memory the launch asked for, launch bounds, misaligned 16-byte
-// vector loads (__ldg of uint4).
+// vector loads (__ldg of uint4); cp.async (__pipeline_memcpy_async and its commit
+// and wait groups): a read of a destination before its wait (NaN bytes), a write to
+// it in flight, misaligned addresses, a thread exiting with copies in flight.
 //
 // Races between two barriers: a fiber runs from one barrier to the next without
 // a switch, so a race gives the right answer under one thread order and a
@@ -100,6 +102,16 @@ struct Record {
   std::vector<unsigned char> key, value;
 };
 Record& next_record(bool& first);
+
+// cp.async (cuda_pipeline_primitives.h): this thread's copy of `size` bytes (4, 8
+// or 16; the last `zfill` of them zeros) from global `src` to shared `dst`, both
+// aligned to `size`. The destination reads as NaN bytes until async_wait completes
+// the copy's group; a write to it before then, or a thread exiting with copies in
+// flight, fails the launch. async_commit closes the thread's open copies into a
+// group; async_wait(n) completes all but the newest n committed groups, in order.
+void async_copy(void* dst, const void* src, size_t size, size_t zfill);
+void async_commit();
+void async_wait(size_t prior);
 
 using Body = void (*)(void* kernel, void* arg);
 cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 block, size_t smem);

@@ -10,14 +10,18 @@
 
 namespace {
 
-// Runs `kernel` ("neighbour", "defect", "wmma") in one block; raises with the
+// Runs `kernel` ("neighbour", "defect", "wmma", "async") in one block; raises with the
 // emulation's message when the launch fails.
 void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64_t variant,
          int64_t threads, int64_t smem_bytes, int64_t smem_attribute) {
   TORCH_CHECK(in.is_cpu() && in.scalar_type() == at::kFloat && in.is_contiguous(), "in: contiguous float32");
   TORCH_CHECK(out.sizes() == in.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(),
               "out: like in");
-  const int id = kernel == "neighbour" ? 0 : kernel == "defect" ? 1 : kernel == "wmma" ? 2 : -1;
+  const int id = kernel == "neighbour" ? 0
+                 : kernel == "defect"  ? 1
+                 : kernel == "wmma"    ? 2
+                 : kernel == "async"   ? 3
+                                       : -1;
   TORCH_CHECK(id >= 0, "unknown self-test kernel ", kernel);
   MimacEmuArgs args{out.data_ptr<float>(), in.data_ptr<float>(), static_cast<int>(variant)};
   const cudaError_t e = mimac_emu_selftest_launch(id, &args, static_cast<int>(threads),

@@ -2,6 +2,8 @@
 // emulation catches what it claims to; compiled into kernels.cpp (the one
 // translation unit that owns the emulated shared memory), called by selftest.cpp.
 #pragma once
+#include <cuda_pipeline_primitives.h>
+
 #include "selftest.h"
 
 namespace {
@@ -108,11 +110,46 @@ __global__ void wmma_kernel(Args a) {
   for (int i = lane; i < 256; i += 32) a.out[i] = c[i];
 }
 
+// cp.async: thread t copies in[4t .. 4t + 3] (16 bytes) into shared memory, then every
+// thread reads its right neighbour's four floats: out = in rolled by -4.
+// Variant 0: commit, wait, barrier, read (right). 1: the read before the wait (the
+// destinations still read as NaN). 2: two groups, the first half of each copy in
+// the older one; __pipeline_wait_prior(1) completes only that (the second halves read
+// NaN), the last wait comes after the reads. 3: a shared destination 4 bytes past a
+// 16-byte boundary. 4: the thread exits without a wait. 5: a plain store into the
+// destination while the copy is in flight.
+__global__ void async_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x, n = 4 * blockDim.x;
+  float* dst = s + 4 * t + (a.variant == 3 ? 1 : 0);
+  if (a.variant == 2) {
+    __pipeline_memcpy_async(dst, a.in + 4 * t, 8);
+    __pipeline_commit();
+    __pipeline_memcpy_async(dst + 2, a.in + 4 * t + 2, 8);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+  } else {
+    __pipeline_memcpy_async(dst, a.in + 4 * t, 16);
+    __pipeline_commit();
+    if (a.variant == 5) s[4 * t] = 0.0f;
+    if (a.variant == 4) return;
+    if (a.variant != 1) __pipeline_wait_prior(0);
+  }
+  __syncthreads();
+  for (int k = 0; k < 4; ++k) a.out[4 * t + k] = s[(4 * t + 4 + k) % n];
+  __syncthreads();  // every read done before any copy still in flight completes
+  __pipeline_wait_prior(0);
+}
+
 }  // namespace
 
 extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs* args, int threads,
                                                  size_t smem_bytes, int smem_attribute) {
-  void (*k)(Args) = kernel == 0 ? neighbour_kernel : kernel == 1 ? defect_kernel : wmma_kernel;
+  void (*k)(Args) = kernel == 0   ? neighbour_kernel
+                    : kernel == 1 ? defect_kernel
+                    : kernel == 2 ? wmma_kernel
+                                  : async_kernel;
   // As contrastive_kernels.cu's launcher: return the error, and clear it so that it
   // does not fail the next launch (a real kernel's) through cudaGetLastError().
   if (smem_attribute > 0) {

@@ -108,6 +108,33 @@ def test_vector_load(selftest):
     torch.testing.assert_close(run(selftest, "defect", x, 5), expected, rtol=0, atol=0)
 
 
+def test_async_copy_lands_at_the_wait(selftest):
+    """cp.async: committed, waited for, then a barrier: every thread reads its neighbour's
+    copy; the same read before the wait finds the destinations still in flight (NaN);
+    __pipeline_wait_prior(1) completes the older of two groups only."""
+    x = torch.arange(1.0, 129.0)
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule, seed=2):
+            torch.testing.assert_close(run(selftest, "async", x, 0, threads=32), x.roll(-4), rtol=0, atol=0)
+            assert torch.isnan(run(selftest, "async", x, 1, threads=32)).all(), schedule
+            two = run(selftest, "async", x, 2, threads=32).view(32, 4)
+            torch.testing.assert_close(two[:, :2], x.roll(-4).view(32, 4)[:, :2], rtol=0, atol=0)
+            assert torch.isnan(two[:, 2:]).all(), schedule
+
+
+@pytest.mark.parametrize(
+    "variant,message",
+    [
+        (3, "__pipeline_memcpy_async: shared destination not 16-byte aligned"),
+        (4, "cp.async copies still in flight when the thread exited"),
+        (5, "shared memory written while a cp.async copy into it was in flight"),
+    ],
+)
+def test_async_copy_defects_fail_the_launch(selftest, variant, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(selftest, "async", torch.arange(128.0), variant, threads=32)
+
+
 def test_dynamic_shared_memory_limits(selftest):
     x = torch.arange(128.0)
     with pytest.raises(RuntimeError, match="60000 bytes of dynamic shared memory requested, the kernel allows 49152"):

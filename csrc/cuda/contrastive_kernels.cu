@@ -244,7 +244,26 @@ template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t staging_bytes() {
   return align128(2 * chunk_elems<T>() * sizeof(T));
 }
-__host__ __device__ constexpr size_t slab_bytes() { return align128(BM * LDO * sizeof(float)); }
+// The backward's gradient product dX += V Y: bf16 inputs on the fast path run it in
+// bf16 with V split as hi + lo (two products, fp32 accumulation: ~16 significant bits
+// of V, more than TF32's 11; Y is exact in bf16), from a bf16 Y slab and two bf16 V
+// tiles; every other variant in TF32 from a float Y slab and the float V tile.
+template <typename T, bool kFast>
+__host__ __device__ constexpr bool bf16_vy() {
+  return kFast && std::is_same<T, __nv_bfloat16>::value;
+}
+constexpr int LDY = DO + 8;  // bf16 Y slab stride (elements): 272-byte rows
+constexpr int LDV = BN + 8;  // bf16 V tile stride (elements): 144-byte rows
+__host__ __device__ constexpr size_t float_slab_bytes() { return align128(BM * LDO * sizeof(float)); }
+__host__ __device__ constexpr size_t bf16_slab_bytes() { return align128(BM * LDY * 2); }
+__host__ __device__ constexpr size_t v_tile_bytes() { return align128(BM * LDV * 2); }
+// The slab region: [Y slab] (+ [V hi] [V lo] for the bf16 product); the output
+// staging (BM x LDO floats) reuses it at the end.
+template <typename T, bool kFast = false>
+__host__ __device__ constexpr size_t slab_bytes() {
+  return bf16_vy<T, kFast>() ? bf16_slab_bytes() + 2 * v_tile_bytes() : float_slab_bytes();
+}
+static_assert(bf16_slab_bytes() + 2 * v_tile_bytes() >= float_slab_bytes(), "output staging fits");
 __host__ __device__ constexpr size_t tile_bytes() { return align128(BM * LDS * sizeof(float)); }
 
 // [resident X (fast path)] [staging] [S tile]
@@ -257,7 +276,8 @@ __host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
 // the fast path's are apart: the next tile's first Y chunk is in flight meanwhile.
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_union() {
-  return kFast ? staging_bytes<T, kFast>() + slab_bytes() : cmax(staging_bytes<T, kFast>(), slab_bytes());
+  return kFast ? staging_bytes<T, kFast>() + slab_bytes<T, kFast>()
+               : cmax(staging_bytes<T, kFast>(), slab_bytes<T, kFast>());
 }
 template <typename T, bool kFast>
 __host__ __device__ constexpr size_t slab_offset() {
@@ -562,6 +582,10 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   const Tiles<T> t = carve<T, kFast>(smem, p.d, bwd_union<T, kFast>());
   unsigned char* stage = smem + x_region<T, kFast>(p.d);
   float* slab = reinterpret_cast<float*>(stage + slab_offset<T, kFast>());  // general: in the staging
+  constexpr bool kBf16 = bf16_vy<T, kFast>();
+  __nv_bfloat16* yb = reinterpret_cast<__nv_bfloat16*>(slab);  // kBf16: the bf16 Y slab
+  __nv_bfloat16* v_hi = reinterpret_cast<__nv_bfloat16*>(stage + slab_offset<T, kFast>() + bf16_slab_bytes());
+  __nv_bfloat16* v_lo = v_hi + v_tile_bytes() / 2;
   float* ss = t.ss;
   float* s_ly = reinterpret_cast<float*>(stage + bwd_union<T, kFast>() + tile_bytes());
   float* s_gy = s_ly + BN;
@@ -593,7 +617,8 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   const float cxi = row_ok && x_side ? cx[gi] : 0.0f;
   const bool want_tau = p.tau_mode != 0 && blockIdx.y == 0;  // count each pair once
 
-  C2 acc[DO / 16];
+  using CA = typename std::conditional<kBf16, typename Mma<__nv_bfloat16>::C, C2>::type;
+  CA acc[DO / 16];
 #pragma unroll
   for (int n = 0; n < DO / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   double tau = 0.0;
@@ -626,23 +651,51 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
       if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c]);
       float vv = u * it;  // dL/d(dot)
       if (kCritic == MIMAC_LOG_DOT) vv = dot > p.eps ? vv / dot : 0.0f;
-      ss[r * LDS + c] = vv;
+      if constexpr (kBf16) {
+        const __nv_bfloat16 hi = __float2bfloat16(vv);
+        // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
+        const float rest = fabsf(vv) < INFINITY ? vv - __bfloat162float(hi) : 0.0f;
+        v_hi[r * LDV + c] = hi;
+        v_lo[r * LDV + c] = __float2bfloat16(rest);
+      } else {
+        ss[r * LDS + c] = vv;
+      }
     }
     if (want_tau) tau += tau_tile;
     __syncthreads();  // V complete, staging free
-    if constexpr (kFast) {
+    if constexpr (kBf16) {
+      stage_vec<false, T>(yb, LDY, op.y, col0, p.d, dout0, DO);
+    } else if constexpr (kFast) {
       stage_vec<true, T>(slab, LDO, op.y, col0, p.d, dout0, DO);
     } else {
       stage_rows<true, T, DO>(slab, LDO, op.y, col0, p.d, dout0);
     }
     __syncthreads();
-    using VY = MmaVY<kSplit>;
+    if constexpr (kBf16) {
+      using FA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+      using FB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
 #pragma unroll 2
-    for (int ks = 0; ks < BN; ks += 8) {
-      typename VY::A fv;
-      VY::load_a(fv, ss + warp * 16 * LDS + ks);
+      for (int ks = 0; ks < BN; ks += 16) {
+        FA fh, fl;
+        wmma::load_matrix_sync(fh, v_hi + warp * 16 * LDV + ks, LDV);
+        wmma::load_matrix_sync(fl, v_lo + warp * 16 * LDV + ks, LDV);
 #pragma unroll
-      for (int n = 0; n < DO / 16; ++n) VY::mma(acc[n], fv, slab + ks * LDO + n * 16);
+        for (int n = 0; n < DO / 16; ++n) {
+          FB fb;
+          wmma::load_matrix_sync(fb, yb + ks * LDY + n * 16, LDY);
+          wmma::mma_sync(acc[n], fl, fb, acc[n]);  // small terms first
+          wmma::mma_sync(acc[n], fh, fb, acc[n]);
+        }
+      }
+    } else {
+      using VY = MmaVY<kSplit>;
+#pragma unroll 2
+      for (int ks = 0; ks < BN; ks += 8) {
+        typename VY::A fv;
+        VY::load_a(fv, ss + warp * 16 * LDS + ks);
+#pragma unroll
+        for (int n = 0; n < DO / 16; ++n) VY::mma(acc[n], fv, slab + ks * LDO + n * 16);
+      }
     }
     __syncthreads();  // everyone is done with V and the slab before they are rewritten
   }

@@ -506,6 +506,21 @@ __device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const
   __syncthreads();
 }
 
+// One row's mask over one column tile, in tile-local ints (computed once per tile, so
+// the per-element test is two 32-bit compares): columns c >= limit lie past S's
+// columns (all of them when the row itself is past S's rows: limit 0); column skip
+// (-1: none) is the row's excluded pair, global column == row + diag_offset.
+struct TileMask {
+  int limit, skip;
+  __device__ bool masked(int c) const { return c >= limit || c == skip; }
+};
+
+__device__ __forceinline__ TileMask tile_mask(const Pass& p, int64_t gi, int64_t col0, bool row_ok) {
+  const int64_t left = p.cols - col0, dg = gi + p.diag_offset - col0;
+  return {row_ok ? static_cast<int>(left < BN ? left : BN) : 0,
+          p.diag && dg >= 0 && dg < BN ? static_cast<int>(dg) : -1};
+}
+
 template <int kCritic>
 __device__ __forceinline__ float raw_score(float dot, float eps) {
   if (kCritic == MIMAC_LOG_DOT) return logf(dot < eps ? eps : dot);  // `<` keeps NaN
@@ -539,13 +554,12 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel
     tile_dots<T, kFast>(p, op, t, row0, col0, q);
     // Pass 1: scaled, masked scores back into this thread's own slots of the tile.
     float tmax = -INFINITY;
+    const TileMask mask = tile_mask(p, gi, col0, true);
 #pragma unroll 8
     for (int j = 0; j < JPT; ++j) {
       const int c = 2 * j + part;  // interleaved: fewer bank conflicts than halves
-      const int64_t gk = col0 + c;
       const float sn = raw_score<kCritic>(ss[r * LDS + c], p.eps) * it;
-      const bool bad = gk >= p.cols || (p.diag && gk == gi + p.diag_offset);
-      const float v = bad ? -INFINITY : sn;
+      const float v = mask.masked(c) ? -INFINITY : sn;
       ss[r * LDS + c] = v;
       tmax = fmaxf(tmax, v);  // fmaxf skips NaN; the sum below still carries it
     }
@@ -633,14 +647,14 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
     }
     tile_dots<T, kFast>(p, op, t, row0, col0, q);  // ends with __syncthreads
     float tau_tile = 0.0f;
+    const TileMask mask = tile_mask(p, gi, col0, row_ok);
 #pragma unroll 8
     for (int j = 0; j < JPT; ++j) {
       const int c = 2 * j + part;
-      const int64_t gk = col0 + c;
       const float dot = ss[r * LDS + c];
       const float s = raw_score<kCritic>(dot, p.eps);
       const float sn = s * it;
-      const bool bad = !row_ok || gk >= p.cols || (p.diag && gk == gi + p.diag_offset);
+      const bool bad = mask.masked(c);
       float w = x_side ? gxi * exp2f((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
       float u = w + (y_side ? s_gy[c] * exp2f((sn - s_ly[c]) * kLog2e) : 0.0f);  // + column k's
       if (bad) u = w = 0.0f;

@@ -12,7 +12,7 @@
 //             running max in natural-log units, exp2 of their difference times
 //             log2(e) (folding log2(e) into 1/tau instead would put S and the
 //             log-sum-exp in different units, so their roundings, ~1e23 apart at
-//             |S| ~ 1e30, would reach the exponent). "cross" runs a second pass with the
+//             |S| ~ 1e30, would reach the exponent); ex2.approx.ftz (exp2_ftz). "cross" runs a second pass with the
 //             roles of a and b swapped for the column log-sum-exp (all three
 //             critics are symmetric: f(x, y) = f(y, x)).
 //   backward  recomputes the S tile, forms u_ik = gx_i P^row_ik + gy_k P^col_ik
@@ -521,6 +521,20 @@ __device__ __forceinline__ TileMask tile_mask(const Pass& p, int64_t gi, int64_t
           p.diag && dg >= 0 && dg < BN ? static_cast<int>(dg) : -1};
 }
 
+// 2^x by ex2.approx.ftz.f32: one MUFU.EX2, without exp2f's fix-up of results below
+// 2^-126 (three more instructions per call); those come out as zero. Every sum here
+// has a term of at least 2^-126 times its total (the forward's sum holds 2^0 for its
+// max; a row's weights sum to its g), so nothing it drops is seen in float32.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(MIMAC_CUDA_EMULATION)
+  return ::mimac_emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 template <int kCritic>
 __device__ __forceinline__ float raw_score(float dot, float eps) {
   if (kCritic == MIMAC_LOG_DOT) return logf(dot < eps ? eps : dot);  // `<` keeps NaN
@@ -569,7 +583,7 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel
     float sum = 0.0f;
     if (mnew != -INFINITY) {
 #pragma unroll 8
-      for (int j = 0; j < JPT; ++j) sum += exp2f((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
+      for (int j = 0; j < JPT; ++j) sum += exp2_ftz((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
     } else {
       // Every score so far masked or NaN (fmaxf skipped the NaNs): keep a NaN in the
       // sum, or a row whose every score is NaN would come out as -inf.
@@ -580,7 +594,7 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     // m = mnew = -inf: l is 0 or NaN so far, and stays NaN once it is.
-    l = (mnew == -INFINITY) ? l + sum : l * exp2f((m - mnew) * kLog2e) + sum;
+    l = (mnew == -INFINITY) ? l + sum : l * exp2_ftz((m - mnew) * kLog2e) + sum;
     m = mnew;
   }
   if (part == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m + log2f(l) * kLn2;
@@ -655,8 +669,8 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
       const float s = raw_score<kCritic>(dot, p.eps);
       const float sn = s * it;
       const bool bad = mask.masked(c);
-      float w = x_side ? gxi * exp2f((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
-      float u = w + (y_side ? s_gy[c] * exp2f((sn - s_ly[c]) * kLog2e) : 0.0f);  // + column k's
+      float w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
+      float u = w + (y_side ? s_gy[c] * exp2_ftz((sn - s_ly[c]) * kLog2e) : 0.0f);  // + column k's
       if (bad) u = w = 0.0f;
       // Each side centred on its own positive score, per element: the weights of
       // a row sum to its g, so this is the loss's temperature gradient with no

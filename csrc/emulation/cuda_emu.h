@@ -16,7 +16,7 @@
 // another barrier while the block waits), dynamic shared memory over 48 KiB
 // without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
 // dynamic shared memory the launch asked for, launch bounds, misaligned 16-byte
-// vector loads (__ldg of uint4); cp.async (__pipeline_memcpy_async and its commit
+// vector loads (__ldg of uint4); ex2.approx.ftz as mimac_emu::ex2_approx_ftz; cp.async (__pipeline_memcpy_async and its commit
 // and wait groups): a read of a destination before its wait (NaN bytes), a write to
 // it in flight, misaligned addresses, a thread exiting with copies in flight.
 //
@@ -38,6 +38,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -173,6 +174,16 @@ inline uint4 __ldg(const uint4* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+
+namespace mimac_emu {
+// ex2.approx.ftz.f32: 2^x with a subnormal input read as zero and a subnormal result
+// flushed to zero (the hardware's approximation, within 2 ulp, is taken as exact).
+inline float ex2_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+}  // namespace mimac_emu
 
 inline float __uint_as_float(unsigned u) {
   float f;

@@ -30,6 +30,7 @@ void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64
 }
 
 double tf32(double v) { return nvcuda::wmma::__float_to_tf32(static_cast<float>(v)); }
+double ex2_ftz(double v) { return mimac_emu::ex2_approx_ftz(static_cast<float>(v)); }
 
 // The order of blocks and threads for every later launch (see cuda_emu.h).
 void set_schedule(int64_t schedule, int64_t seed) {
@@ -46,6 +47,7 @@ TORCH_LIBRARY(mimac_emu_selftest, m) {
         "int smem_attribute) -> ()",
         &run);
   m.def("tf32(float v) -> float", &tf32);
+  m.def("ex2_ftz(float v) -> float", &ex2_ftz);
 }
 
 TORCH_LIBRARY(mimac_emu, m) { m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule); }

@@ -8,6 +8,7 @@ right numbers, so a green emulated run means something.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -179,6 +180,15 @@ def test_tf32_rounding_is_to_nearest_ties_away(selftest):
     assert selftest.tf32(1.0 + 2.0**-11) == 1.0 + 2.0**-10  # a tie rounds away from zero
     assert selftest.tf32(1.0 + 2.0**-12) == 1.0
     assert selftest.tf32(-(1.0 + 3 * 2.0**-12)) == -(1.0 + 2.0**-10)
+
+
+def test_ex2_approx_ftz_flushes_subnormals(selftest):
+    """The kernels' exp2 (ex2.approx.ftz.f32): results below 2^-126 are zero, a
+    subnormal input counts as zero, the rest is 2^x; -inf gives 0, NaN stays NaN."""
+    assert selftest.ex2_ftz(3.0) == 8.0 and selftest.ex2_ftz(-126.0) == 2.0**-126
+    assert selftest.ex2_ftz(-126.5) == 0.0  # 2^-126.5 would be subnormal
+    assert selftest.ex2_ftz(2.0**-140) == 1.0 and selftest.ex2_ftz(-math.inf) == 0.0
+    assert math.isnan(selftest.ex2_ftz(math.nan)) and selftest.ex2_ftz(math.inf) == math.inf
 
 
 def test_a_failed_launch_does_not_fail_the_next(selftest):

@@ -566,30 +566,30 @@ __global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
     tile_dots<T, kFast>(p, op, t, row0, col0, q);
-    // Pass 1: scaled, masked scores back into this thread's own slots of the tile.
+    // Pass 1: this thread's scaled, masked scores of the tile, kept in registers.
+    float v[JPT];
     float tmax = -INFINITY;
     const TileMask mask = tile_mask(p, gi, col0, true);
-#pragma unroll 8
+#pragma unroll
     for (int j = 0; j < JPT; ++j) {
       const int c = 2 * j + part;  // interleaved: fewer bank conflicts than halves
       const float sn = raw_score<kCritic>(ss[r * LDS + c], p.eps) * it;
-      const float v = mask.masked(c) ? -INFINITY : sn;
-      ss[r * LDS + c] = v;
-      tmax = fmaxf(tmax, v);  // fmaxf skips NaN; the sum below still carries it
+      v[j] = mask.masked(c) ? -INFINITY : sn;
+      tmax = fmaxf(tmax, v[j]);  // fmaxf skips NaN; the sum below still carries it
     }
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
     const float mnew = fmaxf(m, tmax);
-    // Pass 2: rescaled sum (only this thread's slots: no barrier needed).
+    // Pass 2: rescaled sum.
     float sum = 0.0f;
     if (mnew != -INFINITY) {
-#pragma unroll 8
-      for (int j = 0; j < JPT; ++j) sum += exp2_ftz((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
+#pragma unroll
+      for (int j = 0; j < JPT; ++j) sum += exp2_ftz((v[j] - mnew) * kLog2e);
     } else {
       // Every score so far masked or NaN (fmaxf skipped the NaNs): keep a NaN in the
       // sum, or a row whose every score is NaN would come out as -inf.
+#pragma unroll
       for (int j = 0; j < JPT; ++j) {
-        const float v = ss[r * LDS + 2 * j + part];
-        if (v != v) sum = v;
+        if (v[j] != v[j]) sum = v[j];
       }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);

@@ -8,20 +8,27 @@
 //             error (~2^-22 relative per product) stays at float32 level; plain
 //             1xTF32 (2^-11) would be ~1000x worse than float32 PyTorch.
 //             Operands are staged through shared memory in KC-wide D chunks.
+//   staging   two variants of each kernel (kFast, picked by fast_path() at launch):
+//             the fast path (D a multiple of one 16-byte vector, 16-byte aligned
+//             operands, the CTA's X rows within kXResidentMax) keeps the CTA's X
+//             rows resident (staged once in 16-byte vectors) and brings the Y
+//             chunks by 16-byte cp.async, double-buffered across chunks and tiles;
+//             the general path stages X and Y one element at a time per chunk.
 //   forward   online log-sum-exp per row, two threads per row: scores and the
 //             running max in natural-log units, exp2 of their difference times
 //             log2(e) (folding log2(e) into 1/tau instead would put S and the
 //             log-sum-exp in different units, so their roundings, ~1e23 apart at
-//             |S| ~ 1e30, would reach the exponent); ex2.approx.ftz (exp2_ftz). "cross" runs a second pass with the
-//             roles of a and b swapped for the column log-sum-exp (all three
-//             critics are symmetric: f(x, y) = f(y, x)).
+//             |S| ~ 1e30, would reach the exponent), by ex2.approx.ftz (exp2_ftz).
+//             "cross" runs a second pass with the roles of a and b swapped for the
+//             column log-sum-exp (all three critics are symmetric: f(x, y) = f(y, x)).
 //   backward  recomputes the S tile, forms u_ik = gx_i P^row_ik + gy_k P^col_ik
 //             (both log-sum-exps are known by then), V = inv_tau * u (/ x.y for
-//             log_dot) and accumulates dX_I += V Y_K in TF32 tensor-core
-//             fragments held in registers for a DO = 128 slice of D (grid.y
-//             walks the slices). V is rounded to TF32 (11 significant bits, the
-//             float exponent range: no fp16 underflow of tiny weights); Y from
-//             bf16/fp16 is exact in TF32; float32 inputs use 3xTF32 again.
+//             log_dot) and accumulates dX_I += V Y_K in tensor-core fragments held
+//             in registers for a DO = 128 slice of D (grid.y walks the slices):
+//             bf16 on the fast path, V split as hi + lo (two bf16 products, ~16
+//             significant bits of V; Y exact in bf16); else TF32, V rounded to TF32
+//             (11 significant bits, the float exponent range: no fp16 underflow of
+//             tiny weights), Y from bf16/fp16 exact in TF32, float32 inputs 3xTF32.
 //             Each CTA writes its rows' gradient once (no atomics); the
 //             temperature gradient is one atomicAdd per CTA.
 
@@ -240,7 +247,7 @@ template <typename T>
 __host__ __device__ constexpr size_t chunk_elems() {
   return BM * Mma<T>::LD;
 }
-template <typename T, bool kFast = false>
+template <typename T>
 __host__ __device__ constexpr size_t staging_bytes() {
   return align128(2 * chunk_elems<T>() * sizeof(T));
 }
@@ -269,19 +276,19 @@ __host__ __device__ constexpr size_t tile_bytes() { return align128(BM * LDS * s
 // [resident X (fast path)] [staging] [S tile]
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
-  return x_region<T, kFast>(d) + staging_bytes<T, kFast>() + tile_bytes();
+  return x_region<T, kFast>(d) + staging_bytes<T>() + tile_bytes();
 }
 // [resident X (fast path)] [staging] [Y slab, output staging] [S/V tile] [column stats]
 // [reduction scratch]; the general path's staging and slab share one region (union),
 // the fast path's are apart: the next tile's first Y chunk is in flight meanwhile.
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_union() {
-  return kFast ? staging_bytes<T, kFast>() + slab_bytes<T, kFast>()
-               : cmax(staging_bytes<T, kFast>(), slab_bytes<T, kFast>());
+  return kFast ? staging_bytes<T>() + slab_bytes<T, kFast>()
+               : cmax(staging_bytes<T>(), slab_bytes<T, kFast>());
 }
 template <typename T, bool kFast>
 __host__ __device__ constexpr size_t slab_offset() {
-  return kFast ? staging_bytes<T, kFast>() : 0;
+  return kFast ? staging_bytes<T>() : 0;
 }
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_smem(int64_t d = 0) {
@@ -322,6 +329,13 @@ template <typename T>
 __device__ __forceinline__ const T* row_ptr(const Rows<T>& o, int64_t gr, int64_t d) {
   if (gr >= o.n) return nullptr;
   return gr < o.split ? o.p0 + gr * d : o.p1 + (gr - o.split) * d;
+}
+
+// Start of row gr of an operand (gr < o.n): two selects rather than a branch.
+template <typename T>
+__device__ __forceinline__ const T* row_start(const Rows<T>& o, int64_t gr, int64_t d) {
+  const bool first = gr < o.split;
+  return (first ? o.p0 : o.p1) + (first ? gr : gr - o.split) * d;
 }
 
 // General path: dst[r][c] = row(row0 + r)[dc + c] for r < 64, c < kWidth, one element
@@ -422,13 +436,6 @@ __device__ __forceinline__ void stage_resident_x(const Pass& p, const Ops<T>& op
                                                  int64_t row0) {
   if constexpr (kFast)
     stage_vec<false, T>(t.xs, t.xld, op.x, row0, p.d, 0, static_cast<int>(x_cols<T>(p.d)));
-}
-
-// Start of row gr of an operand (gr < o.n): two selects rather than a branch.
-template <typename T>
-__device__ __forceinline__ const T* row_start(const Rows<T>& o, int64_t gr, int64_t d) {
-  const bool first = gr < o.split;
-  return (first ? o.p0 : o.p1) + (first ? gr : gr - o.split) * d;
 }
 
 // Fast path: the BM x KC chunk (col0, dc) of Y into `buf` by cp.async, 16 bytes per
@@ -551,7 +558,7 @@ template <typename T, int kCritic, bool kFast>
 __global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  const Tiles<T> t = carve<T, kFast>(smem, p.d, staging_bytes<T, kFast>());
+  const Tiles<T> t = carve<T, kFast>(smem, p.d, staging_bytes<T>());
   float* ss = t.ss;
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;

@@ -71,12 +71,6 @@ def exps_per_element(launch: CudaLaunch) -> int:
     return 1 if launch.kind == "fwd" else 2
 
 
-def stores_per_element(launch: CudaLaunch) -> int:
-    """Shared stores per score element in the per-element pass: the scaled score or
-    the float V; V as bf16 hi and lo for the bf16 gradient GEMM."""
-    return 2 if launch.kind == "bwd" and bf16_gradient(launch) else 1
-
-
 class _Trips:
     """Trip counts of the hot loop's inner loops, from the work of one iteration.
 
@@ -87,8 +81,9 @@ class _Trips:
       slab of the gradient) directly in the column loop, over its bytes per iteration;
     - any other loop directly in the column loop: a per-element pass, ``BM * BN / NT``
       source iterations per thread over the source iterations one SASS iteration holds
-      (its shared stores over :func:`stores_per_element`; else its exp2 over
-      :func:`exps_per_element`).
+      (its exp2 over :func:`exps_per_element`, which every element of the backward's
+      pass has, however many values one store packs; else its shared stores, one per
+      element).
 
     Every division must be exact (ValueError otherwise: the kernel changed shape).
     The rules follow today's kernels (WMMA, element-wise staging); a redesign with
@@ -115,8 +110,8 @@ class _Trips:
             trips = self._exact(total, body.global_bytes * warps, loop, "staged bytes")
         elif parent is self.hot:
             per_thread = c["BM"] * c["BN"] // c["NT"]
-            stores = body.opcodes.get("STS", 0) // stores_per_element(lc)
-            per_iter = stores if stores else body.ex2 // exps_per_element(lc)
+            exps = body.ex2 // exps_per_element(lc)
+            per_iter = exps if exps else body.opcodes.get("STS", 0)
             trips = self._exact(per_thread, per_iter, loop, "elements")
         else:
             raise ValueError(f"{lc.name}: cannot tell what the loop at {loop.start:#x} does")

@@ -669,31 +669,36 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
     tile_dots<T, kFast>(p, op, t, row0, col0, q);  // ends with __syncthreads
     float tau_tile = 0.0f;
     const TileMask mask = tile_mask(p, gi, col0, row_ok);
-#pragma unroll 8
-    for (int j = 0; j < JPT; ++j) {
-      const int c = 2 * j + part;
-      const float dot = ss[r * LDS + c];
-      const float s = raw_score<kCritic>(dot, p.eps);
-      const float sn = s * it;
-      const bool bad = mask.masked(c);
-      float w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
-      float u = w + (y_side ? s_gy[c] * exp2_ftz((sn - s_ly[c]) * kLog2e) : 0.0f);  // + column k's
-      if (bad) u = w = 0.0f;
-      // Each side centred on its own positive score, per element: the weights of
-      // a row sum to its g, so this is the loss's temperature gradient with no
-      // float32 cancellation between two large totals.
-      tau_tile += w * (s - cxi);
-      if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c]);
-      float vv = u * it;  // dL/d(dot)
-      if (kCritic == MIMAC_LOG_DOT) vv = dot > p.eps ? vv / dot : 0.0f;
+#pragma unroll 4
+    for (int j = 0; j < JPT / 2; ++j) {
+      const int c = 4 * j + 2 * part;  // this thread's column pair (c, c + 1): 8-byte accesses
+      const float2 dots = *reinterpret_cast<const float2*>(ss + r * LDS + c);
+      float vv[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float dot = e ? dots.y : dots.x;
+        const float s = raw_score<kCritic>(dot, p.eps);
+        const float sn = s * it;
+        float w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
+        float u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);  // + column k's
+        if (mask.masked(c + e)) u = w = 0.0f;
+        // Each side centred on its own positive score, per element: the weights of
+        // a row sum to its g, so this is the loss's temperature gradient with no
+        // float32 cancellation between two large totals.
+        tau_tile += w * (s - cxi);
+        if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
+        vv[e] = u * it;  // dL/d(dot)
+        if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
+      }
       if constexpr (kBf16) {
-        const __nv_bfloat16 hi = __float2bfloat16(vv);
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
         // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
-        const float rest = fabsf(vv) < INFINITY ? vv - __bfloat162float(hi) : 0.0f;
-        v_hi[r * LDV + c] = hi;
-        v_lo[r * LDV + c] = __float2bfloat16(rest);
+        const float rest0 = fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
+        const float rest1 = fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
+        *reinterpret_cast<__nv_bfloat162*>(v_hi + r * LDV + c) = hi;
+        *reinterpret_cast<__nv_bfloat162*>(v_lo + r * LDV + c) = __floats2bfloat162_rn(rest0, rest1);
       } else {
-        ss[r * LDS + c] = vv;
+        *reinterpret_cast<float2*>(ss + r * LDS + c) = make_float2(vv[0], vv[1]);
       }
     }
     if (want_tau) tau += tau_tile;

@@ -159,6 +159,10 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 struct alignas(16) float4 {
   float x, y, z, w;
 };
@@ -258,10 +262,18 @@ struct __nv_bfloat16 {
 
 inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
 inline float __half2float(__half h) { return ::mimac_emu::half_to_float(h.__x); }
 inline __half __float2half(float f) { return __half{::mimac_emu::float_to_half(f)}; }
 inline float __bfloat162float(__nv_bfloat16 h) { return ::mimac_emu::bf16_to_float(h.__x); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16{::mimac_emu::float_to_bf16(f)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return __nv_bfloat162{__float2bfloat16(a), __float2bfloat16(b)};
+}
+inline float __low2float(__nv_bfloat162 v) { return __bfloat162float(v.x); }
+inline float __high2float(__nv_bfloat162 v) { return __bfloat162float(v.y); }
 
 // --- WMMA -------------------------------------------------------------------------------
 

@@ -796,19 +796,33 @@ dim3 grid_for(const Pass& p, int64_t heads, int64_t slices) {
               static_cast<unsigned>(heads));
 }
 
+// The current device's opt-in shared memory per block: 163 KiB on sm_80/sm_87, 227 KiB
+// on sm_90, but 99 KiB on sm_86/sm_89, where the fast path's largest layouts do not fit.
+size_t device_smem_optin() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;  // unknown: the general path (52 KiB at most) runs everywhere
+  }
+  return static_cast<size_t>(bytes);
+}
+
 // The fast path's preconditions: whole 16-byte vectors per row (D a multiple of
-// vec_elems<T>(), every operand 16-byte aligned; head strides N * D keep that) and
-// the resident X within kXResidentMax. Anything else runs the general path.
+// vec_elems<T>(), every operand 16-byte aligned; head strides N * D keep that), the
+// resident X within kXResidentMax and the kernel's shared memory `smem` within the
+// device's. Anything else runs the general path.
 template <typename T>
-bool fast_path(const Pass& p) {
+bool fast_path(const Pass& p, size_t smem) {
   const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   return p.d % vec_elems<T>() == 0 && x_bytes<T>(p.d) <= kXResidentMax && aligned(p.x0) &&
-         aligned(p.x1) && aligned(p.y0) && aligned(p.y1);
+         aligned(p.x1) && aligned(p.y0) && aligned(p.y1) && smem <= device_smem_optin();
 }
 
 template <typename T, int kCritic>
 cudaError_t forward_as(const Pass& p, dim3 grid, cudaStream_t s) {
-  if (fast_path<T>(p)) return launch(lse_forward_kernel<T, kCritic, true>, grid, fwd_smem<T, true>(p.d), p, s);
+  if (fast_path<T>(p, fwd_smem<T, true>(p.d)))
+    return launch(lse_forward_kernel<T, kCritic, true>, grid, fwd_smem<T, true>(p.d), p, s);
   return launch(lse_forward_kernel<T, kCritic, false>, grid, fwd_smem<T, false>(p.d), p, s);
 }
 
@@ -822,7 +836,7 @@ cudaError_t forward_pass(const Pass& p, int critic, int64_t heads, cudaStream_t 
 template <typename T, int kCritic>
 cudaError_t backward_as(const Pass& p, dim3 grid, cudaStream_t s) {
   constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
-  if (fast_path<T>(p))
+  if (fast_path<T>(p, bwd_smem<T, true>(p.d)))
     return launch(lse_backward_kernel<T, kCritic, kSplit, true>, grid, bwd_smem<T, true>(p.d), p, s);
   return launch(lse_backward_kernel<T, kCritic, kSplit, false>, grid, bwd_smem<T, false>(p.d), p, s);
 }

@@ -68,6 +68,7 @@ enum cudaError_t {
 typedef cudaError_t cudaError;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
 namespace mimac_emu {
 
@@ -127,6 +128,10 @@ void register_dynamic_smem(unsigned char* base, size_t size);
 // collectives to the next block barrier. Any of them is an order a GPU may run.
 enum Schedule : int { kInOrder = 0, kReversed = 1, kShuffled = 2, kWarpsInOrder = 3, kWarpsReversed = 4 };
 void set_schedule(Schedule schedule, uint64_t seed);
+// The device's opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin):
+// sm_80's 166,912 bytes unless set lower (sm_86/sm_89 have 101,376), for every later launch.
+void set_smem_optin(size_t bytes);
+size_t smem_optin();
 
 }  // namespace mimac_emu
 
@@ -208,6 +213,15 @@ inline double atomicAdd(double* p, double v) {
 }
 
 inline cudaError_t cudaGetLastError() { return ::mimac_emu::last_error(); }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  *value = static_cast<int>(::mimac_emu::smem_optin());
+  return cudaSuccess;
+}
 const char* cudaGetErrorString(cudaError_t e);
 
 template <typename F>

@@ -329,17 +329,23 @@ void async_wait(size_t prior) {
   }
 }
 
+size_t g_smem_optin = kMaxSmem;
+
+void set_smem_optin(size_t bytes) { g_smem_optin = bytes < kMaxSmem ? bytes : kMaxSmem; }
+size_t smem_optin() { return g_smem_optin; }
+
 void register_dynamic_smem(unsigned char* base, size_t size) {
   g_smem = base;
   g_smem_capacity = size;
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || static_cast<size_t>(bytes) > kMaxSmem)
+  if (bytes < 0 || static_cast<size_t>(bytes) > g_smem_optin)
     return fail_launch(cudaErrorInvalidValue,
                        "cudaFuncSetAttribute: " + std::to_string(bytes) +
-                           " bytes of dynamic shared memory exceed sm_80's maximum of " +
-                           std::to_string(kMaxSmem));
+                           " bytes of dynamic shared memory exceed " +
+                           (g_smem_optin == kMaxSmem ? std::string("sm_80's") : std::string("the device's")) +
+                           " maximum of " + std::to_string(g_smem_optin));
   g_max_smem[kernel] = bytes;
   return cudaSuccess;
 }

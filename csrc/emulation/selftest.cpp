@@ -50,4 +50,13 @@ TORCH_LIBRARY(mimac_emu_selftest, m) {
   m.def("ex2_ftz(float v) -> float", &ex2_ftz);
 }
 
-TORCH_LIBRARY(mimac_emu, m) { m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule); }
+// The emulated device's opt-in shared memory per block (see cuda_emu.h).
+void set_smem_optin(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "bytes must be positive, got ", bytes);
+  mimac_emu::set_smem_optin(static_cast<size_t>(bytes));
+}
+
+TORCH_LIBRARY(mimac_emu, m) {
+  m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule);
+  m.def("set_smem_optin(int bytes) -> ()", &set_smem_optin);
+}

@@ -146,6 +146,31 @@ def test_fast_and_general_paths_agree(negatives, dtype, d, dev):
             assert max_abs_err(x, r) < 0.5 * max_abs_err(y, r), name
 
 
+@pytest.mark.emulated
+def test_fast_path_needs_the_devices_shared_memory(dev):
+    """With 99 KiB of shared memory per block (sm_86, sm_89), bf16 D = 512, whose fast
+    kernels need 102,400 (forward) and 139,136 bytes (backward), runs the general path:
+    the general path's bits (from misaligned copies); the fast path's bf16 gradient
+    product differs from them, and its launch would fail there."""
+    if dev.type != "cpu":
+        pytest.skip("the emulated device's shared memory is the emulation's to set")
+    case = kernel_case((1, 70, 512), "dot", "all", torch.bfloat16, dev)
+    p = case.problem
+    odd = dataclasses.replace(case, problem=dataclasses.replace(p, a=_misaligned(p.a),
+                                                                 b=_misaligned(p.b)))  # fmt: skip
+    general = kernel_outputs(cuda_backend, odd)
+    torch.ops.mimac_emu.set_smem_optin(101376)
+    try:
+        small = kernel_outputs(cuda_backend, case)
+    finally:
+        torch.ops.mimac_emu.set_smem_optin(166912)
+    names = ("row_lse", "col_lse", "grad_a", "grad_b", "grad_inv_tau")
+    for name, x, y in zip(names, small, general):
+        assert torch.equal(x, y), (name, max_abs_err(x, y))
+    fast = kernel_outputs(cuda_backend, case)
+    assert not torch.equal(fast[2], general[2])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [4096, 16384, 65536])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -41,12 +41,24 @@ CXX_TYPES = {"fp32": "f", "fp16": "6__half", "bf16": "13__nv_bfloat16"}
 _PROBE_MAIN = r"""
 #include "contrastive_kernels.cu"
 #include <cstdio>
+// The fast path's shared memory: base bytes (all but the resident X), X row padding,
+// elements per 16-byte vector.
+template <typename T>
+void print_fast(const char* name, const char* end) {
+  std::printf("\"%s\": {\"fwd_base\": %zu, \"bwd_base\": %zu, \"x_pad\": %d, \"vec\": %d}%s",
+              name, fwd_smem<T, true>(KC) - x_bytes<T>(KC), bwd_smem<T, true>(KC) - x_bytes<T>(KC),
+              static_cast<int>(x_ld<T>(KC) - KC), vec_elems<T>(), end);
+}
 int main() {
   std::printf("{\"BM\": %d, \"BN\": %d, \"KC\": %d, \"DO\": %d, \"NT\": %d, ", BM, BN, KC, DO, NT);
   std::printf("\"fwd_smem\": {\"fp32\": %zu, \"fp16\": %zu, \"bf16\": %zu}, ",
               fwd_smem<float>(), fwd_smem<__half>(), fwd_smem<__nv_bfloat16>());
-  std::printf("\"bwd_smem\": {\"fp32\": %zu, \"fp16\": %zu, \"bf16\": %zu}}\n",
+  std::printf("\"bwd_smem\": {\"fp32\": %zu, \"fp16\": %zu, \"bf16\": %zu}, ",
               bwd_smem<float>(), bwd_smem<__half>(), bwd_smem<__nv_bfloat16>());
+  std::printf("\"x_resident_max\": %zu, \"fast\": {", kXResidentMax);
+  print_fast<float>("fp32", ", ");
+  print_fast<__half>("fp16", ", ");
+  print_fast<__nv_bfloat16>("bf16", "}}\n");
   return 0;
 }
 """
@@ -120,8 +132,11 @@ def compile_cubin(source: Path = KERNELS, arch: str = ARCH) -> Path:
 def kernel_constants(source: Path = KERNELS) -> dict:
     """The launch constants of ``source`` as its own code computes them: ``BM`` (rows per
     CTA), ``BN`` (columns per tile), ``KC`` (D chunk of the score GEMM), ``DO`` (D slice
-    of the backward's output), ``NT`` (threads per CTA), and the dynamic shared memory
-    ``fwd_smem``/``bwd_smem`` per dtype. A host program (PTX only, no ptxas) prints them.
+    of the backward's output), ``NT`` (threads per CTA), the general path's dynamic shared
+    memory ``fwd_smem``/``bwd_smem`` per dtype, and the fast path's: ``fast[dtype]``
+    (``fwd_base``/``bwd_base`` bytes besides the resident X, its row padding ``x_pad``,
+    elements per 16-byte vector ``vec``) with the resident X's limit ``x_resident_max``.
+    A host program (PTX only, no ptxas) prints them.
     """
     cache = _cache_dir(source)
     found = cache / "constants.json"
@@ -162,14 +177,16 @@ def resource_usage(cubin: Path) -> dict[str, dict[str, int]]:
 
 
 def kernel_symbol(names: list[str], kernel: str, dtype: str, critic: int,
-                  split: bool | None = None) -> str:  # fmt: skip
-    """The one mangled name among ``names`` of ``kernel<T, critic[, split]>``.
+                  split: bool | None = None, fast: bool = True) -> str:  # fmt: skip
+    """The one mangled name among ``names`` of ``kernel<T, critic[, split], fast>``.
 
     ``kernel``: ``lse_forward_kernel`` or ``lse_backward_kernel``; ``dtype``: a key of
-    :data:`CXX_TYPES`; ``split``: the backward's 3xTF32 flag (``None`` for the forward).
+    :data:`CXX_TYPES`; ``split``: the backward's 3xTF32 flag (``None`` for the forward);
+    ``fast``: the fast path (16-byte vector staging, resident X) or the general one.
     Raises LookupError unless exactly one name matches.
     """
     args = f"I{CXX_TYPES[dtype]}Li{critic}E" + ("" if split is None else f"Lb{int(split)}E")
+    args += f"Lb{int(fast)}E"
     want = f"{len(kernel)}{kernel}{args}E"
     hits = [n for n in names if want in n]
     if len(hits) != 1:

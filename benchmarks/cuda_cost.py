@@ -49,13 +49,20 @@ def _cdiv(a: int, b: int) -> int:
 def gemm_macs(launch: CudaLaunch) -> list[int]:
     """MACs of one column tile, per GEMM in source order: the score GEMM over D in
     ``KC`` chunks (padded), and in ``bwd`` the gradient GEMM of one ``DO`` slice.
-    float32 inputs run each as 3xTF32 (three MMAs per product)."""
+    float32 inputs run each as 3xTF32 (three MMAs per product); the bf16 fast path's
+    gradient GEMM is two bf16 products (V split as hi + lo), every other one TF32."""
     c = launch.consts
     split = 3 if ELEMENT[launch.dtype] == 4 else 1
     out = [c["BM"] * c["BN"] * c["KC"] * _cdiv(launch.d, c["KC"]) * split]
     if launch.kind == "bwd":
-        out.append(c["BM"] * c["BN"] * c["DO"] * (3 if launch.split else 1))
+        passes = 3 if launch.split else 2 if bf16_gradient(launch) else 1
+        out.append(c["BM"] * c["BN"] * c["DO"] * passes)
     return out
+
+
+def bf16_gradient(launch: CudaLaunch) -> bool:
+    """Whether the backward's gradient GEMM runs in bf16 (``bf16_vy`` in the source)."""
+    return launch.fast and launch.dtype == "bf16"
 
 
 def exps_per_element(launch: CudaLaunch) -> int:
@@ -74,7 +81,9 @@ class _Trips:
       slab of the gradient) directly in the column loop, over its bytes per iteration;
     - any other loop directly in the column loop: a per-element pass, ``BM * BN / NT``
       source iterations per thread over the source iterations one SASS iteration holds
-      (its shared stores, one per element; else its exp2 over :func:`exps_per_element`).
+      (its exp2 over :func:`exps_per_element`, which every element of the backward's
+      pass has, however many values one store packs; else its shared stores, one per
+      element).
 
     Every division must be exact (ValueError otherwise: the kernel changed shape).
     The rules follow today's kernels (WMMA, element-wise staging); a redesign with
@@ -101,8 +110,8 @@ class _Trips:
             trips = self._exact(total, body.global_bytes * warps, loop, "staged bytes")
         elif parent is self.hot:
             per_thread = c["BM"] * c["BN"] // c["NT"]
-            stores = body.opcodes.get("STS", 0)
-            per_iter = stores if stores else body.ex2 // exps_per_element(lc)
+            exps = body.ex2 // exps_per_element(lc)
+            per_iter = exps if exps else body.opcodes.get("STS", 0)
             trips = self._exact(per_thread, per_iter, loop, "elements")
         else:
             raise ValueError(f"{lc.name}: cannot tell what the loop at {loop.start:#x} does")
@@ -202,10 +211,10 @@ class Compiled:
         self._profiles: dict[tuple, Profile] = {}
 
     def profile(self, launch: CudaLaunch) -> Profile:
-        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d)
+        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d, launch.fast)
         if key not in self._profiles:
             name = cuda_compile.kernel_symbol(list(self.sass), launch.kernel, launch.dtype,
-                                              launch.critic, launch.split)  # fmt: skip
+                                              launch.critic, launch.split, launch.fast)  # fmt: skip
             self._profiles[key] = profile(launch, self.sass[name], self.resources[name])
         return self._profiles[key]
 

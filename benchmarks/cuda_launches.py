@@ -3,8 +3,10 @@
 :func:`launch_plan` mirrors the host code of ``csrc/cuda/contrastive_kernels.cu``
 (``mimac_lse_forward`` / ``mimac_lse_backward`` and their ``forward_pass``,
 ``backward_pass``, ``grid_for``), which ``csrc/cuda/binding.cpp`` calls once per
-forward and once per backward: which kernel template, in which order, with which
-grid and dynamic shared memory. The constants (``BM``, ``BN``, ``DO``, shared
+forward and once per backward: which kernel template (``fast_path``: the fast
+variant for D a multiple of one 16-byte vector with the resident X within its
+limit; the inputs are taken as 16-byte aligned, as torch allocates them), in which
+order, with which grid and dynamic shared memory. The constants (``BM``, ``BN``, ``DO``, shared
 bytes) come from the source through ``cuda_compile.kernel_constants``. When the
 launchers change, this function is what to re-point.
 """
@@ -25,8 +27,9 @@ class CudaLaunch:
     """One kernel launch of the CUDA backend.
 
     ``kind``: ``fwd`` (row log-sum-exps) or ``bwd`` (gradient rows of one operand);
-    ``dtype``/``critic``/``split``: the template arguments (``split``: the backward's
-    3xTF32 flag, ``None`` for the forward); ``rows``/``cols``: R and C of S for this
+    ``dtype``/``critic``/``split``/``fast``: the template arguments (``split``: the
+    backward's 3xTF32 flag, ``None`` for the forward; ``fast``: 16-byte vector staging
+    with the CTA's X rows resident, else the general element-wise staging); ``rows``/``cols``: R and C of S for this
     pass; ``side``: which rows the pass produces (``Z``, ``a`` or ``b``).
     """
 
@@ -42,6 +45,7 @@ class CudaLaunch:
     all_pairs: bool
     side: str
     consts: dict = field(repr=False, compare=False)
+    fast: bool = True
 
     @property
     def kernel(self) -> str:
@@ -50,7 +54,7 @@ class CudaLaunch:
     @property
     def name(self) -> str:
         split = "" if self.split is None else f", {str(self.split).lower()}"
-        return f"{self.kernel}<{self.dtype}, {self.critic}{split}>"
+        return f"{self.kernel}<{self.dtype}, {self.critic}{split}, {str(self.fast).lower()}>"
 
     @property
     def num_warps(self) -> int:
@@ -64,6 +68,28 @@ class CudaLaunch:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def fast_path(d: int, dtype: str, consts: dict) -> bool:
+    """Whether the launchers pick the fast kernels (``fast_path`` in the source) for
+    16-byte aligned inputs of width ``d``: whole 16-byte vectors per row and the
+    CTA's resident X rows (``BM x ceil(D / KC) * KC`` plus padding) within its limit."""
+    fast = consts["fast"][dtype]
+    return d % fast["vec"] == 0 and x_bytes(d, dtype, consts) <= consts["x_resident_max"]
+
+
+def x_bytes(d: int, dtype: str, consts: dict) -> int:
+    """Shared bytes of the fast path's resident X (``x_bytes`` in the source)."""
+    ld = _cdiv(d, consts["KC"]) * consts["KC"] + consts["fast"][dtype]["x_pad"]
+    return _cdiv(consts["BM"] * ld * ELEMENT[dtype], 128) * 128
+
+
+def smem(kind: str, d: int, dtype: str, consts: dict) -> int:
+    """Dynamic shared memory of a ``fwd``/``bwd`` launch at width ``d`` (``fwd_smem`` /
+    ``bwd_smem`` of the kernel variant the launchers pick)."""
+    if not fast_path(d, dtype, consts):
+        return consts[f"{kind}_smem"][dtype]
+    return consts["fast"][dtype][f"{kind}_base"] + x_bytes(d, dtype, consts)
 
 
 def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
@@ -95,29 +121,33 @@ def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
         return _rect_plan(n, cols, d, consts, dtype, kernel_critic, heads)
     rows = _cdiv(m, consts["BM"])
     common = {"dtype": dtype, "critic": kernel_critic, "rows": m, "cols": m, "d": d,
-              "all_pairs": all_pairs, "consts": consts}  # fmt: skip
+              "all_pairs": all_pairs, "consts": consts,
+              "fast": fast_path(d, dtype, consts)}  # fmt: skip
     sides = ("Z",) if all_pairs else ("a", "b")
-    fwd = [CudaLaunch("fwd", split=None, grid=(rows, 1, heads), smem=consts["fwd_smem"][dtype],
-                      side=s, **common) for s in sides]  # fmt: skip
+    fwd = [CudaLaunch("fwd", split=None, grid=(rows, 1, heads),
+                      smem=smem("fwd", d, dtype, consts), side=s, **common)
+           for s in sides]  # fmt: skip
     slices = _cdiv(d, consts["DO"])
     bwd = [CudaLaunch("bwd", split=ELEMENT[dtype] == 4, grid=(rows, slices, heads),
-                      smem=consts["bwd_smem"][dtype], side=s, **common)
+                      smem=smem("bwd", d, dtype, consts), side=s, **common)
            for s in sides]  # fmt: skip
     return fwd + bwd
 
 
 def _rect_plan(r: int, c: int, d: int, consts: dict, dtype: str, critic: int,
                heads: int) -> list[CudaLaunch]:  # fmt: skip
-    common = {"dtype": dtype, "critic": critic, "d": d, "all_pairs": False, "consts": consts}
+    common = {"dtype": dtype, "critic": critic, "d": d, "all_pairs": False, "consts": consts,
+              "fast": fast_path(d, dtype, consts)}  # fmt: skip
     slices = _cdiv(d, consts["DO"])
     split = ELEMENT[dtype] == 4
+    fwd, bwd = smem("fwd", d, dtype, consts), smem("bwd", d, dtype, consts)
     return [
         CudaLaunch("fwd", split=None, grid=(_cdiv(r, consts["BM"]), 1, heads),
-                   smem=consts["fwd_smem"][dtype], rows=r, cols=c, side="x", **common),
+                   smem=fwd, rows=r, cols=c, side="x", **common),
         CudaLaunch("bwd", split=split, grid=(_cdiv(r, consts["BM"]), slices, heads),
-                   smem=consts["bwd_smem"][dtype], rows=r, cols=c, side="x", **common),
+                   smem=bwd, rows=r, cols=c, side="x", **common),
         CudaLaunch("bwd", split=split, grid=(_cdiv(c, consts["BM"]), slices, heads),
-                   smem=consts["bwd_smem"][dtype], rows=c, cols=r, side="y", **common),
+                   smem=bwd, rows=c, cols=r, side="y", **common),
     ]  # fmt: skip
 
 

@@ -37,7 +37,11 @@ def _cuobjdump_or_skip() -> None:
 #: arithmetic is checked on these; the real ones are read from the source below).
 CONSTS = {"BM": 64, "BN": 64, "KC": 64, "DO": 128, "NT": 128,
           "fwd_smem": {"fp32": 52224, "fp16": 35840, "bf16": 35840},
-          "bwd_smem": {"fp32": 53120, "fp16": 52096, "bf16": 52096}}  # fmt: skip
+          "bwd_smem": {"fp32": 53120, "fp16": 52096, "bf16": 52096},
+          "x_resident_max": 69632,
+          "fast": {"fp32": {"fwd_base": 52224, "bwd_base": 86912, "x_pad": 4, "vec": 4},
+                   "fp16": {"fwd_base": 35840, "bwd_base": 70528, "x_pad": 8, "vec": 8},
+                   "bf16": {"fwd_base": 35840, "bwd_base": 72576, "x_pad": 8, "vec": 8}}}  # fmt: skip
 
 
 def test_launch_plan_mirrors_the_launchers() -> None:
@@ -49,7 +53,9 @@ def test_launch_plan_mirrors_the_launchers() -> None:
         ("fwd", "Z", (1024, 1, 1)),
         ("bwd", "Z", (1024, 4, 1)),
     ]
-    assert [lc.smem for lc in plan] == [35840, 52096]
+    # bf16 D = 512: the fast path, X resident (64 rows x 520, 66,560 bytes) besides the rest
+    assert [lc.smem for lc in plan] == [35840 + 66560, 72576 + 66560]
+    assert all(lc.fast for lc in plan) and plan[0].name.endswith(", true>")
     assert plan[0].split is None and plan[1].split is False and plan[1].d_slices == 4
     assert tiles_per_program(plan[1]) == [1024] * 4096
     cross = launch_plan("cross", 1000, 100, CONSTS, "fp32", "log_dot", heads=3)
@@ -60,6 +66,16 @@ def test_launch_plan_mirrors_the_launchers() -> None:
         ("bwd", "b", (16, 1, 3)),
     ]
     assert {lc.critic for lc in cross} == {2} and cross[-1].split is True
+    # D = 100 is whole float32 vectors (X resident: 64 x 132 floats); D = 100 in bf16 is
+    # not (12.5 vectors of 8), nor is float32 D = 320 within the resident X's limit:
+    # the general path, with its fixed shared memory.
+    assert all(lc.fast for lc in cross) and cross[0].smem == 52224 + 64 * 132 * 4
+    for d, dtype in ((100, "bf16"), (320, "fp32"), (1024, "bf16")):
+        general = launch_plan("all", 8, d, CONSTS, dtype)
+        assert not any(lc.fast for lc in general), (d, dtype)
+        assert [lc.smem for lc in general] == [CONSTS["fwd_smem"][dtype], CONSTS["bwd_smem"][dtype]]
+    assert launch_plan("all", 8, 512, CONSTS, "bf16")[0].fast  # the limit: 66,560 bytes
+    assert not launch_plan("all", 8, 576, CONSTS, "bf16")[0].fast
     assert tiles_per_program(cross[0]) == [16] * 48
     assert launch_plan("cross", 8, 8, CONSTS, critic="cosine")[0].critic == 0  # dot kernel
     with pytest.raises(ValueError, match="pairing"):
@@ -149,16 +165,20 @@ def test_constants_come_from_the_source(compiled: cuda_cost.Compiled) -> None:
     assert c["NT"] % 32 == 0 and c["BM"] > 0 and c["BN"] > 0
     for dtype in ("fp32", "fp16", "bf16"):
         assert 0 < c["fwd_smem"][dtype] <= 227 * 1024 and 0 < c["bwd_smem"][dtype] <= 227 * 1024
-    assert len(compiled.sass) == 12  # 2 kernels x 3 dtypes x 2 critics
+        # the fast path's largest resident X still fits sm_80's 163 KiB per block
+        most = c["x_resident_max"] + max(c["fast"][dtype]["fwd_base"], c["fast"][dtype]["bwd_base"])
+        assert most <= 166912, dtype
+    assert c == {**c, **{k: CONSTS[k] for k in CONSTS}}  # the plan tests' constants are today's
+    assert len(compiled.sass) == 24  # 2 kernels x 3 dtypes x 2 critics x fast and general
 
 
 @needs_nvcc
 @pytest.mark.parametrize("d", [128, 512])
 def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled, d: int) -> None:
-    """NT-Xent, bf16: the column loop is one tile; its MACs are the score GEMM over D
-    (and the gradient GEMM of one DO slice in TF32 for the backward); one exp2 per
-    element in the forward (plus one rescale per thread) and two in the backward;
-    the D chunk loop runs D / KC times."""
+    """NT-Xent, bf16 (the fast path): the column loop is one tile; its MACs are the
+    score GEMM over D (and the gradient GEMM of one DO slice for the backward, in bf16
+    twice: V as hi + lo); one exp2 per element in the forward (plus one rescale per
+    thread) and two in the backward; the D chunk loop runs D / KC times."""
     c = compiled.consts
     elements = c["BM"] * c["BN"]
     fwd, bwd = launch_plan("all", 32768, d, c)
@@ -171,15 +191,19 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     assert pf.per_tile["tensor_macs_per_cta"] == elements * d
     assert pf.per_tile["tensor_tf32_macs_per_cta"] == 0
     assert pf.per_tile["mufu_ex2"] * warps * 32 == elements + c["NT"]
-    assert pb.per_tile["tensor_macs_per_cta"] == elements * (d + c["DO"])
-    assert pb.per_tile["tensor_tf32_macs_per_cta"] == elements * c["DO"]
+    assert pb.per_tile["tensor_macs_per_cta"] == elements * (d + 2 * c["DO"])
+    assert pb.per_tile["tensor_tf32_macs_per_cta"] == 0
     assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements
-    # Global loads: the staged operands, a BM x D row panel and a BN x D column panel per
-    # tile (backward: and the BN x DO slab of Y for the gradient), plus the statistics and
-    # the copy loops' remainder code, which the static count includes (under 15 %).
-    staged = (c["BM"] + c["BN"]) * d * 2
-    for prof, extra in ((pf, 0), (pb, c["BN"] * c["DO"] * 2)):
-        assert staged + extra <= prof.per_tile["global_bytes"] * warps <= 1.15 * (staged + extra)
+    # Global loads per tile: the BN x D column panel (16-byte cp.async, LDGSTS, one chunk
+    # ahead; the row panel is resident, staged once per CTA outside the column loop;
+    # backward: and the BN x DO slab of Y for the gradient, 16-byte loads) in counted
+    # loops with no remainder, plus the backward's three column statistics
+    # (loaded by BN threads, counted for every warp as the static count does).
+    assert pf.per_tile["global_bytes"] * warps == c["BN"] * d * 2
+    assert pf.per_tile["opcodes"]["LDGSTS"] * warps * 32 * 16 == c["BN"] * d * 2
+    staged = c["BN"] * (d + c["DO"]) * 2
+    assert pb.per_tile["global_bytes"] * warps == staged + 3 * 4 * c["NT"]
+    assert fwd.fast and bwd.fast
 
 
 @needs_nvcc

@@ -8,20 +8,27 @@
 //             error (~2^-22 relative per product) stays at float32 level; plain
 //             1xTF32 (2^-11) would be ~1000x worse than float32 PyTorch.
 //             Operands are staged through shared memory in KC-wide D chunks.
+//   staging   two variants of each kernel (kFast, picked by fast_path() at launch):
+//             the fast path (D a multiple of one 16-byte vector, 16-byte aligned
+//             operands, the CTA's X rows within kXResidentMax) keeps the CTA's X
+//             rows resident (staged once in 16-byte vectors) and brings the Y
+//             chunks by 16-byte cp.async, double-buffered across chunks and tiles;
+//             the general path stages X and Y one element at a time per chunk.
 //   forward   online log-sum-exp per row, two threads per row: scores and the
 //             running max in natural-log units, exp2 of their difference times
 //             log2(e) (folding log2(e) into 1/tau instead would put S and the
 //             log-sum-exp in different units, so their roundings, ~1e23 apart at
-//             |S| ~ 1e30, would reach the exponent). "cross" runs a second pass with the
-//             roles of a and b swapped for the column log-sum-exp (all three
-//             critics are symmetric: f(x, y) = f(y, x)).
+//             |S| ~ 1e30, would reach the exponent), by ex2.approx.ftz (exp2_ftz).
+//             "cross" runs a second pass with the roles of a and b swapped for the
+//             column log-sum-exp (all three critics are symmetric: f(x, y) = f(y, x)).
 //   backward  recomputes the S tile, forms u_ik = gx_i P^row_ik + gy_k P^col_ik
 //             (both log-sum-exps are known by then), V = inv_tau * u (/ x.y for
-//             log_dot) and accumulates dX_I += V Y_K in TF32 tensor-core
-//             fragments held in registers for a DO = 128 slice of D (grid.y
-//             walks the slices). V is rounded to TF32 (11 significant bits, the
-//             float exponent range: no fp16 underflow of tiny weights); Y from
-//             bf16/fp16 is exact in TF32; float32 inputs use 3xTF32 again.
+//             log_dot) and accumulates dX_I += V Y_K in tensor-core fragments held
+//             in registers for a DO = 128 slice of D (grid.y walks the slices):
+//             bf16 on the fast path, V split as hi + lo (two bf16 products, ~16
+//             significant bits of V; Y exact in bf16); else TF32, V rounded to TF32
+//             (11 significant bits, the float exponent range: no fp16 underflow of
+//             tiny weights), Y from bf16/fp16 exact in TF32, float32 inputs 3xTF32.
 //             Each CTA writes its rows' gradient once (no atomics); the
 //             temperature gradient is one atomicAdd per CTA.
 
@@ -29,6 +36,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
 #include <type_traits>
@@ -103,7 +111,7 @@ struct Mma<__half> {
   };
   __device__ static __half zero() { return __float2half(0.0f); }
   __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static void load_a(A& a, const __half* p) { wmma::load_matrix_sync(a.f, p, LD); }
+  __device__ static void load_a(A& a, const __half* p, unsigned ld) { wmma::load_matrix_sync(a.f, p, ld); }
   __device__ static void mma(C& c, const A& a, const __half* b) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
     wmma::load_matrix_sync(fb, b, LD);
@@ -121,7 +129,9 @@ struct Mma<__nv_bfloat16> {
   };
   __device__ static __nv_bfloat16 zero() { return __float2bfloat16(0.0f); }
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static void load_a(A& a, const __nv_bfloat16* p) { wmma::load_matrix_sync(a.f, p, LD); }
+  __device__ static void load_a(A& a, const __nv_bfloat16* p, unsigned ld) {
+    wmma::load_matrix_sync(a.f, p, ld);
+  }
   __device__ static void mma(C& c, const A& a, const __nv_bfloat16* b) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
     wmma::load_matrix_sync(fb, b, LD);
@@ -157,8 +167,8 @@ struct Tf32 {
   struct A {
     FA hi, lo;
   };
-  __device__ static void load_a(A& a, const float* p) {
-    wmma::load_matrix_sync(a.hi, p, kLdA);
+  __device__ static void load_a(A& a, const float* p, unsigned ld = kLdA) {
+    wmma::load_matrix_sync(a.hi, p, ld);
     if (kSplit) {
       split_tf32(a.hi, a.lo);
     } else {
@@ -173,9 +183,10 @@ struct Tf32 {
       split_tf32(bh, bl);
       wmma::mma_sync(c, a.lo, bh, c);  // small terms first
       wmma::mma_sync(c, a.hi, bl, c);
-    } else {
-      round_tf32(bh);
     }
+    // Unsplit, B is the backward's Y slab converted from bf16/fp16 (8 or 11 significant
+    // bits): already exact in TF32 (11), so no rounding of it (which cost more issue
+    // slots than the MMAs themselves).
     wmma::mma_sync(c, a.hi, bh, c);
   }
 };
@@ -189,7 +200,8 @@ struct Mma<float> : Tf32<KC + 4, KC + 4, wmma::col_major, true> {
   __device__ static float to_float(float v) { return v; }
 };
 
-// dX += V Y (always TF32; V and the Y slab are float in shared memory).
+// dX += V Y (always TF32; V and the Y slab are float in shared memory). Unsplit only
+// for 16-bit inputs, whose Y needs no TF32 rounding (see Tf32::mma).
 template <bool kSplit>
 using MmaVY = Tf32<LDS, LDO, wmma::row_major, kSplit>;
 using C2 = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
@@ -197,48 +209,147 @@ using C2 = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 // --- shared-memory layout -----------------------------------------------------------------
 
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
-
-template <typename T>
-__host__ __device__ constexpr size_t staging_bytes() {
-  return align128(2 * BM * Mma<T>::LD * sizeof(T));  // X chunk + Y chunk
-}
-__host__ __device__ constexpr size_t slab_bytes() { return align128(BM * LDO * sizeof(float)); }
-__host__ __device__ constexpr size_t tile_bytes() { return align128(BM * LDS * sizeof(float)); }
 __host__ __device__ constexpr size_t cmax(size_t a, size_t b) { return a > b ? a : b; }
 
+// Elements of T per 16-byte vector of the fast path's staging.
 template <typename T>
-__host__ __device__ constexpr size_t fwd_smem() {
-  return staging_bytes<T>() + tile_bytes();
+__host__ __device__ constexpr int vec_elems() {
+  return 16 / static_cast<int>(sizeof(T));
 }
-// union {staging, Y slab, output staging} + S/V tile + column stats + reduction scratch
+
+// The fast path keeps the CTA's BM rows of X resident: all of D, padded with zeros
+// to whole KC chunks, staged once per CTA (X never changes across column tiles).
+// Row stride x_ld elements: the KC chunk's own padding, so WMMA fragments stay
+// 32-byte aligned and 16-byte vectors 16-byte aligned.
 template <typename T>
+__host__ __device__ constexpr int64_t x_cols(int64_t d) {
+  return (d + KC - 1) / KC * KC;
+}
+template <typename T>
+__host__ __device__ constexpr int64_t x_ld(int64_t d) {
+  return x_cols<T>(d) + (Mma<T>::LD - KC);
+}
+template <typename T>
+__host__ __device__ constexpr size_t x_bytes(int64_t d) {
+  return align128(BM * x_ld<T>(d) * sizeof(T));
+}
+// Resident X up to this size (bf16/fp16 D <= 512, float32 D <= 256): beyond it the
+// general path's per-chunk staging keeps two CTAs per SM.
+constexpr size_t kXResidentMax = 68 * 1024;
+
+template <typename T, bool kFast>
+__host__ __device__ constexpr size_t x_region(int64_t d) {
+  return kFast ? x_bytes<T>(d) : 0;
+}
+// The per-chunk staging: two Y chunk buffers (fast path: chunk q in buffer q % 2 while
+// chunk q + 1 is in flight), or the X chunk and the Y chunk. Both BM x KC, stride LD.
+template <typename T>
+__host__ __device__ constexpr size_t chunk_elems() {
+  return BM * Mma<T>::LD;
+}
+template <typename T>
+__host__ __device__ constexpr size_t staging_bytes() {
+  return align128(2 * chunk_elems<T>() * sizeof(T));
+}
+// The backward's gradient product dX += V Y: bf16 inputs on the fast path run it in
+// bf16 with V split as hi + lo (two products, fp32 accumulation: ~16 significant bits
+// of V, more than TF32's 11; Y is exact in bf16), from a bf16 Y slab and two bf16 V
+// tiles; every other variant in TF32 from a float Y slab and the float V tile.
+template <typename T, bool kFast>
+__host__ __device__ constexpr bool bf16_vy() {
+  return kFast && std::is_same<T, __nv_bfloat16>::value;
+}
+constexpr int LDY = DO + 8;  // bf16 Y slab stride (elements): 272-byte rows
+constexpr int LDV = BN + 8;  // bf16 V tile stride (elements): 144-byte rows
+__host__ __device__ constexpr size_t float_slab_bytes() { return align128(BM * LDO * sizeof(float)); }
+__host__ __device__ constexpr size_t bf16_slab_bytes() { return align128(BM * LDY * 2); }
+__host__ __device__ constexpr size_t v_tile_bytes() { return align128(BM * LDV * 2); }
+// The slab region: [Y slab] (+ [V hi] [V lo] for the bf16 product); the output
+// staging (BM x LDO floats) reuses it at the end.
+template <typename T, bool kFast = false>
+__host__ __device__ constexpr size_t slab_bytes() {
+  return bf16_vy<T, kFast>() ? bf16_slab_bytes() + 2 * v_tile_bytes() : float_slab_bytes();
+}
+static_assert(bf16_slab_bytes() + 2 * v_tile_bytes() >= float_slab_bytes(), "output staging fits");
+__host__ __device__ constexpr size_t tile_bytes() { return align128(BM * LDS * sizeof(float)); }
+
+// [resident X (fast path)] [staging] [S tile]
+template <typename T, bool kFast = false>
+__host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
+  return x_region<T, kFast>(d) + staging_bytes<T>() + tile_bytes();
+}
+// [resident X (fast path)] [staging] [Y slab, output staging] [S/V tile] [column stats]
+// [reduction scratch]; the general path's staging and slab share one region (union),
+// the fast path's are apart: the next tile's first Y chunk is in flight meanwhile.
+template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_union() {
-  return cmax(staging_bytes<T>(), slab_bytes());
+  return kFast ? staging_bytes<T>() + slab_bytes<T, kFast>()
+               : cmax(staging_bytes<T>(), slab_bytes<T, kFast>());
 }
-template <typename T>
-__host__ __device__ constexpr size_t bwd_smem() {
-  return bwd_union<T>() + tile_bytes() + align128(3 * BN * sizeof(float)) + align128(8 * sizeof(double));
+template <typename T, bool kFast>
+__host__ __device__ constexpr size_t slab_offset() {
+  return kFast ? staging_bytes<T>() : 0;
 }
-
-// Row `gr` of a (possibly two-part) operand of one head, or nullptr past the end.
-template <typename T>
-__device__ __forceinline__ const T* row_ptr(const T* p0, const T* p1, int64_t split, int64_t n,
-                                            int64_t gr, int64_t d) {
-  if (gr >= n) return nullptr;
-  return gr < split ? p0 + gr * d : p1 + (gr - split) * d;
+template <typename T, bool kFast = false>
+__host__ __device__ constexpr size_t bwd_smem(int64_t d = 0) {
+  return x_region<T, kFast>(d) + bwd_union<T, kFast>() + tile_bytes() + align128(3 * BN * sizeof(float)) +
+         align128(8 * sizeof(double));
 }
 
-// dst[r][c] = row(row0 + r)[dc + c] for r < 64, c < kWidth; zero outside the operand.
+static_assert(Mma<__half>::LD * 2 % 16 == 0 && Mma<float>::LD * 4 % 16 == 0 && LDO * 4 % 16 == 0,
+              "16-byte vectors need 16-byte aligned rows in shared memory");
+
+// --- staging ------------------------------------------------------------------------------
+
+// Rows of one (possibly two-part) operand of one head: global row gr < split lives in
+// p0, else in p1 (Z = [a; b]); n rows in all.
+template <typename T>
+struct Rows {
+  const T* p0;
+  const T* p1;
+  int64_t split, n;
+};
+
+template <typename T>
+struct Ops {
+  Rows<T> x, y;
+};
+
+template <typename T>
+__device__ __forceinline__ Ops<T> head_operands(const Pass& p, int64_t h) {
+  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
+  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
+  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
+  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  return {{x0, x1, p.x_split, p.rows}, {y0, y1, p.y_split, p.cols}};
+}
+
+// Row `gr` of an operand, or nullptr past the end.
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const Rows<T>& o, int64_t gr, int64_t d) {
+  if (gr >= o.n) return nullptr;
+  return gr < o.split ? o.p0 + gr * d : o.p1 + (gr - o.split) * d;
+}
+
+// Start of row gr of an operand (gr < o.n): two selects rather than a branch.
+template <typename T>
+__device__ __forceinline__ const T* row_start(const Rows<T>& o, int64_t gr, int64_t d) {
+  const bool first = gr < o.split;
+  return (first ? o.p0 : o.p1) + (first ? gr : gr - o.split) * d;
+}
+
+// General path: dst[r][c] = row(row0 + r)[dc + c] for r < 64, c < kWidth, one element
+// at a time (any D, any alignment); zero outside the operand.
 // kToFloat: convert to float (the Y slab of the backward), else copy the raw
 // element (torch builds with __CUDA_NO_HALF_CONVERSIONS__: no implicit casts).
 template <bool kToFloat, typename T, int kWidth>
 __device__ __forceinline__ void stage_rows(typename std::conditional<kToFloat, float, T>::type* dst,
-                                           int ld, const T* p0, const T* p1, int64_t split,
-                                           int64_t n, int64_t row0, int64_t d, int64_t dc) {
+                                           int ld, const Rows<T>& o, int64_t row0, int64_t d,
+                                           int64_t dc) {
   for (int idx = threadIdx.x; idx < 64 * kWidth; idx += NT) {
     const int r = idx / kWidth, c = idx % kWidth;
     const int64_t gc = dc + c;
-    const T* src = row_ptr(p0, p1, split, n, row0 + r, d);
+    const T* src = row_ptr(o, row0 + r, d);
     const bool ok = src != nullptr && gc < d;
     if constexpr (kToFloat) {
       dst[r * ld + c] = ok ? Mma<T>::to_float(src[gc]) : 0.0f;
@@ -248,11 +359,121 @@ __device__ __forceinline__ void stage_rows(typename std::conditional<kToFloat, f
   }
 }
 
-// S tile (raw dot products, float, stride LDS) of rows row0.. against columns col0..
+// Element k of a 16-byte vector of T (little-endian lanes), as float.
 template <typename T>
-__device__ __forceinline__ void tile_dots(const Pass& p, const T* x0, const T* x1, const T* y0,
-                                          const T* y1, int64_t row0, int64_t col0, T* xs, T* ys,
-                                          float* ss) {
+__device__ __forceinline__ float vec_elem(const uint4& v, int k) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w[k]);
+  } else {
+    const unsigned short bits = static_cast<unsigned short>(w[k / 2] >> (16 * (k & 1)));
+    if constexpr (std::is_same<T, __half>::value) {
+      return __half2float(__ushort_as_half(bits));
+    } else {
+      return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+  }
+}
+
+// Fast path: as stage_rows for `width` columns, in 16-byte vectors (ld.global.nc: the
+// operands are read-only for the kernel's life). Needs d, dc and width multiples of
+// vec_elems<T>() and 16-byte aligned operands (fast_path() checks), so that a vector
+// lies wholly inside a row or wholly past its end (zeros there). One row pointer per
+// vector instead of one per element. `width` is a multiple of 2 * vec_elems<T>(), so
+// every thread copies the same number of vectors: a counted loop (unrolled where the
+// width is a constant) with no remainder.
+template <bool kToFloat, typename T>
+__device__ __forceinline__ void stage_vec(typename std::conditional<kToFloat, float, T>::type* dst,
+                                          int ld, const Rows<T>& o, int64_t row0, int64_t d,
+                                          int64_t dc, int width) {
+  constexpr int V = vec_elems<T>();
+  static_assert(64 * 2 == NT, "64 rows x width / V vectors: a whole number per thread");
+  const int per_row = width / V, per_thread = width / (2 * V);
+#pragma unroll 8
+  for (int i = 0; i < per_thread; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * NT;
+    const int r = idx / per_row, c = (idx - r * per_row) * V;
+    const int64_t gr = row0 + r, gc = dc + c;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (gr < o.n && gc < d) v = __ldg(reinterpret_cast<const uint4*>(row_start(o, gr, d) + gc));
+    if constexpr (kToFloat) {
+#pragma unroll
+      for (int k = 0; k < V; k += 4) {
+        *reinterpret_cast<float4*>(dst + r * ld + c + k) = make_float4(
+            vec_elem<T>(v, k), vec_elem<T>(v, k + 1), vec_elem<T>(v, k + 2), vec_elem<T>(v, k + 3));
+      }
+    } else {
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+  }
+}
+
+// Shared-memory operands of the score GEMM: X (the resident rows in the fast path,
+// row stride xld, else the current chunk), the Y chunk (fast path: the first of its
+// two buffers), and the S tile.
+template <typename T>
+struct Tiles {
+  T* xs;
+  unsigned xld;
+  T* ys;
+  float* ss;
+};
+
+// Carves the staging region (after the resident X) into Tiles.
+template <typename T, bool kFast>
+__device__ __forceinline__ Tiles<T> carve(unsigned char* smem, int64_t d, size_t tile_offset) {
+  unsigned char* stage = smem + x_region<T, kFast>(d);
+  T* xs = reinterpret_cast<T*>(kFast ? smem : stage);
+  T* ys = reinterpret_cast<T*>(stage) + (kFast ? 0 : chunk_elems<T>());
+  const unsigned xld = kFast ? static_cast<unsigned>(x_ld<T>(d)) : Mma<T>::LD;
+  return {xs, xld, ys, reinterpret_cast<float*>(stage + tile_offset)};
+}
+
+// Fast path: the CTA's rows of X, all of D, once. No barrier of its own: tile_dots
+// stages the first Y chunk and waits at a barrier before any fragment load.
+template <typename T, bool kFast>
+__device__ __forceinline__ void stage_resident_x(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
+                                                 int64_t row0) {
+  if constexpr (kFast)
+    stage_vec<false, T>(t.xs, t.xld, op.x, row0, p.d, 0, static_cast<int>(x_cols<T>(p.d)));
+}
+
+// Fast path: the BM x KC chunk (col0, dc) of Y into `buf` by cp.async, 16 bytes per
+// copy; zeros (plain stores) past the operand.
+template <typename T>
+__device__ __forceinline__ void issue_y_chunk(T* buf, const Rows<T>& o, int64_t col0, int64_t d,
+                                              int64_t dc) {
+  constexpr int V = vec_elems<T>(), per_row = KC / V;
+#pragma unroll
+  for (int i = 0; i < KC / (2 * V); ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * NT;
+    const int r = idx / per_row, c = (idx - r * per_row) * V;
+    const int64_t gr = col0 + r, gc = dc + c;
+    T* dst = buf + r * Mma<T>::LD + c;
+    if (gr < o.n && gc < d) {
+      __pipeline_memcpy_async(dst, row_start(o, gr, d) + gc, 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// Fast path, before the column loop: the first Y chunk in flight into buffer 0.
+template <typename T, bool kFast>
+__device__ __forceinline__ void prefetch_first_chunk(const Ops<T>& op, const Tiles<T>& t, int64_t d) {
+  if constexpr (kFast) {
+    issue_y_chunk(t.ys, op.y, 0, d, 0);
+    __pipeline_commit();
+  }
+}
+
+// S tile (raw dot products, float, stride LDS) of rows row0.. against columns col0..
+// Fast path: `q` counts the CTA's Y chunks; chunk q is in buffer q % 2 and, while its
+// MMAs run, chunk q + 1 (the next D chunk, else the next tile's first) is in flight
+// into the other buffer (issued after the barrier that frees it).
+template <typename T, bool kFast>
+__device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
+                                          int64_t row0, int64_t col0, int& q) {
   using M = Mma<T>;
   const int warp = threadIdx.x / 32;
   typename M::C acc[BN / 16];
@@ -260,21 +481,65 @@ __device__ __forceinline__ void tile_dots(const Pass& p, const T* x0, const T* x
   for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   for (int64_t dc = 0; dc < p.d; dc += KC) {
     __syncthreads();  // staging (and whatever shares it) is free
-    stage_rows<false, T, KC>(xs, M::LD, x0, x1, p.x_split, p.rows, row0, p.d, dc);
-    stage_rows<false, T, KC>(ys, M::LD, y0, y1, p.y_split, p.cols, col0, p.d, dc);
-    __syncthreads();
+    const T* ys = t.ys;
+    if constexpr (kFast) {
+      static_assert(KC % (2 * vec_elems<T>()) == 0 && DO % (2 * vec_elems<T>()) == 0, "whole vectors");
+      const bool last = dc + KC >= p.d;
+      const int64_t next_col = last ? col0 + BN : col0;
+      if (next_col < p.cols)
+        issue_y_chunk(t.ys + ((q + 1) & 1) * chunk_elems<T>(), op.y, next_col, p.d, last ? 0 : dc + KC);
+      __pipeline_commit();       // an empty group after the last chunk: the wait stays uniform
+      __pipeline_wait_prior(1);  // this thread's copies of chunk q have landed
+      __syncthreads();           // and everyone's
+      ys += (q & 1) * chunk_elems<T>();
+      ++q;
+    } else {
+      stage_rows<false, T, KC>(t.xs, M::LD, op.x, row0, p.d, dc);
+      stage_rows<false, T, KC>(t.ys, M::LD, op.y, col0, p.d, dc);
+      __syncthreads();
+    }
+    const T* xa = t.xs + warp * 16 * t.xld + (kFast ? dc : 0);
 #pragma unroll
     for (int ks = 0; ks < KC; ks += M::KS) {
       typename M::A fa;
-      M::load_a(fa, xs + warp * 16 * M::LD + ks);
+      M::load_a(fa, xa + ks, t.xld);
 #pragma unroll
       for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, ys + n * 16 * M::LD + ks);
     }
   }
 #pragma unroll
   for (int n = 0; n < BN / 16; ++n)
-    wmma::store_matrix_sync(ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
+    wmma::store_matrix_sync(t.ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
   __syncthreads();
+}
+
+// One row's mask over one column tile, in tile-local ints (computed once per tile, so
+// the per-element test is two 32-bit compares): columns c >= limit lie past S's
+// columns (all of them when the row itself is past S's rows: limit 0); column skip
+// (-1: none) is the row's excluded pair, global column == row + diag_offset.
+struct TileMask {
+  int limit, skip;
+  __device__ bool masked(int c) const { return c >= limit || c == skip; }
+};
+
+__device__ __forceinline__ TileMask tile_mask(const Pass& p, int64_t gi, int64_t col0, bool row_ok) {
+  const int64_t left = p.cols - col0, dg = gi + p.diag_offset - col0;
+  return {row_ok ? static_cast<int>(left < BN ? left : BN) : 0,
+          p.diag && dg >= 0 && dg < BN ? static_cast<int>(dg) : -1};
+}
+
+// 2^x by ex2.approx.ftz.f32: one MUFU.EX2, without exp2f's fix-up of results below
+// 2^-126 (three more instructions per call); those come out as zero. Every sum here
+// has a term of at least 2^-126 times its total (the forward's sum holds 2^0 for its
+// max; a row's weights sum to its g), so nothing it drops is seen in float32.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(MIMAC_CUDA_EMULATION)
+  return ::mimac_emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
 }
 
 template <int kCritic>
@@ -285,81 +550,90 @@ __device__ __forceinline__ float raw_score(float dot, float eps) {
 
 // --- kernels ---------------------------------------------------------------------------------
 
-template <typename T, int kCritic>
-__global__ void __launch_bounds__(NT) lse_forward_kernel(Pass p) {
+// kFast: the fast path (16-byte vector staging, resident X; fast_path() picks it).
+// Launch bounds with an explicit minimum of CTAs per SM give ptxas its register budget
+// (without one its own heuristic spilled in some variants): 3 CTAs (<= 168 registers)
+// for 16-bit inputs, 1 for float32 (the 3xTF32 fragments need more).
+template <typename T, int kCritic, bool kFast>
+__global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 1 : 3) lse_forward_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = xs + BM * Mma<T>::LD;
-  float* ss = reinterpret_cast<float*>(smem + staging_bytes<T>());
+  const Tiles<T> t = carve<T, kFast>(smem, p.d, staging_bytes<T>());
+  float* ss = t.ss;
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
-  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
-  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
-  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  const Ops<T> op = head_operands<T>(p, h);
+  stage_resident_x<T, kFast>(p, op, t, row0);
+  prefetch_first_chunk<T, kFast>(op, t, p.d);
+  int q = 0;  // Y chunks so far (fast path)
   const float it = *p.inv_tau;
   const int r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
   float m = -INFINITY, l = 0.0f;  // running max (natural log) and sum
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
-    tile_dots<T>(p, x0, x1, y0, y1, row0, col0, xs, ys, ss);
-    // Pass 1: scaled, masked scores back into this thread's own slots of the tile.
+    tile_dots<T, kFast>(p, op, t, row0, col0, q);
+    // Pass 1: this thread's scaled, masked scores of the tile, kept in registers.
+    float v[JPT];
     float tmax = -INFINITY;
-#pragma unroll 8
+    const TileMask mask = tile_mask(p, gi, col0, true);
+#pragma unroll
     for (int j = 0; j < JPT; ++j) {
       const int c = 2 * j + part;  // interleaved: fewer bank conflicts than halves
-      const int64_t gk = col0 + c;
       const float sn = raw_score<kCritic>(ss[r * LDS + c], p.eps) * it;
-      const bool bad = gk >= p.cols || (p.diag && gk == gi + p.diag_offset);
-      const float v = bad ? -INFINITY : sn;
-      ss[r * LDS + c] = v;
-      tmax = fmaxf(tmax, v);  // fmaxf skips NaN; the sum below still carries it
+      v[j] = mask.masked(c) ? -INFINITY : sn;
+      tmax = fmaxf(tmax, v[j]);  // fmaxf skips NaN; the sum below still carries it
     }
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
     const float mnew = fmaxf(m, tmax);
-    // Pass 2: rescaled sum (only this thread's slots: no barrier needed).
+    // Pass 2: rescaled sum.
     float sum = 0.0f;
     if (mnew != -INFINITY) {
-#pragma unroll 8
-      for (int j = 0; j < JPT; ++j) sum += exp2f((ss[r * LDS + 2 * j + part] - mnew) * kLog2e);
+#pragma unroll
+      for (int j = 0; j < JPT; ++j) sum += exp2_ftz((v[j] - mnew) * kLog2e);
     } else {
       // Every score so far masked or NaN (fmaxf skipped the NaNs): keep a NaN in the
       // sum, or a row whose every score is NaN would come out as -inf.
+#pragma unroll
       for (int j = 0; j < JPT; ++j) {
-        const float v = ss[r * LDS + 2 * j + part];
-        if (v != v) sum = v;
+        if (v[j] != v[j]) sum = v[j];
       }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     // m = mnew = -inf: l is 0 or NaN so far, and stays NaN once it is.
-    l = (mnew == -INFINITY) ? l + sum : l * exp2f((m - mnew) * kLog2e) + sum;
+    l = (mnew == -INFINITY) ? l + sum : l * exp2_ftz((m - mnew) * kLog2e) + sum;
     m = mnew;
   }
   if (part == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m + log2f(l) * kLn2;
 #endif
 }
 
-template <typename T, int kCritic, bool kSplit>
-__global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
+// Register budget of a whole SM's file per CTA (see the forward): the DO-wide
+// gradient accumulators live in registers.
+template <typename T, int kCritic, bool kSplit, bool kFast>
+__global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = xs + BM * Mma<T>::LD;
-  float* slab = reinterpret_cast<float*>(smem);  // reuses the staging space
-  float* ss = reinterpret_cast<float*>(smem + bwd_union<T>());
-  float* s_ly = reinterpret_cast<float*>(smem + bwd_union<T>() + tile_bytes());
+  const Tiles<T> t = carve<T, kFast>(smem, p.d, bwd_union<T, kFast>());
+  unsigned char* stage = smem + x_region<T, kFast>(p.d);
+  float* slab = reinterpret_cast<float*>(stage + slab_offset<T, kFast>());  // general: in the staging
+  constexpr bool kBf16 = bf16_vy<T, kFast>();
+  __nv_bfloat16* yb = reinterpret_cast<__nv_bfloat16*>(slab);  // kBf16: the bf16 Y slab
+  __nv_bfloat16* v_hi = reinterpret_cast<__nv_bfloat16*>(stage + slab_offset<T, kFast>() + bf16_slab_bytes());
+  __nv_bfloat16* v_lo = v_hi + v_tile_bytes() / 2;
+  float* ss = t.ss;
+  float* s_ly = reinterpret_cast<float*>(stage + bwd_union<T, kFast>() + tile_bytes());
   float* s_gy = s_ly + BN;
   float* s_cy = s_gy + BN;
-  double* s_red = reinterpret_cast<double*>(smem + bwd_union<T>() + tile_bytes() + align128(3 * BN * sizeof(float)));
+  double* s_red = reinterpret_cast<double*>(stage + bwd_union<T, kFast>() + tile_bytes() +
+                                            align128(3 * BN * sizeof(float)));
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t dout0 = static_cast<int64_t>(blockIdx.y) * DO;
-  const T* x0 = static_cast<const T*>(p.x0) + h * p.x_hs;
-  const T* x1 = p.x1 ? static_cast<const T*>(p.x1) + h * p.x_hs : x0;
-  const T* y0 = static_cast<const T*>(p.y0) + h * p.y_hs;
-  const T* y1 = p.y1 ? static_cast<const T*>(p.y1) + h * p.y_hs : y0;
+  const Ops<T> op = head_operands<T>(p, h);
+  stage_resident_x<T, kFast>(p, op, t, row0);
+  prefetch_first_chunk<T, kFast>(op, t, p.d);
+  int q = 0;  // Y chunks so far (fast path)
   // A side without statistics (null: the rectangular problem's columns, or its rows
   // in the dY pass) carries no weight at all.
   const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
@@ -378,7 +652,8 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
   const float cxi = row_ok && x_side ? cx[gi] : 0.0f;
   const bool want_tau = p.tau_mode != 0 && blockIdx.y == 0;  // count each pair once
 
-  C2 acc[DO / 16];
+  using CA = typename std::conditional<kBf16, typename Mma<__nv_bfloat16>::C, C2>::type;
+  CA acc[DO / 16];
 #pragma unroll
   for (int n = 0; n < DO / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   double tau = 0.0;
@@ -391,39 +666,76 @@ __global__ void __launch_bounds__(NT) lse_backward_kernel(Pass p) {
       s_gy[threadIdx.x] = ok ? gy[gk] : 0.0f;
       s_cy[threadIdx.x] = ok ? cy[gk] : 0.0f;
     }
-    tile_dots<T>(p, x0, x1, y0, y1, row0, col0, xs, ys, ss);  // ends with __syncthreads
+    tile_dots<T, kFast>(p, op, t, row0, col0, q);  // ends with __syncthreads
     float tau_tile = 0.0f;
-#pragma unroll 8
-    for (int j = 0; j < JPT; ++j) {
-      const int c = 2 * j + part;
-      const int64_t gk = col0 + c;
-      const float dot = ss[r * LDS + c];
-      const float s = raw_score<kCritic>(dot, p.eps);
-      const float sn = s * it;
-      const bool bad = !row_ok || gk >= p.cols || (p.diag && gk == gi + p.diag_offset);
-      float w = x_side ? gxi * exp2f((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
-      float u = w + (y_side ? s_gy[c] * exp2f((sn - s_ly[c]) * kLog2e) : 0.0f);  // + column k's
-      if (bad) u = w = 0.0f;
-      // Each side centred on its own positive score, per element: the weights of
-      // a row sum to its g, so this is the loss's temperature gradient with no
-      // float32 cancellation between two large totals.
-      tau_tile += w * (s - cxi);
-      if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c]);
-      float vv = u * it;  // dL/d(dot)
-      if (kCritic == MIMAC_LOG_DOT) vv = dot > p.eps ? vv / dot : 0.0f;
-      ss[r * LDS + c] = vv;
+    const TileMask mask = tile_mask(p, gi, col0, row_ok);
+#pragma unroll 4
+    for (int j = 0; j < JPT / 2; ++j) {
+      const int c = 4 * j + 2 * part;  // this thread's column pair (c, c + 1): 8-byte accesses
+      const float2 dots = *reinterpret_cast<const float2*>(ss + r * LDS + c);
+      float vv[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float dot = e ? dots.y : dots.x;
+        const float s = raw_score<kCritic>(dot, p.eps);
+        const float sn = s * it;
+        float w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
+        float u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);  // + column k's
+        if (mask.masked(c + e)) u = w = 0.0f;
+        // Each side centred on its own positive score, per element: the weights of
+        // a row sum to its g, so this is the loss's temperature gradient with no
+        // float32 cancellation between two large totals.
+        tau_tile += w * (s - cxi);
+        if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
+        vv[e] = u * it;  // dL/d(dot)
+        if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
+      }
+      if constexpr (kBf16) {
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
+        // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
+        const float rest0 = fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
+        const float rest1 = fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
+        *reinterpret_cast<__nv_bfloat162*>(v_hi + r * LDV + c) = hi;
+        *reinterpret_cast<__nv_bfloat162*>(v_lo + r * LDV + c) = __floats2bfloat162_rn(rest0, rest1);
+      } else {
+        *reinterpret_cast<float2*>(ss + r * LDS + c) = make_float2(vv[0], vv[1]);
+      }
     }
     if (want_tau) tau += tau_tile;
     __syncthreads();  // V complete, staging free
-    stage_rows<true, T, DO>(slab, LDO, y0, y1, p.y_split, p.cols, col0, p.d, dout0);
+    if constexpr (kBf16) {
+      stage_vec<false, T>(yb, LDY, op.y, col0, p.d, dout0, DO);
+    } else if constexpr (kFast) {
+      stage_vec<true, T>(slab, LDO, op.y, col0, p.d, dout0, DO);
+    } else {
+      stage_rows<true, T, DO>(slab, LDO, op.y, col0, p.d, dout0);
+    }
     __syncthreads();
-    using VY = MmaVY<kSplit>;
+    if constexpr (kBf16) {
+      using FA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+      using FB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
 #pragma unroll 2
-    for (int ks = 0; ks < BN; ks += 8) {
-      typename VY::A fv;
-      VY::load_a(fv, ss + warp * 16 * LDS + ks);
+      for (int ks = 0; ks < BN; ks += 16) {
+        FA fh, fl;
+        wmma::load_matrix_sync(fh, v_hi + warp * 16 * LDV + ks, LDV);
+        wmma::load_matrix_sync(fl, v_lo + warp * 16 * LDV + ks, LDV);
 #pragma unroll
-      for (int n = 0; n < DO / 16; ++n) VY::mma(acc[n], fv, slab + ks * LDO + n * 16);
+        for (int n = 0; n < DO / 16; ++n) {
+          FB fb;
+          wmma::load_matrix_sync(fb, yb + ks * LDY + n * 16, LDY);
+          wmma::mma_sync(acc[n], fl, fb, acc[n]);  // small terms first
+          wmma::mma_sync(acc[n], fh, fb, acc[n]);
+        }
+      }
+    } else {
+      using VY = MmaVY<kSplit>;
+#pragma unroll 2
+      for (int ks = 0; ks < BN; ks += 8) {
+        typename VY::A fv;
+        VY::load_a(fv, ss + warp * 16 * LDS + ks);
+#pragma unroll
+        for (int n = 0; n < DO / 16; ++n) VY::mma(acc[n], fv, slab + ks * LDO + n * 16);
+      }
     }
     __syncthreads();  // everyone is done with V and the slab before they are rewritten
   }
@@ -484,20 +796,56 @@ dim3 grid_for(const Pass& p, int64_t heads, int64_t slices) {
               static_cast<unsigned>(heads));
 }
 
+// The current device's opt-in shared memory per block: 163 KiB on sm_80/sm_87, 227 KiB
+// on sm_90, but 99 KiB on sm_86/sm_89, where the fast path's largest layouts do not fit.
+size_t device_smem_optin() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;  // unknown: the general path (52 KiB at most) runs everywhere
+  }
+  return static_cast<size_t>(bytes);
+}
+
+// The fast path's preconditions: whole 16-byte vectors per row (D a multiple of
+// vec_elems<T>(), every operand 16-byte aligned; head strides N * D keep that), the
+// resident X within kXResidentMax and the kernel's shared memory `smem` within the
+// device's. Anything else runs the general path.
+template <typename T>
+bool fast_path(const Pass& p, size_t smem) {
+  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return p.d % vec_elems<T>() == 0 && x_bytes<T>(p.d) <= kXResidentMax && aligned(p.x0) &&
+         aligned(p.x1) && aligned(p.y0) && aligned(p.y1) && smem <= device_smem_optin();
+}
+
+template <typename T, int kCritic>
+cudaError_t forward_as(const Pass& p, dim3 grid, cudaStream_t s) {
+  if (fast_path<T>(p, fwd_smem<T, true>(p.d)))
+    return launch(lse_forward_kernel<T, kCritic, true>, grid, fwd_smem<T, true>(p.d), p, s);
+  return launch(lse_forward_kernel<T, kCritic, false>, grid, fwd_smem<T, false>(p.d), p, s);
+}
+
 template <typename T>
 cudaError_t forward_pass(const Pass& p, int critic, int64_t heads, cudaStream_t s) {
   const dim3 grid = grid_for(p, heads, 1);
-  if (critic == MIMAC_LOG_DOT) return launch(lse_forward_kernel<T, MIMAC_LOG_DOT>, grid, fwd_smem<T>(), p, s);
-  return launch(lse_forward_kernel<T, MIMAC_DOT>, grid, fwd_smem<T>(), p, s);  // cosine == dot here
+  if (critic == MIMAC_LOG_DOT) return forward_as<T, MIMAC_LOG_DOT>(p, grid, s);
+  return forward_as<T, MIMAC_DOT>(p, grid, s);  // cosine == dot here
+}
+
+template <typename T, int kCritic>
+cudaError_t backward_as(const Pass& p, dim3 grid, cudaStream_t s) {
+  constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
+  if (fast_path<T>(p, bwd_smem<T, true>(p.d)))
+    return launch(lse_backward_kernel<T, kCritic, kSplit, true>, grid, bwd_smem<T, true>(p.d), p, s);
+  return launch(lse_backward_kernel<T, kCritic, kSplit, false>, grid, bwd_smem<T, false>(p.d), p, s);
 }
 
 template <typename T>
 cudaError_t backward_pass(const Pass& p, int critic, int64_t heads, cudaStream_t s) {
-  constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
   const dim3 grid = grid_for(p, heads, (p.d + DO - 1) / DO);
-  if (critic == MIMAC_LOG_DOT)
-    return launch(lse_backward_kernel<T, MIMAC_LOG_DOT, kSplit>, grid, bwd_smem<T>(), p, s);
-  return launch(lse_backward_kernel<T, MIMAC_DOT, kSplit>, grid, bwd_smem<T>(), p, s);
+  if (critic == MIMAC_LOG_DOT) return backward_as<T, MIMAC_LOG_DOT>(p, grid, s);
+  return backward_as<T, MIMAC_DOT>(p, grid, s);
 }
 
 template <typename F>

@@ -15,7 +15,10 @@
 // What it checks beyond values: barrier divergence (a thread exits or waits at
 // another barrier while the block waits), dynamic shared memory over 48 KiB
 // without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
-// dynamic shared memory the launch asked for, launch bounds.
+// dynamic shared memory the launch asked for, launch bounds, misaligned 16-byte
+// vector loads (__ldg of uint4); ex2.approx.ftz as mimac_emu::ex2_approx_ftz; cp.async (__pipeline_memcpy_async and its commit
+// and wait groups): a read of a destination before its wait (NaN bytes), a write to
+// it in flight, misaligned addresses, a thread exiting with copies in flight.
 //
 // Races between two barriers: a fiber runs from one barrier to the next without
 // a switch, so a race gives the right answer under one thread order and a
@@ -35,6 +38,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -64,6 +68,7 @@ enum cudaError_t {
 typedef cudaError_t cudaError;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
 namespace mimac_emu {
 
@@ -100,6 +105,16 @@ struct Record {
 };
 Record& next_record(bool& first);
 
+// cp.async (cuda_pipeline_primitives.h): this thread's copy of `size` bytes (4, 8
+// or 16; the last `zfill` of them zeros) from global `src` to shared `dst`, both
+// aligned to `size`. The destination reads as NaN bytes until async_wait completes
+// the copy's group; a write to it before then, or a thread exiting with copies in
+// flight, fails the launch. async_commit closes the thread's open copies into a
+// group; async_wait(n) completes all but the newest n committed groups, in order.
+void async_copy(void* dst, const void* src, size_t size, size_t zfill);
+void async_commit();
+void async_wait(size_t prior);
+
 using Body = void (*)(void* kernel, void* arg);
 cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 block, size_t smem);
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
@@ -113,6 +128,10 @@ void register_dynamic_smem(unsigned char* base, size_t size);
 // collectives to the next block barrier. Any of them is an order a GPU may run.
 enum Schedule : int { kInOrder = 0, kReversed = 1, kShuffled = 2, kWarpsInOrder = 3, kWarpsReversed = 4 };
 void set_schedule(Schedule schedule, uint64_t seed);
+// The device's opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin):
+// sm_80's 166,912 bytes unless set lower (sm_86/sm_89 have 101,376), for every later launch.
+void set_smem_optin(size_t bytes);
+size_t smem_optin();
 
 }  // namespace mimac_emu
 
@@ -140,6 +159,47 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return out;
 }
 
+// --- vector types and 16-byte loads -------------------------------------------------
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+// ld.global.nc.v4: a misaligned vector address faults on a GPU ("misaligned
+// address"); here it fails the launch, naming the load.
+inline uint4 __ldg(const uint4* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    ::mimac_emu::fail("__ldg: 16-byte vector load from an address not 16-byte aligned");
+  uint4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+namespace mimac_emu {
+// ex2.approx.ftz.f32: 2^x with a subnormal input read as zero and a subnormal result
+// flushed to zero (the hardware's approximation, within 2 ulp, is taken as exact).
+inline float ex2_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;
+  const float y = exp2f(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+}  // namespace mimac_emu
+
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // Fibers run on one OS thread: a plain add is atomic here.
 inline float atomicAdd(float* p, float v) {
   const float old = *p;
@@ -153,6 +213,15 @@ inline double atomicAdd(double* p, double v) {
 }
 
 inline cudaError_t cudaGetLastError() { return ::mimac_emu::last_error(); }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  *value = static_cast<int>(::mimac_emu::smem_optin());
+  return cudaSuccess;
+}
 const char* cudaGetErrorString(cudaError_t e);
 
 template <typename F>
@@ -205,10 +274,20 @@ struct __nv_bfloat16 {
   uint16_t __x = 0;
 };
 
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
 inline float __half2float(__half h) { return ::mimac_emu::half_to_float(h.__x); }
 inline __half __float2half(float f) { return __half{::mimac_emu::float_to_half(f)}; }
 inline float __bfloat162float(__nv_bfloat16 h) { return ::mimac_emu::bf16_to_float(h.__x); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16{::mimac_emu::float_to_bf16(f)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return __nv_bfloat162{__float2bfloat16(a), __float2bfloat16(b)};
+}
+inline float __low2float(__nv_bfloat162 v) { return __bfloat162float(v.x); }
+inline float __high2float(__nv_bfloat162 v) { return __bfloat162float(v.y); }
 
 // --- WMMA -------------------------------------------------------------------------------
 

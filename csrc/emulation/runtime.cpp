@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <numeric>
 #include <memory>
@@ -29,6 +30,14 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+// One cp.async copy in flight: its bytes, read from global memory at issue (the
+// source is read-only for the kernel), land in `dst` when its group is waited for.
+struct AsyncCopy {
+  unsigned char* dst;
+  size_t size;
+  unsigned char data[16];
+};
+
 struct Fiber {
   ThreadState state{};
   ucontext_t context{};
@@ -38,6 +47,8 @@ struct Fiber {
   uint64_t wait_generation = 0;
   const char* wait_name = "";
   size_t calls = 0;  // collective calls since the warp's last barrier
+  std::vector<AsyncCopy> open_copies;                 // issued, not yet committed
+  std::deque<std::vector<AsyncCopy>> copy_groups;     // committed, oldest first
 };
 
 struct Slot {
@@ -124,9 +135,21 @@ void wait_at(Barrier& b, const char* name, int warp) {
   swapcontext(&f.context, &g_block->scheduler);
 }
 
+// Bytes of a cp.async destination in flight (all-ones: NaN in float, half and
+// bfloat16, so a read before the wait shows up in the results).
+constexpr unsigned char kInFlight = 0xFF;
+
+bool copies_pending(const Fiber& f) {
+  if (!f.open_copies.empty()) return true;
+  return std::any_of(f.copy_groups.begin(), f.copy_groups.end(),
+                     [](const std::vector<AsyncCopy>& g) { return !g.empty(); });
+}
+
 void fiber_entry() {
   Block& blk = *g_block;
   blk.body(blk.kernel, blk.arg);
+  if (copies_pending(*blk.running))
+    fail("cp.async copies still in flight when the thread exited (no __pipeline_wait_prior for them)");
   blk.running->done = true;
 }  // returns to uc_link: the scheduler
 
@@ -269,17 +292,60 @@ void fail(const char* what) {
   std::abort();
 }
 
+void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
+  if (size != 4 && size != 8 && size != 16) fail("__pipeline_memcpy_async: size must be 4, 8 or 16 bytes");
+  if (zfill > size) fail("__pipeline_memcpy_async: zfill larger than the copy");
+  auto* d = static_cast<unsigned char*>(dst);
+  if (d < g_smem || d + size > g_smem + g_smem_capacity)
+    fail("__pipeline_memcpy_async: destination outside the dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0)
+    fail(("__pipeline_memcpy_async: shared destination not " + std::to_string(size) + "-byte aligned").c_str());
+  if (reinterpret_cast<uintptr_t>(src) % size != 0)
+    fail(("__pipeline_memcpy_async: global source not " + std::to_string(size) + "-byte aligned").c_str());
+  AsyncCopy c{d, size, {}};
+  std::memcpy(c.data, src, size - zfill);
+  std::memset(c.data + (size - zfill), 0, zfill);
+  std::memset(d, kInFlight, size);
+  running_fiber().open_copies.push_back(c);
+}
+
+void async_commit() {
+  Fiber& f = running_fiber();
+  f.copy_groups.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
+}
+
+void async_wait(size_t prior) {
+  Fiber& f = running_fiber();
+  while (f.copy_groups.size() > prior) {
+    for (const AsyncCopy& c : f.copy_groups.front()) {
+      for (size_t i = 0; i < c.size; ++i) {
+        if (c.dst[i] != kInFlight)
+          fail("shared memory written while a cp.async copy into it was in flight");
+      }
+      std::memcpy(c.dst, c.data, c.size);
+    }
+    f.copy_groups.pop_front();
+  }
+}
+
+size_t g_smem_optin = kMaxSmem;
+
+void set_smem_optin(size_t bytes) { g_smem_optin = bytes < kMaxSmem ? bytes : kMaxSmem; }
+size_t smem_optin() { return g_smem_optin; }
+
 void register_dynamic_smem(unsigned char* base, size_t size) {
   g_smem = base;
   g_smem_capacity = size;
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || static_cast<size_t>(bytes) > kMaxSmem)
+  if (bytes < 0 || static_cast<size_t>(bytes) > g_smem_optin)
     return fail_launch(cudaErrorInvalidValue,
                        "cudaFuncSetAttribute: " + std::to_string(bytes) +
-                           " bytes of dynamic shared memory exceed sm_80's maximum of " +
-                           std::to_string(kMaxSmem));
+                           " bytes of dynamic shared memory exceed " +
+                           (g_smem_optin == kMaxSmem ? std::string("sm_80's") : std::string("the device's")) +
+                           " maximum of " + std::to_string(g_smem_optin));
   g_max_smem[kernel] = bytes;
   return cudaSuccess;
 }
@@ -339,6 +405,8 @@ cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 blo
       f.done = false;
       f.waiting = nullptr;
       f.calls = 0;
+      f.open_copies.clear();
+      f.copy_groups.clear();
       f.state.thread_idx = dim3(static_cast<unsigned>(t % block.x),
                                 static_cast<unsigned>(t / block.x % block.y),
                                 static_cast<unsigned>(t / (block.x * block.y)));

@@ -10,14 +10,18 @@
 
 namespace {
 
-// Runs `kernel` ("neighbour", "defect", "wmma") in one block; raises with the
+// Runs `kernel` ("neighbour", "defect", "wmma", "async") in one block; raises with the
 // emulation's message when the launch fails.
 void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64_t variant,
          int64_t threads, int64_t smem_bytes, int64_t smem_attribute) {
   TORCH_CHECK(in.is_cpu() && in.scalar_type() == at::kFloat && in.is_contiguous(), "in: contiguous float32");
   TORCH_CHECK(out.sizes() == in.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(),
               "out: like in");
-  const int id = kernel == "neighbour" ? 0 : kernel == "defect" ? 1 : kernel == "wmma" ? 2 : -1;
+  const int id = kernel == "neighbour" ? 0
+                 : kernel == "defect"  ? 1
+                 : kernel == "wmma"    ? 2
+                 : kernel == "async"   ? 3
+                                       : -1;
   TORCH_CHECK(id >= 0, "unknown self-test kernel ", kernel);
   MimacEmuArgs args{out.data_ptr<float>(), in.data_ptr<float>(), static_cast<int>(variant)};
   const cudaError_t e = mimac_emu_selftest_launch(id, &args, static_cast<int>(threads),
@@ -26,6 +30,7 @@ void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64
 }
 
 double tf32(double v) { return nvcuda::wmma::__float_to_tf32(static_cast<float>(v)); }
+double ex2_ftz(double v) { return mimac_emu::ex2_approx_ftz(static_cast<float>(v)); }
 
 // The order of blocks and threads for every later launch (see cuda_emu.h).
 void set_schedule(int64_t schedule, int64_t seed) {
@@ -42,6 +47,16 @@ TORCH_LIBRARY(mimac_emu_selftest, m) {
         "int smem_attribute) -> ()",
         &run);
   m.def("tf32(float v) -> float", &tf32);
+  m.def("ex2_ftz(float v) -> float", &ex2_ftz);
 }
 
-TORCH_LIBRARY(mimac_emu, m) { m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule); }
+// The emulated device's opt-in shared memory per block (see cuda_emu.h).
+void set_smem_optin(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "bytes must be positive, got ", bytes);
+  mimac_emu::set_smem_optin(static_cast<size_t>(bytes));
+}
+
+TORCH_LIBRARY(mimac_emu, m) {
+  m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule);
+  m.def("set_smem_optin(int bytes) -> ()", &set_smem_optin);
+}

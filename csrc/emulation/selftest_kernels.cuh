@@ -2,6 +2,8 @@
 // emulation catches what it claims to; compiled into kernels.cpp (the one
 // translation unit that owns the emulated shared memory), called by selftest.cpp.
 #pragma once
+#include <cuda_pipeline_primitives.h>
+
 #include "selftest.h"
 
 namespace {
@@ -40,13 +42,21 @@ __global__ void neighbour_kernel(Args a) {
 }
 
 // Variant 0: fine; 1: only half the block reaches the barrier; 2: a write one
-// float past the dynamic shared memory; 3: a partial-mask shuffle.
+// float past the dynamic shared memory; 3: a partial-mask shuffle; 4: a 16-byte
+// vector load (__ldg of uint4) one float past an aligned address; 5: its aligned twin
+// (every thread t < 4 adds in[4 * (t / 4) .. + 3], summed as uint4 lanes of floats).
 __global__ void defect_kernel(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* s = reinterpret_cast<float*>(smem);
   const int t = threadIdx.x;
   if (a.variant != 1 || t < 64) __syncthreads();
   if (a.variant == 2 && t == 0) s[blockDim.x] = 1.0f;
+  if (a.variant >= 4) {
+    const float* src = a.in + 4 * (t / 4) + (a.variant == 4 ? 1 : 0);
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(src));
+    a.out[t] = __uint_as_float(q.x) + __uint_as_float(q.y) + __uint_as_float(q.z) + __uint_as_float(q.w);
+    return;
+  }
   float v = a.in[t];
   v += __shfl_xor_sync(a.variant == 3 ? 0xffffu : 0xffffffffu, v, 1);
   a.out[t] = v;
@@ -100,11 +110,46 @@ __global__ void wmma_kernel(Args a) {
   for (int i = lane; i < 256; i += 32) a.out[i] = c[i];
 }
 
+// cp.async: thread t copies in[4t .. 4t + 3] (16 bytes) into shared memory, then every
+// thread reads its right neighbour's four floats: out = in rolled by -4.
+// Variant 0: commit, wait, barrier, read (right). 1: the read before the wait (the
+// destinations still read as NaN). 2: two groups, the first half of each copy in
+// the older one; __pipeline_wait_prior(1) completes only that (the second halves read
+// NaN), the last wait comes after the reads. 3: a shared destination 4 bytes past a
+// 16-byte boundary. 4: the thread exits without a wait. 5: a plain store into the
+// destination while the copy is in flight.
+__global__ void async_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x, n = 4 * blockDim.x;
+  float* dst = s + 4 * t + (a.variant == 3 ? 1 : 0);
+  if (a.variant == 2) {
+    __pipeline_memcpy_async(dst, a.in + 4 * t, 8);
+    __pipeline_commit();
+    __pipeline_memcpy_async(dst + 2, a.in + 4 * t + 2, 8);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+  } else {
+    __pipeline_memcpy_async(dst, a.in + 4 * t, 16);
+    __pipeline_commit();
+    if (a.variant == 5) s[4 * t] = 0.0f;
+    if (a.variant == 4) return;
+    if (a.variant != 1) __pipeline_wait_prior(0);
+  }
+  __syncthreads();
+  for (int k = 0; k < 4; ++k) a.out[4 * t + k] = s[(4 * t + 4 + k) % n];
+  __syncthreads();  // every read done before any copy still in flight completes
+  __pipeline_wait_prior(0);
+}
+
 }  // namespace
 
 extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs* args, int threads,
                                                  size_t smem_bytes, int smem_attribute) {
-  void (*k)(Args) = kernel == 0 ? neighbour_kernel : kernel == 1 ? defect_kernel : wmma_kernel;
+  void (*k)(Args) = kernel == 0   ? neighbour_kernel
+                    : kernel == 1 ? defect_kernel
+                    : kernel == 2 ? wmma_kernel
+                                  : async_kernel;
   // As contrastive_kernels.cu's launcher: return the error, and clear it so that it
   // does not fail the next launch (a real kernel's) through cudaGetLastError().
   if (smem_attribute > 0) {

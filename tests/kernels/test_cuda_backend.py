@@ -9,6 +9,7 @@ float64 torch backend, since the plain loss would need an M x M matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -95,6 +96,79 @@ def test_no_race_between_barriers(critic, negatives, dtype, dev):
             assert torch.equal(x, y), (schedule, name, max_abs_err(x, y))
         # One atomicAdd per CTA: the block order may change the temperature sum's rounding.
         torch.testing.assert_close(outputs[schedule][4], outputs["in_order"][4], rtol=1e-5, atol=0)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize(
+    "dtype,d", [(torch.bfloat16, 72), (torch.bfloat16, 512), (torch.float32, 72), (torch.float32, 256)]
+)
+@pytest.mark.parametrize("negatives", NEGATIVES)
+def test_fast_and_general_paths_agree(negatives, dtype, d, dev):
+    """Whole 16-byte vectors and 16-byte aligned rows take the fast path: vector and
+    cp.async staging, the CTA's X rows resident (D = 512 in bf16, 256 in float32: the
+    largest resident X, 66,560 bytes); the same values one element past a 16-byte
+    boundary take the general path, element-wise staging (the fast path's vector loads
+    would fault there: the emulation fails a misaligned one). The same score products in
+    the same order: the same bits, but for bf16 gradients, whose fast product (bf16, V
+    as hi + lo) is closer to float64 than the general one (TF32)."""
+    if dev.type != "cpu":
+        pytest.skip("the emulation's check of vector alignment; on a GPU it would fault")
+    case = kernel_case((1 if d > 128 else 2, 70, d), "dot", negatives, dtype, dev)
+    p = case.problem
+    odd = dataclasses.replace(p, a=_misaligned(p.a), b=_misaligned(p.b))
+    assert p.a.data_ptr() % 16 == 0 and odd.a.data_ptr() % 16 != 0
+    fast, general = cuda_backend.forward(p), cuda_backend.forward(odd)
+    for name in ("row_lse", "col_lse"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    # the backward from one set of statistics (the float64 ones, rounded to float32)
+    oracle = dataclasses.replace(p, a=p.a.double(), b=p.b.double(), inv_tau=p.inv_tau.double())
+    ref_stats = torch_backend.forward(oracle)
+    stats = type(ref_stats)(ref_stats.row_lse.float(), ref_stats.col_lse.float())
+    up = case.upstream
+    up64 = type(up)(*(getattr(up, f.name).double() for f in dataclasses.fields(up)))
+    ref = torch_backend.backward(oracle, ref_stats, up64)
+    fast_g = cuda_backend.backward(p, stats, case.upstream)
+    general_g = cuda_backend.backward(odd, stats, case.upstream)
+    assert torch.equal(fast_g.inv_tau, general_g.inv_tau)
+    for name in ("a", "b"):
+        x, y, r = getattr(fast_g, name), getattr(general_g, name), getattr(ref, name)
+        if dtype == torch.float32:
+            assert torch.equal(x, y), (name, max_abs_err(x, y))
+        else:
+            assert max_abs_err(x, r) < 0.5 * max_abs_err(y, r), name
+
+
+@pytest.mark.emulated
+def test_fast_path_needs_the_devices_shared_memory(dev):
+    """With 99 KiB of shared memory per block (sm_86, sm_89), bf16 D = 512, whose fast
+    kernels need 102,400 (forward) and 139,136 bytes (backward), runs the general path:
+    the general path's bits (from misaligned copies); the fast path's bf16 gradient
+    product differs from them, and its launch would fail there."""
+    if dev.type != "cpu":
+        pytest.skip("the emulated device's shared memory is the emulation's to set")
+    case = kernel_case((1, 70, 512), "dot", "all", torch.bfloat16, dev)
+    p = case.problem
+    odd = dataclasses.replace(case, problem=dataclasses.replace(p, a=_misaligned(p.a),
+                                                                 b=_misaligned(p.b)))  # fmt: skip
+    general = kernel_outputs(cuda_backend, odd)
+    torch.ops.mimac_emu.set_smem_optin(101376)
+    try:
+        small = kernel_outputs(cuda_backend, case)
+    finally:
+        torch.ops.mimac_emu.set_smem_optin(166912)
+    names = ("row_lse", "col_lse", "grad_a", "grad_b", "grad_inv_tau")
+    for name, x, y in zip(names, small, general):
+        assert torch.equal(x, y), (name, max_abs_err(x, y))
+    fast = kernel_outputs(cuda_backend, case)
+    assert not torch.equal(fast[2], general[2])
 
 
 @pytest.mark.slow

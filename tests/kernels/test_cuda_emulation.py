@@ -8,6 +8,7 @@ right numbers, so a green emulated run means something.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -92,12 +93,47 @@ def test_shuffle(selftest):
         (1, "deadlock (barrier divergence) in block (0,0,0): 64 threads wait at __syncthreads; 64 have exited"),
         (2, "write past the 512 bytes of dynamic shared memory"),
         (3, "__shfl_xor_sync: only the full mask is emulated"),
+        (4, "__ldg: 16-byte vector load from an address not 16-byte aligned"),
     ],
 )
 def test_defects_fail_the_launch(selftest, variant, message):
     with pytest.raises(RuntimeError) as err:
         run(selftest, "defect", torch.arange(128.0), variant)
     assert message in str(err.value)
+
+
+def test_vector_load(selftest):
+    """The aligned twin of the misaligned 16-byte load: four floats per load, in order."""
+    x = torch.arange(128.0)
+    expected = x.view(32, 4).sum(1).repeat_interleave(4)
+    torch.testing.assert_close(run(selftest, "defect", x, 5), expected, rtol=0, atol=0)
+
+
+def test_async_copy_lands_at_the_wait(selftest):
+    """cp.async: committed, waited for, then a barrier: every thread reads its neighbour's
+    copy; the same read before the wait finds the destinations still in flight (NaN);
+    __pipeline_wait_prior(1) completes the older of two groups only."""
+    x = torch.arange(1.0, 129.0)
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule, seed=2):
+            torch.testing.assert_close(run(selftest, "async", x, 0, threads=32), x.roll(-4), rtol=0, atol=0)
+            assert torch.isnan(run(selftest, "async", x, 1, threads=32)).all(), schedule
+            two = run(selftest, "async", x, 2, threads=32).view(32, 4)
+            torch.testing.assert_close(two[:, :2], x.roll(-4).view(32, 4)[:, :2], rtol=0, atol=0)
+            assert torch.isnan(two[:, 2:]).all(), schedule
+
+
+@pytest.mark.parametrize(
+    "variant,message",
+    [
+        (3, "__pipeline_memcpy_async: shared destination not 16-byte aligned"),
+        (4, "cp.async copies still in flight when the thread exited"),
+        (5, "shared memory written while a cp.async copy into it was in flight"),
+    ],
+)
+def test_async_copy_defects_fail_the_launch(selftest, variant, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(selftest, "async", torch.arange(128.0), variant, threads=32)
 
 
 def test_dynamic_shared_memory_limits(selftest):
@@ -144,6 +180,15 @@ def test_tf32_rounding_is_to_nearest_ties_away(selftest):
     assert selftest.tf32(1.0 + 2.0**-11) == 1.0 + 2.0**-10  # a tie rounds away from zero
     assert selftest.tf32(1.0 + 2.0**-12) == 1.0
     assert selftest.tf32(-(1.0 + 3 * 2.0**-12)) == -(1.0 + 2.0**-10)
+
+
+def test_ex2_approx_ftz_flushes_subnormals(selftest):
+    """The kernels' exp2 (ex2.approx.ftz.f32): results below 2^-126 are zero, a
+    subnormal input counts as zero, the rest is 2^x; -inf gives 0, NaN stays NaN."""
+    assert selftest.ex2_ftz(3.0) == 8.0 and selftest.ex2_ftz(-126.0) == 2.0**-126
+    assert selftest.ex2_ftz(-126.5) == 0.0  # 2^-126.5 would be subnormal
+    assert selftest.ex2_ftz(2.0**-140) == 1.0 and selftest.ex2_ftz(-math.inf) == 0.0
+    assert math.isnan(selftest.ex2_ftz(math.nan)) and selftest.ex2_ftz(math.inf) == math.inf
 
 
 def test_a_failed_launch_does_not_fail_the_next(selftest):

@@ -182,11 +182,7 @@ def _fused_loss(
         per_row = 0.5 * (row_loss + col_loss)
     if squeeze:
         per_row = per_row.squeeze(0)
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row
+    return _reduce(per_row, reduction)
 
 
 def _queue_loss(
@@ -219,11 +215,7 @@ def _queue_loss(
     per_row = memory_bank.queue_row_losses(a, b, queue, inv_tau, critic, eps, backend)
     if squeeze:
         per_row = per_row.squeeze(0)
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row
+    return _reduce(per_row, reduction)
 
 
 def _losses_without_op(
@@ -510,3 +502,12 @@ def min_eps(dtype: torch.dtype) -> float:
 
 def _compute_dtype_name(dtype: torch.dtype) -> str:
     return "float64" if dtype == torch.float64 else "float32"
+
+
+def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+    """``per_row`` reduced as ``reduction`` asks ("mean", "sum" or "none")."""
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row

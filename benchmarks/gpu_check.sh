@@ -18,7 +18,7 @@
 #               every critic, edge shapes left out
 #   headline    the rest, ~150-200 s (python -m benchmarks.quick_check): a float64
 #               check of both GPU backends at NT-Xent M = 65,536 and CLIP
-#               N = 65,536, D = 128, bf16, then the four headline cases timed
+#               N = 65,536, D = 128, bf16, then the five headline cases timed
 #               (mimac-triton and mimac-cuda, eager, torch.compile last while time
 #               remains), each beside its static sm_90 estimate
 # and writes 6 files: quick_check.json, quick_check.md, dispatch_table.json (the

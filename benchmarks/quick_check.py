@@ -21,8 +21,9 @@ timeout keeps what it measured) and ``quick_check.md`` (the table); on a GPU, al
 ``dispatch_table.json``: the entries of ``mimac_kernels.dispatch_table`` that the times
 of both GPU backends make (merge them into the committed table with
 ``python -m mimac_kernels.dispatch_table OUT/dispatch_table.json``). Each timing row
-carries ``estimate_ms`` from the static estimate of the running Triton's version
-(else 3.6's), joined by case name, and ``model_error`` = measured / estimate.
+carries ``estimate_ms`` from the static estimate, joined by case name (``mimac-cuda``:
+the CUDA kernels' ``estimate-cuda-*.json``; every other row: the running Triton's
+version, else 3.6's), and ``model_error`` = measured / estimate.
 ``--tiny`` runs the same code at a few hundred rows (CPU tests); the estimate is
 still joined, but the ratio then means nothing and the JSON says ``"tiny": true``.
 """
@@ -51,6 +52,7 @@ from torch import Tensor
 from mimac_kernels import (
     dispatch,
     dispatch_table,
+    distributed,
     fused_contrastive_loss,
     reference_contrastive_loss,
 )
@@ -77,7 +79,9 @@ class Headline:
     """One headline case; ``name`` is the static estimate's case name (the join key).
 
     ``rows``: rows of S per side (M for ``all``, whose views have M / 2 rows; N for
-    ``cross``). Inputs are unit rows whose positives sit near ``positive_cos``.
+    ``cross``; for ``rect``, one rank of the losses across ranks: ``rows`` local rows of
+    ``Z = [a; b]`` against ``cols`` gathered columns, its own at ``offset``). Inputs are
+    unit rows whose positives sit near ``positive_cos``.
     """
 
     name: str
@@ -87,6 +91,8 @@ class Headline:
     tau: float
     critic: str
     positive_cos: float = 0.3
+    cols: int = 0
+    offset: int = 0
 
     @property
     def n(self) -> int:
@@ -100,6 +106,10 @@ HEADLINE: tuple[Headline, ...] = (
     Headline("CLIP N=65,536 D=128", "cross", 65536, 128, 0.1, "dot"),
     Headline("CLIP N=65,536 D=128, tau=0.01, positives ~0.3 cos", "cross", 65536, 128, 0.01,
              "dot"),
+    # NT-Xent over 8 ranks of 4,096 pairs, the last rank (static_cases.CASES' rect case),
+    # timed as that rank's rectangular problem on one GPU: no process group needed.
+    Headline("8 ranks: 8,192 local rows x 65,536 gathered columns D=128", "rect", 8192, 128,
+             0.1, "cosine", cols=65536, offset=7 * 8192),
 )  # fmt: skip
 #: The correctness check's cases: both pairings at D = 128.
 CHECKED = (HEADLINE[0], HEADLINE[2])
@@ -107,8 +117,12 @@ TINY_ROWS, TINY_D = 256, 32
 
 
 def tiny(case: Headline) -> Headline:
-    """The same case at ``TINY_ROWS`` rows and D <= ``TINY_D`` (same name: same join)."""
-    return dataclasses.replace(case, rows=TINY_ROWS, d=min(case.d, TINY_D))
+    """The same case at ``TINY_ROWS`` rows and D <= ``TINY_D`` (same name: same join);
+    ``rect``: against 4 x ``TINY_ROWS`` columns, its own the last."""
+    small = dataclasses.replace(case, rows=TINY_ROWS, d=min(case.d, TINY_D))
+    if case.pairing != "rect":
+        return small
+    return dataclasses.replace(small, cols=4 * TINY_ROWS, offset=3 * TINY_ROWS)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -118,6 +132,18 @@ def views(case: Headline, device: torch.device, dtype: torch.dtype, seed: int = 
           ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Unit rows ``a``, ``b`` of shape ``(case.n, case.d)`` in ``dtype`` with
     ``a_i . b_i = positive_cos`` (before rounding) and unrelated pairs near 0."""
+    if case.pairing == "rect":  # the gathered columns; the local rows are among them
+        cols = F.normalize(
+            torch.randn(
+                case.cols,
+                case.d,
+                generator=torch.Generator(device=device).manual_seed(seed),
+                device=device,
+            ),
+            dim=1,
+        )
+        rows = cols[case.offset : case.offset + case.rows]
+        return rows.to(dtype).clone(), cols.to(dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (case.n, case.d)
     a = F.normalize(torch.randn(shape, generator=gen, device=device), dim=1)
@@ -127,8 +153,29 @@ def views(case: Headline, device: torch.device, dtype: torch.dtype, seed: int = 
     return a.to(dtype), b.to(dtype)
 
 
+def _rect_positives(z: Tensor) -> Tensor:
+    """The positives' raw scores of local rows ``z = [a; b]`` ``(2n, D)``: row i's partner
+    is row ``(i + n) mod 2n`` (``(2n,)``, float32; float64 for float64 rows)."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return (z.to(acc) * z.roll(z.shape[0] // 2, dims=0).to(acc)).sum(-1)
+
+
 def ours(case: Headline, backend: str) -> LossFn:
-    """Our loss on ``backend`` for ``case`` (mean, symmetric)."""
+    """Our loss on ``backend`` for ``case`` (mean, symmetric); for ``rect`` one rank's
+    per-row losses against the gathered columns (``distributed.rect_row_losses``, what
+    ``group=`` runs), their mean."""
+    if case.pairing == "rect":
+
+        def rect(a: Tensor, b: Tensor) -> Tensor:
+            dt = torch.float64 if a.dtype == torch.float64 else torch.float32  # compute dtype
+            inv_tau = torch.tensor(1.0 / case.tau, dtype=dt, device=a.device)
+            if case.critic == "cosine":  # the kernels take unit rows, as group= passes them
+                a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            rows = distributed.rect_row_losses(a, b, inv_tau, _rect_positives(a), case.critic,
+                                               offset=case.offset, backend=backend)  # fmt: skip
+            return rows.mean()
+
+        return rect
     return lambda a, b: fused_contrastive_loss(
         a, b, temperature=case.tau, critic=case.critic, negatives=case.pairing, backend=backend
     )
@@ -136,6 +183,19 @@ def ours(case: Headline, backend: str) -> LossFn:
 
 def eager(case: Headline) -> LossFn:
     """Plain full-matrix PyTorch in the inputs' dtype (the eager baseline)."""
+    if case.pairing == "rect":
+
+        def rect(a: Tensor, b: Tensor) -> Tensor:
+            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+            s = a @ b.T / case.tau
+            own = torch.arange(a.shape[0], device=a.device) + case.offset
+            s = s.index_put(
+                (torch.arange(a.shape[0], device=a.device), own),
+                torch.tensor(float("-inf"), dtype=s.dtype, device=s.device),
+            )
+            return (torch.logsumexp(s, dim=1) - _rect_positives(a).to(s.dtype) / case.tau).mean()
+
+        return rect
     return lambda a, b: reference_contrastive_loss(
         a, b, temperature=case.tau, critic=case.critic, negatives=case.pairing, dtype=None
     )
@@ -285,6 +345,17 @@ def load_estimates(triton_version: str | None, folder: Path = ESTIMATES) -> tupl
     path = folder / f"estimate-triton{triton_version}.json"
     if not path.is_file():
         path = folder / f"estimate-triton{DEFAULT_ESTIMATE}.json"
+    return _estimate_file(path)
+
+
+def load_cuda_estimates(folder: Path = ESTIMATES) -> tuple[str, dict]:
+    """(file name, {case name: estimate_ms}) of the CUDA backend's static estimate
+    (``estimate-cuda-nvccX.json``, the last in name order), or ``("", {})``."""
+    files = sorted(folder.glob("estimate-cuda-*.json"))
+    return _estimate_file(files[-1]) if files else ("", {})
+
+
+def _estimate_file(path: Path) -> tuple[str, dict]:
     if not path.is_file():
         return "", {}
     data = json.loads(path.read_text())
@@ -372,7 +443,8 @@ def markdown(doc: dict) -> str:
     m = doc["meta"]
     lines = [f"# Quick check, {m['device_name']}, commit {m['commit']}, {m['date']}", "",
              f"torch {m['torch']}, CUDA {m['cuda']}, triton {m['triton']}, driver "
-             f"{m.get('driver')}; estimates: {m['estimate_file'] or 'none'}"
+             f"{m.get('driver')}; estimates: {m['estimate_file'] or 'none'} (mimac-cuda: "
+             f"{m.get('estimate_file_cuda') or 'none'})"
              + (" (**tiny sizes: the ratios mean nothing**)" if m["tiny"] else ""), "",
              "| case | provider | median ms | min ms | peak MiB | estimate ms | measured / estimate |",
              "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -425,7 +497,9 @@ def time_one(rec: Recorder, case: Headline, provider: str,
         entry["status"] = "oom" if is_oom(exc) else "error"
         entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
     rec.doc["meta"].pop("running")
-    est = rec.doc["meta"]["estimates"].get(case.name)
+    # mimac-cuda beside the CUDA kernels' estimate; every other row beside Triton's.
+    key = "estimates_cuda" if provider == "mimac-cuda" else "estimates"
+    est = rec.doc["meta"][key].get(case.name)
     entry["estimate_ms"] = est
     entry["model_error"] = (entry["ms_median"] / est) if est and "ms_median" in entry else None
     rec.add("timings", entry)
@@ -451,9 +525,12 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16
     est_file, estimates = load_estimates(_triton_version(), Path(args.estimates))
+    cuda_file, cuda_estimates = load_cuda_estimates(Path(args.estimates))
     meta = {**environment(device), "tiny": args.tiny, "dtype": "bfloat16",
             "estimate_file": f"{Path(args.estimates).name}/{est_file}" if est_file else "",
             "estimates": estimates,
+            "estimate_file_cuda": f"{Path(args.estimates).name}/{cuda_file}" if cuda_file else "",
+            "estimates_cuda": cuda_estimates,
             "deadline_s": args.deadline, "repeats": args.repeats}  # fmt: skip
     rec = Recorder(Path(args.out), meta)
     backends = _usable([b for b in args.backends.split(",") if b], device, dtype, rec)

@@ -3,6 +3,7 @@ the JSON it writes, the join with the static estimate, and the float64 check's v
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,13 @@ import pytest
 import torch
 
 from benchmarks import quick_check
-from benchmarks.quick_check import DEFAULT_ESTIMATE, ESTIMATES, HEADLINE, load_estimates
+from benchmarks.quick_check import (
+    DEFAULT_ESTIMATE,
+    ESTIMATES,
+    HEADLINE,
+    load_cuda_estimates,
+    load_estimates,
+)
 
 TINY = ["--device", "cpu", "--tiny", "--backends", "torch", "--baselines", "eager",
         "--repeats", "2"]  # fmt: skip
@@ -25,9 +32,12 @@ def _run(out: Path, *extra: str) -> tuple[int, dict]:
 
 
 def test_headline_names_are_the_estimates_cases() -> None:
-    """The join key: every headline case is in every stored estimate, and back."""
+    """The join key: every headline case is in every stored estimate (Triton's and the
+    CUDA kernels'), and back."""
     files = sorted(ESTIMATES.glob("estimate-triton*.json"))
     assert files, f"no static estimate in {ESTIMATES}"
+    files += sorted(ESTIMATES.glob("estimate-cuda-*.json"))
+    assert files[-1].name.startswith("estimate-cuda-"), f"no CUDA estimate in {ESTIMATES}"
     for path in files:
         names = {r["case"]["name"] for r in json.loads(path.read_text())["results"]}
         assert names == {c.name for c in HEADLINE}, path.name
@@ -142,3 +152,40 @@ def test_gpu_check_quick_preset_dry_run_on_cpu(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "quick_check.json").read_text())
     assert doc["meta"]["commit"] == "dryrun" and len(doc["timings"]) == 2 * len(HEADLINE)
     assert len(list(tmp_path.iterdir())) <= 7  # output folders keep 8
+
+
+def test_cuda_rows_join_the_cuda_estimate(tmp_path: Path) -> None:
+    """A ``mimac-cuda`` row carries the CUDA kernels' estimate, every other row Triton's."""
+    _, triton_est = load_estimates(DEFAULT_ESTIMATE)
+    _, cuda_est = load_cuda_estimates()
+    case = quick_check.tiny(HEADLINE[0])
+    assert cuda_est[case.name] != triton_est[case.name]
+    meta = {"estimates": triton_est, "estimates_cuda": cuda_est, "device_name": "cpu",
+            "commit": "x", "date": "d", "torch": "t", "cuda": None, "triton": None,
+            "estimate_file": "", "tiny": True}  # fmt: skip
+    rec = quick_check.Recorder(tmp_path, meta)
+    inputs = quick_check.views(case, torch.device("cpu"), torch.float32)
+    for provider in ("mimac-cuda", "mimac-triton", "eager"):
+        quick_check.time_one(rec, case, provider, quick_check.eager, inputs, 1)
+    got = {t["provider"]: t["estimate_ms"] for t in rec.doc["timings"]}
+    assert got == {"mimac-cuda": cuda_est[case.name], "mimac-triton": triton_est[case.name],
+                   "eager": triton_est[case.name]}  # fmt: skip
+
+
+def test_rect_case_times_one_ranks_problem() -> None:
+    """The multi-rank case: its rows are among the columns at ``offset``, and our fused
+    rectangular loss (what ``group=`` runs) equals the full-matrix formula in float64,
+    value and both gradients; a wrong offset does not."""
+    case = quick_check.tiny(HEADLINE[-1])
+    assert case.pairing == "rect" and case.cols == 4 * case.rows
+    a, b = quick_check.views(case, torch.device("cpu"), torch.float64)
+    assert torch.equal(a, b[case.offset : case.offset + case.rows])
+    values = []
+    for fn in (quick_check.ours(case, "torch"), quick_check.eager(case)):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        out = fn(x, y)
+        values.append([out, *torch.autograd.grad(out, (x, y))])
+    for got, want in zip(*values, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    shifted = quick_check.ours(dataclasses.replace(case, offset=case.offset - 1), "torch")
+    assert not torch.allclose(shifted(a, b), values[1][0])

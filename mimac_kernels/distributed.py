@@ -121,6 +121,32 @@ class _RectLoss(torch.autograd.Function):
                 g_pos, None, None, None, None)  # fmt: skip
 
 
+def rect_row_losses(
+    x: Tensor,
+    y: Tensor,
+    inv_tau: Tensor,
+    pos: Tensor,
+    critic: str,
+    eps: float = 1e-12,
+    *,
+    offset: int | None,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-row losses ``lse_i - inv_tau * pos_i`` of rows ``x`` against columns ``y`` on the
+    fused rectangular kernels (row i skips column ``i + offset``; ``None``: none), with
+    their gradients: one rank's share of the losses across ranks. ``cosine`` takes unit
+    rows (the kernels' contract: the caller normalises, as ``fused_contrastive_loss`` does).
+
+    Shape: x ``(R, D)`` or ``(H, R, D)``, y ``(C, D)`` or ``(H, C, D)``, pos ``(R,)`` or
+    ``(H, R)`` (raw positive scores); inv_tau 0-dim. Returns ``(R,)`` or ``(H, R)``.
+    """
+    squeeze = x.dim() == 2
+    if squeeze:
+        x, y, pos = x.unsqueeze(0), y.unsqueeze(0), pos.unsqueeze(0)
+    rows = _RectLoss.apply(x, y, inv_tau, pos, critic, eps, offset, backend)
+    return rows.squeeze(0) if squeeze else rows
+
+
 def check_equal_inputs(x: Tensor, group) -> None:
     """Refuse per-rank inputs of different shapes or dtypes, on every rank alike.
 

@@ -31,9 +31,10 @@
 //             tiny weights), Y from bf16/fp16 exact in TF32, float32 inputs 3xTF32.
 //             16-bit inputs with statistics on both sides take one exponential per
 //             element, u_ik = e^(S_ik - c) (g_i e^(c - lse_i) + g_k e^(c - lse_k)),
-//             c the CTA's largest row lse, on the tiles whose rows and columns all
-//             lie within kExpWindow of c (a __syncthreads_and vote per tile, no host
-//             read); other tiles, float32 and one-sided passes take the exact form.
+//             c the CTA's largest row lse, on the interior tiles (no masked pair)
+//             whose rows and columns all lie within kExpWindow of c (a
+//             __syncthreads_and vote per tile, no host read); masked tiles, the
+//             others, float32 and one-sided passes take the exact form.
 //             Each CTA writes its rows' gradient once (no atomics); the
 //             temperature gradient is one atomicAdd per CTA.
 
@@ -583,11 +584,25 @@ __host__ __device__ constexpr bool kOneExp() {
 constexpr float kExpWindow = 40.0f;
 // u and v below 2^126: u_i + v_k stays finite.
 constexpr float kExpFactorMax = 8.507059173023462e37f;  // 2^126
+// |g| max(1/tau, 1) below 2^100: on an unmasked pair e^(S - c) u_i = g_i e^(S - lse_i)
+// <= g_i (S <= lse_i, and as much for the columns), so V = (1/tau) u stays finite.
+constexpr float kExpGradMax = 1.2676506002282294e30f;  // 2^100
 
-// One row's or column's statistic `lse` and factor f = g e^(c - lse): within the window,
-// and f finite and below kExpFactorMax (NaN or infinite lse or g fail).
-__device__ __forceinline__ bool one_exp_ok(float lse, float c, float f) {
-  return fabsf(lse - c) <= kExpWindow && fabsf(f) < kExpFactorMax;
+// One row's or column's statistic `lse`, gradient g and factor f = g e^(c - lse): lse
+// within the window, f below kExpFactorMax and g (1/tau) below kExpGradMax (NaN or
+// infinite values fail).
+__device__ __forceinline__ bool one_exp_ok(float lse, float c, float g, float f, float it) {
+  return fabsf(lse - c) <= kExpWindow && fabsf(f) < kExpFactorMax &&
+         fabsf(g) * fmaxf(it, 1.0f) < kExpGradMax;
+}
+
+// Whether the BM x BN tile (row0, col0) holds a masked pair: rows past S's rows,
+// columns past its columns, or a row's excluded column (global column == row +
+// diag_offset). Uniform across the CTA.
+__device__ __forceinline__ bool tile_has_mask(const Pass& p, int64_t row0, int64_t col0) {
+  if (row0 + BM > p.rows || col0 + BN > p.cols) return true;
+  const int64_t first = row0 + p.diag_offset, last = row0 + BM - 1 + p.diag_offset;
+  return p.diag && first < col0 + BN && last >= col0;
 }
 
 // The largest `v` of the block's threads (NaN skipped), through `scratch` (NT / 32
@@ -710,15 +725,15 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
 
   // One exponential per element (16-bit inputs, both sides weighted): with a shift c
   // common to the tile's rows and columns, u_i = g_i e^(c - lse_i), v_k = g_k e^(c - lse_k)
-  // and W_ik = e^(S_ik - c) (u_i + v_k), for the tiles whose statistics pass the window
-  // test (one_exp_ok); the others take both exponentials.
+  // and W_ik = e^(S_ik - c) (u_i + v_k), for the interior tiles whose statistics pass
+  // the window test (one_exp_ok); the others take both exponentials.
   const bool one_exp = kOneExp<T>() && x_side && y_side;
   float shift = 0.0f, uxi = 0.0f;
   int row_vote = 1;
   if (one_exp) {
     shift = block_max_lse(row_ok ? lxi : -INFINITY, reinterpret_cast<float*>(s_red));
     uxi = row_ok ? gxi * exp2_ftz((shift - lxi) * kLog2e) : 0.0f;
-    row_vote = !row_ok || one_exp_ok(lxi, shift, uxi);
+    row_vote = !row_ok || one_exp_ok(lxi, shift, gxi, uxi, it);
   }
 
   using CA = typename std::conditional<kBf16, typename Mma<__nv_bfloat16>::C, C2>::type;
@@ -739,11 +754,13 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
       if (one_exp) {
         const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
         s_vy[threadIdx.x] = v;
-        vote = vote && (!ok || one_exp_ok(lk, shift, v));
+        vote = vote && (!ok || one_exp_ok(lk, shift, gv, v, it));
       }
     }
-    // ends with __syncthreads; the first barrier also ANDs the votes (uniform)
-    const bool fast_tile = tile_dots<T, kFast, kOneExp<T>()>(p, op, t, row0, col0, q, vote) && one_exp;
+    // ends with __syncthreads; the first barrier also ANDs the votes (uniform). Tiles
+    // with a masked pair (the diagonal of `all`, ragged edges) take the exact form.
+    const bool fast_tile = tile_dots<T, kFast, kOneExp<T>()>(p, op, t, row0, col0, q, vote) &&
+                           one_exp && !tile_has_mask(p, row0, col0);
     float tau_tile = 0.0f;
     const TileMask mask = tile_mask(p, gi, col0, row_ok);
     // The per-element pass: V and the temperature terms of this thread's columns.
@@ -761,16 +778,15 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
           const float sn = s * it;
           float w, u;
           if constexpr (kOne) {
-            // e^(S - c) may overflow on a masked pair only (the self-pair of `all`), which
-            // the select below drops; elsewhere S <= lse of both sides.
+            // An interior tile: no masked pair, S <= lse of both sides, so e^(S - c) <= e^40.
             const float ex = exp2_ftz((sn - shift) * kLog2e);
             w = ex * uxi;
             u = fmaf(ex, s_vy[c + e], w);
           } else {
             w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
             u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);  // + column k's
+            if (mask.masked(c + e)) u = w = 0.0f;
           }
-          if (mask.masked(c + e)) u = w = 0.0f;
           // Each side centred on its own positive score, per element: the weights of
           // a row sum to its g, so this is the loss's temperature gradient with no
           // float32 cancellation between two large totals.
@@ -781,9 +797,11 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
         }
         if constexpr (kBf16) {
           const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
-          // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
-          const float rest0 = fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
-          const float rest1 = fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
+          // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN);
+          // interior one-exponential tiles have none (kExpGradMax) but for log_dot's 1/dot
+          constexpr bool kFinite = kOne && kCritic != MIMAC_LOG_DOT;
+          const float rest0 = kFinite || fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
+          const float rest1 = kFinite || fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
           *reinterpret_cast<__nv_bfloat162*>(v_hi + r * LDV + c) = hi;
           *reinterpret_cast<__nv_bfloat162*>(v_lo + r * LDV + c) = __floats2bfloat162_rn(rest0, rest1);
         } else {

@@ -247,7 +247,7 @@ class Compiled:
 
     def profile(self, launch: CudaLaunch) -> Profile:
         key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d, launch.fast,
-               launch.one_exp)
+               launch.one_exp)  # fmt: skip
         if key not in self._profiles:
             name = cuda_compile.kernel_symbol(list(self.sass), launch.kernel, launch.dtype,
                                               launch.critic, launch.split, launch.fast)  # fmt: skip

@@ -69,11 +69,11 @@ def predicted_tiles(problem: Problem, stats: Stats, up: Upstream) -> tuple[int, 
         rows, cols = lx.shape[1], ly.shape[1]
         for head in range(h):
             for r0 in range(0, rows, BM):
-                rl, rg = lx[head, r0:r0 + BM].float(), gx[head, r0:r0 + BM].float()
+                rl, rg = lx[head, r0 : r0 + BM].float(), gx[head, r0 : r0 + BM].float()
                 shift = rl.max()
                 rows_ok = problem.a.element_size() == 2 and _side_ok(rl, rg, shift, it)
                 for c0 in range(0, cols, BN):
-                    cl, cg = ly[head, c0:c0 + BN].float(), gy[head, c0:c0 + BN].float()
+                    cl, cg = ly[head, c0 : c0 + BN].float(), gy[head, c0 : c0 + BN].float()
                     masked = (r0 + BM > rows or c0 + BN > cols
                               or (problem.negatives == "all" and r0 == c0))  # fmt: skip
                     fast = rows_ok and not masked and _side_ok(cl, cg, shift, it)
@@ -120,7 +120,10 @@ def test_one_exponential_on_typical_rows(emu, critic, negatives, dtype, shape):
     assert expected[0] > 0
     assert got == expected
     # every two-exponential tile is a masked one: the window held everywhere
-    rows, cols = stats.row_lse.shape[1], (stats.row_lse if negatives == "all" else stats.col_lse).shape[1]
+    rows, cols = (
+        stats.row_lse.shape[1],
+        (stats.row_lse if negatives == "all" else stats.col_lse).shape[1],
+    )
     blocks_r, blocks_c = math.ceil(rows / BM), math.ceil(cols / BN)
     interior = (blocks_r - (rows % BM > 0)) * (blocks_c - (cols % BN > 0))
     if negatives == "all":
@@ -133,10 +136,12 @@ def test_one_exponential_on_typical_rows(emu, critic, negatives, dtype, shape):
 @pytest.mark.parametrize("negatives,dtype", [("all", torch.bfloat16), ("cross", torch.float16)])
 @pytest.mark.parametrize(
     "scale,g_scale",
-    [(3.9, 1.0),  # a spread of about 60: the window alone turns the tiles away
-     # about 78-87 with finite factors (small g): e^(S - c) would flush the weights of
-     # the lower rows to zero (it does below e^-87.3), visibly in the gradients
-     (5.1, 1e-15)],
+    [
+        (3.9, 1.0),  # a spread of about 60: the window alone turns the tiles away
+        # about 78-87 with finite factors (small g): e^(S - c) would flush the weights of
+        # the lower rows to zero (it does below e^-87.3), visibly in the gradients
+        (5.1, 1e-15),
+    ],
 )
 def test_two_exponentials_outside_the_window(emu, negatives, dtype, scale, g_scale):
     """Tiles whose rows or columns lie outside the window around the shift take both
@@ -150,8 +155,10 @@ def test_two_exponentials_outside_the_window(emu, negatives, dtype, scale, g_sca
 
 @pytest.mark.parametrize(
     "scale,g_scale",
-    [(2.2, 1e31),  # a spread of 20-29 (within the window): g e^(c - lse) passes 2^126
-     (1.0, 1e32)],  # spread under 10, g e^(c - lse) ~1e33, but |g| / tau passes 2^100
+    [
+        (2.2, 1e31),  # a spread of 20-29 (within the window): g e^(c - lse) passes 2^126
+        (1.0, 1e32),
+    ],  # spread under 10, g e^(c - lse) ~1e33, but |g| / tau passes 2^100
 )
 def test_large_factors_take_two_exponentials(emu, scale, g_scale):
     """Large upstream gradients: the factors g e^(c - lse) must keep u + v finite, and

@@ -55,6 +55,7 @@ int main() {
               fwd_smem<float>(), fwd_smem<__half>(), fwd_smem<__nv_bfloat16>());
   std::printf("\"bwd_smem\": {\"fp32\": %zu, \"fp16\": %zu, \"bf16\": %zu}, ",
               bwd_smem<float>(), bwd_smem<__half>(), bwd_smem<__nv_bfloat16>());
+  std::printf("\"exp_window\": %.9g, \"exp_factor_max\": %.9g, ", kExpWindow, kExpFactorMax);
   std::printf("\"x_resident_max\": %zu, \"fast\": {", kXResidentMax);
   print_fast<float>("fp32", ", ");
   print_fast<__half>("fp16", ", ");
@@ -135,11 +136,13 @@ def kernel_constants(source: Path = KERNELS) -> dict:
     of the backward's output), ``NT`` (threads per CTA), the general path's dynamic shared
     memory ``fwd_smem``/``bwd_smem`` per dtype, and the fast path's: ``fast[dtype]``
     (``fwd_base``/``bwd_base`` bytes besides the resident X, its row padding ``x_pad``,
-    elements per 16-byte vector ``vec``) with the resident X's limit ``x_resident_max``.
-    A host program (PTX only, no ptxas) prints them.
+    elements per 16-byte vector ``vec``) with the resident X's limit ``x_resident_max``;
+    the backward's one-exponential window ``exp_window`` and factor bound
+    ``exp_factor_max``. A host program (PTX only, no ptxas) prints them.
     """
     cache = _cache_dir(source)
-    found = cache / "constants.json"
+    probe = hashlib.sha256(_PROBE_MAIN.encode()).hexdigest()[:8]  # the probe's own edits too
+    found = cache / f"constants-{probe}.json"
     if not found.exists():
         main = cache / "constants_probe.cu"
         main.write_text(_PROBE_MAIN.replace("contrastive_kernels.cu", source.name))

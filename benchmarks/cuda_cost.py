@@ -25,12 +25,19 @@ import json
 import platform
 import re
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import cuda_compile, sass_counts
-from benchmarks.cuda_launches import ELEMENT, CudaLaunch, launch_plan, tiles_per_program
+from benchmarks.cuda_launches import (
+    ELEMENT,
+    CudaLaunch,
+    launch_plan,
+    one_exp_eligible,
+    tiles_per_program,
+)
+from benchmarks.cuda_window import one_exp_share
 from benchmarks.sm90_rates import (
     H100,
     Profile,
@@ -66,9 +73,16 @@ def bf16_gradient(launch: CudaLaunch) -> bool:
 
 
 def exps_per_element(launch: CudaLaunch) -> int:
-    """exp2 per score element in the per-element pass: the forward's sum, the
-    backward's row and column probabilities."""
-    return 1 if launch.kind == "fwd" else 2
+    """exp2 per score element in the per-element pass the launch runs: the forward's sum;
+    the backward's row and column probabilities (two), or one in its one-exponential
+    form (``launch.one_exp``)."""
+    return 1 if launch.kind == "fwd" or launch.one_exp else 2
+
+
+def v_stores_per_element(launch: CudaLaunch) -> float:
+    """Shared stores of V per element in the backward's per-element pass: bf16 hi and lo
+    as one bf16x2 store each per pair of columns, else one float2 per pair."""
+    return 1.0 if bf16_gradient(launch) else 0.5
 
 
 class _Trips:
@@ -80,10 +94,13 @@ class _Trips:
       operand, ``KC`` wide inside the score GEMM's chunk loop and ``DO`` wide (the Y
       slab of the gradient) directly in the column loop, over its bytes per iteration;
     - any other loop directly in the column loop: a per-element pass, ``BM * BN / NT``
-      source iterations per thread over the source iterations one SASS iteration holds
-      (its exp2 over :func:`exps_per_element`, which every element of the backward's
-      pass has, however many values one store packs; else its shared stores, one per
-      element).
+      source iterations per thread over the source iterations one SASS iteration holds.
+      The backward has two (the same V for every element, in two forms, chosen per
+      tile): its elements per iteration are its shared stores of V
+      (:func:`v_stores_per_element`), its form its exp2 per element (one or two); the
+      form the launch runs (:func:`exps_per_element`) takes its trips, the other none.
+      The forward's: its exp2 per element (one), else its shared stores, one per
+      element.
 
     Every division must be exact (ValueError otherwise: the kernel changed shape).
     The rules follow today's kernels (WMMA, element-wise staging); a redesign with
@@ -94,6 +111,8 @@ class _Trips:
         self.launch, self.hot = launch, hot
         self.gemms = list(gemm_macs(launch))
         self.given: dict[str, int] = {}
+        #: exp2 per element of each backward per-element pass found, in address order.
+        self.forms: list[int] = []
 
     def __call__(self, loop: sass_counts.Loop, body: sass_counts.Counts,
                  parent: sass_counts.Loop) -> int:  # fmt: skip
@@ -108,6 +127,19 @@ class _Trips:
             width = c["DO"] if parent is self.hot else c["KC"]
             total = 64 * width * ELEMENT[lc.dtype]
             trips = self._exact(total, body.global_bytes * warps, loop, "staged bytes")
+        elif parent is self.hot and lc.kind == "bwd":
+            per_thread = c["BM"] * c["BN"] // c["NT"]
+            elements = body.opcodes.get("STS", 0) / v_stores_per_element(lc)
+            if elements != int(elements) or elements <= 0 or body.ex2 % elements:
+                raise ValueError(f"{lc.name}: the loop at {loop.start:#x} does {body.ex2} exp2 "
+                                 f"per {elements} elements, not a whole number each")  # fmt: skip
+            exps = body.ex2 // int(elements)
+            if exps not in (1, 2):
+                raise ValueError(f"{lc.name}: the loop at {loop.start:#x} takes {exps} exp2 "
+                                 "per element, neither form of the pass")  # fmt: skip
+            self.forms.append(exps)
+            ran = exps == exps_per_element(lc)
+            trips = self._exact(per_thread, int(elements), loop, "elements") if ran else 0
         elif parent is self.hot:
             per_thread = c["BM"] * c["BN"] // c["NT"]
             exps = body.ex2 // exps_per_element(lc)
@@ -141,6 +173,9 @@ def profile(launch: CudaLaunch, sass: str, resources: dict) -> Profile:
         raise RuntimeError(f"{launch.name}: no loop with tensor-core work in its SASS")
     trips = _Trips(launch, hot)
     counts = sass_counts.nested_counts(instrs, hot, trips)
+    if launch.kind == "bwd" and trips.forms.count(exps_per_element(launch)) != 1:
+        raise RuntimeError(f"{launch.name}: per-element passes of {trips.forms} exp2 per "
+                           f"element, not one of {exps_per_element(launch)}")  # fmt: skip
     tile = sum(gemm_macs(launch))
     unroll = counts.macs_per_cta(warps) // tile
     if unroll < 1 or trips.gemms:
@@ -194,7 +229,7 @@ def estimate_launch(launch: CudaLaunch, prof: Profile, rates: Rates = H100) -> d
         operand, ws - c["BN"] * launch.d * size, len(tiles), slots, rates
     )
     est = launch_estimate(prof, launch.num_warps, tiles, ws, dram, c["BM"] * c["BN"], rates)
-    return {"kernel": launch.name, "kind": launch.kind, "side": launch.side,
+    return {"kernel": launch.name, "kind": launch.kind, "side": launch.side, "one_exp": launch.one_exp,
             "grid": list(launch.grid), "d_slices": launch.d_slices,
             "dynamic_shared": launch.smem, **est}  # fmt: skip
 
@@ -211,7 +246,8 @@ class Compiled:
         self._profiles: dict[tuple, Profile] = {}
 
     def profile(self, launch: CudaLaunch) -> Profile:
-        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d, launch.fast)
+        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d, launch.fast,
+               launch.one_exp)  # fmt: skip
         if key not in self._profiles:
             name = cuda_compile.kernel_symbol(list(self.sass), launch.kernel, launch.dtype,
                                               launch.critic, launch.split, launch.fast)  # fmt: skip
@@ -224,6 +260,10 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
     (dot critic, one head): per launch and in total, with the floor."""
     plan = launch_plan(case.pairing, case.n, case.d, compiled.consts, case.dtype,
                        cols=case.cols)  # fmt: skip
+    # The backward's one-exponential form where the case's data keep every sampled tile
+    # in its window (else the two-exponential pass throughout).
+    share = one_exp_share(case, compiled.consts)
+    plan = [replace(lc, one_exp=one_exp_eligible(lc) and share == 1.0) for lc in plan]
     launches, profiles = [], {}
     for lc in plan:
         prof = compiled.profile(lc)
@@ -236,6 +276,7 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
         "case": asdict(case), "backend": "cuda", "estimate_ms": total * 1e3,
         "floor_ms": fl["seconds"] * 1e3, "floor": fl, "share_of_floor": fl["seconds"] / total,
         "binding": f"{top['binding']} ({top['kind']})", "launches": launches,
+        "one_exp_share": share, "one_exp": any(lc.one_exp for lc in plan),
         "profiles": {k: {**asdict(p), "num_warps": plan[0].num_warps}
                      for k, p in profiles.items()},
     }  # fmt: skip

@@ -30,7 +30,10 @@ class CudaLaunch:
     ``dtype``/``critic``/``split``/``fast``: the template arguments (``split``: the
     backward's 3xTF32 flag, ``None`` for the forward; ``fast``: 16-byte vector staging
     with the CTA's X rows resident, else the general element-wise staging); ``rows``/``cols``: R and C of S for this
-    pass; ``side``: which rows the pass produces (``Z``, ``a`` or ``b``).
+    pass; ``side``: which rows the pass produces (``Z``, ``a`` or ``b``). ``one_exp``
+    (backward only): the data put every tile of the pass in the one-exponential form's
+    window (see :func:`one_exp_eligible`; the plan leaves it False, the estimate sets it
+    from the case's data).
     """
 
     kind: str
@@ -46,6 +49,7 @@ class CudaLaunch:
     side: str
     consts: dict = field(repr=False, compare=False)
     fast: bool = True
+    one_exp: bool = False
 
     @property
     def kernel(self) -> str:
@@ -149,6 +153,14 @@ def _rect_plan(r: int, c: int, d: int, consts: dict, dtype: str, critic: int,
         CudaLaunch("bwd", split=split, grid=(_cdiv(c, consts["BM"]), slices, heads),
                    smem=bwd, rows=c, cols=r, side="y", **common),
     ]  # fmt: skip
+
+
+def one_exp_eligible(launch: CudaLaunch) -> bool:
+    """Whether the backward kernel may take its one-exponential form in this launch
+    (``kOneExp`` and both sides weighted in the source): 16-bit inputs and statistics on
+    both the rows and the columns (``all`` and ``cross``; the rectangular passes weight
+    one side only and take one exponential per element anyway)."""
+    return launch.kind == "bwd" and ELEMENT[launch.dtype] == 2 and launch.side in ("Z", "a", "b")
 
 
 def tiles_per_program(launch: CudaLaunch) -> list[int]:

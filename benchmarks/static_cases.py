@@ -6,7 +6,10 @@ Triton compiler: the cases are plain data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,14 @@ CASES = (
     StaticCase("8 ranks: 8,192 local rows x 65,536 gathered columns D=128", "rect", 8192, 128,
                0.1, cols=65536, offset=7 * 8192),
 )
+
+
+def synthetic_views(n: int, d: int, positive_cos: float, seed: int = 0) -> tuple:
+    """Unit rows ``a``, ``b`` (float32 ``(n, d)``) with ``a_i . b_i`` near ``positive_cos``
+    and unrelated pairs near 0 (random directions)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    noise = torch.randn(n, d, generator=g)
+    noise = torch.nn.functional.normalize(noise - (noise * a).sum(1, keepdim=True) * a, dim=1)
+    b = positive_cos * a + math.sqrt(1 - positive_cos**2) * noise
+    return a, b

@@ -67,7 +67,7 @@ from benchmarks.sm90_rates import (
     launch_estimate,
     operand_rereads,
 )
-from benchmarks.static_cases import CASES, StaticCase
+from benchmarks.static_cases import CASES, StaticCase, synthetic_views
 from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
 from mimac_kernels.triton import kernels as K
 from mimac_kernels.triton.backend import shift_from_bound
@@ -190,17 +190,6 @@ NOT_MODELLED: dict[str, str] = {}
 def floor(case: StaticCase, rates: Rates = H100) -> dict:
     """Physical floor of ``case``'s forward + backward (``sm90_rates.floor``)."""
     return sm90_rates.floor(case.pairing, case.rows, case.d, rates, cols=case.cols)
-
-
-def synthetic_views(n: int, d: int, positive_cos: float, seed: int = 0) -> tuple:
-    """Unit rows ``a``, ``b`` (float32 ``(n, d)``) with ``a_i . b_i`` near ``positive_cos``
-    and unrelated pairs near 0 (random directions)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
-    noise = torch.randn(n, d, generator=g)
-    noise = torch.nn.functional.normalize(noise - (noise * a).sum(1, keepdim=True) * a, dim=1)
-    b = positive_cos * a + math.sqrt(1 - positive_cos**2) * noise
-    return a, b
 
 
 def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,

@@ -9,6 +9,8 @@ compiler is imported, so this runs beside the interpreter tests.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ import pytest
 from benchmarks import cuda_compile, cuda_cost
 from benchmarks import sass_counts as S
 from benchmarks.cuda_launches import launch_plan, tiles_per_program
+from benchmarks.cuda_window import one_exp_share
 from benchmarks.sm90_rates import H100, tile_bounds
-from benchmarks.static_cases import CASES
+from benchmarks.static_cases import CASES, StaticCase
 
 PROBE = Path(__file__).with_name("cuda_probe_kernels.cu")
 needs_nvcc = pytest.mark.skipif(
@@ -37,11 +40,11 @@ def _cuobjdump_or_skip() -> None:
 #: arithmetic is checked on these; the real ones are read from the source below).
 CONSTS = {"BM": 64, "BN": 64, "KC": 64, "DO": 128, "NT": 128,
           "fwd_smem": {"fp32": 52224, "fp16": 35840, "bf16": 35840},
-          "bwd_smem": {"fp32": 53120, "fp16": 52096, "bf16": 52096},
+          "bwd_smem": {"fp32": 53376, "fp16": 52352, "bf16": 52352},
           "x_resident_max": 69632,
-          "fast": {"fp32": {"fwd_base": 52224, "bwd_base": 86912, "x_pad": 4, "vec": 4},
-                   "fp16": {"fwd_base": 35840, "bwd_base": 70528, "x_pad": 8, "vec": 8},
-                   "bf16": {"fwd_base": 35840, "bwd_base": 72576, "x_pad": 8, "vec": 8}}}  # fmt: skip
+          "fast": {"fp32": {"fwd_base": 52224, "bwd_base": 87168, "x_pad": 4, "vec": 4},
+                   "fp16": {"fwd_base": 35840, "bwd_base": 70784, "x_pad": 8, "vec": 8},
+                   "bf16": {"fwd_base": 35840, "bwd_base": 72832, "x_pad": 8, "vec": 8}}}  # fmt: skip
 
 
 def test_launch_plan_mirrors_the_launchers() -> None:
@@ -54,7 +57,7 @@ def test_launch_plan_mirrors_the_launchers() -> None:
         ("bwd", "Z", (1024, 4, 1)),
     ]
     # bf16 D = 512: the fast path, X resident (64 rows x 520, 66,560 bytes) besides the rest
-    assert [lc.smem for lc in plan] == [35840 + 66560, 72576 + 66560]
+    assert [lc.smem for lc in plan] == [35840 + 66560, 72832 + 66560]
     assert all(lc.fast for lc in plan) and plan[0].name.endswith(", true>")
     assert plan[0].split is None and plan[1].split is False and plan[1].d_slices == 4
     assert tiles_per_program(plan[1]) == [1024] * 4096
@@ -178,7 +181,8 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     """NT-Xent, bf16 (the fast path): the column loop is one tile; its MACs are the
     score GEMM over D (and the gradient GEMM of one DO slice for the backward, in bf16
     twice: V as hi + lo); one exp2 per element in the forward (plus one rescale per
-    thread) and two in the backward; the D chunk loop runs D / KC times."""
+    thread) and two in the backward, one in its one-exponential form (plus the column
+    factor per tile, counted for every thread); the D chunk loop runs D / KC times."""
     c = compiled.consts
     elements = c["BM"] * c["BN"]
     fwd, bwd = launch_plan("all", 32768, d, c)
@@ -193,7 +197,13 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     assert pf.per_tile["mufu_ex2"] * warps * 32 == elements + c["NT"]
     assert pb.per_tile["tensor_macs_per_cta"] == elements * (d + 2 * c["DO"])
     assert pb.per_tile["tensor_tf32_macs_per_cta"] == 0
-    assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements
+    assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements + c["NT"]
+    one = compiled.profile(replace(bwd, one_exp=True))
+    assert one.per_tile["mufu_ex2"] * warps * 32 == elements + c["NT"]
+    assert one.per_tile["tensor_macs_per_cta"] == pb.per_tile["tensor_macs_per_cta"]
+    assert one.per_tile["issue"] < pb.per_tile["issue"]
+    # the other form's pass is in the loop too, run no times
+    assert sorted(one.inner_trips.values()).count(0) == 1
     # Global loads per tile: the BN x D column panel (16-byte cp.async, LDGSTS, one chunk
     # ahead; the row panel is resident, staged once per CTA outside the column loop;
     # backward: and the BN x DO slab of Y for the gradient, 16-byte loads) in counted
@@ -218,7 +228,9 @@ def test_headline_cuda_estimate_runs(compiled: cuda_cost.Compiled, tmp_path: Pat
     assert nt["estimate_ms"] / 8 < rank["estimate_ms"] < nt["estimate_ms"] / 2
     assert all(r["estimate_ms"] > r["floor_ms"] > 0 for r in results)
     assert clip["estimate_ms"] == pytest.approx(2 * nt["estimate_ms"])  # same rows of S
-    assert clip_cold["estimate_ms"] == clip["estimate_ms"]  # no data-dependent work
+    # unit rows: every statistic in the one-exponential window, at tau 0.1 and 0.01
+    assert [r["one_exp"] for r in results] == [True, True, True, True, False]
+    assert clip_cold["estimate_ms"] == clip["estimate_ms"]
     assert wide["estimate_ms"] > nt["estimate_ms"]
     md = cuda_cost.markdown(results, {"nvcc": "x", "date": "today"})
     assert md.count("| NT-Xent M=65,536 D=128 |") >= 3
@@ -231,3 +243,41 @@ def test_cuda_estimate_files(tmp_path: Path) -> None:
     written = sorted(p.name for p in tmp_path.iterdir())
     assert len(written) == 2 and all(n.startswith("estimate-cuda-nvcc") for n in written)
     assert r["backend"] == "cuda"
+
+
+#: What ``cuda_window`` reads of the kernel constants.
+WINDOW_CONSTS = {"BM": 64, "exp_window": 40.0, "exp_factor_max": 2.0**126}
+
+
+@pytest.mark.parametrize("pairing", ["all", "cross"])
+def test_one_exp_share_follows_the_window(pairing: str) -> None:
+    """Unit rows at tau = 0.1 keep every sampled tile in the window; at tau = 0.002 the
+    log-sum-exps spread past it (random negatives at 500 x ~0.125 of a spread), and a
+    wider window and factor bound let them back in. float32 inputs never take the form."""
+    case = StaticCase("x", pairing, 4096, 64, 0.1)
+    assert one_exp_share(case, WINDOW_CONSTS) == 1.0
+    assert one_exp_share(replace(case, dtype="fp32"), WINDOW_CONSTS) == 0.0
+    sharp = replace(case, tau=0.002)
+    assert one_exp_share(sharp, WINDOW_CONSTS) < 1.0
+    wide = {**WINDOW_CONSTS, "exp_window": 1000.0}
+    assert one_exp_share(sharp, wide) < 1.0  # e^(c - lse) past 2^126 on some rows
+    assert one_exp_share(sharp, {**wide, "exp_factor_max": math.inf}) == 1.0
+
+
+def test_one_exp_share_of_the_rectangular_problem() -> None:
+    """One side weighted: the two-exponential loop's code (one exponential each)."""
+    case = StaticCase("x", "rect", 1024, 64, 0.1, cols=4096, offset=0)
+    assert one_exp_share(case, WINDOW_CONSTS) == 0.0
+
+
+@needs_nvcc
+def test_cuda_estimate_outside_the_window_counts_two_exponentials(
+    compiled: cuda_cost.Compiled,
+) -> None:
+    """The same launches with the data outside the window: the two-exponential pass."""
+    base = StaticCase("x", "all", 8192, 128, 0.1)
+    inside = cuda_cost.estimate_case(base, compiled)
+    outside = cuda_cost.estimate_case(replace(base, tau=0.002), compiled)
+    assert inside["one_exp"] and not outside["one_exp"]
+    assert 0.0 < outside["one_exp_share"] < 1.0
+    assert outside["estimate_ms"] > inside["estimate_ms"]

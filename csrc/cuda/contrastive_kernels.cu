@@ -29,6 +29,12 @@
 //             significant bits of V; Y exact in bf16); else TF32, V rounded to TF32
 //             (11 significant bits, the float exponent range: no fp16 underflow of
 //             tiny weights), Y from bf16/fp16 exact in TF32, float32 inputs 3xTF32.
+//             16-bit inputs with statistics on both sides take one exponential per
+//             element, u_ik = e^(S_ik - c) (g_i e^(c - lse_i) + g_k e^(c - lse_k)),
+//             c the CTA's largest row lse, on the interior tiles (no masked pair)
+//             whose rows and columns all lie within kExpWindow of c (a
+//             __syncthreads_and vote per tile, no host read); masked tiles, the
+//             others, float32 and one-sided passes take the exact form.
 //             Each CTA writes its rows' gradient once (no atomics); the
 //             temperature gradient is one atomicAdd per CTA.
 
@@ -278,7 +284,8 @@ template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
   return x_region<T, kFast>(d) + staging_bytes<T>() + tile_bytes();
 }
-// [resident X (fast path)] [staging] [Y slab, output staging] [S/V tile] [column stats]
+// [resident X (fast path)] [staging] [Y slab, output staging] [S/V tile] [column stats:
+// lse, g, centre, one-exponential factor]
 // [reduction scratch]; the general path's staging and slab share one region (union),
 // the fast path's are apart: the next tile's first Y chunk is in flight meanwhile.
 template <typename T, bool kFast = false>
@@ -292,7 +299,7 @@ __host__ __device__ constexpr size_t slab_offset() {
 }
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_smem(int64_t d = 0) {
-  return x_region<T, kFast>(d) + bwd_union<T, kFast>() + tile_bytes() + align128(3 * BN * sizeof(float)) +
+  return x_region<T, kFast>(d) + bwd_union<T, kFast>() + tile_bytes() + align128(4 * BN * sizeof(float)) +
          align128(8 * sizeof(double));
 }
 
@@ -471,16 +478,24 @@ __device__ __forceinline__ void prefetch_first_chunk(const Ops<T>& op, const Til
 // Fast path: `q` counts the CTA's Y chunks; chunk q is in buffer q % 2 and, while its
 // MMAs run, chunk q + 1 (the next D chunk, else the next tile's first) is in flight
 // into the other buffer (issued after the barrier that frees it).
-template <typename T, bool kFast>
-__device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
-                                          int64_t row0, int64_t col0, int& q) {
+// kVote: the first barrier is __syncthreads_and(vote), whose result tile_dots returns
+// (1 otherwise).
+template <typename T, bool kFast, bool kVote = false>
+__device__ __forceinline__ int tile_dots(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
+                                         int64_t row0, int64_t col0, int& q, int vote = 1) {
   using M = Mma<T>;
   const int warp = threadIdx.x / 32;
   typename M::C acc[BN / 16];
 #pragma unroll
   for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  int all = 1;
   for (int64_t dc = 0; dc < p.d; dc += KC) {
-    __syncthreads();  // staging (and whatever shares it) is free
+    // staging (and whatever shares it) is free
+    if (kVote && dc == 0) {
+      all = __syncthreads_and(vote);
+    } else {
+      __syncthreads();
+    }
     const T* ys = t.ys;
     if constexpr (kFast) {
       static_assert(KC % (2 * vec_elems<T>()) == 0 && DO % (2 * vec_elems<T>()) == 0, "whole vectors");
@@ -511,6 +526,7 @@ __device__ __forceinline__ void tile_dots(const Pass& p, const Ops<T>& op, const
   for (int n = 0; n < BN / 16; ++n)
     wmma::store_matrix_sync(t.ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
   __syncthreads();
+  return all;
 }
 
 // One row's mask over one column tile, in tile-local ints (computed once per tile, so
@@ -546,6 +562,60 @@ template <int kCritic>
 __device__ __forceinline__ float raw_score(float dot, float eps) {
   if (kCritic == MIMAC_LOG_DOT) return logf(dot < eps ? eps : dot);  // `<` keeps NaN
   return dot;
+}
+
+// --- the backward's one-exponential form ------------------------------------------------------
+
+// Whether the backward may take one exponential per element: 16-bit inputs, whose V is
+// rounded to bf16 hi + lo (~16 significant bits) or TF32 (11) right after, so the
+// form's extra rounding (below) does not show; float32 keeps two exponentials.
+template <typename T>
+__host__ __device__ constexpr bool kOneExp() {
+  return sizeof(T) == 2;
+}
+
+// The window of a statistic around the shift c (natural log): |lse - c| <= kExpWindow.
+// With c the row block's largest lse, every weight that matters in float32 (S - lse >=
+// -16.6, i.e. 2^-24 of its row's or column's total) has |S - c| <= 56.6: the exponent
+// (S - c) log2(e) and S - c are rounded to at most 2^-18 absolute, ~3e-6 relative in
+// the weight, as is u = g e^(c - lse). e^(S - c) flushes to zero below e^-87.3, so
+// a dropped weight is below e^(-87.3 + 40) of its side's total, and all 2^31 columns
+// below e^-25.8 (6e-12) of it. e^(S - c) <= e^40 for any pair the sums hold.
+constexpr float kExpWindow = 40.0f;
+// u and v below 2^126: u_i + v_k stays finite.
+constexpr float kExpFactorMax = 8.507059173023462e37f;  // 2^126
+// |g| max(1/tau, 1) below 2^100: on an unmasked pair e^(S - c) u_i = g_i e^(S - lse_i)
+// <= g_i (S <= lse_i, and as much for the columns), so V = (1/tau) u stays finite.
+constexpr float kExpGradMax = 1.2676506002282294e30f;  // 2^100
+
+// One row's or column's statistic `lse`, gradient g and factor f = g e^(c - lse): lse
+// within the window, f below kExpFactorMax and g (1/tau) below kExpGradMax (NaN or
+// infinite values fail).
+__device__ __forceinline__ bool one_exp_ok(float lse, float c, float g, float f, float it) {
+  return fabsf(lse - c) <= kExpWindow && fabsf(f) < kExpFactorMax &&
+         fabsf(g) * fmaxf(it, 1.0f) < kExpGradMax;
+}
+
+// Whether the BM x BN tile (row0, col0) holds a masked pair: rows past S's rows,
+// columns past its columns, or a row's excluded column (global column == row +
+// diag_offset). Uniform across the CTA.
+__device__ __forceinline__ bool tile_has_mask(const Pass& p, int64_t row0, int64_t col0) {
+  if (row0 + BM > p.rows || col0 + BN > p.cols) return true;
+  const int64_t first = row0 + p.diag_offset, last = row0 + BM - 1 + p.diag_offset;
+  return p.diag && first < col0 + BN && last >= col0;
+}
+
+// The largest `v` of the block's threads (NaN skipped), through `scratch` (NT / 32
+// floats); a block barrier.
+__device__ __forceinline__ float block_max_lse(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = scratch[0];
+#pragma unroll
+  for (int w = 1; w < NT / 32; ++w) m = fmaxf(m, scratch[w]);
+  return m;
 }
 
 // --- kernels ---------------------------------------------------------------------------------
@@ -625,8 +695,9 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   float* s_ly = reinterpret_cast<float*>(stage + bwd_union<T, kFast>() + tile_bytes());
   float* s_gy = s_ly + BN;
   float* s_cy = s_gy + BN;
+  float* s_vy = s_cy + BN;
   double* s_red = reinterpret_cast<double*>(stage + bwd_union<T, kFast>() + tile_bytes() +
-                                            align128(3 * BN * sizeof(float)));
+                                            align128(4 * BN * sizeof(float)));
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t dout0 = static_cast<int64_t>(blockIdx.y) * DO;
@@ -652,6 +723,19 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   const float cxi = row_ok && x_side ? cx[gi] : 0.0f;
   const bool want_tau = p.tau_mode != 0 && blockIdx.y == 0;  // count each pair once
 
+  // One exponential per element (16-bit inputs, both sides weighted): with a shift c
+  // common to the tile's rows and columns, u_i = g_i e^(c - lse_i), v_k = g_k e^(c - lse_k)
+  // and W_ik = e^(S_ik - c) (u_i + v_k), for the interior tiles whose statistics pass
+  // the window test (one_exp_ok); the others take both exponentials.
+  const bool one_exp = kOneExp<T>() && x_side && y_side;
+  float shift = 0.0f, uxi = 0.0f;
+  int row_vote = 1;
+  if (one_exp) {
+    shift = block_max_lse(row_ok ? lxi : -INFINITY, reinterpret_cast<float*>(s_red));
+    uxi = row_ok ? gxi * exp2_ftz((shift - lxi) * kLog2e) : 0.0f;
+    row_vote = !row_ok || one_exp_ok(lxi, shift, gxi, uxi, it);
+  }
+
   using CA = typename std::conditional<kBf16, typename Mma<__nv_bfloat16>::C, C2>::type;
   CA acc[DO / 16];
 #pragma unroll
@@ -659,47 +743,79 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   double tau = 0.0;
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
+    int vote = row_vote;
     if (threadIdx.x < BN) {
       const int64_t gk = col0 + threadIdx.x;
       const bool ok = y_side && gk < p.cols;
-      s_ly[threadIdx.x] = ok ? ly[gk] : 0.0f;
-      s_gy[threadIdx.x] = ok ? gy[gk] : 0.0f;
+      const float lk = ok ? ly[gk] : 0.0f, gv = ok ? gy[gk] : 0.0f;
+      s_ly[threadIdx.x] = lk;
+      s_gy[threadIdx.x] = gv;
       s_cy[threadIdx.x] = ok ? cy[gk] : 0.0f;
+      if (one_exp) {
+        const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
+        s_vy[threadIdx.x] = v;
+        vote = vote && (!ok || one_exp_ok(lk, shift, gv, v, it));
+      }
     }
-    tile_dots<T, kFast>(p, op, t, row0, col0, q);  // ends with __syncthreads
+    // ends with __syncthreads; the first barrier also ANDs the votes (uniform). Tiles
+    // with a masked pair (the diagonal of `all`, ragged edges) take the exact form.
+    const bool fast_tile = tile_dots<T, kFast, kOneExp<T>()>(p, op, t, row0, col0, q, vote) &&
+                           one_exp && !tile_has_mask(p, row0, col0);
     float tau_tile = 0.0f;
     const TileMask mask = tile_mask(p, gi, col0, row_ok);
+    // The per-element pass: V and the temperature terms of this thread's columns.
+    const auto element_pass = [&](auto one_exp_tag) {
+      constexpr bool kOne = decltype(one_exp_tag)::value;
 #pragma unroll 4
-    for (int j = 0; j < JPT / 2; ++j) {
-      const int c = 4 * j + 2 * part;  // this thread's column pair (c, c + 1): 8-byte accesses
-      const float2 dots = *reinterpret_cast<const float2*>(ss + r * LDS + c);
-      float vv[2];
+      for (int j = 0; j < JPT / 2; ++j) {
+        const int c = 4 * j + 2 * part;  // this thread's column pair (c, c + 1): 8-byte accesses
+        const float2 dots = *reinterpret_cast<const float2*>(ss + r * LDS + c);
+        float vv[2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float dot = e ? dots.y : dots.x;
-        const float s = raw_score<kCritic>(dot, p.eps);
-        const float sn = s * it;
-        float w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
-        float u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);  // + column k's
-        if (mask.masked(c + e)) u = w = 0.0f;
-        // Each side centred on its own positive score, per element: the weights of
-        // a row sum to its g, so this is the loss's temperature gradient with no
-        // float32 cancellation between two large totals.
-        tau_tile += w * (s - cxi);
-        if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
-        vv[e] = u * it;  // dL/d(dot)
-        if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
+        for (int e = 0; e < 2; ++e) {
+          const float dot = e ? dots.y : dots.x;
+          const float s = raw_score<kCritic>(dot, p.eps);
+          const float sn = s * it;
+          float w, u;
+          if constexpr (kOne) {
+            // An interior tile: no masked pair, S <= lse of both sides, so e^(S - c) <= e^40.
+            const float ex = exp2_ftz((sn - shift) * kLog2e);
+            w = ex * uxi;
+            u = fmaf(ex, s_vy[c + e], w);
+          } else {
+            w = x_side ? gxi * exp2_ftz((sn - lxi) * kLog2e) : 0.0f;  // through row i's lse
+            u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);  // + column k's
+            if (mask.masked(c + e)) u = w = 0.0f;
+          }
+          // Each side centred on its own positive score, per element: the weights of
+          // a row sum to its g, so this is the loss's temperature gradient with no
+          // float32 cancellation between two large totals.
+          tau_tile += w * (s - cxi);
+          if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
+          vv[e] = u * it;  // dL/d(dot)
+          if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
+        }
+        if constexpr (kBf16) {
+          const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
+          // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN);
+          // interior one-exponential tiles have none (kExpGradMax) but for log_dot's 1/dot
+          constexpr bool kFinite = kOne && kCritic != MIMAC_LOG_DOT;
+          const float rest0 = kFinite || fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
+          const float rest1 = kFinite || fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
+          *reinterpret_cast<__nv_bfloat162*>(v_hi + r * LDV + c) = hi;
+          *reinterpret_cast<__nv_bfloat162*>(v_lo + r * LDV + c) = __floats2bfloat162_rn(rest0, rest1);
+        } else {
+          *reinterpret_cast<float2*>(ss + r * LDS + c) = make_float2(vv[0], vv[1]);
+        }
       }
-      if constexpr (kBf16) {
-        const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
-        // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
-        const float rest0 = fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
-        const float rest1 = fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
-        *reinterpret_cast<__nv_bfloat162*>(v_hi + r * LDV + c) = hi;
-        *reinterpret_cast<__nv_bfloat162*>(v_lo + r * LDV + c) = __floats2bfloat162_rn(rest0, rest1);
-      } else {
-        *reinterpret_cast<float2*>(ss + r * LDS + c) = make_float2(vv[0], vv[1]);
-      }
+    };
+#if defined(MIMAC_CUDA_EMULATION)
+    if (threadIdx.x == 0) ::mimac_emu::tally(fast_tile ? "bwd_tiles_one_exp" : "bwd_tiles_two_exp");
+#endif
+    if (fast_tile) {
+      element_pass(std::true_type{});
+    } else {
+      element_pass(std::false_type{});
     }
     if (want_tau) tau += tau_tile;
     __syncthreads();  // V complete, staging free

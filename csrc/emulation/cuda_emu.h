@@ -89,6 +89,9 @@ struct ThreadState {
 const ThreadState& current();
 // Block-wide and warp-wide barriers: yield until everyone has arrived.
 void sync_block();
+// __syncthreads_and: a block barrier that returns 1 when every thread's predicate was
+// non-zero, else 0.
+int sync_block_and(int predicate);
 void sync_warp();
 // Scratch slot of this lane in its warp (for shuffles and uniformity checks).
 void* warp_slot(int lane);
@@ -132,6 +135,11 @@ void set_schedule(Schedule schedule, uint64_t seed);
 // sm_80's 166,912 bytes unless set lower (sm_86/sm_89 have 101,376), for every later launch.
 void set_smem_optin(size_t bytes);
 size_t smem_optin();
+// Named event counts a kernel built for the emulation records (for instance which
+// form of a computation a tile took), read and cleared by the tests.
+void tally(const char* name);
+int64_t tally_count(const char* name);
+void clear_tallies();
 
 }  // namespace mimac_emu
 
@@ -141,6 +149,7 @@ size_t smem_optin();
 #define gridDim (::mimac_emu::current().grid_dim)
 
 inline void __syncthreads() { ::mimac_emu::sync_block(); }
+inline int __syncthreads_and(int predicate) { return ::mimac_emu::sync_block_and(predicate); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) ::mimac_emu::fail("__syncwarp: only the full mask is emulated");
   ::mimac_emu::sync_warp();

@@ -28,6 +28,10 @@ struct Barrier {
   int expected = 0;
   int arrived = 0;
   uint64_t generation = 0;
+  // __syncthreads_and: whether a thread voted false at the barrier of generation g,
+  // in slot g % 2; cleared when barrier g - 1 is released (every thread read the
+  // slot's previous vote, of barrier g - 2, before arriving at barrier g - 1).
+  bool voted_false[2] = {false, false};
 };
 
 // One cp.async copy in flight: its bytes, read from global memory at issue (the
@@ -118,6 +122,7 @@ void wait_at(Barrier& b, const char* name, int warp) {
   if (++b.arrived == b.expected) {  // the last one releases the others
     b.arrived = 0;
     ++b.generation;
+    b.voted_false[b.generation % 2] = false;  // the next barrier's slot (read by now)
     if (warp >= 0) {
       reset_warp(*g_block, warp);
     } else {
@@ -255,6 +260,14 @@ const ThreadState& current() { return running_fiber().state; }
 
 void sync_block() { wait_at(g_block->block_barrier, "__syncthreads", -1); }
 
+int sync_block_and(int predicate) {
+  Barrier& b = g_block->block_barrier;
+  const uint64_t generation = b.generation;
+  if (!predicate) b.voted_false[generation % 2] = true;
+  wait_at(b, "__syncthreads_and", -1);
+  return b.voted_false[generation % 2] ? 0 : 1;
+}
+
 void sync_warp() {
   const int w = running_fiber().state.warp;
   wait_at(g_block->warp_barriers[w], "a warp collective", w);
@@ -333,6 +346,17 @@ size_t g_smem_optin = kMaxSmem;
 
 void set_smem_optin(size_t bytes) { g_smem_optin = bytes < kMaxSmem ? bytes : kMaxSmem; }
 size_t smem_optin() { return g_smem_optin; }
+
+namespace {
+std::map<std::string, int64_t> g_tallies;
+}  // namespace
+
+void tally(const char* name) { ++g_tallies[name]; }
+int64_t tally_count(const char* name) {
+  const auto it = g_tallies.find(name);
+  return it == g_tallies.end() ? 0 : it->second;
+}
+void clear_tallies() { g_tallies.clear(); }
 
 void register_dynamic_smem(unsigned char* base, size_t size) {
   g_smem = base;

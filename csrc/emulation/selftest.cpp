@@ -56,7 +56,12 @@ void set_smem_optin(int64_t bytes) {
   mimac_emu::set_smem_optin(static_cast<size_t>(bytes));
 }
 
+int64_t tally(const std::string& name) { return mimac_emu::tally_count(name.c_str()); }
+void clear_tallies() { mimac_emu::clear_tallies(); }
+
 TORCH_LIBRARY(mimac_emu, m) {
   m.def("set_schedule(int schedule, int seed) -> ()", &set_schedule);
   m.def("set_smem_optin(int bytes) -> ()", &set_smem_optin);
+  m.def("tally(str name) -> int", &tally);
+  m.def("clear_tallies() -> ()", &clear_tallies);
 }

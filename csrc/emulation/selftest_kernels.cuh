@@ -19,10 +19,22 @@ using Args = MimacEmuArgs;
 // Variants 4, 5: out[t] = in[(t + 32) % n], another warp's value; 4 syncs only its
 // own warp before reading (right whenever warps advance in step, wrong when one
 // warp runs ahead), 5 syncs the block.
+// Variant 6: five __syncthreads_and in a row, the predicate false for thread 5 in
+// round 1 and for the last thread in round 2 (each round's vote its own, also for the
+// rounds after them): out[t] = the results as bits, 1 + 8 + 16 = 25.
 __global__ void neighbour_kernel(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* s = reinterpret_cast<float*>(smem);
   const int t = threadIdx.x, n = blockDim.x;
+  if (a.variant == 6) {
+    int bits = 0;
+    for (int round = 0; round < 5; ++round) {
+      const bool no = (round == 1 && t == 5) || (round == 2 && t == n - 1);
+      bits |= __syncthreads_and(no ? 0 : 1) << round;
+    }
+    a.out[t] = static_cast<float>(bits);
+    return;
+  }
   s[t] = a.in[t];
   if (a.variant >= 4) {
     if (a.variant == 4) __syncwarp();

@@ -75,6 +75,16 @@ def test_warp_schedules_expose_a_missing_block_barrier(selftest):
             torch.testing.assert_close(racy, expected, rtol=0, atol=0)  # the lockstep blind spot
 
 
+def test_syncthreads_and_votes_per_barrier(selftest):
+    """__syncthreads_and: 0 when any thread's predicate is 0, each barrier's vote its own
+    (a false vote does not linger into the next), under every schedule."""
+    x = torch.zeros(128)
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule, seed=1):
+            out = run(selftest, "neighbour", x, 6)
+        torch.testing.assert_close(out, torch.full((128,), 25.0), rtol=0, atol=0)
+
+
 def test_schedule_is_checked(selftest):
     with pytest.raises(ValueError, match="schedule must be one of"), emulation_schedule("backwards"):
         pass

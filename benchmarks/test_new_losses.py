@@ -270,3 +270,31 @@ def test_provider_matches_peer(case: LossCase) -> None:
     ref = _value_and_grads(peer, case, torch.float64)
     names = ["loss"] + [f"grad{i}" for i in range(len(ours) - 1)]
     assert_within_bound(ours, plain, ref, torch.float32, names)
+
+
+def test_a_peer_past_the_memory_or_time_is_not_run() -> None:
+    """pytorch-metric-learning's NTXent (M^3 memory) is predicted out at M = 4,096 from
+    its own allocations alone, and a measured peer is scaled to the next rung."""
+    cpu = torch.device("cpu")
+    pml = new_losses.providers(cpu)["pml"]
+    why = too_large(LossCase("ntxent-labels", 4096), pml, cap=23 << 30)
+    assert why is not None and "predicted peak" in why and "GiB" in why
+    assert too_large(LossCase("ntxent-labels", 64), pml, cap=23 << 30) is None
+    case = LossCase("supcon", 1 << 20)
+    _CALL_S[(case.group, "pml", case.rows // 2)] = 30.0  # 30 s at half the rows: 120 s
+    try:
+        assert "predicted 120 s per call" in (too_large(case, pml, cap=1 << 62) or "")
+    finally:
+        del _CALL_S[(case.group, "pml", case.rows // 2)]
+
+
+def test_case_ids_unique_and_report_note(tmp_path: Path) -> None:
+    """Every case id is distinct per size; the report carries the note and peer versions."""
+    from benchmarks import report
+
+    for size, cases in new_losses.SIZES.items():
+        ids = [c.id for c in cases()]
+        assert len(ids) == len(set(ids)), size
+    meta = {"labels": {"lightly": "1.6.0", "device": "cpu"}, "skipped": [], "sizes": ["cpu"]}
+    md = report.markdown([], meta, note="## How this ran\n")
+    assert "Peers installed: lightly 1.6.0." in md and "## How this ran" in md

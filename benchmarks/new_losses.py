@@ -270,8 +270,9 @@ def providers(device: torch.device, *, interpreted: bool = False) -> dict[str, P
 
 
 def smoke_cases() -> list[LossCase]:
-    """Each loss once at 64 rows (bank 128): CI."""
-    return [LossCase(loss, 64, d=32, bank=128) for loss in LOSSES]
+    """Each loss once at 64 rows (bank 128): CI. Peak memory (a child process per
+    provider) on the first only, as the throughput suite's smoke cases."""
+    return [LossCase(loss, 64, d=32, bank=128, memory=i == 0) for i, loss in enumerate(LOSSES)]
 
 
 def cpu_cases() -> list[LossCase]:

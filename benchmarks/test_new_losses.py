@@ -13,7 +13,7 @@ child process (``benchmarks.memory``, capped: an allocation past the cap is an
 ``test_provider_matches_peer`` (fast, every run) checks that each of our providers
 computes its peer's value on the smoke inputs, so that the benchmark times the same loss.
 
-Run (~20 min on 2 cores; benchmarks/NOTES.md)::
+Run (~15 min on 2 cores; benchmarks/NOTES.md)::
 
     pytest benchmarks/test_new_losses.py --benchmark-only --bench-size=cpu \\
         --benchmark-json=new_losses.json

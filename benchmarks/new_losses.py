@@ -29,10 +29,11 @@ This module is also a memory-child suite (``benchmarks.memory``): it defines
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,15 @@ def make_inputs(case: LossCase, device: torch.device, seed: int = 0) -> tuple[Te
     return tuple(t.to(case.torch_dtype).requires_grad_() for t in (a, b))
 
 
+@contextlib.contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    """The global generator at ``seed`` inside (both queue modules draw their bank from
+    it), restored after: building a provider leaves no trace in the caller's draws."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 # --------------------------------------------------------------------------- ours
 
 
@@ -196,8 +206,8 @@ def _make_ours(backend: str) -> Callable[[LossCase], LossFn]:
         if case.loss == "ntxent-labels":
             return NTXentLoss(case.tau, backend=backend)
         if case.loss == "queue":
-            torch.manual_seed(0)  # the bank's random rows, drawn as the peer draws them
-            return NTXentLoss(case.tau, memory_bank_size=(case.bank, case.d), backend=backend)
+            with _seeded():  # the bank's random rows, drawn as the peer draws them
+                return NTXentLoss(case.tau, memory_bank_size=(case.bank, case.d), backend=backend)
         module = SigLipLoss(backend=backend)
         return lambda x, y: module(x, y, SIGLIP_T, SIGLIP_B)
 
@@ -223,8 +233,8 @@ def _make_peer(case: LossCase) -> LossFn:
         return cls(temperature=case.tau)
     if case.loss == "queue":
         cls = peer_losses.cached_lightly_ntxent_class()
-        torch.manual_seed(0)
-        return cls(temperature=case.tau, memory_bank_size=(case.bank, case.d))
+        with _seeded():
+            return cls(temperature=case.tau, memory_bank_size=(case.bank, case.d))
     module = peer_losses.cached_open_clip_loss_module().SigLipLoss()
     t, b = torch.tensor(SIGLIP_T), torch.tensor(SIGLIP_B)
     return lambda x, y: module(x, y, t.to(x), b.to(x))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from benchmarks import labels
+from benchmarks import labels, new_losses
 from benchmarks.cases import SIZES, Case
 from benchmarks.memory import MemResult
 from benchmarks.providers import Provider, providers
@@ -149,7 +149,10 @@ def bench_ctx(request: pytest.FixtureRequest) -> BenchContext:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One test per (case, mode, provider), in the case list's priority order."""
+    """One test per (case, mode, provider), in the case list's priority order; for
+    ``loss_item`` (``test_new_losses.py``), per (case, provider) of that case's pair."""
+    if "loss_item" in metafunc.fixturenames:
+        _generate_loss_items(metafunc)
     if "bench_item" not in metafunc.fixturenames:
         return
     ctx = _context(metafunc.config)
@@ -159,6 +162,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for name in ctx.providers:
                 params.append(pytest.param((case, name, mode), id=f"{case.id}-{mode}-{name}"))
     metafunc.parametrize("bench_item", params)
+
+
+def _generate_loss_items(metafunc: pytest.Metafunc) -> None:
+    ctx = _context(metafunc.config)
+    params = []
+    for case in new_losses.SIZES[ctx.size]():
+        for name in new_losses.providers(ctx.device):
+            if new_losses.applies(name, case, ctx.device):
+                params.append(pytest.param((case, name), id=f"{case.id}-{name}"))
+    metafunc.parametrize("loss_item", params)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -86,4 +86,8 @@ def run_labels(device_type: str) -> dict[str, object]:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "inf_cl": _version("inf_cl"),
         "cut_cross_entropy": _version("cut-cross-entropy"),
+        # The peers of the labelled, queue and sigmoid losses (benchmarks/new_losses.py).
+        "pytorch_metric_learning": _version("pytorch-metric-learning"),
+        "lightly": _version("lightly"),
+        "open_clip": _version("open_clip_torch"),
     }

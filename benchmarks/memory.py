@@ -19,6 +19,12 @@ reads ``VmHWM``, not ``ru_maxrss``: Linux carries ``ru_maxrss`` across
 
 A child killed by a signal (the kernel's OOM killer) records the provider it
 was running as ``oom``; the remaining providers get a fresh child.
+
+The child builds cases, inputs and providers from a *suite* module (``suite=``, by
+name): ``benchmarks.providers`` (the contrastive loss, the default) or
+``benchmarks.new_losses``. A suite defines ``case_from_dict(d)``,
+``make_inputs(case, device, seed=0)`` (a tuple of tensors, the loss's arguments),
+``tiny(case)`` and ``providers(device, interpreted=...)``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import json
 import os
 import resource
@@ -35,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -44,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 MARK = "MIMAC_MEM "
 CLEAR_REFS = Path("/proc/self/clear_refs")
 INPUTS = "inputs"  # pseudo-provider of the baseline child
+DEFAULT_SUITE = "benchmarks.providers"
 
 
 @dataclass
@@ -90,9 +99,11 @@ def hwm_resettable() -> bool:
     return CLEAR_REFS.exists() and os.access(CLEAR_REFS, os.W_OK)
 
 
-def _spawn(case: Case, names: list[str], limit: int, timeout: float) -> tuple[dict, int, str]:
+def _spawn(
+    case: Case, names: list[str], limit: int, timeout: float, suite: str = DEFAULT_SUITE
+) -> tuple[dict, int, str]:
     cmd = [sys.executable, "-m", "benchmarks.memory", json.dumps(case.to_dict()), ",".join(names)]
-    cmd.append(str(limit))
+    cmd += [str(limit), suite]
     try:
         proc = subprocess.run(
             cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
@@ -111,19 +122,25 @@ def _spawn(case: Case, names: list[str], limit: int, timeout: float) -> tuple[di
 
 
 def measure_cpu(
-    case: Case, names: list[str], *, timeout: float = 900.0, limit_bytes: int = 0
+    case: Case,
+    names: list[str],
+    *,
+    timeout: float = 900.0,
+    limit_bytes: int = 0,
+    suite: str = DEFAULT_SUITE,
 ) -> dict[str, MemResult]:
     """Peak memory above the inputs of each provider in ``names`` on ``case`` (CPU).
 
     ``limit_bytes`` > 0 caps the child's address space at that much above its
     state before the call, so an allocation past it fails as ``oom`` (max-batch).
+    ``suite``: the module that defines ``case``'s kind (see the module docstring).
     """
     if not hwm_resettable():
-        return _measure_cpu_baseline(case, names, timeout, limit_bytes)
+        return _measure_cpu_baseline(case, names, timeout, limit_bytes, suite)
     results: dict[str, MemResult] = {}
     pending = list(names)
     while pending:
-        got, rc, err = _spawn(case, pending, limit_bytes, timeout)
+        got, rc, err = _spawn(case, pending, limit_bytes, timeout, suite)
         results.update(got)
         pending = [n for n in pending if n not in results]
         if not pending:
@@ -137,14 +154,14 @@ def measure_cpu(
 
 
 def _measure_cpu_baseline(
-    case: Case, names: list[str], timeout: float, limit: int
+    case: Case, names: list[str], timeout: float, limit: int, suite: str
 ) -> dict[str, MemResult]:
-    base, _, err = _spawn(case, [INPUTS], 0, timeout)
+    base, _, err = _spawn(case, [INPUTS], 0, timeout, suite)
     if INPUTS not in base:
         raise RuntimeError(f"baseline memory child failed: {err[-2000:]}")
     results = {}
     for name in names:
-        got, rc, err = _spawn(case, [name], limit, timeout)
+        got, rc, err = _spawn(case, [name], limit, timeout, suite)
         res = got.get(name) or MemResult(
             name, "timeout" if rc is None else "oom" if rc < 0 else "error", detail=err[-800:]
         )
@@ -183,10 +200,18 @@ def _trim_heap() -> None:
             pass
 
 
-def _measure_one(provider, case: Case, a, b, resettable: bool, limit: int) -> MemResult:
-    from benchmarks.providers import is_oom, make_inputs, tiny
+def _clear_grads(inputs: tuple) -> None:
+    for t in inputs:
+        t.grad = None
 
-    why = provider.reason(case, a.device)
+
+def _measure_one(
+    provider, case, inputs: tuple, resettable: bool, limit: int, suite: ModuleType
+) -> MemResult:
+    from benchmarks.providers import is_oom
+
+    device = inputs[0].device
+    why = provider.reason(case, device)
     if why is not None:
         return MemResult(provider.name, "skip", detail=why)
     fn = provider.make(case)
@@ -195,16 +220,18 @@ def _measure_one(provider, case: Case, a, b, resettable: bool, limit: int) -> Me
         resource.setrlimit(resource.RLIMIT_AS, (_status_kb("VmSize") * 1024 + limit, old[1]))
     try:
         # compile specialises on shapes: only the full shape warms it.
-        warm = (a, b) if provider.name == "compile" else make_inputs(tiny(case), a.device, seed=1)
+        warm = (
+            inputs if provider.name == "compile" else suite.make_inputs(suite.tiny(case), device, 1)
+        )
         fn(*warm).backward()
         del warm
-        a.grad = b.grad = None
+        _clear_grads(inputs)
         _trim_heap()
         before = _status_kb("VmRSS") * 1024 if resettable else 0
         if resettable:
             CLEAR_REFS.write_text("5")
         t0 = time.perf_counter()
-        loss = fn(a, b)
+        loss = fn(*inputs)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -216,7 +243,7 @@ def _measure_one(provider, case: Case, a, b, resettable: bool, limit: int) -> Me
         resource.setrlimit(resource.RLIMIT_AS, old)
     total = _peak_total_bytes()
     del loss
-    a.grad = b.grad = None
+    _clear_grads(inputs)
     _trim_heap()
     method = "vmhwm-reset" if resettable else "vmhwm-minus-baseline"
     peak = total - before if resettable else None
@@ -224,14 +251,15 @@ def _measure_one(provider, case: Case, a, b, resettable: bool, limit: int) -> Me
 
 
 def _child(argv: list[str]) -> None:
-    from benchmarks.providers import is_oom, make_inputs, providers
+    from benchmarks.providers import is_oom
 
-    case, names = Case.from_dict(json.loads(argv[0])), argv[1].split(",")
+    suite = importlib.import_module(argv[3] if len(argv) > 3 else DEFAULT_SUITE)
+    case, names = suite.case_from_dict(json.loads(argv[0])), argv[1].split(",")
     limit = int(argv[2]) if len(argv) > 2 else 0
     cpu = torch.device("cpu")
     resettable = hwm_resettable()
-    a, b = make_inputs(case, cpu)
-    found = providers(cpu, interpreted=True)
+    inputs = suite.make_inputs(case, cpu)
+    found = suite.providers(cpu, interpreted=True)
     for name in names:
         if name == INPUTS:
             res = MemResult(INPUTS, "ok", total_bytes=_peak_total_bytes(), method="inputs")
@@ -239,7 +267,7 @@ def _child(argv: list[str]) -> None:
             res = MemResult(name, "skip", detail=f"no provider {name!r} on this machine")
         else:
             try:
-                res = _measure_one(found[name], case, a, b, resettable, limit)
+                res = _measure_one(found[name], case, inputs, resettable, limit, suite)
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
                 status = "oom" if is_oom(exc) else "error"
                 res = MemResult(name, status, detail=f"{type(exc).__name__}: {exc}"[:800])

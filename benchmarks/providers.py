@@ -83,6 +83,10 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> tuple[Tensor
     return tuple(t.to(case.torch_dtype).requires_grad_() for t in (a, b))  # type: ignore[return-value]
 
 
+#: The memory child's name for building this suite's cases (``benchmarks.memory``).
+case_from_dict = Case.from_dict
+
+
 def tiny(case: Case) -> Case:
     """The same configuration at 64 rows: warms lazily initialised state cheaply."""
     return case.with_rows(64)

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m benchmarks.report RESULT.json [MORE.json ...] [--max-batch MB.json] --out DIR
+    python -m benchmarks.report RESULT.json [MORE.json ...] [--max-batch MB.json] \
+        [--note NOTE.md] --out DIR
 
 writes ``DIR/report.md``, ``DIR/time.png`` and ``DIR/memory.png``.
 
@@ -246,9 +247,17 @@ def max_batch_table(data: dict) -> list[str]:
     return out
 
 
-def markdown(rows: list[Row], meta: dict, max_batch: dict | None = None) -> str:
+#: Peers whose versions the run labels carry (``benchmarks.labels``).
+PEER_LABELS = ("inf_cl", "cut_cross_entropy", "pytorch_metric_learning", "lightly", "open_clip")
+
+
+def markdown(
+    rows: list[Row], meta: dict, max_batch: dict | None = None, note: str = ""
+) -> str:
+    """The report; ``note``: Markdown set after the header (the run's command, its cases)."""
     lab = meta["labels"]
     device = str(lab.get("device", "unknown device"))
+    peers = ", ".join(f"{k} {lab[k]}" for k in PEER_LABELS if lab.get(k))
     head = [
         f"# Benchmarks: {device}, {str(lab.get('date', ''))[:10]}\n",
         (
@@ -256,6 +265,8 @@ def markdown(rows: list[Row], meta: dict, max_batch: dict | None = None) -> str:
             f"commit `{lab.get('commit')}` · threads {lab.get('threads')} · "
             f"load avg at start {lab.get('load_avg_1m')} · size {', '.join(map(str, meta['sizes']))}\n"
         ),
+        *([f"Peers installed: {peers}.\n"] if peers else []),
+        *([note.strip() + "\n"] if note.strip() else []),
         (
             "Cells: median time (× our fastest backend at that M) · peak memory above the "
             "inputs (× the same backend's). M = rows of the similarity matrix (NT-Xent: 2N; "
@@ -326,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=Path, default=None, help="max_batch.py JSON")
     ap.add_argument("--out", type=Path, required=True, help="folder for report.md and plots")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--note", type=Path, default=None, help="Markdown set after the header")
     args = ap.parse_args(argv)
     rows, meta = load(args.json)
     mb = (
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(markdown(rows, meta, mb))
+    note = args.note.read_text() if args.note else ""
+    (args.out / "report.md").write_text(markdown(rows, meta, mb, note))
     written = [] if args.no_plots else plots(rows, args.out)
     print(f"wrote {args.out / 'report.md'}" + "".join(f", {p}" for p in written))
     return 0

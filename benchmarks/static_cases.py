@@ -16,8 +16,10 @@ import torch
 class StaticCase:
     """One headline case: pairing, rows of S per side, D, tau and the data's positive cosine.
 
-    ``rect``: one rank of the losses across ranks, ``rows`` local rows of ``Z = [a; b]``
-    against ``cols`` gathered columns, its self-pairs at ``col == row + offset``.
+    ``rect``: the rectangular problem: one rank of the losses across ranks, ``rows``
+    local rows of ``Z = [a; b]`` against ``cols`` gathered columns, its self-pairs at
+    ``col == row + offset``; SupCon (rows = columns, offset 0); or the queue's rows
+    against unrelated bank rows, nothing masked (``offset=None``).
     """
 
     name: str
@@ -28,7 +30,7 @@ class StaticCase:
     positive_cos: float = 0.3
     dtype: str = "bf16"
     cols: int = 0  # rect: gathered columns
-    offset: int = 0  # rect: where this rank's own columns start
+    offset: int | None = 0  # rect: where this rank's own columns start; None: no mask
 
     @property
     def n(self) -> int:
@@ -44,6 +46,14 @@ CASES = (
     # own columns close the gathered [a_0; b_0; ...; a_7; b_7]).
     StaticCase("8 ranks: 8,192 local rows x 65,536 gathered columns D=128", "rect", 8192, 128,
                0.1, cols=65536, offset=7 * 8192),
+    # SupCon (supervised_contrastive_loss): every row against every row but itself, the
+    # rectangular kernels at offset 0 (no symmetry shared: dX and dY each recompute S).
+    StaticCase("SupCon M=65,536 D=128 (rows = columns, self-masked)", "rect", 65536, 128,
+               0.1, cols=65536, offset=0),
+    # Queue negatives (fused_contrastive_loss(q, k, queue=)): the queries against the
+    # bank, nothing masked; the backends also form the bank's gradient (then dropped).
+    StaticCase("Queue 65,536 queries x K=65,536 D=128 (nothing masked)", "rect", 65536, 128,
+               0.1, cols=65536, offset=None),
 )
 
 

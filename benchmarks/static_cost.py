@@ -212,6 +212,10 @@ def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
     for side, (x, y) in sides.items():
         if case.pairing == "all":
             x = y = torch.cat([a, b])
+        elif case.pairing == "rect" and case.offset is None:
+            # Queries against a bank of unrelated rows (MoCo's queue): nothing masked.
+            y = torch.cat([a, b])
+            x = synthetic_views(case.rows, case.d, case.positive_cos, seed + 2)[0]
         elif case.pairing == "rect":
             # The columns in any order (the sums do not see it); the local rows are
             # columns [offset, offset + rows) of them, with their positives among them.
@@ -225,10 +229,9 @@ def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
         for blk in picks:
             rows = torch.arange(blk * block_m, min((blk + 1) * block_m, x.shape[0]))
             s = (x[rows] @ y.T) * inv_tau - shift
-            if case.pairing in ("all", "rect"):  # the self-pair is masked
-                s[torch.arange(len(rows)), rows + (case.offset if case.pairing == "rect" else 0)] = (
-                    -math.inf
-                )
+            if case.pairing == "all" or (case.pairing == "rect" and case.offset is not None):
+                # the self-pair is masked
+                s[torch.arange(len(rows)), rows + (case.offset or 0)] = -math.inf
             sums = torch.exp(s).sum(dim=1)
             need = (sums < K.UNDERFLOW.value) | (sums > K.OVERFLOW.value)
             need_rows += int(need.sum())

@@ -340,7 +340,9 @@ def test_rect_plan_is_one_ranks_launches(compiled: dict) -> None:
 
 def test_the_multi_rank_case_is_modelled(compiled: dict) -> None:
     """(Read in the child process: importing ``static_cost`` drops the interpreter.)"""
-    assert compiled["rect_cases"] == [[8192, 65536, 128, "bf16"]]
+    # One rank across 8, SupCon (rows = columns), the queue against its bank.
+    assert compiled["rect_cases"] == [[8192, 65536, 128, "bf16"], [65536, 65536, 128, "bf16"],
+                                      [65536, 65536, 128, "bf16"]]  # fmt: skip
     assert compiled["not_modelled"] == {}
 
 

@@ -6,18 +6,17 @@ and bad inputs."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from benchmarks import peer_losses
 from mimac_kernels import NTXentLoss, fused_contrastive_loss, memory_bank
 from tests.kernels.accuracy import HALF_DTYPES, TAU, error_bound, make_views, max_abs_err
 from tests.ranks import run_ranks
@@ -157,43 +156,15 @@ def test_queue_op_passes_opcheck():
 
 
 def lightly_ntxent_class() -> type:
-    """lightly's ``NTXentLoss`` from its own source files (``loss/ntx_ent_loss.py``,
-    ``models/modules/memory_bank.py``, ``utils/dist.py``), loaded without the package's
-    ``__init__`` modules, which pull in torchvision; ``lightly.models.utils`` (used only
-    by the multi-process bank update) is a stub. Skips where lightly is not installed."""
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or not spec.submodule_search_locations:
-        if os.environ.get("CI"):
-            pytest.fail("lightly is not installed (CI installs lightly==1.6.0 --no-deps)")
-        pytest.skip("lightly is not installed (pip install --no-deps lightly==1.6.0)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    saved = {n: m for n, m in sys.modules.items() if n == "lightly" or n.startswith("lightly.")}
-    packages = ["lightly", "lightly.utils", "lightly.models", "lightly.models.modules",
-                "lightly.loss"]  # fmt: skip
+    """lightly's ``NTXentLoss`` from its own source files, without the package's
+    torchvision imports (``benchmarks.peer_losses``). Skips where lightly is not
+    installed; fails under CI, which installs it."""
     try:
-        for name in list(saved):
-            del sys.modules[name]
-        for name in packages:
-            sys.modules[name] = ModuleType(name)
-        stub = ModuleType("lightly.models.utils")
-        sys.modules[stub.__name__] = stub
-        sys.modules["lightly.models"].utils = stub  # type: ignore[attr-defined]
-        loaded = {}
-        for name, rel in (("lightly.utils.dist", "utils/dist.py"),
-                          ("lightly.models.modules.memory_bank", "models/modules/memory_bank.py"),
-                          ("lightly.loss.ntx_ent_loss", "loss/ntx_ent_loss.py")):  # fmt: skip
-            file_spec = importlib.util.spec_from_file_location(name, root / rel)
-            module = importlib.util.module_from_spec(file_spec)
-            sys.modules[name] = module
-            parent, _, leaf = name.rpartition(".")
-            setattr(sys.modules[parent], leaf, module)
-            file_spec.loader.exec_module(module)
-            loaded[name] = module
-        return loaded["lightly.loss.ntx_ent_loss"].NTXentLoss
-    finally:
-        for name in [n for n in sys.modules if n == "lightly" or n.startswith("lightly.")]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+        return peer_losses.lightly_ntxent_class()
+    except ModuleNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (CI installs lightly==1.6.0 --no-deps)")
+        pytest.skip(str(exc))
 
 
 def _step(module, out0, out1, dtype=None):

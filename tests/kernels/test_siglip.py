@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from benchmarks import peer_losses
 from mimac_kernels import BackendUnavailable, SigLipLoss, siglip, sigmoid_contrastive_loss
 from mimac_kernels.demo import peak_rss_mb
 from tests.kernels.accuracy import HALF_DTYPES, error_bound, max_abs_err, weight_eps
@@ -324,19 +325,15 @@ def test_group_without_init_is_refused():
 
 
 def open_clip_loss_module() -> ModuleType:
-    """open_clip's ``loss.py`` on its own: it imports only torch, while the package's
-    ``__init__`` pulls in torchvision and timm. Missing under CI is a failure: CI installs
-    open_clip (``.ci/run``) so that this comparison runs there."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
+    """open_clip's ``loss.py`` on its own (``benchmarks.peer_losses``: the package's
+    ``__init__`` pulls in torchvision and timm). Missing under CI is a failure: CI
+    installs open_clip (``.ci/run``) so that this comparison runs there."""
+    try:
+        return peer_losses.open_clip_loss_module()
+    except ModuleNotFoundError as exc:
         if os.environ.get("CI"):
-            pytest.fail("open_clip is not installed (CI installs open_clip_torch --no-deps)")
-        pytest.skip("open_clip is not installed (pip install --no-deps open_clip_torch)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-    loader = importlib.util.spec_from_file_location("open_clip_loss_only", path)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module
+            pytest.fail(f"{exc} (CI installs open_clip_torch --no-deps)")
+        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

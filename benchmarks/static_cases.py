@@ -31,6 +31,7 @@ class StaticCase:
     dtype: str = "bf16"
     cols: int = 0  # rect: gathered columns
     offset: int | None = 0  # rect: where this rank's own columns start; None: no mask
+    columns_grad: bool = True  # rect: False where the columns are a detached queue
 
     @property
     def n(self) -> int:
@@ -51,9 +52,10 @@ CASES = (
     StaticCase("SupCon M=65,536 D=128 (rows = columns, self-masked)", "rect", 65536, 128,
                0.1, cols=65536, offset=0),
     # Queue negatives (fused_contrastive_loss(q, k, queue=)): the queries against the
-    # bank, nothing masked; the backends also form the bank's gradient (then dropped).
+    # bank, nothing masked; the bank is detached: Triton skips its gradient's launch (the
+    # compiled CUDA kernels still form it, then it is dropped).
     StaticCase("Queue 65,536 queries x K=65,536 D=128 (nothing masked)", "rect", 65536, 128,
-               0.1, cols=65536, offset=None),
+               0.1, cols=65536, offset=None, columns_grad=False),
 )
 
 

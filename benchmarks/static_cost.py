@@ -246,7 +246,8 @@ def estimate_case(case: StaticCase, rates: Rates = H100, cache: dict | None = No
     """Forward + backward estimate of ``case``: per launch and in total, with the floor."""
     cache = {} if cache is None else cache
     plan = launch_plan(case.pairing, case.n, case.d, case.dtype, sms=rates.sms,
-                       cols=case.cols or None, offset=case.offset)  # fmt: skip
+                       cols=case.cols or None, offset=case.offset,
+                       columns_grad=case.columns_grad)  # fmt: skip
     fin_cfg = next(lc.cfg for lc in plan if lc.kind == "finalize")
     frac = resweep_fraction(case, fin_cfg.block_m)
     sides = iter(["rows", "cols"])

@@ -228,8 +228,9 @@ def test_headline_cuda_estimate_runs(compiled: cuda_cost.Compiled, tmp_path: Pat
     assert nt["estimate_ms"] / 8 < rank["estimate_ms"] < nt["estimate_ms"] / 2
     assert all(r["estimate_ms"] > r["floor_ms"] > 0 for r in results)
     assert clip["estimate_ms"] == pytest.approx(2 * nt["estimate_ms"])  # same rows of S
-    # unit rows: every statistic in the one-exponential window, at tau 0.1 and 0.01
-    assert [r["one_exp"] for r in results] == [True, True, True, True, False]
+    # unit rows: every statistic in the one-exponential window, at tau 0.1 and 0.01; the
+    # rectangular passes weight one side only and keep two exponentials
+    assert [r["one_exp"] for r in results] == [True, True, True, True, False, False, False]
     assert clip_cold["estimate_ms"] == clip["estimate_ms"]
     assert wide["estimate_ms"] > nt["estimate_ms"]
     # SupCon's rows = columns shares no symmetry (dX and dY each recompute S): above

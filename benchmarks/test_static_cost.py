@@ -181,6 +181,9 @@ out["plan_rect"] = [[lc.kind, list(lc.grid), lc.rows, lc.cols, lc.cfg.block_m, l
 out["rect_cases"] = [[c.rows, c.cols, c.d, c.dtype] for c in static_cost.CASES
                      if c.pairing == "rect"]
 out["not_modelled"] = static_cost.NOT_MODELLED
+out["rect_kinds"] = [[lc.kind for lc in launch_plan("rect", 64, 32, cols=128, offset=None,
+                                                      columns_grad=grad)] for grad in (True, False)]
+out["queue_columns_grad"] = [c.columns_grad for c in static_cost.CASES if c.pairing == "rect"]
 prof = static_cost.profile(rect[0])
 out["rect_fwd"] = {"per_tile": prof.per_tile, "unroll": prof.unroll,
                    "cfg": [rect[0].cfg.block_m, rect[0].cfg.block_n, rect[0].cfg.num_warps]}
@@ -344,6 +347,9 @@ def test_the_multi_rank_case_is_modelled(compiled: dict) -> None:
     assert compiled["rect_cases"] == [[8192, 65536, 128, "bf16"], [65536, 65536, 128, "bf16"],
                                       [65536, 65536, 128, "bf16"]]  # fmt: skip
     assert compiled["not_modelled"] == {}
+    # The queue is detached: its plan has no dY launch; the other rect cases keep theirs.
+    assert compiled["queue_columns_grad"] == [True, True, False]
+    assert compiled["rect_kinds"] == [["fwd", "finalize", "bwd", "bwd"], ["fwd", "finalize", "bwd"]]
 
 
 def test_siglip_estimate_beats_the_peer_and_covers_every_element() -> None:

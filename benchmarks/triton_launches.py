@@ -68,7 +68,7 @@ PAIRINGS = ("all", "cross", "rect")
 
 def launch_plan(
     pairing: str, n: int, d: int, dtype: str = "bf16", log_dot: bool = False, *, sms: int = 132,
-    cols: int | None = None, offset: int | None = 0,
+    cols: int | None = None, offset: int | None = 0, columns_grad: bool = True,
 ) -> list[Launch]:
     """The launches of one forward + backward, in order, for ``H = 1`` head.
 
@@ -76,7 +76,7 @@ def launch_plan(
     (CLIP; ``n`` x ``n``) or ``rect`` (one rank of the losses across ranks: ``n``
     local rows against ``cols`` gathered columns, row ``i`` skipping column
     ``i + offset``, ``None``: none; the Triton backend's ``rect_forward`` and
-    ``rect_backward``). ``sms``: streaming multiprocessors of the device (the column
+    ``rect_backward``; ``columns_grad=False``: a detached queue, no dY launch). ``sms``: streaming multiprocessors of the device (the column
     split aims at ``configs.PROGRAMS_PER_SM`` programs per SM).
     """
     if pairing not in PAIRINGS:
@@ -88,7 +88,7 @@ def launch_plan(
     if pairing == "rect":
         if cols is None or cols < 1:
             raise ValueError(f"rect needs cols >= 1 gathered columns, got cols={cols}")
-        return _rect_plan(n, cols, d, dtype, log_dot, sms, offset)
+        return _rect_plan(n, cols, d, dtype, log_dot, sms, offset, columns_grad)
     size = ELEMENT[dtype]
     target = configs.PROGRAMS_PER_SM * sms
     all_pairs = pairing == "all"
@@ -139,9 +139,10 @@ def _bwd_launch(rows: int, cols: int, d: int, dtype: str, log_dot: bool, target:
 
 
 def _rect_plan(r: int, c: int, d: int, dtype: str, log_dot: bool, sms: int,
-               offset: int | None) -> list[Launch]:  # fmt: skip
+               offset: int | None, columns_grad: bool = True) -> list[Launch]:  # fmt: skip
     """``triton.backend.rect_forward`` + ``rect_backward``: exp sums (rows only, every
-    tile), finalize, then dX (x against y) and dY (y against x, the offset negated)."""
+    tile), finalize, then dX (x against y) and, with ``columns_grad``, dY (y against x,
+    the offset negated)."""
     size = ELEMENT[dtype]
     target = configs.PROGRAMS_PER_SM * sms
     skip, off = offset is not None, offset or 0
@@ -160,7 +161,8 @@ def _rect_plan(r: int, c: int, d: int, dtype: str, log_dot: bool, sms: int,
     plan.append(Launch("finalize", K.lse_finalize_kernel, cfg, (_cdiv(r, cfg.block_m), 1, 1),
                        args, r, c, d, _cdiv(c, cfg.block_n), False))  # fmt: skip
     plan.append(_bwd_launch(r, c, d, dtype, log_dot, target, skip, off))
-    plan.append(_bwd_launch(c, r, d, dtype, log_dot, target, skip, -off))
+    if columns_grad:
+        plan.append(_bwd_launch(c, r, d, dtype, log_dot, target, skip, -off))
     return plan
 
 

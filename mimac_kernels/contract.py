@@ -146,7 +146,9 @@ class RectProblem:
     (its self-pair, where that column exists); ``None``: every column counts.
 
     The losses across ranks: this rank's rows against every rank's gathered columns,
-    its own columns starting at ``offset``.
+    its own columns starting at ``offset``. ``columns_grad=False``: the caller drops the
+    columns' gradient (a detached queue), so ``rect_backward`` may skip its product and
+    return zeros for it (torch and triton do; the compiled kernels form it anyway).
     """
 
     x: Tensor
@@ -155,6 +157,7 @@ class RectProblem:
     critic: str
     eps: float
     offset: int | None = None
+    columns_grad: bool = True
 
     def __post_init__(self) -> None:
         x, y = self.x, self.y

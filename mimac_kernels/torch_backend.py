@@ -183,5 +183,6 @@ def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) 
         g_it = g_it + (w * (s - center[:, i0:i1, None])).sum()
         wd = _dscore(w, dots, it, eps)
         gx[:, i0:i1] = wd @ y
-        gy += wd.transpose(-1, -2) @ x[:, i0:i1]
+        if problem.columns_grad:
+            gy += wd.transpose(-1, -2) @ x[:, i0:i1]
     return RectGrads(gx, gy, g_it)

@@ -394,7 +394,8 @@ def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) 
     Two launches of ``bwd_rows_kernel``: x's rows against y with the row statistics
     (the columns carry none: lse = +inf, g = 0, so their term is exactly 0), then y's
     rows against x with the statistics on the column side and none on the rows (whose
-    temperature partials are then 0), the mask's offset negated.
+    temperature partials are then 0), the mask's offset negated; the second only where
+    ``problem.columns_grad`` (a detached queue's gradient is zeros, not computed).
     """
     inv_tau = _require(problem)
     lse, g, center = (t.to(torch.float32).contiguous() for t in (lse, g, center))
@@ -413,6 +414,9 @@ def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) 
             problem, inv_tau, (x, y), (lse, g, center), (none_lse, none_g, none_g), gscale,
             one, off,
         )  # fmt: skip
+        if not problem.columns_grad:  # a detached queue: its product would be dropped
+            return RectGrads(dx, torch.zeros(y.shape, dtype=torch.float32, device=y.device),
+                             parts.sum())  # fmt: skip
         dy, _ = _bwd_rows(
             problem, inv_tau, (y, x), (none_lse, none_g, none_g), (lse, g, one.v_row), gscale,
             one, -off,

@@ -105,3 +105,20 @@ def test_rect_nan_propagates(runner, critic):
     assert torch.equal(torch.isnan(got), torch.isnan(ref)), (got, ref)
     grads = runner.impl.rect_backward(problem, ref.float(), g, center)
     assert torch.isnan(grads.x).any() and torch.isnan(grads.y).any()
+
+
+@pytest.mark.parametrize("offset", [None, 3])
+def test_rect_backward_without_the_columns_gradient(runner, offset):
+    """``columns_grad=False`` (a detached queue) leaves the row gradient and the
+    temperature sum exactly as they are with it; the columns' gradient is zeros where the
+    backend skips its product (torch, triton), else the full one (the compiled kernels)."""
+    problem, g, center = _case((2, 7, 19, 5, offset), "dot", torch.float32, runner.device)
+    lse = runner.impl.rect_forward(problem)
+    full = runner.impl.rect_backward(problem, lse, g, center)
+    fields = {k: getattr(problem, k) for k in ("x", "y", "inv_tau", "critic", "eps", "offset")}
+    rows_only = runner.impl.rect_backward(RectProblem(**fields, columns_grad=False), lse, g,
+                                          center)  # fmt: skip
+    assert torch.equal(rows_only.x, full.x) and torch.equal(rows_only.inv_tau, full.inv_tau)
+    assert rows_only.y.shape == full.y.shape and bool(full.y.abs().sum() > 0)
+    skips = runner.name in ("torch", "triton")
+    assert torch.equal(rows_only.y, torch.zeros_like(full.y) if skips else full.y)

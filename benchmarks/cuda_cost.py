@@ -271,7 +271,8 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
         launches.append(estimate_launch(lc, prof, rates))
     total = sum(e["seconds"] for e in launches)
     top = max(launches, key=lambda e: e["seconds"])
-    fl = floor(case.pairing, case.rows, case.d, rates, cols=case.cols)
+    fl = floor(case.pairing, case.rows, case.d, rates, cols=case.cols,
+               columns_grad=case.columns_grad)
     return {
         "case": asdict(case), "backend": "cuda", "estimate_ms": total * 1e3,
         "floor_ms": fl["seconds"] * 1e3, "floor": fl, "share_of_floor": fl["seconds"] / total,

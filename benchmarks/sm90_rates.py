@@ -133,19 +133,21 @@ def makespan(program_seconds: list[float], slots: int, slowdown: float) -> float
     return max(heap)
 
 
-def floor(pairing: str, rows: int, d: int, rates: Rates = H100, *, cols: int = 0) -> dict:
+def floor(pairing: str, rows: int, d: int, rates: Rates = H100, *, cols: int = 0,
+          columns_grad: bool = True) -> dict:
     """Physical floor of forward + backward (design/performance.md), matrix and exp units
     overlapped: NT-Xent (``all``, M = ``rows``) 4 M^2 D FLOP and M^2 exp; CLIP
     (``cross``, N = ``rows``) 8 N^2 D FLOP and 4 N^2 exp; one rank's rows against the
     gathered columns (``rect``, R = ``rows``, C = ``cols``; no symmetry to share, the
-    scores recomputed in the backward) 8 R C D FLOP (scores twice, dX, dY) and 2 R C exp."""
+    scores recomputed in the backward) 8 R C D FLOP (scores twice, dX, dY) and 2 R C exp;
+    without the columns' gradient (``columns_grad=False``: a detached queue) 6 R C D."""
     if pairing not in ("all", "cross", "rect"):
         raise ValueError(f"pairing must be 'all', 'cross' or 'rect', got {pairing!r}")
     m = float(rows)
     if pairing == "rect":
         if cols < 1:
             raise ValueError(f"rect needs cols >= 1, got {cols}")
-        flops, exps = 8.0 * m * cols * d, 2.0 * m * cols
+        flops, exps = (8.0 if columns_grad else 6.0) * m * cols * d, 2.0 * m * cols
     elif pairing == "all":
         flops, exps = 4.0 * m * m * d, m * m
     else:

@@ -189,7 +189,8 @@ NOT_MODELLED: dict[str, str] = {}
 
 def floor(case: StaticCase, rates: Rates = H100) -> dict:
     """Physical floor of ``case``'s forward + backward (``sm90_rates.floor``)."""
-    return sm90_rates.floor(case.pairing, case.rows, case.d, rates, cols=case.cols)
+    return sm90_rates.floor(case.pairing, case.rows, case.d, rates, cols=case.cols,
+                            columns_grad=case.columns_grad)
 
 
 def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks import peer_losses
 from mimac_kernels import NTXentLoss, fused_contrastive_loss, memory_bank
 from tests.kernels.accuracy import HALF_DTYPES, TAU, error_bound, make_views, max_abs_err
+from tests.peers import lightly_ntxent_class
 from tests.ranks import run_ranks
 
 NAMES = ["loss", "grad_q", "grad_k", "grad_tau"]
@@ -153,18 +153,6 @@ def test_queue_op_passes_opcheck():
 
 
 # --- the drop-in against lightly ---------------------------------------------------------
-
-
-def lightly_ntxent_class() -> type:
-    """lightly's ``NTXentLoss`` from its own source files, without the package's
-    torchvision imports (``benchmarks.peer_losses``). Skips where lightly is not
-    installed; fails under CI, which installs it."""
-    try:
-        return peer_losses.lightly_ntxent_class()
-    except ModuleNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc} (CI installs lightly==1.6.0 --no-deps)")
-        pytest.skip(str(exc))
 
 
 def _step(module, out0, out1, dtype=None):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mimac_kernels import ClipLoss, NTXentLoss, ProbabilityContrastLoss, reference_contrastive_loss
 from tests.kernels.accuracy import assert_within_bound
+from tests.peers import lightly_ntxent_class, open_clip_loss_module
 
 
 def _lightly_ntxent(out0, out1, temperature):
@@ -47,6 +48,25 @@ def test_ntxent_matches_lightly():
     out0 = torch.randn(37, 19, generator=g)
     out1 = torch.randn(37, 19, generator=g)
     _assert_matches(NTXentLoss(temperature=0.5), lambda x, y: _lightly_ntxent(x, y, 0.5), out0, out1)
+
+
+def test_ntxent_matches_lightly_itself():
+    """Against lightly's own ``NTXentLoss`` (its source files, no memory bank): float64
+    the reference, float32 the plain error."""
+    peer = lightly_ntxent_class()(temperature=0.5)
+    g = torch.Generator().manual_seed(2)
+    out0, out1 = torch.randn(33, 17, generator=g), torch.randn(33, 17, generator=g)
+    _assert_matches(NTXentLoss(temperature=0.5), peer, out0, out1)
+
+
+def test_clip_loss_matches_open_clip_itself():
+    """Against open_clip's own ``ClipLoss`` (its ``loss.py``), learnable log scale."""
+    peer = open_clip_loss_module().ClipLoss()
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(27, 16, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(27, 16, generator=g), dim=-1)
+    _assert_matches(lambda x, y, s: ClipLoss()(x, y, s.exp()), lambda x, y, s: peer(x, y, s.exp()),
+                    img, txt, torch.tensor(2.3))  # fmt: skip
 
 
 def test_clip_loss_matches_open_clip_with_learnable_scale():

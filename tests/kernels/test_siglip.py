@@ -6,17 +6,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from benchmarks import peer_losses
 from mimac_kernels import BackendUnavailable, SigLipLoss, siglip, sigmoid_contrastive_loss
 from mimac_kernels.demo import peak_rss_mb
 from tests.kernels.accuracy import HALF_DTYPES, error_bound, max_abs_err, weight_eps
+from tests.peers import open_clip_loss_module
 from tests.ranks import run_ranks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -322,18 +321,6 @@ def test_group_without_init_is_refused():
 
 
 # --- the peer: open_clip's SigLipLoss ---------------------------------------------------
-
-
-def open_clip_loss_module() -> ModuleType:
-    """open_clip's ``loss.py`` on its own (``benchmarks.peer_losses``: the package's
-    ``__init__`` pulls in torchvision and timm). Missing under CI is a failure: CI
-    installs open_clip (``.ci/run``) so that this comparison runs there."""
-    try:
-        return peer_losses.open_clip_loss_module()
-    except ModuleNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc} (CI installs open_clip_torch --no-deps)")
-        pytest.skip(str(exc))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

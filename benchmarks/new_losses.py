@@ -20,8 +20,9 @@ views``, i.e. M / 2 classes of 2 rows at ``views=2``; ``queue``: M queries and M
 against K bank rows; ``siglip``: M images and M texts). D = 128, float32.
 
 Ours runs on the first backend of the device's list (CPU: ``cpu``, then ``torch``)
-that runs the loss: on a CPU that is ``cpu`` for every loss but ``ntxent-labels``
-(``torch``). The provider's name says which (``mimac-cpu``, ``mimac-torch``).
+that runs the loss, SigLIP on the one ``auto`` picks: on a CPU that is ``cpu`` for
+SupCon and the queue, ``torch`` for ``ntxent-labels`` and SigLIP. The provider's name
+says which (``mimac-cpu``, ``mimac-torch``).
 
 This module is also a memory-child suite (``benchmarks.memory``): it defines
 ``case_from_dict``, ``make_inputs``, ``tiny`` and ``providers``.
@@ -194,7 +195,12 @@ def runs_loss(backend: str, case: LossCase, device: torch.device) -> str | None:
 
 
 def our_backend(case: LossCase, device: torch.device) -> str:
-    """The first backend of ``OUR_ORDER`` that runs ``case`` on ``device``."""
+    """The first backend of ``OUR_ORDER`` that runs ``case`` on ``device``; for SigLIP the
+    one ``backend="auto"`` picks (on a CPU its torch backend's BLAS blocks, faster there
+    than its C++ loops)."""
+    if case.loss == "siglip":
+        return siglip.resolve("auto", torch.empty(1, 1, case.d, dtype=case.torch_dtype,
+                                                  device=device))  # fmt: skip
     order = OUR_ORDER.get(device.type, ("torch",))
     return next((b for b in order if runs_loss(b, case, device) is None), "torch")
 

@@ -70,5 +70,7 @@ def rect_backward(
     """Gradients ``(H, R, D)``, ``(H, C, D)`` float32 and the centred temperature sum
     (0-dim) of a ``RectProblem`` on the ``kind`` extension."""
     f32 = [t.float().contiguous() for t in (lse, g, center)]
-    gx, gy, gt = extension.load(kind).rect_backward(*_rect_head(problem), *f32)
+    ops = extension.load(kind)
+    # columns_grad=False: the CPU op skips the dY product (zeros); the CUDA kernels form it.
+    gx, gy, gt = ops.rect_backward(*_rect_head(problem), *f32, columns_grad=problem.columns_grad)
     return RectGrads(gx, gy, gt)

@@ -78,9 +78,9 @@ def _fakes(backend: str) -> dict[str, object]:
         _check_3d(backend, x=x, y=y)
         return _f32(x, x.shape[0], x.shape[1])
 
-    def rect_backward(x, y, inv_tau, critic, offset, eps, *stats):
-        # stats: lse, g, center
-        _one_device(backend, x=x, y=y, inv_tau=inv_tau, **dict(zip(("lse", "g", "center"), stats)))
+    def rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center, columns_grad=True):
+        # columns_grad=False: the CPU op returns zeros for y (no dY product); CUDA's forms it.
+        _one_device(backend, x=x, y=y, inv_tau=inv_tau, lse=lse, g=g, center=center)
         _check_3d(backend, x=x, y=y)
         return _f32(x, *x.shape), _f32(x, *y.shape), _f32(x)
 

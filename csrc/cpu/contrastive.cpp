@@ -484,7 +484,8 @@ at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tens
 
 Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau,
                      int64_t critic, std::optional<int64_t> offset, double eps,
-                     const at::Tensor& lse, const at::Tensor& g, const at::Tensor& center) {
+                     const at::Tensor& lse, const at::Tensor& g, const at::Tensor& center,
+                     bool columns_grad) {
   check_rect(x, y, inv_tau, critic);
   const int64_t h = x.size(0), r = x.size(1), c = y.size(1), d = x.size(2);
   for (const auto* v : {&lse, &g, &center})
@@ -497,7 +498,9 @@ Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   const int64_t rx = xo.nb * kBlock, ry = yo.nb * kBlock, dp = xo.rows.size(2);
   // Padded rows get lse 0 and gradient 0: their weights vanish.
   const auto lx = pad_vec(lse, rx), gx = pad_vec(g, rx), cx = pad_vec(center, rx);
-  auto gxo = at::zeros({h, rx, dp}, at::kFloat), gyo = at::zeros({h, ry, dp}, at::kFloat);
+  // Without the columns' gradient (a detached queue) no dY product runs: zeros come back.
+  auto gxo = at::zeros({h, rx, dp}, at::kFloat);
+  auto gyo = at::zeros({h, columns_grad ? ry : c, columns_grad ? dp : d}, at::kFloat);
   const float *plx = lx.data_ptr<float>(), *pgx = gx.data_ptr<float>(), *pcx = cx.data_ptr<float>();
   float *pdx = gxo.data_ptr<float>(), *pdy = gyo.data_ptr<float>();
   const Kernels k = active_kernels();
@@ -511,12 +514,12 @@ Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
       ta.gx = pgx + t.h * rx + t.bx * kBlock;
       ta.cx = pcx + t.h * rx + t.bx * kBlock;
       ta.dx = pdx + (t.h * rx + t.bx * kBlock) * dp;
-      ta.dy = pdy + (t.h * ry + t.by * kBlock) * dp;
+      ta.dy = columns_grad ? pdy + (t.h * ry + t.by * kBlock) * dp : nullptr;
       return k.bwd(ta, sc);
     });
   }
   gxo.mul_(it);
-  gyo.mul_(it);
+  if (columns_grad) gyo.mul_(it);
   auto g_tau = at::scalar_tensor(static_cast<float>(tau), at::kFloat);
   return {gxo.narrow(2, 0, d).narrow(1, 0, r).contiguous(),
           gyo.narrow(2, 0, d).narrow(1, 0, c).contiguous(), g_tau};
@@ -537,7 +540,8 @@ TORCH_LIBRARY(mimac_cpu, m) {
   m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps) "
         "-> Tensor");
   m.def("rect_backward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
-        "Tensor lse, Tensor g, Tensor center) -> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
+        "Tensor lse, Tensor g, Tensor center, bool columns_grad=True) "
+        "-> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
   m.def("isa() -> str", &mimac_cpu::get_isa);
   m.def("set_isa(str name) -> ()", &mimac_cpu::set_isa);
   m.def("available_isas() -> str[]", &mimac_cpu::available_isas);

@@ -358,6 +358,6 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
     for (int k0 = 0; k0 < kend; k0 += VL) st(T + i * kBlock + k0, vf{});
 
   tile_gemm_nn(T, kBlock, 1, a.y, a.dx, nx, ny, a.dp);  // dX += V Y
-  tile_gemm_nn(T, 1, kBlock, a.x, a.dy, ny, nx, a.dp);  // dY += V^T X
+  if (a.dy) tile_gemm_nn(T, 1, kBlock, a.x, a.dy, ny, nx, a.dp);  // dY += V^T X (null: not asked)
   return (double)hsum(tau);
 }

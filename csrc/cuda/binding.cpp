@@ -160,7 +160,9 @@ at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at
 
 Grads3 rect_backward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
                      int64_t critic, std::optional<int64_t> offset, double eps, const at::Tensor& lse,
-                     const at::Tensor& g, const at::Tensor& center) {
+                     const at::Tensor& g, const at::Tensor& center, bool columns_grad) {
+  // columns_grad (the schema shared with the CPU op): the kernels form dY either way.
+  (void)columns_grad;
   MIMAC_ONE_CALL_AT_A_TIME;
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -208,7 +210,8 @@ MIMAC_TORCH_LIBRARY(MIMAC_CUDA_OPS, m) {
   m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps) "
         "-> Tensor");
   m.def("rect_backward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
-        "Tensor lse, Tensor g, Tensor center) -> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
+        "Tensor lse, Tensor g, Tensor center, bool columns_grad=True) "
+        "-> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
 }
 
 TORCH_LIBRARY_IMPL(MIMAC_CUDA_OPS, MIMAC_CUDA_KEY, m) {

@@ -259,7 +259,7 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
     """Forward + backward estimate of a ``static_cost.StaticCase`` on the CUDA backend
     (dot critic, one head): per launch and in total, with the floor."""
     plan = launch_plan(case.pairing, case.n, case.d, compiled.consts, case.dtype,
-                       cols=case.cols)  # fmt: skip
+                       cols=case.cols, columns_grad=case.columns_grad)  # fmt: skip
     # The backward's one-exponential form where the case's data keep every sampled tile
     # in its window (else the two-exponential pass throughout).
     share = one_exp_share(case, compiled.consts)

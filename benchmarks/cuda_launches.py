@@ -97,13 +97,15 @@ def smem(kind: str, d: int, dtype: str, consts: dict) -> int:
 
 
 def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
-                critic: str = "dot", heads: int = 1, cols: int = 0) -> list[CudaLaunch]:  # fmt: skip
+                critic: str = "dot", heads: int = 1, cols: int = 0,
+                columns_grad: bool = True) -> list[CudaLaunch]:  # fmt: skip
     """The launches of one forward + backward, in order.
 
     ``pairing``: ``all`` (NT-Xent: rows and columns are ``Z = [a; b]``, ``2n`` of them,
     one pass each way), ``cross`` (CLIP: ``n`` x ``n``; the forward runs rows a,
     then rows b for the column log-sum-exp, and the backward dA then dB) or ``rect``
-    (``mimac_rect_forward`` / ``mimac_rect_backward``: ``n`` rows x against ``cols``
+    (``mimac_rect_forward`` / ``mimac_rect_backward``, without the dY pass where not
+    ``columns_grad``: ``n`` rows x against ``cols``
     columns y; one forward, then dX and dY, y's rows against x).
     ``consts``: ``cuda_compile.kernel_constants()``.
     """
@@ -122,7 +124,8 @@ def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
     m = 2 * n if all_pairs else n
     kernel_critic = CRITICS["log_dot"] if critic == "log_dot" else CRITICS["dot"]
     if pairing == "rect":
-        return _rect_plan(n, cols, d, consts, dtype, kernel_critic, heads)
+        plan = _rect_plan(n, cols, d, consts, dtype, kernel_critic, heads)
+        return plan if columns_grad else plan[:2]  # no dY pass for a detached queue
     rows = _cdiv(m, consts["BM"])
     common = {"dtype": dtype, "critic": kernel_critic, "rows": m, "cols": m, "d": d,
               "all_pairs": all_pairs, "consts": consts,

@@ -52,8 +52,7 @@ CASES = (
     StaticCase("SupCon M=65,536 D=128 (rows = columns, self-masked)", "rect", 65536, 128,
                0.1, cols=65536, offset=0),
     # Queue negatives (fused_contrastive_loss(q, k, queue=)): the queries against the
-    # bank, nothing masked; the bank is detached: Triton skips its gradient's launch (the
-    # compiled CUDA kernels still form it, then it is dropped).
+    # bank, nothing masked; the bank is detached: no launch forms its gradient.
     StaticCase("Queue 65,536 queries x K=65,536 D=128 (nothing masked)", "rect", 65536, 128,
                0.1, cols=65536, offset=None, columns_grad=False),
 )

@@ -148,7 +148,7 @@ class RectProblem:
     The losses across ranks: this rank's rows against every rank's gathered columns,
     its own columns starting at ``offset``. ``columns_grad=False``: the caller drops the
     columns' gradient (a detached queue), so ``rect_backward`` may skip its product and
-    return zeros for it (torch, triton and cpu do; the cuda kernels form it anyway).
+    return zeros for it (every backend does).
     """
 
     x: Tensor

@@ -71,6 +71,6 @@ def rect_backward(
     (0-dim) of a ``RectProblem`` on the ``kind`` extension."""
     f32 = [t.float().contiguous() for t in (lse, g, center)]
     ops = extension.load(kind)
-    # columns_grad=False: the CPU op skips the dY product (zeros); the CUDA kernels form it.
+    # columns_grad=False: no dY product (zeros come back), on both kernels.
     gx, gy, gt = ops.rect_backward(*_rect_head(problem), *f32, columns_grad=problem.columns_grad)
     return RectGrads(gx, gy, gt)

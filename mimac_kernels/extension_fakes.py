@@ -79,7 +79,7 @@ def _fakes(backend: str) -> dict[str, object]:
         return _f32(x, x.shape[0], x.shape[1])
 
     def rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center, columns_grad=True):
-        # columns_grad=False: the CPU op returns zeros for y (no dY product); CUDA's forms it.
+        # columns_grad=False: zeros for y (no dY product).
         _one_device(backend, x=x, y=y, inv_tau=inv_tau, lse=lse, g=g, center=center)
         _check_3d(backend, x=x, y=y)
         return _f32(x, *x.shape), _f32(x, *y.shape), _f32(x)

@@ -128,8 +128,8 @@ def bank_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Gradient of ``sum(g * lse)`` w.r.t. x and the centred temperature sum
     ``sum_ik W_ik (s_ik - center_i)``, ``W_ik = g_i exp(S_ik - lse_i)`` (``contract``).
-    The bank is detached: its gradient is not asked for (``columns_grad=False``: torch,
-    triton and cpu skip that product; the cuda kernels form it and it is dropped).
+    The bank is detached: its gradient is not asked for (``columns_grad=False``: every
+    backend skips that product).
     """
     problem = RectProblem(x, bank, inv_tau, critic, eps, None, columns_grad=False)
     grads = dispatch.get_backend(dispatch.resolve(backend, problem)).rect_backward(

@@ -161,8 +161,6 @@ at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at
 Grads3 rect_backward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
                      int64_t critic, std::optional<int64_t> offset, double eps, const at::Tensor& lse,
                      const at::Tensor& g, const at::Tensor& center, bool columns_grad) {
-  // columns_grad (the schema shared with the CPU op): the kernels form dY either way.
-  (void)columns_grad;
   MIMAC_ONE_CALL_AT_A_TIME;
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -174,13 +172,16 @@ Grads3 rect_backward(const at::Tensor& x_in, const at::Tensor& y_in, const at::T
               "lse/g/center must be (H, ", r, ")");
   const auto opts = x.options().dtype(at::kFloat);
   auto gx = at::empty({h, r, d}, opts);  // every element is written by the kernels
-  auto gy = at::empty({h, c, d}, opts);
+  // Without the columns' gradient (a detached queue) its pass is not launched: zeros.
+  auto gy = columns_grad ? at::empty({h, c, d}, opts) : at::zeros({h, c, d}, opts);
   auto gt = at::zeros({}, opts);  // accumulated with atomicAdd
   check_launch(mimac_rect_backward(dtype_id(x.scalar_type()), x.data_ptr(), y.data_ptr(),
                                    it.data_ptr<float>(), h, r, c, d, static_cast<int>(critic),
                                    offset ? 1 : 0, offset.value_or(0), static_cast<float>(eps),
                                    l.data_ptr<float>(), gg.data_ptr<float>(), cc.data_ptr<float>(),
-                                   gx.data_ptr<float>(), gy.data_ptr<float>(), gt.data_ptr<float>(),
+                                   gx.data_ptr<float>(),
+                                   columns_grad ? gy.data_ptr<float>() : nullptr,
+                                   gt.data_ptr<float>(),
                                    c10::cuda::getCurrentCUDAStream()),
                "rect backward");
   return {gx, gy, gt};

@@ -1152,7 +1152,7 @@ extern "C" cudaError_t mimac_rect_backward(int dtype, const void* x, const void*
     p.out_hs = r * d;
     p.tau_mode = 1;
     cudaError_t e = backward_pass<T>(p, critic, heads, stream);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess || grad_y == nullptr) return e;  // null: the columns' not asked for
     // rows y (S transposed): the same u, seen from the column side
     Pass q = swapped(p);
     q.lx = q.gx = q.cx = nullptr;

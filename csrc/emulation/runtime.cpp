@@ -80,6 +80,7 @@ std::string g_last_message;
 std::map<const void*, int> g_max_smem;
 unsigned char* g_smem = nullptr;
 size_t g_smem_capacity = 0;
+size_t g_launch_smem = 0;  // the running launch's dynamic shared memory
 Schedule g_schedule = kInOrder;
 uint64_t g_rng = 0;
 
@@ -358,6 +359,95 @@ int64_t tally_count(const char* name) {
 }
 void clear_tallies() { g_tallies.clear(); }
 
+namespace {
+// Warp collectives of mma.sync and ldmatrix publish their operands through the lane
+// slots: slot.a a pointer, slot.b the kind of call (every lane of the warp must agree).
+constexpr uint64_t kLdmatrix = 0x4c444d00u, kLdmatrixTrans = 0x4c444d01u, kMma = 0x4d4d4100u;
+
+void publish(const void* mine, uint64_t kind, const char* what) {
+  const int lane = current().lane;
+  auto* slot = static_cast<Slot*>(warp_slot(lane));
+  slot->a = reinterpret_cast<uintptr_t>(mine);
+  slot->b = kind;
+  sync_warp();
+  for (int l = 0; l < kWarp; ++l) {
+    if (static_cast<const Slot*>(warp_slot(l))->b != kind)
+      fail((std::string(what) + ": lane " + std::to_string(l) +
+            " is not at the same instruction (the warp diverged)").c_str());
+  }
+}
+
+// After the call's last warp barrier: this lane's slot no longer claims the call, so
+// that a lane at another collective next time is seen as diverged.
+void retire() { static_cast<Slot*>(warp_slot(current().lane))->b = 0; }
+
+const void* published(int lane) {
+  return reinterpret_cast<const void*>(static_cast<const Slot*>(warp_slot(lane))->a);
+}
+}  // namespace
+
+void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
+  const char* what = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+  publish(row, trans ? kLdmatrixTrans : kLdmatrix, what);
+  for (int l = 0; l < kWarp; ++l) {
+    const auto* p = static_cast<const unsigned char*>(published(l));
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+      fail((std::string(what) + ": row address of lane " + std::to_string(l) + " not 16-byte aligned").c_str());
+    if (p < g_smem || p + 16 > g_smem + g_launch_smem)
+      fail((std::string(what) + ": row address of lane " + std::to_string(l) +
+            " outside the dynamic shared memory").c_str());
+  }
+  const int lane = current().lane, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t v[2];
+    for (int e = 0; e < 2; ++e) {
+      // element (row, col) of matrix i: row `row` from lane 8i + row, column col
+      const int row = trans ? 2 * t + e : g, col = trans ? g : 2 * t + e;
+      std::memcpy(&v[e], static_cast<const unsigned char*>(published(8 * i + row)) + 2 * col, 2);
+    }
+    r[i] = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
+  }
+  sync_warp();  // nobody republishes before every lane has read
+  retire();
+}
+
+namespace {
+struct MmaOperands {
+  const uint32_t* a;
+  const uint32_t* b;
+  const float* c;
+};
+
+float half_of(uint32_t reg, int half, bool bf16) {
+  const auto v = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu);
+  return bf16 ? bf16_to_float(v) : half_to_float(v);
+}
+}  // namespace
+
+void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], bool bf16) {
+  const MmaOperands mine{a, b, c};
+  publish(&mine, kMma + (bf16 ? 1 : 0), bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16");
+  const int lane = current().lane, g = lane / 4, t = lane % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + (e % 2);
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) {
+      // A(row, k): lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8)
+      const auto* pa = static_cast<const MmaOperands*>(published(4 * (row % 8) + (k % 8) / 2));
+      const float av = half_of(pa->a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2, bf16);
+      // B(k, col): lane 4 col + (k % 8) / 2, register (k >= 8)
+      const auto* pb = static_cast<const MmaOperands*>(published(4 * col + (k % 8) / 2));
+      const float bv = half_of(pb->b[k >= 8 ? 1 : 0], k % 2, bf16);
+      acc = fmaf(av, bv, acc);
+    }
+    out[e] = acc;
+  }
+  sync_warp();  // every lane has read every other's operands (d may alias c)
+  retire();
+  std::memcpy(d, out, sizeof(out));
+}
+
 void register_dynamic_smem(unsigned char* base, size_t size) {
   g_smem = base;
   g_smem_capacity = size;
@@ -417,6 +507,7 @@ cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 blo
     const unsigned bx = static_cast<unsigned>(b % grid.x);
     const unsigned by = static_cast<unsigned>(b / grid.x % grid.y);
     const unsigned bz = static_cast<unsigned>(b / grid.x / grid.y);
+    g_launch_smem = smem;
     std::memset(g_smem, kUninitialised, smem);
     std::memset(g_smem + smem, kCanary, kCanaryBytes);
     blk.block_barrier = Barrier{static_cast<int>(threads), 0, 0};

@@ -11,8 +11,9 @@ work). Its inner loops run as many times as the source says, found from the
 work each one does per iteration in the SASS (:func:`profile`): the score GEMM's
 D chunks and the gradient GEMM by their MACs, the staging copies by their global
 bytes, the per-element passes by their stores or exponentials. Generic ``LD``/``ST``
-(WMMA fragments loaded through a generic pointer) are charged as shared memory:
-every generic access of these kernels points at it. Programs do not share work
+(float32's WMMA fragments loaded through a generic pointer) are charged as shared
+memory: every generic access of these kernels points at it; ``LDSM`` (the 16-bit
+kernels' ldmatrix fragments) is counted as 512 shared bytes per x4, as for Triton. Programs do not share work
 (no triangle of S is skipped), and nothing depends on the data: no re-sweep.
 
     python -m benchmarks.cuda_cost --out DIR   # estimate-cuda-<nvcc>.json / .md
@@ -103,7 +104,7 @@ class _Trips:
       element.
 
     Every division must be exact (ValueError otherwise: the kernel changed shape).
-    The rules follow today's kernels (WMMA, element-wise staging); a redesign with
+    The rules follow today's kernels (mma.sync / WMMA, shared-memory staging); a redesign with
     wgmma or TMA copies re-points them with :func:`gemm_macs` and the launch plan.
     """
 

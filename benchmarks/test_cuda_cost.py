@@ -182,7 +182,8 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     score GEMM over D (and the gradient GEMM of one DO slice for the backward, in bf16
     twice: V as hi + lo); one exp2 per element in the forward (plus one rescale per
     thread) and two in the backward, one in its one-exponential form (plus the column
-    factor per tile, counted for every thread); the D chunk loop runs D / KC times."""
+    factor per tile, counted for every thread); the D chunk loop runs D / KC times; the
+    16-bit fragments come by ldmatrix."""
     c = compiled.consts
     elements = c["BM"] * c["BN"]
     fwd, bwd = launch_plan("all", 32768, d, c)
@@ -214,6 +215,17 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     staged = c["BN"] * (d + c["DO"]) * 2
     assert pb.per_tile["global_bytes"] * warps == staged + 3 * 4 * c["NT"]
     assert fwd.fast and bwd.fast
+    # 16-bit products take their fragments by ldmatrix (LDSM.x4: 512 bytes per warp; .trans
+    # for the row-major Y slab, so no MOVM transposes; no generic loads), on a 2 x 2 warp
+    # grid: per tile the score GEMM reads the BM x D rows of X once for each of the two
+    # column warps and the BN x D columns once for each of the two row warps; the
+    # backward's bf16 gradient product V (hi and lo) and the BN x DO Y slab alike.
+    ops_f, ops_b = pf.per_tile["opcodes"], pb.per_tile["opcodes"]
+    assert ops_f.get("MOVM", 0) == 0 and ops_b.get("MOVM", 0) == 0
+    assert pf.per_tile["generic_bytes"] == 0 and pb.per_tile["generic_bytes"] == 0
+    score = 2 * (c["BM"] * d * 2) + 2 * (c["BN"] * d * 2)
+    assert ops_f["LDSM"] * warps * 512 == score
+    assert ops_b["LDSM"] * warps * 512 == score + 2 * (2 * elements * 2) + 2 * (c["BN"] * c["DO"] * 2)
 
 
 @needs_nvcc

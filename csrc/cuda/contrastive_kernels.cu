@@ -2,8 +2,9 @@
 //
 // Design: one CTA (4 warps) owns BM = 64 rows and sweeps every column tile of
 // BN = 64, so per-row state stays on chip and nothing of size M x M exists.
-//   S tile  = X_I Y_K^T on tensor cores (WMMA): bf16/fp16 inputs m16n16k16;
-//             float32 inputs m16n16k8 TF32 with the 3xTF32 split
+//   S tile  = X_I Y_K^T on tensor cores: bf16/fp16 inputs by mma.sync m16n8k16 on
+//             ldmatrix fragments, a 2 x 2 grid of warps each owning 32 x 32 of the tile;
+//             float32 inputs WMMA m16n16k8 TF32 with the 3xTF32 split
 //             (a = a_hi + a_lo, a.b ~ a_hi.b_hi + a_hi.b_lo + a_lo.b_hi), whose
 //             error (~2^-22 relative per product) stays at float32 level; plain
 //             1xTF32 (2^-11) would be ~1000x worse than float32 PyTorch.
@@ -26,7 +27,9 @@
 //             log_dot) and accumulates dX_I += V Y_K in tensor-core fragments held
 //             in registers for a DO = 128 slice of D (grid.y walks the slices):
 //             bf16 on the fast path, V split as hi + lo (two bf16 products, ~16
-//             significant bits of V; Y exact in bf16); else TF32, V rounded to TF32
+//             significant bits of V; Y exact in bf16; mma.sync on ldmatrix fragments,
+//             .trans for the row-major Y slab, 2 x 2 warps of 32 rows x DO / 2);
+//             else TF32, V rounded to TF32
 //             (11 significant bits, the float exponent range: no fp16 underflow of
 //             tiny weights), Y from bf16/fp16 exact in TF32, float32 inputs 3xTF32.
 //             16-bit inputs with statistics on both sides take one exponential per
@@ -106,44 +109,94 @@ struct Pass {
 template <typename T>
 struct Mma;
 
-// A operand fragment loaded once per k-step and reused for every B fragment.
+// 16-bit inputs: ldmatrix fragments and mma.sync m16n8k16 (below); KS the k-step, LD the
+// staging stride (elements): 144-byte rows keep every ldmatrix row 16-byte aligned and
+// the 8 rows of one matrix on distinct bank groups.
 template <>
 struct Mma<__half> {
   static constexpr int KS = 16;
-  static constexpr int LD = KC + 8;  // halfs; 144-byte rows keep fragments 32-byte aligned
-  using C = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  struct A {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> f;
-  };
+  static constexpr int LD = KC + 8;
   __device__ static __half zero() { return __float2half(0.0f); }
   __device__ static float to_float(__half v) { return __half2float(v); }
-  __device__ static void load_a(A& a, const __half* p, unsigned ld) { wmma::load_matrix_sync(a.f, p, ld); }
-  __device__ static void mma(C& c, const A& a, const __half* b) {
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
-    wmma::load_matrix_sync(fb, b, LD);
-    wmma::mma_sync(c, a.f, fb, c);
-  }
 };
 
 template <>
 struct Mma<__nv_bfloat16> {
   static constexpr int KS = 16;
   static constexpr int LD = KC + 8;
-  using C = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  struct A {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> f;
-  };
   __device__ static __nv_bfloat16 zero() { return __float2bfloat16(0.0f); }
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static void load_a(A& a, const __nv_bfloat16* p, unsigned ld) {
-    wmma::load_matrix_sync(a.f, p, ld);
-  }
-  __device__ static void mma(C& c, const A& a, const __nv_bfloat16* b) {
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
-    wmma::load_matrix_sync(fb, b, LD);
-    wmma::mma_sync(c, a.f, fb, c);
-  }
 };
+
+// --- mma.sync m16n8k16 on ldmatrix fragments (the PTX ISA's documented layouts) -------------
+// With g = lane / 4 and t = lane % 4, two 16-bit values per register (lower column or k in
+// the low half): A (16 x 16) a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..),
+// a[3] = (g+8, 2t+8..); B (16 x 8) b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8.., n g); the
+// float accumulator c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1). One ldmatrix.x4
+// brings four 8 x 8 matrices, lane 8i + j giving row j of matrix i (16 bytes, 16-byte
+// aligned); .trans hands each lane the transposed elements, which turns row-major [k][n]
+// rows into B fragments (no MOVM, unlike WMMA's row-major B). The CPU emulation models
+// both with these layouts (mimac_emu::ldmatrix_x4, mma_16816).
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: `row` is this lane's row address.
+template <bool kTrans>
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* row) {
+#if defined(MIMAC_CUDA_EMULATION)
+  ::mimac_emu::ldmatrix_x4(r, row, kTrans);
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  }
+#endif
+}
+
+// d += A B over one m16n8k16 step, bf16 or fp16 operands (T), float accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  static_assert(sizeof(T) == 2, "16-bit operands");
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#if defined(MIMAC_CUDA_EMULATION)
+  const unsigned b[2] = {b0, b1};
+  ::mimac_emu::mma_16816(d, a, b, d, kBf16);
+#else
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// Stores a 2 x 2 warp grid's accumulators (warp (wr, wc) holds acc[mi][nj], rows wr * 32 +
+// mi * 16 of the 64-row block, columns wc * kCols + nj * 8) row-major at `out` (stride
+// ld floats), from the documented layout: two 8-byte stores per fragment.
+template <int kCols>
+__device__ __forceinline__ void store_acc(float* out, int ld, const float (&acc)[2][kCols / 8][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int g = lane >> 2, tc = 2 * (lane & 3);
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int nj = 0; nj < kCols / 8; ++nj) {
+      float* o = out + ((warp >> 1) * 32 + mi * 16 + g) * ld + (warp & 1) * kCols + nj * 8 + tc;
+      *reinterpret_cast<float2*>(o) = make_float2(acc[mi][nj][0], acc[mi][nj][1]);
+      *reinterpret_cast<float2*>(o + 8 * ld) = make_float2(acc[mi][nj][2], acc[mi][nj][3]);
+    }
+  }
+}
 
 // hi = tf32(v), lo = tf32(v - hi), element-wise over a fragment.
 template <typename Frag>
@@ -225,8 +278,8 @@ __host__ __device__ constexpr int vec_elems() {
 
 // The fast path keeps the CTA's BM rows of X resident: all of D, padded with zeros
 // to whole KC chunks, staged once per CTA (X never changes across column tiles).
-// Row stride x_ld elements: the KC chunk's own padding, so WMMA fragments stay
-// 32-byte aligned and 16-byte vectors 16-byte aligned.
+// Row stride x_ld elements: the KC chunk's own padding, so fragment rows (WMMA: 32-byte,
+// ldmatrix: 16-byte) and 16-byte vectors stay aligned.
 template <typename T>
 __host__ __device__ constexpr int64_t x_cols(int64_t d) {
   return (d + KC - 1) / KC * KC;
@@ -484,10 +537,18 @@ template <typename T, bool kFast, bool kVote = false>
 __device__ __forceinline__ int tile_dots(const Pass& p, const Ops<T>& op, const Tiles<T>& t,
                                          int64_t row0, int64_t col0, int& q, int vote = 1) {
   using M = Mma<T>;
-  const int warp = threadIdx.x / 32;
-  typename M::C acc[BN / 16];
+  // 16-bit inputs: ldmatrix + mma.sync on a 2 x 2 warp grid, a warp owning 32 rows x BN / 2
+  // columns of S (A and B fragment bytes per k-step: 2 x 16 rows each, against 16 + 64 for
+  // a warp owning 16 rows x BN); float32: 3xTF32 WMMA, a warp owning 16 rows x BN.
+  constexpr bool kPtx = sizeof(T) == 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  using CW = typename std::conditional<kPtx, float, typename Mma<float>::C>::type;
+  CW acc[kPtx ? 1 : BN / 16];
+  float accp[2][BN / 16][4] = {};  // kPtx: [mi][nj] of the warp's 32 x BN / 2 block
+  if constexpr (!kPtx) {
 #pragma unroll
-  for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+    for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  }
   int all = 1;
   for (int64_t dc = 0; dc < p.d; dc += KC) {
     // staging (and whatever shares it) is free
@@ -513,18 +574,50 @@ __device__ __forceinline__ int tile_dots(const Pass& p, const Ops<T>& op, const 
       stage_rows<false, T, KC>(t.ys, M::LD, op.y, col0, p.d, dc);
       __syncthreads();
     }
-    const T* xa = t.xs + warp * 16 * t.xld + (kFast ? dc : 0);
+    if constexpr (kPtx) {
+      static_assert(BM == 64 && BN == 64 && NT == 128, "2 x 2 warps of 32 x 32");
+      // A (X rows, row-major): lane l addresses row l % 16 of a 16-row block at k offset
+      // 8 (l / 16), matrices 0..3 = a[0..3]. B (the Y chunk, [n][k]): lane l addresses
+      // column n = l % 8 + 8 (l / 16) at k offset 8 ((l / 8) % 2), matrices 0..3 = b[0],
+      // b[1] of columns 0..7, then of columns 8..15 (no .trans: rows of [n][k] are B's
+      // columns, as the fragment wants them).
+      const int xr = (warp >> 1) * 32 + (lane & 15), yn = (warp & 1) * (BN / 2) + (lane & 7) + (lane >> 4) * 8;
+      const T* xa = t.xs + xr * t.xld + (kFast ? dc : 0) + (lane >> 4) * 8;
+      const T* yb = ys + yn * M::LD + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int ks = 0; ks < KC; ks += M::KS) {
-      typename M::A fa;
-      M::load_a(fa, xa + ks, t.xld);
+      for (int ks = 0; ks < KC; ks += M::KS) {
+        unsigned fa[2][4];
 #pragma unroll
-      for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, ys + n * 16 * M::LD + ks);
+        for (int mi = 0; mi < 2; ++mi) ldsm_x4<false>(fa[mi], xa + mi * 16 * t.xld + ks);
+#pragma unroll
+        for (int nb = 0; nb < BN / 32; ++nb) {
+          unsigned fb[4];
+          ldsm_x4<false>(fb, yb + nb * 16 * M::LD + ks);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma_16816<T>(accp[mi][2 * nb], fa[mi], fb[0], fb[1]);
+            mma_16816<T>(accp[mi][2 * nb + 1], fa[mi], fb[2], fb[3]);
+          }
+        }
+      }
+    } else {
+      const T* xa = t.xs + warp * 16 * t.xld + (kFast ? dc : 0);
+#pragma unroll
+      for (int ks = 0; ks < KC; ks += M::KS) {
+        typename M::A fa;
+        M::load_a(fa, xa + ks, t.xld);
+#pragma unroll
+        for (int n = 0; n < BN / 16; ++n) M::mma(acc[n], fa, ys + n * 16 * M::LD + ks);
+      }
     }
   }
+  if constexpr (kPtx) {
+    store_acc<BN / 2>(t.ss, LDS, accp);
+  } else {
 #pragma unroll
-  for (int n = 0; n < BN / 16; ++n)
-    wmma::store_matrix_sync(t.ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
+    for (int n = 0; n < BN / 16; ++n)
+      wmma::store_matrix_sync(t.ss + warp * 16 * LDS + n * 16, acc[n], LDS, wmma::mem_row_major);
+  }
   __syncthreads();
   return all;
 }
@@ -736,10 +829,15 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
     row_vote = !row_ok || one_exp_ok(lxi, shift, gxi, uxi, it);
   }
 
-  using CA = typename std::conditional<kBf16, typename Mma<__nv_bfloat16>::C, C2>::type;
-  CA acc[DO / 16];
+  // The gradient accumulators: TF32 WMMA fragments, a warp owning 16 rows x DO; or, for
+  // the bf16 product, mma.sync fragments of a 2 x 2 warp grid, a warp owning 32 rows x
+  // DO / 2 (per k-step 2 x 16 V rows and DO / 2 Y columns: 4/5 of the fragment bytes of
+  // 16 rows x DO).
+  C2 acc[kBf16 ? 1 : DO / 16];
+  float accb[kBf16 ? 2 : 1][kBf16 ? DO / 16 : 1][4] = {};
 #pragma unroll
-  for (int n = 0; n < DO / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  for (int n = 0; n < (kBf16 ? 1 : DO / 16); ++n) wmma::fill_fragment(acc[n], 0.0f);
+  const int lane = threadIdx.x & 31, wr = warp >> 1, wc = warp & 1;
   double tau = 0.0;
 
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
@@ -828,19 +926,33 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
     }
     __syncthreads();
     if constexpr (kBf16) {
-      using FA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-      using FB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+      static_assert(BM == 64 && NT == 128 && DO % 32 == 0, "2 x 2 warps of 32 rows x DO / 2");
+      // ldmatrix row addresses: lane l reads row l % 16 of a 16-row block at column
+      // offset 8 (l / 16), which lays out matrices 0..3 as a[0..3] (A, V rows) and, with
+      // .trans on the [k][n] Y slab, as b[0], b[1] of two adjacent 8-column blocks.
+      const int lr = lane & 15, lc = (lane >> 4) * 8;
 #pragma unroll 2
       for (int ks = 0; ks < BN; ks += 16) {
-        FA fh, fl;
-        wmma::load_matrix_sync(fh, v_hi + warp * 16 * LDV + ks, LDV);
-        wmma::load_matrix_sync(fl, v_lo + warp * 16 * LDV + ks, LDV);
+        unsigned ah[2][4], al[2][4];
 #pragma unroll
-        for (int n = 0; n < DO / 16; ++n) {
-          FB fb;
-          wmma::load_matrix_sync(fb, yb + ks * LDY + n * 16, LDY);
-          wmma::mma_sync(acc[n], fl, fb, acc[n]);  // small terms first
-          wmma::mma_sync(acc[n], fh, fb, acc[n]);
+        for (int mi = 0; mi < 2; ++mi) {
+          const int row = wr * 32 + mi * 16 + lr;
+          ldsm_x4<false>(ah[mi], v_hi + row * LDV + ks + lc);
+          ldsm_x4<false>(al[mi], v_lo + row * LDV + ks + lc);
+        }
+#pragma unroll
+        for (int nb = 0; nb < DO / 32; ++nb) {
+          unsigned b[4];
+          ldsm_x4<true>(b, yb + (ks + lr) * LDY + wc * (DO / 2) + nb * 16 + lc);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              // small terms first
+              mma_16816<__nv_bfloat16>(accb[mi][2 * nb + h], al[mi], b[2 * h], b[2 * h + 1]);
+              mma_16816<__nv_bfloat16>(accb[mi][2 * nb + h], ah[mi], b[2 * h], b[2 * h + 1]);
+            }
+          }
         }
       }
     } else {
@@ -857,9 +969,13 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   }
 
   float* out = slab;  // output staging reuses the union
+  if constexpr (kBf16) {
+    store_acc<DO / 2>(out, LDO, accb);
+  } else {
 #pragma unroll
-  for (int n = 0; n < DO / 16; ++n)
-    wmma::store_matrix_sync(out + warp * 16 * LDO + n * 16, acc[n], LDO, wmma::mem_row_major);
+    for (int n = 0; n < DO / 16; ++n)
+      wmma::store_matrix_sync(out + warp * 16 * LDO + n * 16, acc[n], LDO, wmma::mem_row_major);
+  }
   __syncthreads();
   for (int idx = threadIdx.x; idx < BM * DO; idx += NT) {
     const int rr = idx / DO, c = idx % DO;

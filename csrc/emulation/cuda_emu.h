@@ -10,13 +10,17 @@
 // load/mma/store have the API's matrix semantics, with TF32 inputs truncated
 // to 10 mantissa bits as the tensor cores do, and their preconditions checked
 // (32-byte aligned pointers, ldm a multiple of 16 bytes, arguments uniform
-// across the warp).
+// across the warp). ldmatrix and mma.sync m16n8k16, by contrast, keep each lane's
+// own registers in the PTX ISA's documented fragment layout (mimac_emu::ldmatrix_x4,
+// mma_16816): a lane's wrong address or register shows in the result.
 //
 // What it checks beyond values: barrier divergence (a thread exits or waits at
 // another barrier while the block waits), dynamic shared memory over 48 KiB
 // without cudaFuncSetAttribute or over sm_80's 163 KiB, writes past the
 // dynamic shared memory the launch asked for, launch bounds, misaligned 16-byte
-// vector loads (__ldg of uint4); ex2.approx.ftz as mimac_emu::ex2_approx_ftz; cp.async (__pipeline_memcpy_async and its commit
+// vector loads (__ldg of uint4); ldmatrix row addresses not 16-byte aligned or
+// outside the dynamic shared memory, and a warp whose lanes are not all at the same
+// ldmatrix / mma.sync; ex2.approx.ftz as mimac_emu::ex2_approx_ftz; cp.async (__pipeline_memcpy_async and its commit
 // and wait groups): a read of a destination before its wait (NaN bytes), a write to
 // it in flight, misaligned addresses, a thread exiting with copies in flight.
 //
@@ -117,6 +121,23 @@ Record& next_record(bool& first);
 void async_copy(void* dst, const void* src, size_t size, size_t zfill);
 void async_commit();
 void async_wait(size_t prior);
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (PTX ISA): a warp collective. Lane
+// 8i + j passes the address of row j of matrix i (8 consecutive 16-bit values, the
+// address 16-byte aligned and inside the launch's dynamic shared memory, else the
+// launch fails naming the lane). With g = lane / 4 and t = lane % 4, r[i] receives
+// matrix i's elements (g, 2t) and (g, 2t + 1), the first in the low half; .trans
+// (trans = true) receives (2t, g) and (2t + 1, g).
+void ldmatrix_x4(uint32_t r[4], const void* row, bool trans);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA): a warp
+// collective, D = A B + C over the warp's fragments in the documented layout (g = lane
+// / 4, t = lane % 4; two 16-bit values per register, the lower column or k in the low
+// half): a[0] = A(g, 2t..2t+1), a[1] = A(g+8, 2t..), a[2] = A(g, 2t+8..), a[3] =
+// A(g+8, 2t+8..); b[0] = B(2t..2t+1, g), b[1] = B(2t+8..2t+9, g); c, d: [0..1] =
+// (g, 2t..2t+1), [2..3] = (g+8, 2t..2t+1). Every lane's own registers enter the
+// product (a lane's wrong fragment shows in its rows and columns of D); products
+// summed in k order with fmaf, as the WMMA model. d may alias c.
+void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], bool bf16);
 
 using Body = void (*)(void* kernel, void* arg);
 cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 block, size_t smem);

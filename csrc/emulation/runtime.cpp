@@ -51,6 +51,7 @@ struct Fiber {
   uint64_t wait_generation = 0;
   const char* wait_name = "";
   size_t calls = 0;  // collective calls since the warp's last barrier
+  uint64_t fragment_calls = 0;  // ldmatrix / mma.sync calls of this lane in this block
   std::vector<AsyncCopy> open_copies;                 // issued, not yet committed
   std::deque<std::vector<AsyncCopy>> copy_groups;     // committed, oldest first
 };
@@ -59,8 +60,20 @@ struct Slot {
   uint64_t a, b;
 };
 
+// One ldmatrix / mma.sync of a warp: every lane's operands and tag ((call number << 8) |
+// kind); the first lane past the call's warp barrier computes every lane's result. Two
+// per warp, alternating by call number: call n + 2 reuses call n's, which every lane
+// has read by then (all of them passed call n + 1's barrier).
+struct FragmentCall {
+  uint64_t tag[kWarp] = {};
+  uint64_t done = ~uint64_t{0};  // the call number whose results `out` holds
+  unsigned char in[kWarp][40] = {};
+  unsigned char out[kWarp][16] = {};
+};
+
 struct Block {
   std::vector<Fiber> fibers;
+  std::vector<FragmentCall> fragment_calls;  // two per warp
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<Slot> slots;  // one per thread
@@ -80,6 +93,7 @@ std::string g_last_message;
 std::map<const void*, int> g_max_smem;
 unsigned char* g_smem = nullptr;
 size_t g_smem_capacity = 0;
+size_t g_launch_smem = 0;  // the running launch's dynamic shared memory
 Schedule g_schedule = kInOrder;
 uint64_t g_rng = 0;
 
@@ -358,6 +372,112 @@ int64_t tally_count(const char* name) {
 }
 void clear_tallies() { g_tallies.clear(); }
 
+namespace {
+constexpr uint64_t kLdmatrix = 1, kLdmatrixTrans = 2, kMmaF16 = 3, kMmaBf16 = 4;
+
+// This lane's part of a fragment call: its `bytes` of operands in, one warp barrier,
+// then the call's record with every lane's operands; `first` is true for the lane that
+// computes every lane's result (the first past the barrier, before any lane runs on),
+// after checking that all 32 lanes made this same call (else the warp diverged).
+FragmentCall& fragment_call(const void* operands, size_t bytes, uint64_t kind, const char* what,
+                            bool& first) {
+  Fiber& f = running_fiber();
+  const int lane = f.state.lane;
+  const uint64_t n = f.fragment_calls++;
+  FragmentCall& call = g_block->fragment_calls[2 * static_cast<size_t>(f.state.warp) + (n & 1)];
+  std::memcpy(call.in[lane], operands, bytes);
+  call.tag[lane] = (n << 8) | kind;
+  sync_warp();
+  first = call.done != n;
+  if (first) {
+    for (int l = 0; l < kWarp; ++l) {
+      if (call.tag[l] != ((n << 8) | kind))
+        fail((std::string(what) + ": lane " + std::to_string(l) +
+              " is not at the same instruction (the warp diverged)").c_str());
+    }
+    call.done = n;
+  }
+  return call;
+}
+
+float half_of(uint32_t reg, int half, bool bf16) {
+  const auto v = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu);
+  return bf16 ? bf16_to_float(v) : half_to_float(v);
+}
+
+struct MmaOperands {
+  uint32_t a[4], b[2];
+  float c[4];
+};
+static_assert(sizeof(MmaOperands) <= sizeof(FragmentCall::in[0]), "operands fit");
+}  // namespace
+
+void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
+  const char* what = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+  bool first = false;
+  FragmentCall& call = fragment_call(&row, sizeof(row), trans ? kLdmatrixTrans : kLdmatrix, what, first);
+  if (first) {
+    const unsigned char* rows[kWarp];
+    for (int l = 0; l < kWarp; ++l) {
+      std::memcpy(&rows[l], call.in[l], sizeof(rows[l]));
+      if (reinterpret_cast<uintptr_t>(rows[l]) % 16 != 0)
+        fail((std::string(what) + ": row address of lane " + std::to_string(l) + " not 16-byte aligned").c_str());
+      if (rows[l] < g_smem || rows[l] + 16 > g_smem + g_launch_smem)
+        fail((std::string(what) + ": row address of lane " + std::to_string(l) +
+              " outside the dynamic shared memory").c_str());
+    }
+    // Lane l (g = l / 4, t = l % 4) receives in register i matrix i's elements (g, 2t),
+    // (g, 2t + 1), or with .trans (2t, g), (2t + 1, g); row j of matrix i is at lane 8i + j.
+    for (int l = 0; l < kWarp; ++l) {
+      const int g = l / 4, t = l % 4;
+      uint32_t regs[4];
+      for (int i = 0; i < 4; ++i) {
+        uint16_t v[2];
+        for (int e = 0; e < 2; ++e) {
+          const int row = trans ? 2 * t + e : g, col = trans ? g : 2 * t + e;
+          std::memcpy(&v[e], rows[8 * i + row] + 2 * col, 2);
+        }
+        regs[i] = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
+      }
+      std::memcpy(call.out[l], regs, sizeof(regs));
+    }
+  }
+  std::memcpy(r, call.out[current().lane], 4 * sizeof(uint32_t));
+}
+
+void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], bool bf16) {
+  MmaOperands mine{};
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  std::memcpy(mine.c, c, sizeof(mine.c));
+  bool first = false;
+  FragmentCall& call = fragment_call(&mine, sizeof(mine), bf16 ? kMmaBf16 : kMmaF16,
+                                     bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", first);
+  if (first) {
+    MmaOperands ops[kWarp];
+    for (int l = 0; l < kWarp; ++l) std::memcpy(&ops[l], call.in[l], sizeof(MmaOperands));
+    for (int l = 0; l < kWarp; ++l) {
+      const int g = l / 4, t = l % 4;
+      float out[4];
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * t + (e % 2);
+        float acc = ops[l].c[e];
+        for (int k = 0; k < 16; ++k) {
+          // A(row, k): lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8);
+          // B(k, col): lane 4 col + (k % 8) / 2, register (k >= 8); k odd: the high half
+          const float av = half_of(ops[4 * (row % 8) + (k % 8) / 2].a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)],
+                                   k % 2, bf16);
+          const float bv = half_of(ops[4 * col + (k % 8) / 2].b[k >= 8 ? 1 : 0], k % 2, bf16);
+          acc = fmaf(av, bv, acc);
+        }
+        out[e] = acc;
+      }
+      std::memcpy(call.out[l], out, sizeof(out));
+    }
+  }
+  std::memcpy(d, call.out[current().lane], 4 * sizeof(float));
+}
+
 void register_dynamic_smem(unsigned char* base, size_t size) {
   g_smem = base;
   g_smem_capacity = size;
@@ -417,18 +537,21 @@ cudaError_t launch(const void* kernel, Body body, void* arg, dim3 grid, dim3 blo
     const unsigned bx = static_cast<unsigned>(b % grid.x);
     const unsigned by = static_cast<unsigned>(b / grid.x % grid.y);
     const unsigned bz = static_cast<unsigned>(b / grid.x / grid.y);
+    g_launch_smem = smem;
     std::memset(g_smem, kUninitialised, smem);
     std::memset(g_smem + smem, kCanary, kCanaryBytes);
     blk.block_barrier = Barrier{static_cast<int>(threads), 0, 0};
     blk.warp_barriers.assign(warps, Barrier{});
     blk.records.resize(warps);
     blk.recorded.assign(warps, 0);
+    blk.fragment_calls.assign(2 * static_cast<size_t>(warps), FragmentCall{});
     for (size_t t = 0; t < threads; ++t) blk.warp_barriers[t / kWarp].expected += 1;
     for (size_t t = 0; t < threads; ++t) {
       Fiber& f = blk.fibers[t];
       f.done = false;
       f.waiting = nullptr;
       f.calls = 0;
+      f.fragment_calls = 0;
       f.open_copies.clear();
       f.copy_groups.clear();
       f.state.thread_idx = dim3(static_cast<unsigned>(t % block.x),

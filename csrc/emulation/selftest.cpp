@@ -10,7 +10,7 @@
 
 namespace {
 
-// Runs `kernel` ("neighbour", "defect", "wmma", "async") in one block; raises with the
+// Runs `kernel` ("neighbour", "defect", "wmma", "async", "ldmatrix") in one block; raises with the
 // emulation's message when the launch fails.
 void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64_t variant,
          int64_t threads, int64_t smem_bytes, int64_t smem_attribute) {
@@ -21,6 +21,7 @@ void run(const std::string& kernel, const at::Tensor& in, at::Tensor& out, int64
                  : kernel == "defect"  ? 1
                  : kernel == "wmma"    ? 2
                  : kernel == "async"   ? 3
+                 : kernel == "ldmatrix" ? 4
                                        : -1;
   TORCH_CHECK(id >= 0, "unknown self-test kernel ", kernel);
   MimacEmuArgs args{out.data_ptr<float>(), in.data_ptr<float>(), static_cast<int>(variant)};

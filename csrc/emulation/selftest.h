@@ -8,6 +8,6 @@ struct MimacEmuArgs {
   int variant;
 };
 
-// kernel: 0 neighbour, 1 defect, 2 wmma, 3 async (variants in selftest_kernels.cuh); one block.
+// kernel: 0 neighbour, 1 defect, 2 wmma, 3 async, 4 ldmatrix (variants in selftest_kernels.cuh); one block.
 extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs* args, int threads,
                                                  size_t smem_bytes, int smem_attribute);

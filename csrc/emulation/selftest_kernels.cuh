@@ -154,6 +154,72 @@ __global__ void async_kernel(Args a) {
   __pipeline_wait_prior(0);
 }
 
+// One warp: C (16 x 16) = A B from row-major bf16 A and B ([k][n]) in shared memory, by
+// ldmatrix.x4 (A), ldmatrix.x4.trans (B: two 8-column blocks per call) and two
+// mma.sync m16n8k16, C written from the accumulator layout. Variant 0: right. 1: lane
+// 3's A row address 8 bytes off (not 16-byte aligned). 2: lane 0's B row address in
+// global memory. 3: lane 5 swaps its A registers a[0] and a[1] (a wrong lane's
+// fragment: rows 1 and 9 of C take each other's k = 2, 3 terms). 4: B loaded without
+// .trans (the fragments of B^T). 5: lanes 16..31 skip the mma (a diverged warp; they
+// wait at a warp barrier instead). 6: as 0 in fp16.
+template <typename T>
+T to16(float v);
+template <>
+__half to16<__half>(float v) {
+  return __float2half(v);
+}
+template <>
+__nv_bfloat16 to16<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+template <typename T>
+__device__ void ldmatrix_test(const Args& a, unsigned char* smem) {
+  const int lane = threadIdx.x;
+  constexpr int kLd = 24;  // row stride: 48-byte rows keep every row 16-byte aligned
+  T* sa = reinterpret_cast<T*>(smem);
+  T* sb = sa + 16 * kLd;
+  for (int i = lane; i < 256; i += 32) {
+    sa[i / 16 * kLd + i % 16] = to16<T>(a.in[i]);
+    sb[i / 16 * kLd + i % 16] = to16<T>(a.in[256 + i]);
+  }
+  __syncwarp();
+  const int lr = lane & 15, lc = (lane >> 4) * 8;
+  unsigned fa[4], fb[4];
+  const T* pa = sa + lr * kLd + lc + (a.variant == 1 && lane == 3 ? 4 : 0);
+  ldsm_x4<false>(fa, pa);
+  const T* pb = a.variant == 2 && lane == 0 ? reinterpret_cast<const T*>(a.out) : sb + lr * kLd + lc;
+  if (a.variant == 4) {
+    ldsm_x4<false>(fb, pb);
+  } else {
+    ldsm_x4<true>(fb, pb);
+  }
+  if (a.variant == 3 && lane == 5) {
+    const unsigned t0 = fa[0];
+    fa[0] = fa[1];
+    fa[1] = t0;
+  }
+  float c[2][4] = {};
+  if (a.variant == 5 && lane >= 16) {
+    __syncwarp();
+  } else {
+    for (int h = 0; h < 2; ++h) mma_16816<T>(c[h], fa, fb[2 * h], fb[2 * h + 1]);
+  }
+  const int g = lane >> 2, tc = 2 * (lane & 3);
+  for (int h = 0; h < 2; ++h) {
+    for (int e = 0; e < 4; ++e) a.out[(g + 8 * (e / 2)) * 16 + h * 8 + tc + e % 2] = c[h][e];
+  }
+}
+
+__global__ void ldmatrix_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  if (a.variant == 6) {
+    ldmatrix_test<__half>(a, smem);
+  } else {
+    ldmatrix_test<__nv_bfloat16>(a, smem);
+  }
+}
+
 }  // namespace
 
 extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs* args, int threads,
@@ -161,7 +227,8 @@ extern "C" cudaError_t mimac_emu_selftest_launch(int kernel, const MimacEmuArgs*
   void (*k)(Args) = kernel == 0   ? neighbour_kernel
                     : kernel == 1 ? defect_kernel
                     : kernel == 2 ? wmma_kernel
-                                  : async_kernel;
+                    : kernel == 3 ? async_kernel
+                                  : ldmatrix_kernel;
   // As contrastive_kernels.cu's launcher: return the error, and clear it so that it
   // does not fail the next launch (a real kernel's) through cudaGetLastError().
   if (smem_attribute > 0) {

@@ -186,6 +186,57 @@ def test_wmma_preconditions(selftest, variant, message):
         run(selftest, "wmma", torch.randn(512), variant, threads=32, smem=4096)
 
 
+def _ldmatrix_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B (16 x 16, [k][n]) as the kernel reads them: rounded to bf16, in float64."""
+    a, b = x[:256].view(16, 16), x[256:].view(16, 16)
+    return a.bfloat16().double(), b.bfloat16().double()
+
+
+def test_ldmatrix_mma_fragment_layouts(selftest):
+    """ldmatrix.x4 (A), ldmatrix.x4.trans (B) and mma.sync m16n8k16, written back from
+    the documented accumulator layout, give C = A B, in bf16 and fp16; without .trans
+    each 8 x 8 block of B arrives transposed in place (a layout mistake the emulation
+    does not hide)."""
+    x = torch.randn(512, generator=torch.Generator().manual_seed(1))
+    a, b = _ldmatrix_reference(x)
+    c = run(selftest, "ldmatrix", x, 0, threads=32, smem=4096)[:256].view(16, 16)
+    torch.testing.assert_close(c.double(), a @ b, rtol=0, atol=1e-5)
+    c16 = run(selftest, "ldmatrix", x, 6, threads=32, smem=4096)[:256].view(16, 16)
+    h = x.half().double()
+    torch.testing.assert_close(c16.double(), h[:256].view(16, 16) @ h[256:].view(16, 16), rtol=0, atol=1e-5)
+    assert (c16.double() - c.double()).abs().max() > 1e-3  # the two formats really differ
+    c_t = run(selftest, "ldmatrix", x, 4, threads=32, smem=4096)[:256].view(16, 16)
+    blocks_t = b.view(2, 8, 2, 8).transpose(1, 3).reshape(16, 16)  # [kb, y, nb, x] -> [kb, x, nb, y]
+    torch.testing.assert_close(c_t.double(), a @ blocks_t, rtol=0, atol=1e-5)
+    assert (c_t.double() - a @ b).abs().max() > 0.1
+
+
+def test_mma_reads_every_lanes_own_fragment(selftest):
+    """Lane 5 (g = 1, t = 1) swaps its A registers a[0] (row 1, k = 2, 3) and a[1] (row 9,
+    k = 2, 3): rows 1 and 9 of C, and only they, take each other's two terms."""
+    x = torch.randn(512, generator=torch.Generator().manual_seed(2))
+    a, b = _ldmatrix_reference(x)
+    c = run(selftest, "ldmatrix", x, 3, threads=32, smem=4096)[:256].view(16, 16).double()
+    swapped = a.clone()
+    swapped[[1, 9], 2:4] = a[[9, 1], 2:4]
+    torch.testing.assert_close(c, swapped @ b, rtol=0, atol=1e-5)
+    wrong = ((c - a @ b).abs() > 1e-5).any(dim=1).nonzero().flatten().tolist()
+    assert wrong == [1, 9]
+
+
+@pytest.mark.parametrize(
+    "variant,message",
+    [
+        (1, r"ldmatrix\.x4: row address of lane 3 not 16-byte aligned"),
+        (2, r"ldmatrix\.x4\.trans: row address of lane 0 outside the dynamic shared memory"),
+        (5, r"mma\.m16n8k16\.bf16: lane 16 is not at the same instruction"),
+    ],
+)
+def test_ldmatrix_mma_preconditions(selftest, variant, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(selftest, "ldmatrix", torch.randn(512), variant, threads=32, smem=4096)
+
+
 def test_tf32_rounding_is_to_nearest_ties_away(selftest):
     assert selftest.tf32(1.0 + 2.0**-11) == 1.0 + 2.0**-10  # a tie rounds away from zero
     assert selftest.tf32(1.0 + 2.0**-12) == 1.0

@@ -94,6 +94,18 @@ def cuda_peak(fn: Callable, a: torch.Tensor, b: torch.Tensor, name: str = "") ->
 # --------------------------------------------------------------------------- CPU, parent side
 
 
+def available_bytes() -> int:
+    """What a new CPU allocation can get without swapping (``MemAvailable``; unbounded
+    where /proc/meminfo cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def hwm_resettable() -> bool:
     """Whether this kernel lets a process reset its own peak-RSS mark."""
     return CLEAR_REFS.exists() and os.access(CLEAR_REFS, os.W_OK)

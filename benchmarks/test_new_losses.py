@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import new_losses
 from benchmarks.conftest import BenchContext
-from benchmarks.memory import MemResult, measure_cpu
+from benchmarks.memory import MemResult, available_bytes, measure_cpu
 from benchmarks.new_losses import LossCase
 from benchmarks.providers import Provider, is_oom
 from tests.kernels.accuracy import assert_within_bound
@@ -51,21 +51,10 @@ _PEAK: dict[tuple[str, str, int], int] = {}
 _INPUTS: dict[str, tuple[torch.Tensor, ...]] = {}
 
 
-def _available_bytes() -> int:
-    """What a new allocation can get without swapping (``MemAvailable``)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 def _memory_cap(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return max(_available_bytes() - HEADROOM_BYTES, 1 << 30)
+    return max(available_bytes() - HEADROOM_BYTES, 1 << 30)
 
 
 def peer_floor_bytes(case: LossCase) -> int:

@@ -18,14 +18,13 @@ import gc
 import math
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.cases import Case, flop_model
 from benchmarks.conftest import BenchContext
-from benchmarks.memory import MemResult, cuda_peak, measure_cpu
+from benchmarks.memory import MemResult, available_bytes, cuda_peak, measure_cpu
 from benchmarks.providers import Provider, is_oom, make_inputs, tiny
 
 #: (seconds of timing per benchmark, min rounds, max rounds) per device type.
@@ -49,13 +48,7 @@ def _free(device: torch.device) -> None:
 def _device_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    try:  # MemAvailable: what a new allocation can get without swapping
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    return available_bytes()
 
 
 def _inputs(ctx: BenchContext, case: Case) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,15 @@ import torch
 from torch import Tensor
 
 from mimac_kernels import extension
-from mimac_kernels.contract import Grads, Problem, RectGrads, RectProblem, Stats, Upstream
+from mimac_kernels.contract import (
+    LABEL_MASK_REFUSAL,
+    Grads,
+    Problem,
+    RectGrads,
+    RectProblem,
+    Stats,
+    Upstream,
+)
 
 #: Critic name -> id of the C++ kernels (``csrc/cpu/contrastive.cpp``, ``csrc/cuda/binding.cpp``).
 CRITIC_IDS = {"dot": 0, "cosine": 1, "log_dot": 2}
@@ -36,7 +44,10 @@ def _head(problem: Problem) -> tuple[Tensor, Tensor, Tensor, int, bool, float]:
 
 
 def _rect_head(problem: RectProblem) -> tuple[Tensor, Tensor, Tensor, int, int | None, float]:
-    """The leading arguments of both rectangular calls."""
+    """The leading arguments of both rectangular calls (the compiled kernels have no label
+    mask: a labelled problem is refused, never run unmasked)."""
+    if problem.labelled:
+        raise ValueError(f"the compiled kernels cannot run this problem: {LABEL_MASK_REFUSAL}")
     critic_id = CRITIC_IDS[problem.critic]
     return problem.x, problem.y, _inv_tau(problem), critic_id, problem.offset, float(problem.eps)
 
@@ -61,7 +72,8 @@ def backward(kind: str, problem: Problem, stats: Stats, upstream: Upstream) -> G
 
 def rect_forward(kind: str, problem: RectProblem) -> Tensor:
     """Row log-sum-exp ``(H, R)`` float32 of a ``RectProblem`` on the ``kind`` extension."""
-    return extension.load(kind).rect_forward(*_rect_head(problem))
+    head = _rect_head(problem)  # refuses a labelled problem before any build
+    return extension.load(kind).rect_forward(*head)
 
 
 def rect_backward(
@@ -69,8 +81,9 @@ def rect_backward(
 ) -> RectGrads:
     """Gradients ``(H, R, D)``, ``(H, C, D)`` float32 and the centred temperature sum
     (0-dim) of a ``RectProblem`` on the ``kind`` extension."""
+    head = _rect_head(problem)
     f32 = [t.float().contiguous() for t in (lse, g, center)]
     ops = extension.load(kind)
     # columns_grad=False: no dY product (zeros come back), on both kernels.
-    gx, gy, gt = ops.rect_backward(*_rect_head(problem), *f32, columns_grad=problem.columns_grad)
+    gx, gy, gt = ops.rect_backward(*head, *f32, columns_grad=problem.columns_grad)
     return RectGrads(gx, gy, gt)

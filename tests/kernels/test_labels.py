@@ -1,5 +1,5 @@
 """The labelled losses (``mimac_kernels.labels``): SupCon on every backend with rectangular
-kernels and PML's NTXent with labels on torch, against independent float64 formulas
+kernels and PML's NTXent with labels on torch and triton (cpu and cuda refuse it), against independent float64 formulas
 (values, input and temperature gradients, under ``tests.kernels.accuracy``'s rule), the
 drop-ins against pytorch-metric-learning, and their bad inputs."""
 
@@ -18,6 +18,7 @@ from mimac_kernels import (
     BackendUnavailable,
     NTXentLoss,
     SupConLoss,
+    labels_kernels,
     labels_torch,
     supervised_contrastive_loss,
     supervised_ntxent_loss,
@@ -394,11 +395,25 @@ def test_log_dot_is_refused_with_its_reason(fn):
         fn(p, torch.zeros(5, dtype=torch.long), critic="log_dot")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_ntxent_with_labels_refuses_other_backends(backend):
-    with pytest.raises(BackendUnavailable, match=f"backend '{backend}' cannot run .* label mask"):
+def test_ntxent_with_labels_refuses_cpu_by_name():
+    with pytest.raises(BackendUnavailable, match="backend 'cpu' cannot run .* label mask"):
         supervised_ntxent_loss(torch.randn(5, 3), torch.zeros(5, dtype=torch.long),
-                               backend=backend)  # fmt: skip
+                               backend="cpu")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_compiled_kernels_refuse_labelled_problems(backend):
+    """The cpu and cuda backends' refusal and their direct calls, never an unmasked run."""
+    from mimac_kernels import cpu_backend, cuda_backend, extension_backend
+    from mimac_kernels.contract import RectProblem
+
+    z, lab = torch.randn(1, 5, 3), torch.zeros(5, dtype=torch.long)
+    problem = RectProblem(z, z, torch.tensor(2.0), "dot", 1e-12, 0, row_labels=lab,
+                          col_labels=lab)  # fmt: skip
+    impl = cpu_backend if backend == "cpu" else cuda_backend
+    assert "label mask" in impl.refusal(problem)
+    with pytest.raises(ValueError, match="label mask"):
+        extension_backend.rect_forward(backend, problem)
 
 
 def test_modules_refuse_bad_calls():
@@ -500,3 +515,142 @@ def test_ranks_match_single_process(tmp_path):
     assert expected > 0
     values = torch.stack([r["split"] for r in per_rank])
     torch.testing.assert_close(values.mean(), expected, rtol=1e-10, atol=1e-10)
+
+
+# --- NTXent with labels on the backends ----------------------------------------------------
+
+
+def _ntxent_on(runner, shape, **kwargs):
+    """Whether ``runner`` runs PML's NTXent with labels: cpu and cuda refuse it by name
+    (checked here), triton in its interpreter takes the small shapes only."""
+    if runner.name in ("cpu", "cuda"):
+        z = torch.randn(shape, device=runner.device)
+        with pytest.raises(BackendUnavailable, match="label mask"):
+            supervised_ntxent_loss(z, torch.zeros(shape[-2], dtype=torch.long,
+                                                  device=runner.device), backend=runner.name)
+        return False
+    if runner.interpreted and shape[-2] > 30:
+        pytest.skip("Triton's interpreter: the small shapes cover its labelled kernels")
+    return True
+
+
+@pytest.mark.parametrize("critic", ["cosine", "dot"])
+@pytest.mark.parametrize("shape,classes", SHAPES, ids=str)
+def test_ntxent_with_labels_on_backends_matches_float64(runner, shape, classes, critic):
+    if not _ntxent_on(runner, shape):
+        return
+    z, labels = _case(shape, classes, seed=3, device=runner.device)
+    if critic == "dot":
+        z = 0.3 * z
+
+    def ours(x, y, t):
+        return supervised_ntxent_loss(x, y, temperature=t, critic=critic, backend=runner.name)
+
+    def formula(x, y, t):
+        return ntxent_formula(x, y, t, critic)
+
+    _assert_matches_formula(ours, formula, z, labels, 0.07 if critic == "cosine" else 0.5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_ntxent_with_labels_on_backends_reductions(runner, reduction):
+    if not _ntxent_on(runner, (2, 23, 6)):
+        return
+    z, labels = _case((2, 23, 6), 3, seed=4, device=runner.device)
+    weights = torch.rand(2, 23, generator=torch.Generator().manual_seed(5)).to(runner.device)
+
+    def weighted(fn):
+        def f(x, y, t):
+            out = fn(x, y, t, reduction=reduction)
+            return out if reduction == "sum" else (out * weights.to(out.dtype)).sum()
+        return f
+
+    ours = weighted(lambda x, y, t, **k: supervised_ntxent_loss(
+        x, y, temperature=t, backend=runner.name, **k))
+    _assert_matches_formula(ours, weighted(ntxent_formula), z, labels, 0.1)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_ntxent_with_labels_half_inputs_match_float64(runner, dtype):
+    """Half rows: the kernels take the normalised rows in that dtype (the slack of a
+    backward that rounds its weights added to the gradients' bound, as for SupCon)."""
+    if not _ntxent_on(runner, (2, 29, 7)):
+        return
+    z, labels = _case((2, 29, 7), 4, seed=9, device=runner.device)
+    z = z.to(dtype)
+
+    def ours(x, y, t):
+        return supervised_ntxent_loss(x, y, temperature=t, backend=runner.name)
+
+    got = _value_and_grads(ours, z, labels, 0.1, dtype)
+    plain = _value_and_grads(ntxent_formula, z, labels, 0.1, dtype)
+    ref = _value_and_grads(ntxent_formula, z.double(), labels, 0.1, torch.float64)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for i, (name, x, p, r) in enumerate(zip(["loss", "grad z", "grad tau"], got, plain, ref)):
+        bound = error_bound(max_abs_err(p, r), dtype, r)
+        if i:
+            bound += 2.0 * weight_eps(runner.name, dtype) * float(r.abs().max())
+        err = max_abs_err(x, r)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.arange(9), torch.zeros(9, dtype=torch.long), torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 2])],
+    ids=["classes-of-one", "no-negative", "big-class"],
+)
+def test_ntxent_with_labels_edge_batches_on_backends(runner, labels):
+    """Classes of one row (no positive pair: 0, gradient 0), one label for all (no anchor
+    has a negative: PML's 0), and a large class with two singletons."""
+    if not _ntxent_on(runner, (9, 4)):
+        return
+    z = _case((9, 4), 2, seed=11)[0].to(runner.device)
+    labels = labels.to(runner.device)
+
+    def ours(x, y, t):
+        return supervised_ntxent_loss(x, y, temperature=t, backend=runner.name)
+
+    got = _value_and_grads(ours, z, labels, 0.2, torch.float32)
+    if labels.unique().numel() in (1, 9):
+        assert all(float(g.abs().max()) == 0.0 for g in got)
+    _assert_matches_formula(ours, ntxent_formula, z, labels, 0.2)
+
+
+def test_ntxent_kernels_against_gathered_columns(runner):
+    """The rectangular path of ``group=``: local rows against more columns (another
+    rank's before and after them, ``offset``), with a class only on the other ranks and
+    an anchor whose negatives all lie there, against the torch blocks in float64."""
+    if not _ntxent_on(runner, (2, 11, 5)) or runner.name == "torch":
+        return
+    gen = torch.Generator().manual_seed(13)
+    cols = F.normalize(torch.randn(2, 29, 5, generator=gen), dim=-1)
+    offset = 9
+    rows = cols[:, offset : offset + 11]
+    col_labels = torch.randint(0, 3, (29,), generator=gen)
+    col_labels[offset : offset + 11] = torch.randint(0, 2, (11,), generator=gen)
+    col_labels[0] = 7  # a class of the other ranks only
+    row_labels = col_labels[offset : offset + 11]
+    g = torch.rand(2, 11, generator=gen)
+    it = torch.tensor(1 / 0.1)
+
+    def run(fn, x, y, t):
+        x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+        t = t.clone().requires_grad_()
+        out = fn(x, y, t)
+        return [out.detach(), *torch.autograd.grad((out * g.to(out.dtype)).sum(), (x, y, t))]
+
+    dev = runner.device
+    ours = run(lambda x, y, t: labels_kernels.LabelledNTXentKernels.apply(
+        x, y, t, row_labels.to(dev), col_labels.to(dev), offset, "cosine", 1e-12, runner.name),
+        rows.to(dev), cols.to(dev), it.to(dev))
+    ref = run(lambda x, y, t: labels_torch_function(x, y, t, row_labels, col_labels, offset),
+              rows.double(), cols.double(), it.double())
+    for name, a, r in zip(["sums", "grad x", "grad y", "grad inv_tau"], ours, ref):
+        torch.testing.assert_close(a.cpu().double(), r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def labels_torch_function(x, y, t, row_labels, col_labels, offset):
+    """The torch blocks' per-anchor sums with their gradients (``labels._LabelledNTXent``)."""
+    from mimac_kernels.labels import _LabelledNTXent
+
+    return _LabelledNTXent.apply(x, y, t, row_labels, col_labels, offset)

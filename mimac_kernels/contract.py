@@ -262,7 +262,7 @@ def kernel_dtype_refusal(dtype: torch.dtype) -> str | None:
 #: Why a backend without the label mask refuses a labelled ``RectProblem``.
 LABEL_MASK_REFUSAL = (
     "labelled rectangular problems (PML's NTXent with labels) need a label mask inside "
-    "the score loop, which these kernels lack (backends torch and triton have it)"
+    "the score loop, which these kernels lack (backends torch, triton and cpu have it)"
 )
 
 #: Largest y/z extent of a CUDA grid: the kernels put the heads on one such axis.

@@ -14,12 +14,7 @@ import functools
 import torch
 
 from mimac_kernels import extension, extension_backend
-from mimac_kernels.contract import (
-    LABEL_MASK_REFUSAL,
-    Problem,
-    RectProblem,
-    kernel_dtype_refusal,
-)
+from mimac_kernels.contract import Problem, RectProblem, kernel_dtype_refusal
 
 
 def probe(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -30,10 +25,8 @@ def probe(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def refusal(problem: Problem | RectProblem) -> str | None:
-    """Never by shape (the kernel loops over any number of heads, rows and features);
-    a labelled rectangular problem, whose label mask its tiles lack."""
-    if isinstance(problem, RectProblem) and problem.labelled:
-        return LABEL_MASK_REFUSAL
+    """Never by shape: the kernel loops over any number of heads, rows and features (and
+    its tiles take a labelled rectangular problem's label mask)."""
     return None
 
 

@@ -44,10 +44,7 @@ def _head(problem: Problem) -> tuple[Tensor, Tensor, Tensor, int, bool, float]:
 
 
 def _rect_head(problem: RectProblem) -> tuple[Tensor, Tensor, Tensor, int, int | None, float]:
-    """The leading arguments of both rectangular calls (the compiled kernels have no label
-    mask: a labelled problem is refused, never run unmasked)."""
-    if problem.labelled:
-        raise ValueError(f"the compiled kernels cannot run this problem: {LABEL_MASK_REFUSAL}")
+    """The leading arguments of both rectangular calls."""
     critic_id = CRITIC_IDS[problem.critic]
     return problem.x, problem.y, _inv_tau(problem), critic_id, problem.offset, float(problem.eps)
 
@@ -70,10 +67,25 @@ def backward(kind: str, problem: Problem, stats: Stats, upstream: Upstream) -> G
     return Grads(ga, gb, gt)
 
 
+def _rect_labels(kind: str, problem: RectProblem) -> dict[str, Tensor]:
+    """The labels as the kernels take them: int32 class ids of the rows and of the columns
+    (one numbering for both), or none. The cuda kernels have no label mask: a labelled
+    problem is refused there, never run unmasked."""
+    if not problem.labelled:
+        return {}
+    if kind == "cuda":
+        raise ValueError(f"the cuda kernels cannot run this problem: {LABEL_MASK_REFUSAL}")
+    rl, cl = problem.row_labels, problem.col_labels
+    _, ids = torch.unique(torch.cat([rl, cl]), return_inverse=True)
+    ids = ids.to(torch.int32)
+    return {"row_labels": ids[: rl.numel()].contiguous(), "col_labels": ids[rl.numel() :]}
+
+
 def rect_forward(kind: str, problem: RectProblem) -> Tensor:
-    """Row log-sum-exp ``(H, R)`` float32 of a ``RectProblem`` on the ``kind`` extension."""
-    head = _rect_head(problem)  # refuses a labelled problem before any build
-    return extension.load(kind).rect_forward(*head)
+    """Row log-sum-exp ``(H, R)`` float32 of a ``RectProblem`` on the ``kind`` extension
+    (pairs of one label left out as well, where it has labels)."""
+    labels = _rect_labels(kind, problem)  # refuses before any build
+    return extension.load(kind).rect_forward(*_rect_head(problem), **labels)
 
 
 def rect_backward(
@@ -81,9 +93,10 @@ def rect_backward(
 ) -> RectGrads:
     """Gradients ``(H, R, D)``, ``(H, C, D)`` float32 and the centred temperature sum
     (0-dim) of a ``RectProblem`` on the ``kind`` extension."""
-    head = _rect_head(problem)
+    labels = _rect_labels(kind, problem)
     f32 = [t.float().contiguous() for t in (lse, g, center)]
     ops = extension.load(kind)
     # columns_grad=False: no dY product (zeros come back), on both kernels.
-    gx, gy, gt = ops.rect_backward(*head, *f32, columns_grad=problem.columns_grad)
+    gx, gy, gt = ops.rect_backward(*_rect_head(problem), *f32,
+                                   columns_grad=problem.columns_grad, **labels)  # fmt: skip
     return RectGrads(gx, gy, gt)

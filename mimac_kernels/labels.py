@@ -9,9 +9,9 @@ positives' mean score is linear in the rows, formed from per-class sums in O(N D
 ``supervised_ntxent_loss`` is pytorch-metric-learning's ``NTXentLoss`` with labels: per
 positive pair, the denominator holds the pair and the anchor's negatives only. Its
 negatives-only log-sum-exp needs a label mask inside the score loop: the torch backend
-runs it in row blocks (``labels_torch``), the triton backend on its labelled
-rectangular kernels (``labels_kernels``); cpu and cuda, whose kernels lack the mask,
-refuse it by name (``contract.LABEL_MASK_REFUSAL``).
+runs it in row blocks (``labels_torch``), the triton and cpu backends on their labelled
+rectangular kernels (``labels_kernels``); cuda, whose kernels lack the mask, refuses it
+by name (``contract.LABEL_MASK_REFUSAL``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ LOG_DOT_REFUSAL = (
     "critic='log_dot' takes no labels: log(z_i . z_p) is not linear in z_p, so the "
     "positives' sum has no O(N D) form"
 )
-#: Why the cpu and cuda backends refuse PML's NTXent with labels.
+#: Why the cuda backend refuses PML's NTXent with labels.
 NTXENT_REFUSAL = LABEL_MASK_REFUSAL
 
 
@@ -145,16 +145,16 @@ def supervised_ntxent_loss(
 
     The other positives are not in the denominator. An anchor without a negative gives
     its pairs 0 (PML's value); a batch without a positive pair gives 0 (gradient 0).
-    Runs on the torch backend in row blocks (O(block x N) memory) and on the triton
-    backend's labelled rectangular kernels (the positives in label blocks), never N x N;
-    cpu and cuda raise ``BackendUnavailable`` (their kernels have no label mask).
+    Runs on the torch backend in row blocks (O(block x N) memory) and on the triton and
+    cpu backends' labelled rectangular kernels (the positives in label blocks), never
+    N x N; cuda raises ``BackendUnavailable`` (its kernels have no label mask).
 
     Args:
         embeddings, labels, temperature, critic, eps: as ``supervised_contrastive_loss``
             (PML's default temperature 0.07).
         reduction: ``"mean"`` (over heads and positive pairs), ``"sum"`` or ``"none"``
             (per-anchor sums over its positive pairs).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"``.
         group: as ``supervised_contrastive_loss``: this rank's anchors against every
             rank's rows; ``mean`` is this rank's pairs' sum times ``world_size`` over the
             number of positive pairs on all ranks (the ranks' mean is the loss).

@@ -1,4 +1,4 @@
-"""PML's NTXent with labels on a backend with the labelled rectangular kernels (triton).
+"""PML's NTXent with labels on a backend with labelled rectangular kernels (triton, cpu).
 
 Per positive pair (a, p) the loss is ``softplus(M_a - S_ap)`` (docs/losses.md, "Labels"),
 ``M_a = log sum_{n: label_n != label_a} e^{S_an}`` the negatives' log-sum-exp:

@@ -1,5 +1,5 @@
 """The labelled losses (``mimac_kernels.labels``): SupCon on every backend with rectangular
-kernels and PML's NTXent with labels on torch and triton (cpu and cuda refuse it), against independent float64 formulas
+kernels and PML's NTXent with labels on torch, triton and cpu (cuda refuses it), against independent float64 formulas
 (values, input and temperature gradients, under ``tests.kernels.accuracy``'s rule), the
 drop-ins against pytorch-metric-learning, and their bad inputs."""
 
@@ -395,25 +395,17 @@ def test_log_dot_is_refused_with_its_reason(fn):
         fn(p, torch.zeros(5, dtype=torch.long), critic="log_dot")
 
 
-def test_ntxent_with_labels_refuses_cpu_by_name():
-    with pytest.raises(BackendUnavailable, match="backend 'cpu' cannot run .* label mask"):
-        supervised_ntxent_loss(torch.randn(5, 3), torch.zeros(5, dtype=torch.long),
-                               backend="cpu")  # fmt: skip
-
-
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_compiled_kernels_refuse_labelled_problems(backend):
-    """The cpu and cuda backends' refusal and their direct calls, never an unmasked run."""
-    from mimac_kernels import cpu_backend, cuda_backend, extension_backend
+def test_cuda_refuses_labelled_problems():
+    """The cuda backend's refusal and a direct call, never an unmasked run."""
+    from mimac_kernels import cuda_backend, extension_backend
     from mimac_kernels.contract import RectProblem
 
     z, lab = torch.randn(1, 5, 3), torch.zeros(5, dtype=torch.long)
     problem = RectProblem(z, z, torch.tensor(2.0), "dot", 1e-12, 0, row_labels=lab,
                           col_labels=lab)  # fmt: skip
-    impl = cpu_backend if backend == "cpu" else cuda_backend
-    assert "label mask" in impl.refusal(problem)
+    assert "label mask" in cuda_backend.refusal(problem)
     with pytest.raises(ValueError, match="label mask"):
-        extension_backend.rect_forward(backend, problem)
+        extension_backend.rect_forward("cuda", problem)
 
 
 def test_modules_refuse_bad_calls():
@@ -459,7 +451,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 module = SupConLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
                 results[(heads, backend)] = [loss.detach(), *torch.autograd.grad(loss, (x, t)),
                                              module.detach()]  # fmt: skip
-            for dtype in (torch.float64, torch.float32):  # NTXent: torch only
+            for dtype in (torch.float64, torch.float32):  # NTXent: auto (torch, cpu)
                 x = z[..., sl, :].to(dtype).requires_grad_()
                 t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
                 loss = supervised_ntxent_loss(x, labels[sl], temperature=t,
@@ -521,9 +513,9 @@ def test_ranks_match_single_process(tmp_path):
 
 
 def _ntxent_on(runner, shape, **kwargs):
-    """Whether ``runner`` runs PML's NTXent with labels: cpu and cuda refuse it by name
-    (checked here), triton in its interpreter takes the small shapes only."""
-    if runner.name in ("cpu", "cuda"):
+    """Whether ``runner`` runs PML's NTXent with labels: cuda refuses it by name (checked
+    here), triton in its interpreter takes the small shapes only."""
+    if runner.name == "cuda":
         z = torch.randn(shape, device=runner.device)
         with pytest.raises(BackendUnavailable, match="label mask"):
             supervised_ntxent_loss(z, torch.zeros(shape[-2], dtype=torch.long,

@@ -18,6 +18,7 @@ from mimac_kernels import (
     BackendUnavailable,
     NTXentLoss,
     SupConLoss,
+    dispatch,
     labels_kernels,
     labels_torch,
     supervised_contrastive_loss,
@@ -430,6 +431,15 @@ def _rank_backends() -> list[tuple[str, torch.dtype]]:
     return [("torch", torch.float64), ("cpu", torch.float32)]
 
 
+def _ntxent_rank_cases() -> list[tuple[str, torch.dtype]]:
+    """NTXent across ranks: auto in float64 (torch) and float32 (cpu), and triton where it
+    runs on CPU tensors (its interpreter)."""
+    cases = [("auto", torch.float64), ("auto", torch.float32)]
+    if dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32) is None:
+        cases.append(("triton", torch.float32))
+    return cases
+
+
 def _global_case(world: int, heads: int | None):
     shape = (world * N_LOCAL, 5) if heads is None else (heads, world * N_LOCAL, 5)
     z, labels = _case(shape, 3, seed=20 + world)
@@ -451,13 +461,13 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 module = SupConLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
                 results[(heads, backend)] = [loss.detach(), *torch.autograd.grad(loss, (x, t)),
                                              module.detach()]  # fmt: skip
-            for dtype in (torch.float64, torch.float32):  # NTXent: auto (torch, cpu)
+            for backend, dtype in _ntxent_rank_cases():
                 x = z[..., sl, :].to(dtype).requires_grad_()
                 t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-                loss = supervised_ntxent_loss(x, labels[sl], temperature=t,
+                loss = supervised_ntxent_loss(x, labels[sl], temperature=t, backend=backend,
                                               group=dist.group.WORLD)  # fmt: skip
-                module = NTXentLoss(0.2, group=dist.group.WORLD)(x, labels[sl])
-                results[(heads, "ntxent", dtype)] = [
+                module = NTXentLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
+                results[(heads, "ntxent", backend, dtype)] = [
                     loss.detach(), *torch.autograd.grad(loss, (x, t)), module.detach()
                 ]
         # One label per rank: each rank alone has no negative, the batch has.
@@ -485,8 +495,8 @@ def test_ranks_match_single_process(tmp_path):
         z.requires_grad_()
         t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
         cases = [(supcon_formula, (heads, backend), dtype) for backend, dtype in _rank_backends()]
-        cases += [(ntxent_formula, (heads, "ntxent", dtype), dtype)
-                  for dtype in (torch.float64, torch.float32)]  # fmt: skip
+        cases += [(ntxent_formula, (heads, "ntxent", backend, dtype), dtype)
+                  for backend, dtype in _ntxent_rank_cases()]  # fmt: skip
         for formula, key, dtype in cases:
             single = formula(z, labels, t)
             grad_z, grad_t = torch.autograd.grad(single, (z, t))

@@ -57,7 +57,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _common(dtype: str, cfg: TileConfig, log_dot: bool, skip: bool, offset: int) -> dict:
     return {
-        "SKIP": skip, "OFFSET": offset, "LOG_DOT": log_dot, "BLOCK_M": cfg.block_m,
+        "SKIP": skip, "OFFSET": offset, "RL": Ptr("i64"), "CL": Ptr("i64"), "LABELS": False,
+        "LOG_DOT": log_dot, "BLOCK_M": cfg.block_m,
         "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "SINGLE_D": cfg.single_d,
         "PREC": configs.float32_precision() if dtype == "fp32" else "ieee", "DOT_F32": False,
     }  # fmt: skip

@@ -28,7 +28,8 @@ normalised. With ``S = inv_tau * s`` and the critics ``s = x.y`` (``dot``, and
     be cheap: it runs at every call.
 
 The rectangular problem (``RectProblem``: rows ``x`` ``(H, R, D)`` against columns ``y``
-``(H, C, D)``, row ``i`` optionally leaving out column ``i + offset``) is what the
+``(H, C, D)``, row ``i`` optionally leaving out column ``i + offset`` and, with labels,
+every column of its own label) is what the
 losses across ranks need: local rows against every rank's gathered columns.
 ``rect_forward(problem) -> Tensor``
     ``lse[h, i] = log sum_{k valid} exp(S_ik)``, ``(H, R)`` float32 (float64 for
@@ -148,7 +149,10 @@ class RectProblem:
     The losses across ranks: this rank's rows against every rank's gathered columns,
     its own columns starting at ``offset``. ``columns_grad=False``: the caller drops the
     columns' gradient (a detached queue), so ``rect_backward`` may skip its product and
-    return zeros for it (every backend does).
+    return zeros for it (every backend does). ``row_labels`` ``(R,)`` and ``col_labels``
+    ``(C,)`` (integers, both or neither; stored as int64): a pair of equal labels is left
+    out like the self-pair (PML's NTXent with labels: the negatives' log-sum-exp).
+    Backends without the label mask refuse such a problem.
     """
 
     x: Tensor
@@ -158,6 +162,8 @@ class RectProblem:
     eps: float
     offset: int | None = None
     columns_grad: bool = True
+    row_labels: Tensor | None = None
+    col_labels: Tensor | None = None
 
     def __post_init__(self) -> None:
         x, y = self.x, self.y
@@ -183,6 +189,24 @@ class RectProblem:
             raise TypeError(f"offset must be an int or None, got {self.offset!r}")
         object.__setattr__(self, "x", x.contiguous())
         object.__setattr__(self, "y", y.contiguous())
+        if (self.row_labels is None) != (self.col_labels is None):
+            raise ValueError("row_labels and col_labels must be given together or not at all")
+        if self.row_labels is not None:
+            for name, lab, n in (("row_labels", self.row_labels, x.shape[1]),
+                                 ("col_labels", self.col_labels, y.shape[1])):  # fmt: skip
+                if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+                    raise TypeError(f"{name} must be an integer tensor, got {lab.dtype}")
+                if lab.shape != (n,) or lab.device != x.device:
+                    raise ValueError(
+                        f"{name} must have shape ({n},) on {x.device}, got "
+                        f"{tuple(lab.shape)} on {lab.device}"
+                    )
+                object.__setattr__(self, name, lab.to(torch.int64).contiguous())
+
+    @property
+    def labelled(self) -> bool:
+        """Whether pairs of equal labels are left out like the self-pair."""
+        return self.row_labels is not None
 
     @property
     def device(self) -> torch.device:
@@ -234,6 +258,12 @@ def kernel_dtype_refusal(dtype: torch.dtype) -> str | None:
         return f"dtype {dtype} not supported (float32, float16 or bfloat16)"
     return None
 
+
+#: Why a backend without the label mask refuses a labelled ``RectProblem``.
+LABEL_MASK_REFUSAL = (
+    "labelled rectangular problems (PML's NTXent with labels) need a label mask inside "
+    "the score loop, which these kernels lack (backends torch, triton and cpu have it)"
+)
 
 #: Largest y/z extent of a CUDA grid: the kernels put the heads on one such axis.
 MAX_GRID_HEADS = 65535

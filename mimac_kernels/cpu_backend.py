@@ -25,7 +25,8 @@ def probe(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def refusal(problem: Problem | RectProblem) -> str | None:
-    """Never by shape: the kernel loops over any number of heads, rows and features."""
+    """Never by shape: the kernel loops over any number of heads, rows and features (and
+    its tiles take a labelled rectangular problem's label mask)."""
     return None
 
 

@@ -14,7 +14,13 @@ import functools
 import torch
 
 from mimac_kernels import extension, extension_backend
-from mimac_kernels.contract import Problem, RectProblem, heads_refusal, kernel_dtype_refusal
+from mimac_kernels.contract import (
+    LABEL_MASK_REFUSAL,
+    Problem,
+    RectProblem,
+    heads_refusal,
+    kernel_dtype_refusal,
+)
 
 MIN_CAPABILITY = (8, 0)
 
@@ -41,7 +47,10 @@ def probe(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def refusal(problem: Problem | RectProblem) -> str | None:
-    """The heads lie on one grid axis (at most 65,535)."""
+    """The heads lie on one grid axis (at most 65,535); a labelled rectangular problem,
+    whose label mask its kernels lack."""
+    if isinstance(problem, RectProblem) and problem.labelled:
+        return LABEL_MASK_REFUSAL
     return heads_refusal(problem)
 
 

@@ -18,7 +18,15 @@ import torch
 from torch import Tensor
 
 from mimac_kernels import extension
-from mimac_kernels.contract import Grads, Problem, RectGrads, RectProblem, Stats, Upstream
+from mimac_kernels.contract import (
+    LABEL_MASK_REFUSAL,
+    Grads,
+    Problem,
+    RectGrads,
+    RectProblem,
+    Stats,
+    Upstream,
+)
 
 #: Critic name -> id of the C++ kernels (``csrc/cpu/contrastive.cpp``, ``csrc/cuda/binding.cpp``).
 CRITIC_IDS = {"dot": 0, "cosine": 1, "log_dot": 2}
@@ -59,9 +67,25 @@ def backward(kind: str, problem: Problem, stats: Stats, upstream: Upstream) -> G
     return Grads(ga, gb, gt)
 
 
+def _rect_labels(kind: str, problem: RectProblem) -> dict[str, Tensor]:
+    """The labels as the kernels take them: int32 class ids of the rows and of the columns
+    (one numbering for both), or none. The cuda kernels have no label mask: a labelled
+    problem is refused there, never run unmasked."""
+    if not problem.labelled:
+        return {}
+    if kind == "cuda":
+        raise ValueError(f"the cuda kernels cannot run this problem: {LABEL_MASK_REFUSAL}")
+    rl, cl = problem.row_labels, problem.col_labels
+    _, ids = torch.unique(torch.cat([rl, cl]), return_inverse=True)
+    ids = ids.to(torch.int32)
+    return {"row_labels": ids[: rl.numel()].contiguous(), "col_labels": ids[rl.numel() :]}
+
+
 def rect_forward(kind: str, problem: RectProblem) -> Tensor:
-    """Row log-sum-exp ``(H, R)`` float32 of a ``RectProblem`` on the ``kind`` extension."""
-    return extension.load(kind).rect_forward(*_rect_head(problem))
+    """Row log-sum-exp ``(H, R)`` float32 of a ``RectProblem`` on the ``kind`` extension
+    (pairs of one label left out as well, where it has labels)."""
+    labels = _rect_labels(kind, problem)  # refuses before any build
+    return extension.load(kind).rect_forward(*_rect_head(problem), **labels)
 
 
 def rect_backward(
@@ -69,8 +93,10 @@ def rect_backward(
 ) -> RectGrads:
     """Gradients ``(H, R, D)``, ``(H, C, D)`` float32 and the centred temperature sum
     (0-dim) of a ``RectProblem`` on the ``kind`` extension."""
+    labels = _rect_labels(kind, problem)
     f32 = [t.float().contiguous() for t in (lse, g, center)]
     ops = extension.load(kind)
     # columns_grad=False: no dY product (zeros come back), on both kernels.
-    gx, gy, gt = ops.rect_backward(*_rect_head(problem), *f32, columns_grad=problem.columns_grad)
+    gx, gy, gt = ops.rect_backward(*_rect_head(problem), *f32,
+                                   columns_grad=problem.columns_grad, **labels)  # fmt: skip
     return RectGrads(gx, gy, gt)

@@ -15,10 +15,12 @@ Schemas (all outputs float32, dense, on the inputs' device):
   else ``(H, N)`` each.
 - ``backward(a, b, inv_tau, critic, all_pairs, eps, row_lse, col_lse, g_row, g_col,
   row_center, col_center) -> (grad_a, grad_b, grad_tau)``: ``(H, N, D)`` twice and 0-dim.
-- ``rect_forward(x, y, inv_tau, critic, offset, eps) -> lse``: x ``(H, R, D)``,
-  y ``(H, C, D)``; lse ``(H, R)``.
-- ``rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center) -> (grad_x,
-  grad_y, grad_tau)``: ``(H, R, D)``, ``(H, C, D)`` and 0-dim.
+- ``rect_forward(x, y, inv_tau, critic, offset, eps, row_labels=None, col_labels=None)
+  -> lse``: x ``(H, R, D)``, y ``(H, C, D)``, optional int32 class ids ``(R,)`` and
+  ``(C,)`` (the cpu kernels leave pairs of one id out; cuda refuses them); lse ``(H, R)``.
+- ``rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center, columns_grad=True,
+  row_labels=None, col_labels=None) -> (grad_x, grad_y, grad_tau)``: ``(H, R, D)``,
+  ``(H, C, D)`` and 0-dim.
 """
 
 from __future__ import annotations
@@ -73,12 +75,13 @@ def _fakes(backend: str) -> dict[str, object]:
         _check_3d(backend, a=a, b=b)
         return _f32(a, *a.shape), _f32(a, *b.shape), _f32(a)
 
-    def rect_forward(x, y, inv_tau, critic, offset, eps):
+    def rect_forward(x, y, inv_tau, critic, offset, eps, row_labels=None, col_labels=None):
         _one_device(backend, x=x, y=y, inv_tau=inv_tau)
         _check_3d(backend, x=x, y=y)
         return _f32(x, x.shape[0], x.shape[1])
 
-    def rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center, columns_grad=True):
+    def rect_backward(x, y, inv_tau, critic, offset, eps, lse, g, center, columns_grad=True,
+                      row_labels=None, col_labels=None):
         # columns_grad=False: zeros for y (no dY product).
         _one_device(backend, x=x, y=y, inv_tau=inv_tau, lse=lse, g=g, center=center)
         _check_3d(backend, x=x, y=y)

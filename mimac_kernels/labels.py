@@ -8,8 +8,10 @@ positives' mean score is linear in the rows, formed from per-class sums in O(N D
 
 ``supervised_ntxent_loss`` is pytorch-metric-learning's ``NTXentLoss`` with labels: per
 positive pair, the denominator holds the pair and the anchor's negatives only. Its
-negatives-only log-sum-exp needs a label mask inside the score loop, which only the
-torch backend has (``labels_torch``, row blocks); other backends refuse it by name.
+negatives-only log-sum-exp needs a label mask inside the score loop: the torch backend
+runs it in row blocks (``labels_torch``), the triton and cpu backends on their labelled
+rectangular kernels (``labels_kernels``); cuda, whose kernels lack the mask, refuses it
+by name (``contract.LABEL_MASK_REFUSAL``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mimac_kernels import dispatch, distributed, labels_torch
+from mimac_kernels import dispatch, distributed, labels_kernels, labels_torch
+from mimac_kernels.contract import LABEL_MASK_REFUSAL, RectProblem
 from mimac_kernels.distributed import _RectLoss
 from mimac_kernels.functional import (
     _check,
@@ -35,11 +38,8 @@ LOG_DOT_REFUSAL = (
     "critic='log_dot' takes no labels: log(z_i . z_p) is not linear in z_p, so the "
     "positives' sum has no O(N D) form"
 )
-#: Why the kernels other than torch refuse PML's NTXent with labels.
-NTXENT_REFUSAL = (
-    "its negatives-only log-sum-exp needs a label mask inside the score loop, which only "
-    "the torch backend has"
-)
+#: Why the cuda backend refuses PML's NTXent with labels.
+NTXENT_REFUSAL = LABEL_MASK_REFUSAL
 
 
 def supervised_contrastive_loss(
@@ -145,15 +145,16 @@ def supervised_ntxent_loss(
 
     The other positives are not in the denominator. An anchor without a negative gives
     its pairs 0 (PML's value); a batch without a positive pair gives 0 (gradient 0).
-    Runs on the torch backend, in row blocks (O(block x N) memory, never N x N);
-    ``backend="auto"`` takes it, other names raise ``BackendUnavailable``.
+    Runs on the torch backend in row blocks (O(block x N) memory) and on the triton and
+    cpu backends' labelled rectangular kernels (the positives in label blocks), never
+    N x N; cuda raises ``BackendUnavailable`` (its kernels have no label mask).
 
     Args:
         embeddings, labels, temperature, critic, eps: as ``supervised_contrastive_loss``
             (PML's default temperature 0.07).
         reduction: ``"mean"`` (over heads and positive pairs), ``"sum"`` or ``"none"``
             (per-anchor sums over its positive pairs).
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cpu"``.
         group: as ``supervised_contrastive_loss``: this rank's anchors against every
             rank's rows; ``mean`` is this rank's pairs' sum times ``world_size`` over the
             number of positive pairs on all ranks (the ranks' mean is the loss).
@@ -162,16 +163,17 @@ def supervised_ntxent_loss(
         embeddings: ``(N, D)`` or ``(H, N, D)``; labels: ``(N,)``. Output: scalar, or
         ``(N,)`` / ``(H, N)`` for ``none``; float32 (float64 for float64 inputs).
     """
-    z, squeeze = _prepare(embeddings, labels, critic, reduction, backend, eps, widen=True)
-    if backend not in ("auto", "torch"):
-        shape = tuple(embeddings.shape)
-        raise dispatch.BackendUnavailable(
-            f"backend {backend!r} cannot run NTXentLoss with labels on {embeddings.device}/"
-            f"{embeddings.dtype} inputs of shape {shape}: {NTXENT_REFUSAL}"
-        )
+    name = _ntxent_backend(embeddings, labels, critic, reduction, backend, eps)
+    z, squeeze = _prepare(embeddings, labels, critic, reduction, backend, eps,
+                          widen=name == "torch")  # fmt: skip
     inv_tau = _inverse_temperature(temperature, embeddings)
     columns, labels_all, offset, world = _columns(z, labels, group)
-    per_anchor = _LabelledNTXent.apply(z, columns, inv_tau, labels, labels_all, offset)
+    if name == "torch":
+        per_anchor = _LabelledNTXent.apply(z, columns, inv_tau, labels, labels_all, offset)
+    else:
+        per_anchor = labels_kernels.LabelledNTXentKernels.apply(
+            z, columns, inv_tau, labels, labels_all, offset, critic, eps, name
+        )
     if squeeze:
         per_anchor = per_anchor.squeeze(0)
     if reduction == "none":
@@ -181,6 +183,22 @@ def supervised_ntxent_loss(
     _, ids, counts = torch.unique(labels_all, return_inverse=True, return_counts=True)
     pairs = (counts[ids] - 1).sum().clamp_min(1) * z.shape[0]  # every rank's; none: 0 / 1
     return per_anchor.sum() * world / pairs.to(per_anchor.dtype)
+
+
+def _ntxent_backend(
+    embeddings: Tensor, labels: Tensor, critic: str, reduction: str, backend: str, eps: float
+) -> str:
+    """The backend of PML's NTXent with labels: ``backend`` resolved for the labelled
+    rectangular problem of the rows against themselves (a group's gathered columns
+    differ only in number, which no refusal looks at)."""
+    _check(embeddings, embeddings, critic, "all", True, reduction, backend, eps)
+    if critic not in LABEL_CRITICS:
+        raise ValueError(LOG_DOT_REFUSAL)
+    check_labels(labels, embeddings)
+    z = (embeddings.unsqueeze(0) if embeddings.dim() == 2 else embeddings).detach()
+    it = torch.ones((), dtype=torch.float32, device=z.device)
+    problem = RectProblem(z, z, it, critic, eps, 0, row_labels=labels, col_labels=labels)
+    return dispatch.resolve(backend, problem)
 
 
 def _columns(

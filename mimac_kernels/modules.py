@@ -68,7 +68,7 @@ class NTXentLoss(_AllPairsLoss):
             unit rows of width D drawn now from the global generator, as lightly draws
             them), or an int K (the width taken from the first batch, the random rows
             drawn then).
-        backend: passed to ``fused_contrastive_loss`` (with labels: ``auto`` or ``torch``).
+        backend: passed to ``fused_contrastive_loss`` (with labels: not ``cuda``).
         group: a process group (lightly's ``gather_distributed=True``). Without a bank:
             every rank's rows are negatives; see ``fused_contrastive_loss`` for the
             gradient convention. With a bank: the loss is this rank's rows against the

@@ -128,6 +128,11 @@ def backward(problem: Problem, stats: Stats, upstream: Upstream) -> Grads:
     return Grads(ga, gb, g_it)
 
 
+def _same_label(problem: RectProblem, i0: int, i1: int) -> Tensor:
+    """``(rows, C)``: the pairs of rows ``[i0, i1)`` with their column's label."""
+    return problem.row_labels[i0:i1, None] == problem.col_labels[None, :]
+
+
 def _skipped(problem: RectProblem, i0: int, i1: int) -> tuple[Tensor, Tensor] | None:
     """(tile rows, columns) of the pairs left out among rows ``[i0, i1)``, or ``None``."""
     if problem.offset is None:
@@ -155,6 +160,8 @@ def rect_forward(problem: RectProblem) -> Tensor:
         skip = _skipped(problem, i0, i1)
         if skip is not None:
             s[:, skip[0], skip[1]] = float("-inf")
+        if problem.labelled:
+            s = s.masked_fill(_same_label(problem, i0, i1), float("-inf"))
         out[:, i0:i1] = torch.logsumexp(s, dim=-1)
     return out
 
@@ -180,6 +187,8 @@ def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) 
         skip = _skipped(problem, i0, i1)
         if skip is not None:
             w[:, skip[0], skip[1]] = 0.0
+        if problem.labelled:  # masked_fill also drops exp(-inf - -inf) of a row of none
+            w = w.masked_fill(_same_label(problem, i0, i1), 0.0)
         g_it = g_it + (w * (s - center[:, i0:i1, None])).sum()
         wd = _dscore(w, dots, it, eps)
         gx[:, i0:i1] = wd @ y

@@ -54,6 +54,9 @@ struct TileArgs {
   bool rows_only;   // row statistics only (the diagonal tile of "all", the rectangular problem)
   bool mask;        // leave out the pairs k == i + mask_shift (tile-local indices)
   int mask_shift;
+  // Labelled rectangular problem (null: none): int32 class ids of the tile's X rows and
+  // of its Y columns (kBlock each, padded); a pair of one id is left out like the mask.
+  const int *rl, *cl;
   int critic;
   float inv_tau, eps;
   // forward: running (max, sum) of the X rows and of the Y rows
@@ -436,7 +439,8 @@ Grads3 backward(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_
 
 // ---------------------------------------------------------------------------
 // The rectangular problem: rows x (H, R, D) against columns y (H, C, D), row i
-// leaving out column i + offset when an offset is given.
+// leaving out column i + offset when an offset is given and, with labels (int32 class
+// ids, (R,) and (C,)), every column of its own id (PML's NTXent negatives).
 
 void check_rect(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau, int64_t critic) {
   TORCH_CHECK(x.dim() == 3 && y.dim() == 3 && x.size(0) == y.size(0) && x.size(2) == y.size(2),
@@ -456,14 +460,45 @@ void set_rect_mask(TileArgs& ta, const Tile& t, const std::optional<int64_t>& of
   ta.mask_shift = static_cast<int>(shift);
 }
 
+// Class ids padded to whole blocks (the tiles read a block's ids by vectors); an
+// undefined tensor without labels.
+at::Tensor pad_labels(const std::optional<at::Tensor>& labels, int64_t n, int64_t padded,
+                      const char* name) {
+  if (!labels) return at::Tensor();
+  const at::Tensor& l = *labels;
+  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == at::kInt && l.dim() == 1 && l.size(0) == n,
+              name, " must be an int32 CPU tensor of shape (", n, "), got ", l.scalar_type(), " ",
+              l.sizes());
+  auto out = at::full({padded}, -1, at::TensorOptions().dtype(at::kInt));
+  out.narrow(0, 0, n).copy_(l);
+  return out;
+}
+
+// Points the tile's class ids at its blocks (left null without labels).
+void set_rect_labels(TileArgs& ta, const Tile& t, const at::Tensor& rl, const at::Tensor& cl) {
+  if (!rl.defined()) return;
+  ta.rl = rl.data_ptr<int>() + t.bx * kBlock;
+  ta.cl = cl.data_ptr<int>() + t.by * kBlock;
+}
+
+void check_labels_pair(const std::optional<at::Tensor>& rl, const std::optional<at::Tensor>& cl) {
+  TORCH_CHECK(rl.has_value() == cl.has_value(),
+              "row_labels and col_labels must be given together or not at all");
+}
+
 at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau,
-                        int64_t critic, std::optional<int64_t> offset, double eps) {
+                        int64_t critic, std::optional<int64_t> offset, double eps,
+                        const std::optional<at::Tensor>& row_labels,
+                        const std::optional<at::Tensor>& col_labels) {
   check_rect(x, y, inv_tau, critic);
+  check_labels_pair(row_labels, col_labels);
   const int64_t h = x.size(0), d = x.size(2);
   const float it = read_inv_tau(inv_tau);
   const Operand xo = make_operand(x.to(at::kFloat), /*columns=*/false);
   const Operand yo = make_operand(y.to(at::kFloat), /*columns=*/true);
   const int64_t rx = xo.nb * kBlock;
+  const at::Tensor rl = pad_labels(row_labels, xo.n, rx, "row_labels");
+  const at::Tensor cl = pad_labels(col_labels, yo.n, yo.nb * kBlock, "col_labels");
   auto opts = at::TensorOptions().dtype(at::kFloat);
   auto xm = at::full({h, rx}, -INFINITY, opts), xs = at::zeros({h, rx}, opts);
   float *pxm = xm.data_ptr<float>(), *pxs = xs.data_ptr<float>();
@@ -473,6 +508,7 @@ at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tens
     run_schedule(sched, [&](const Tile& t, Scratch& sc) {
       TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), false);
       set_rect_mask(ta, t, offset);
+      set_rect_labels(ta, t, rl, cl);
       ta.xm = pxm + t.h * rx + t.bx * kBlock;
       ta.xs = pxs + t.h * rx + t.bx * kBlock;
       k.fwd(ta, sc);
@@ -485,8 +521,10 @@ at::Tensor rect_forward(const at::Tensor& x, const at::Tensor& y, const at::Tens
 Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_tau,
                      int64_t critic, std::optional<int64_t> offset, double eps,
                      const at::Tensor& lse, const at::Tensor& g, const at::Tensor& center,
-                     bool columns_grad) {
+                     bool columns_grad, const std::optional<at::Tensor>& row_labels,
+                     const std::optional<at::Tensor>& col_labels) {
   check_rect(x, y, inv_tau, critic);
+  check_labels_pair(row_labels, col_labels);
   const int64_t h = x.size(0), r = x.size(1), c = y.size(1), d = x.size(2);
   for (const auto* v : {&lse, &g, &center})
     TORCH_CHECK(v->dim() == 2 && v->size(0) == h && v->size(1) == r,
@@ -496,6 +534,8 @@ Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   const Operand xo = make_operand(x.to(at::kFloat), /*columns=*/false);
   const Operand yo = make_operand(y.to(at::kFloat), /*columns=*/true);
   const int64_t rx = xo.nb * kBlock, ry = yo.nb * kBlock, dp = xo.rows.size(2);
+  const at::Tensor rl = pad_labels(row_labels, xo.n, rx, "row_labels");
+  const at::Tensor cl = pad_labels(col_labels, yo.n, ry, "col_labels");
   // Padded rows get lse 0 and gradient 0: their weights vanish.
   const auto lx = pad_vec(lse, rx), gx = pad_vec(g, rx), cx = pad_vec(center, rx);
   // Without the columns' gradient (a detached queue) no dY product runs: zeros come back.
@@ -510,6 +550,7 @@ Grads3 rect_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
     tau = run_schedule(sched, [&](const Tile& t, Scratch& sc) {
       TileArgs ta = base_args(xo, yo, t, d, static_cast<int>(critic), it, static_cast<float>(eps), false);
       set_rect_mask(ta, t, offset);
+      set_rect_labels(ta, t, rl, cl);
       ta.lx = plx + t.h * rx + t.bx * kBlock;
       ta.gx = pgx + t.h * rx + t.bx * kBlock;
       ta.cx = pcx + t.h * rx + t.bx * kBlock;
@@ -537,11 +578,11 @@ TORCH_LIBRARY(mimac_cpu, m) {
   m.def("backward(Tensor a, Tensor b, Tensor inv_tau, int critic, bool all_pairs, float eps, "
         "Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, Tensor row_center, "
         "Tensor col_center) -> (Tensor grad_a, Tensor grad_b, Tensor grad_tau)");
-  m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps) "
-        "-> Tensor");
+  m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
+        "Tensor? row_labels=None, Tensor? col_labels=None) -> Tensor");
   m.def("rect_backward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
-        "Tensor lse, Tensor g, Tensor center, bool columns_grad=True) "
-        "-> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
+        "Tensor lse, Tensor g, Tensor center, bool columns_grad=True, Tensor? row_labels=None, "
+        "Tensor? col_labels=None) -> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
   m.def("isa() -> str", &mimac_cpu::get_isa);
   m.def("set_isa(str name) -> ()", &mimac_cpu::set_isa);
   m.def("available_isas() -> str[]", &mimac_cpu::available_isas);

@@ -17,6 +17,7 @@ typedef int vi __attribute__((vector_size(MIMAC_VEC_BYTES)));
 // Unaligned, aliasing view used for every load/store: the scratch buffers are
 // 64-byte aligned, but row offsets need not be multiples of the vector size.
 typedef float vfu __attribute__((vector_size(MIMAC_VEC_BYTES), aligned(4), may_alias));
+typedef int viu __attribute__((vector_size(MIMAC_VEC_BYTES), aligned(4), may_alias));
 
 constexpr int VL = MIMAC_VEC_BYTES / 4;
 // Register blocking of the two micro-kernels: R rows x C vectors of
@@ -30,6 +31,7 @@ static_assert(kBlock % (SC * VL) == 0, "block must be a multiple of the S micro-
 static_assert(kBlock % SR == 0 && kBlock % UR == 0, "block must be a multiple of the micro-tile rows");
 
 static inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline vi ldi(const int* p) { return *reinterpret_cast<const viu*>(p); }
 static inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 // x - 0 folds to a plain broadcast (x + 0 does not: -0 + 0 = +0).
 static inline vf splat(float x) { return x - vf{}; }
@@ -220,6 +222,7 @@ static void forward_tile(const TileArgs& a, Scratch& sc) {
       vi kk = lane + k0;
       vi bad = kk >= ny;
       if (a.mask) bad |= (kk == i + a.mask_shift);
+      if (a.rl) bad |= (ldi(a.cl + k0) == isplat(a.rl[i]));  // one label: not a negative
       vf s = sel(bad, ninf, score(ld(row + k0), a.critic, a.eps) * a.inv_tau);
       st(row + k0, s);
       rm = vmax(rm, s);
@@ -306,6 +309,7 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
       vi kk = lane + k0;
       vi bad = kk >= ny;
       if (a.mask) bad |= (kk == i + a.mask_shift);
+      if (a.rl) bad |= (ldi(a.cl + k0) == isplat(a.rl[i]));  // one label: not a negative
       vf s = score(ld(row + k0), a.critic, a.eps);
       if (logdot) st(Sb + i * kBlock + k0, s);
       tm = vmax(tm, sel(bad, ninf, s * a.inv_tau));
@@ -331,6 +335,7 @@ static double backward_tile(const TileArgs& a, Scratch& sc) {
       vi kk = lane + k0;
       vi bad = kk >= ny;
       if (a.mask) bad |= (kk == i + a.mask_shift);
+      if (a.rl) bad |= (ldi(a.cl + k0) == isplat(a.rl[i]));  // one label: not a negative
       vf d = ld(row + k0);
       vf s = logdot ? ld(srow + k0) : d;
       vf S = sel(bad, ninf, s * a.inv_tau);

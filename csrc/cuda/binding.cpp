@@ -141,9 +141,19 @@ void check_rect(const at::Tensor& x, const at::Tensor& y, const at::Tensor& inv_
               "x and y must share a device and a dtype");
 }
 
+// The schema is the CPU extension's; these kernels have no label mask (the cuda backend
+// refuses a labelled problem before any call: contract.LABEL_MASK_REFUSAL).
+void refuse_labels(const std::optional<at::Tensor>& rl, const std::optional<at::Tensor>& cl) {
+  TORCH_CHECK(!rl && !cl, "the cuda kernels have no label mask: row_labels and col_labels "
+              "must be None");
+}
+
 at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
-                        int64_t critic, std::optional<int64_t> offset, double eps) {
+                        int64_t critic, std::optional<int64_t> offset, double eps,
+                        const std::optional<at::Tensor>& row_labels,
+                        const std::optional<at::Tensor>& col_labels) {
   MIMAC_ONE_CALL_AT_A_TIME;
+  refuse_labels(row_labels, col_labels);
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), y = y_in.contiguous();
@@ -160,8 +170,11 @@ at::Tensor rect_forward(const at::Tensor& x_in, const at::Tensor& y_in, const at
 
 Grads3 rect_backward(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inv_tau,
                      int64_t critic, std::optional<int64_t> offset, double eps, const at::Tensor& lse,
-                     const at::Tensor& g, const at::Tensor& center, bool columns_grad) {
+                     const at::Tensor& g, const at::Tensor& center, bool columns_grad,
+                     const std::optional<at::Tensor>& row_labels,
+                     const std::optional<at::Tensor>& col_labels) {
   MIMAC_ONE_CALL_AT_A_TIME;
+  refuse_labels(row_labels, col_labels);
   check_rect(x_in, y_in, inv_tau, critic);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), y = y_in.contiguous();
@@ -208,11 +221,11 @@ MIMAC_TORCH_LIBRARY(MIMAC_CUDA_OPS, m) {
   m.def("backward(Tensor a, Tensor b, Tensor inv_tau, int critic, bool all_pairs, float eps, "
         "Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, Tensor row_center, "
         "Tensor col_center) -> (Tensor grad_a, Tensor grad_b, Tensor grad_tau)");
-  m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps) "
-        "-> Tensor");
+  m.def("rect_forward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
+        "Tensor? row_labels=None, Tensor? col_labels=None) -> Tensor");
   m.def("rect_backward(Tensor x, Tensor y, Tensor inv_tau, int critic, int? offset, float eps, "
-        "Tensor lse, Tensor g, Tensor center, bool columns_grad=True) "
-        "-> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
+        "Tensor lse, Tensor g, Tensor center, bool columns_grad=True, Tensor? row_labels=None, "
+        "Tensor? col_labels=None) -> (Tensor grad_x, Tensor grad_y, Tensor grad_tau)");
 }
 
 TORCH_LIBRARY_IMPL(MIMAC_CUDA_OPS, MIMAC_CUDA_KEY, m) {

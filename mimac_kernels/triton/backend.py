@@ -173,8 +173,9 @@ def _lse_finalize(
     sums: Tensor,
 ) -> Tensor:
     """Turn shifted exp-sums ``(H, rows)`` of ``x`` against ``y`` (``operands``) into
-    log-sum-exps, redoing underflowed rows."""
+    log-sum-exps, redoing underflowed rows (a labelled row without a negative: -inf)."""
     x, y = operands
+    labels = _labels(p)
     h, rows = sums.shape
     cols, d = y.shape[1], x.shape[2]
     cfg = configs.finalize_config(d, x.element_size())
@@ -184,8 +185,8 @@ def _lse_finalize(
         kernels.lse_finalize_kernel,
         lambda bm, bn: (triton.cdiv(rows, bm), h),
         cfg,
-        x, y, inv_tau, shift, sums, lse, rows, cols, d, p.eps, _offset(p),
-        SKIP=_skips(p), LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
+        x, y, inv_tau, shift, sums, lse, rows, cols, d, p.eps, _offset(p), *labels[:2],
+        SKIP=_skips(p), LABELS=labels[2], LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
         SINGLE_D=cfg.single_d, **_precision(x.dtype),
     )  # fmt: skip
     return lse
@@ -204,6 +205,16 @@ def _offset(p: Problem | RectProblem) -> int:
     return (p.offset or 0) if isinstance(p, RectProblem) else 0
 
 
+def _labels(p: Problem | RectProblem, swapped: bool = False) -> tuple[Tensor, Tensor, bool]:
+    """The kernels' ``RL``, ``CL`` (int64, the operands' rows and columns; ``swapped``:
+    the columns' launch of ``rect_backward``) and ``LABELS``. Without labels, ``inv_tau``
+    stands in for both pointers (never read)."""
+    if isinstance(p, RectProblem) and p.labelled:
+        rl, cl = p.row_labels, p.col_labels
+        return (cl, rl, True) if swapped else (rl, cl, True)
+    return p.inv_tau, p.inv_tau, False
+
+
 def _exp_sums(
     p: Problem | RectProblem, inv_tau: Tensor, operands: tuple[Tensor, Tensor], shift: Tensor,
     sums: tuple[Tensor, Tensor],
@@ -216,6 +227,7 @@ def _exp_sums(
     h, r, d = x.shape
     c = y.shape[1]
     all_pairs = _all_pairs(p)
+    rl, cl, labelled = _labels(p)
     cfg = configs.forward_config(d, x.element_size())
     tr = triton.cdiv(r, cfg.block_m)
     # all: only the tiles on and above the diagonal run; cross: every tile.
@@ -229,8 +241,8 @@ def _exp_sums(
         kernels.fwd_exp_sums_kernel,
         lambda bm, bn: (triton.cdiv(r, bm), _col_chunks(c, bn, col_blocks), h),
         cfg,
-        x, y, inv_tau, shift, sums[0], sums[1], r, c, d, p.eps, col_blocks, _offset(p),
-        ALL=all_pairs, SKIP=_skips(p), ROWS_ONLY=isinstance(p, RectProblem),
+        x, y, inv_tau, shift, sums[0], sums[1], r, c, d, p.eps, col_blocks, _offset(p), rl, cl,
+        ALL=all_pairs, SKIP=_skips(p), LABELS=labelled, ROWS_ONLY=isinstance(p, RectProblem),
         LOG_DOT=p.critic == "log_dot", BLOCK_D=cfg.block_d,
         SINGLE_D=cfg.single_d, **_precision(x.dtype),
     )  # fmt: skip
@@ -301,16 +313,18 @@ def _bwd_rows(
     gscale: Tensor,
     one: _OneExp,
     offset: int = 0,
+    swapped: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One launch of ``bwd_rows_kernel`` for the rows of ``x`` against ``y``
     (``operands``). ``rows``: (lse, g, center) of the rows; ``cols``: (lse, g, v) of the
     columns (``v``: ``_OneExp``). ``offset``: the mask ``col == row + offset`` (rows and
-    columns swapped, its negative). Returns (dX float32 (H, R, D), temperature partials)."""
+    columns swapped, its negative, and ``swapped`` the labels). Returns (dX float32 (H, R, D), temperature partials)."""
     x, y = operands
     (lse_r, g_r, center_r), (lse_c, g_c, v_c) = rows, cols
     critic = p.critic
     h, r, d = x.shape
     c = y.shape[1]
+    rl, cl, labelled = _labels(p, swapped)
     cfg = configs.backward_config(d, x.element_size(), critic == "log_dot")
     tr, tc, slices = triton.cdiv(r, cfg.block_m), triton.cdiv(c, cfg.block_n), cfg.d_slices(d)
     col_blocks = configs.column_blocks_per_program(
@@ -330,8 +344,8 @@ def _bwd_rows(
         lambda bm, bn: (triton.cdiv(r, bm) * slices, _col_chunks(c, bn, col_blocks), h),
         cfg,
         x, y, inv_tau, lse_r, lse_c, g_r, g_c, center_r, gscale, one.shift, one.fast, v_c, dx,
-        parts, r, c, d, p.eps, col_blocks, offset,
-        SKIP=_skips(p), LOG_DOT=critic == "log_dot", ATOMIC=atomic,
+        parts, r, c, d, p.eps, col_blocks, offset, rl, cl,
+        SKIP=_skips(p), LABELS=labelled, LOG_DOT=critic == "log_dot", ATOMIC=atomic,
         GRAD_TF32=critic == "log_dot" and x.dtype == torch.float16,
         ONE_EXP=x.element_size() <= 2, BLOCK_D=cfg.block_d,
         SINGLE_D=cfg.single_d, SLICE_D=cfg.grad_d, **_precision(x.dtype),
@@ -419,6 +433,6 @@ def rect_backward(problem: RectProblem, lse: Tensor, g: Tensor, center: Tensor) 
                              parts.sum())  # fmt: skip
         dy, _ = _bwd_rows(
             problem, inv_tau, (y, x), (none_lse, none_g, none_g), (lse, g, one.v_row), gscale,
-            one, -off,
+            one, -off, swapped=True,
         )  # fmt: skip
         return RectGrads(dx, dy, parts.sum())

@@ -176,12 +176,18 @@ def _exp(x):
 
 
 @triton.jit
-def _valid(rows, rmask, cols, cmask, SKIP: tl.constexpr, offset):
+def _valid(rows, rmask, cols, cmask, SKIP: tl.constexpr, offset, RL, CL, LABELS: tl.constexpr):
     """Pairs that enter the sums: in range and, with ``SKIP``, not ``col == row + offset``
-    (the diagonal of ``all``, the self-pairs among gathered columns)."""
+    (the diagonal of ``all``, the self-pairs among gathered columns) and, with
+    ``LABELS``, not of one label (``RL`` (R,) and ``CL`` (C,) int64: PML's NTXent
+    negatives)."""
     ok = rmask[:, None] & cmask[None, :]
     if SKIP:
         ok = ok & (rows[:, None] + offset != cols[None, :])
+    if LABELS:
+        lr = tl.load(RL + rows, mask=rmask, other=0)
+        lc = tl.load(CL + cols, mask=cmask, other=0)
+        ok = ok & (lr[:, None] != lc[None, :])
     return ok
 
 
@@ -207,8 +213,8 @@ def _split_masks(X):
 @triton.jit
 def _fwd_tile(
     kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau, shift,
-    C, D, eps, offset, MASKED: tl.constexpr, ALL: tl.constexpr, SKIP: tl.constexpr,
-    ROWS_ONLY: tl.constexpr, LOG_DOT: tl.constexpr,
+    C, D, eps, offset, RL, CL, MASKED: tl.constexpr, ALL: tl.constexpr, SKIP: tl.constexpr,
+    LABELS: tl.constexpr, ROWS_ONLY: tl.constexpr, LOG_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -226,7 +232,7 @@ def _fwd_tile(
     sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
     e = _exp(sc - shift)
     if MASKED:
-        e = tl.where(_valid(rows, rmask, cols, cmask, SKIP, offset), e, 0.0)
+        e = tl.where(_valid(rows, rmask, cols, cmask, SKIP, offset, RL, CL, LABELS), e, 0.0)
     row_acc += tl.sum(e, axis=1)
     # Relaxed atomics: only the sums matter, and the next kernel launch orders every
     # add before the reads. all: the diagonal tile already holds both halves.
@@ -254,8 +260,11 @@ def fwd_exp_sums_kernel(
     eps,
     COL_BLOCKS,
     OFFSET,
+    RL,
+    CL,
     ALL: tl.constexpr,
     SKIP: tl.constexpr,
+    LABELS: tl.constexpr,
     ROWS_ONLY: tl.constexpr,
     LOG_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -307,7 +316,8 @@ def fwd_exp_sums_kernel(
         # block ([hf, k_hi)) and, for a ragged last row block, all of them (its zero
         # rows would add exp(-shift) to the column sums).
         hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
-        if (ib + 1) * BLOCK_M > R or not _split_masks(X):
+        # LABELS: every tile takes the label mask.
+        if (ib + 1) * BLOCK_M > R or not _split_masks(X) or LABELS:
             hf = k_lo
         if ALL:
             a = tl.minimum(tl.maximum(ib, k_lo), hf)
@@ -322,14 +332,16 @@ def fwd_exp_sums_kernel(
                 kb = tl.where(j >= a, j + (b - a), j)
                 row_acc = _fwd_tile(
                     kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
-                    shift, C, D, eps, OFFSET, False, ALL, SKIP, ROWS_ONLY, LOG_DOT, BLOCK_M,
+                    shift, C, D, eps, OFFSET, RL, CL, False, ALL, SKIP, LABELS, ROWS_ONLY,
+                    LOG_DOT, BLOCK_M,
                     BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
                 )  # fmt: skip
         for j in range((b - a) + (k_hi - hf)):
             kb = tl.where(j < b - a, a + j, hf + j - (b - a))
             row_acc = _fwd_tile(
                 kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
-                shift, C, D, eps, OFFSET, True, ALL, SKIP, ROWS_ONLY, LOG_DOT, BLOCK_M,
+                shift, C, D, eps, OFFSET, RL, CL, True, ALL, SKIP, LABELS, ROWS_ONLY,
+                LOG_DOT, BLOCK_M,
                 BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
             )  # fmt: skip
         tl.atomic_add(ROW_SUM + h * R + rows, row_acc, mask=rmask, sem="relaxed")
@@ -348,7 +360,10 @@ def lse_finalize_kernel(
     D,
     eps,
     OFFSET,
+    RL,
+    CL,
     SKIP: tl.constexpr,
+    LABELS: tl.constexpr,
     LOG_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -393,7 +408,8 @@ def lse_finalize_kernel(
                 BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
             )  # fmt: skip
             sc, _s = _scaled_scores(dots, inv_tau, eps, LOG_DOT)
-            sc = tl.where(_valid(rows, rmask, cols, cmask, SKIP, OFFSET), sc, float("-inf"))
+            ok = _valid(rows, rmask, cols, cmask, SKIP, OFFSET, RL, CL, LABELS)
+            sc = tl.where(ok, sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far
             acc = acc * _exp(m - m_ref) + tl.sum(_exp(sc - m_ref[:, None]), axis=1)
@@ -406,8 +422,8 @@ def lse_finalize_kernel(
 @triton.jit
 def _bwd_tile(
     kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h, REF_C_h, F_C_h,
-    ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset,
-    MASKED: tl.constexpr, SKIP: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
+    ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset, RL, CL,
+    MASKED: tl.constexpr, SKIP: tl.constexpr, LABELS: tl.constexpr, LOG_DOT: tl.constexpr, GRAD_TF32: tl.constexpr,
     ONE_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D: tl.constexpr, SLICE_D: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):  # fmt: skip
@@ -453,7 +469,7 @@ def _bwd_tile(
     t = w_r * (s - c_r[:, None])
     wq = w * inv_gs
     if MASKED:
-        valid = _valid(rows, rmask, cols, cmask, SKIP, offset)
+        valid = _valid(rows, rmask, cols, cmask, SKIP, offset, RL, CL, LABELS)
         t = tl.where(valid, t, 0.0)
         wq = tl.where(valid, wq, 0.0)
     tau_acc += tl.sum(t, axis=1)
@@ -493,8 +509,8 @@ def _bwd_interior(
         kb = tl.where(j >= a, j + (b - a), j)
         acc, tau_acc = _bwd_tile(
             kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
-            REF_C_h, F_C_h, ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset,
-            False, SKIP, LOG_DOT, GRAD_TF32, ONE_EXP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+            REF_C_h, F_C_h, ref_r, f_r, c_r, inv_tau, inv_gs, gs, C, D, eps, offset, 0, 0,
+            False, SKIP, False, LOG_DOT, GRAD_TF32, ONE_EXP, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
             SLICE_D, PREC, DOT_F32,
         )  # fmt: skip
     return acc, tau_acc
@@ -522,7 +538,10 @@ def bwd_rows_kernel(
     eps,
     COL_BLOCKS,
     OFFSET,
+    RL,
+    CL,
     SKIP: tl.constexpr,
+    LABELS: tl.constexpr,
     LOG_DOT: tl.constexpr,
     ATOMIC: tl.constexpr,
     GRAD_TF32: tl.constexpr,
@@ -608,7 +627,7 @@ def bwd_rows_kernel(
     # g_r = 0 and lse_r = +inf (no row weight, no temperature term; their dX rows are
     # not stored) and columns are all in range.
     hf = tl.maximum(tl.minimum(k_hi, C // BLOCK_N), k_lo)
-    if not _split_masks(X):
+    if not _split_masks(X) or LABELS:  # LABELS: every tile takes the label mask
         hf = k_lo
     if SKIP:
         a, b = _skip_blocks(ib, k_lo, hf, OFFSET, BLOCK_M, BLOCK_N)
@@ -643,7 +662,7 @@ def bwd_rows_kernel(
         acc, tau_acc = _bwd_tile(
             kb, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
             LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
-            True, SKIP, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
+            RL, CL, True, SKIP, LABELS, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D,
             SLICE_D, PREC, DOT_F32,
         )  # fmt: skip
     if SINGLE_D:

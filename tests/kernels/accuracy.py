@@ -274,10 +274,11 @@ def kernel_level_errors(backend: Backend, case: KernelCase, weights: float = 0.0
 
 def rect_formula(
     x: Tensor, y: Tensor, inv_tau: Tensor, critic: str, eps: float, offset: int | None,
-    g: Tensor, center: Tensor,
+    g: Tensor, center: Tensor, labels: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """The rectangular problem of ``contract.RectProblem`` as the plain dense formula, in
-    the dtype of ``x`` (float64: the oracle; float32: "plain PyTorch").
+    the dtype of ``x`` (float64: the oracle; float32: "plain PyTorch"); ``labels`` (rows',
+    columns'): pairs of one label left out as well.
 
     Returns ``(lse (H, R), grad x (H, R, D), grad y (H, C, D), centred temperature sum)``:
     the gradients of ``sum(g * lse)`` and of ``sum(g * (lse - inv_tau * center))``
@@ -295,6 +296,8 @@ def rect_formula(
         mask = torch.zeros(x.shape[1], y.shape[1], dtype=torch.bool)
         mask[rows[keep], cols[keep]] = True
         scores = scores.masked_fill(mask.to(x.device), float("-inf"))
+    if labels is not None:
+        scores = scores.masked_fill(labels[0][:, None] == labels[1][None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     g, center = g.to(x.dtype), center.to(x.dtype)
     gx, gy = torch.autograd.grad((g * lse).sum(), (x, y), retain_graph=True)
@@ -311,9 +314,11 @@ def rect_level_errors(
     centres the temperature sum element by element as the contract asks); empty: it
     matches. The backward runs from the float64 log-sum-exps rounded to float32."""
     args = (problem.inv_tau, problem.critic, problem.eps, problem.offset, g, center)
-    ref = rect_formula(problem.x.double(), problem.y.double(), *args)
+    labels = (problem.row_labels, problem.col_labels) if problem.labelled else None
+    ref = rect_formula(problem.x.double(), problem.y.double(), *args, labels=labels)
     p32 = RectProblem(problem.x.float(), problem.y.float(), problem.inv_tau.float(),
-                      problem.critic, problem.eps, problem.offset)  # fmt: skip
+                      problem.critic, problem.eps, problem.offset,
+                      row_labels=problem.row_labels, col_labels=problem.col_labels)  # fmt: skip
     p_grads = torch_backend.rect_backward(p32, ref[0].float(), g, center)
     plain = (torch_backend.rect_forward(p32), p_grads.x, p_grads.y, p_grads.inv_tau)
     lse = backend.rect_forward(problem)
@@ -324,6 +329,8 @@ def rect_level_errors(
     dots = x64 @ y64.transpose(-1, -2)
     s = dots.clamp_min(problem.eps).log() if problem.critic == "log_dot" else dots
     w = torch.exp(problem.inv_tau.double() * s - ref[0][..., None]) * g.double()[..., None]
+    if labels is not None:  # the left-out pairs are no terms of the sum
+        w = w.masked_fill(labels[0][:, None] == labels[1][None, :], 0.0)
     terms = (w * (s - center.double()[..., None])).abs().nan_to_num(posinf=0.0).sum()
     errors = []
     for i, (name, x) in enumerate(zip(("lse", "grad x", "grad y", "grad inv_tau"),

@@ -155,6 +155,28 @@ def test_opcheck_rect(namespace, offset):
     torch.library.opcheck(ops.rect_backward.default, args)
 
 
+@pytest.mark.parametrize("offset", [None, 3])
+def test_opcheck_rect_with_labels(namespace, offset):
+    """The labelled rectangular ops (int32 class ids): the cpu kernels mask pairs of one
+    id; the cuda ones take the same schema and refuse labels by name."""
+    x, y = _inputs(namespace, (2, 5, 7), seed=5), _inputs(namespace, (2, 13, 7), seed=6)
+    it = torch.tensor(2.0, device=x.device)
+    ops = _ops(namespace)
+    labels = {"row_labels": torch.tensor([0, 1, 2, 0, 1], dtype=torch.int32, device=x.device),
+              "col_labels": torch.arange(13, dtype=torch.int32, device=x.device) % 4}
+    if namespace != "mimac_cpu":
+        with pytest.raises(RuntimeError, match="no label mask"):
+            ops.rect_forward(x, y, it, 0, offset, 1e-12, **labels)
+        return
+    fwd = (_grad(x), _grad(y), it, 0, offset, 1e-12, labels["row_labels"], labels["col_labels"])
+    torch.library.opcheck(ops.rect_forward.default, fwd)
+    lse = ops.rect_forward(x, y, it, 0, offset, 1e-12, **labels)
+    assert not torch.allclose(lse, ops.rect_forward(x, y, it, 0, offset, 1e-12))
+    args = (_grad(x), _grad(y), it, 0, offset, 1e-12, lse, torch.rand_like(lse),
+            torch.randn_like(lse), True, labels["row_labels"], labels["col_labels"])
+    torch.library.opcheck(ops.rect_backward.default, args)
+
+
 # --- what the registrations promise ------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The labelled losses (``mimac_kernels.labels``): SupCon on every backend with rectangular
-kernels and PML's NTXent with labels on torch, against independent float64 formulas
+kernels and PML's NTXent with labels on torch, triton and cpu (cuda refuses it), against independent float64 formulas
 (values, input and temperature gradients, under ``tests.kernels.accuracy``'s rule), the
 drop-ins against pytorch-metric-learning, and their bad inputs."""
 
@@ -18,6 +18,8 @@ from mimac_kernels import (
     BackendUnavailable,
     NTXentLoss,
     SupConLoss,
+    dispatch,
+    labels_kernels,
     labels_torch,
     supervised_contrastive_loss,
     supervised_ntxent_loss,
@@ -394,11 +396,17 @@ def test_log_dot_is_refused_with_its_reason(fn):
         fn(p, torch.zeros(5, dtype=torch.long), critic="log_dot")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_ntxent_with_labels_refuses_other_backends(backend):
-    with pytest.raises(BackendUnavailable, match=f"backend '{backend}' cannot run .* label mask"):
-        supervised_ntxent_loss(torch.randn(5, 3), torch.zeros(5, dtype=torch.long),
-                               backend=backend)  # fmt: skip
+def test_cuda_refuses_labelled_problems():
+    """The cuda backend's refusal and a direct call, never an unmasked run."""
+    from mimac_kernels import cuda_backend, extension_backend
+    from mimac_kernels.contract import RectProblem
+
+    z, lab = torch.randn(1, 5, 3), torch.zeros(5, dtype=torch.long)
+    problem = RectProblem(z, z, torch.tensor(2.0), "dot", 1e-12, 0, row_labels=lab,
+                          col_labels=lab)  # fmt: skip
+    assert "label mask" in cuda_backend.refusal(problem)
+    with pytest.raises(ValueError, match="label mask"):
+        extension_backend.rect_forward("cuda", problem)
 
 
 def test_modules_refuse_bad_calls():
@@ -423,6 +431,15 @@ def _rank_backends() -> list[tuple[str, torch.dtype]]:
     return [("torch", torch.float64), ("cpu", torch.float32)]
 
 
+def _ntxent_rank_cases() -> list[tuple[str, torch.dtype]]:
+    """NTXent across ranks: auto in float64 (torch) and float32 (cpu), and triton where it
+    runs on CPU tensors (its interpreter)."""
+    cases = [("auto", torch.float64), ("auto", torch.float32)]
+    if dispatch.unavailable_reason("triton", torch.device("cpu"), torch.float32) is None:
+        cases.append(("triton", torch.float32))
+    return cases
+
+
 def _global_case(world: int, heads: int | None):
     shape = (world * N_LOCAL, 5) if heads is None else (heads, world * N_LOCAL, 5)
     z, labels = _case(shape, 3, seed=20 + world)
@@ -444,13 +461,13 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 module = SupConLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
                 results[(heads, backend)] = [loss.detach(), *torch.autograd.grad(loss, (x, t)),
                                              module.detach()]  # fmt: skip
-            for dtype in (torch.float64, torch.float32):  # NTXent: torch only
+            for backend, dtype in _ntxent_rank_cases():
                 x = z[..., sl, :].to(dtype).requires_grad_()
                 t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-                loss = supervised_ntxent_loss(x, labels[sl], temperature=t,
+                loss = supervised_ntxent_loss(x, labels[sl], temperature=t, backend=backend,
                                               group=dist.group.WORLD)  # fmt: skip
-                module = NTXentLoss(0.2, group=dist.group.WORLD)(x, labels[sl])
-                results[(heads, "ntxent", dtype)] = [
+                module = NTXentLoss(0.2, backend=backend, group=dist.group.WORLD)(x, labels[sl])
+                results[(heads, "ntxent", backend, dtype)] = [
                     loss.detach(), *torch.autograd.grad(loss, (x, t)), module.detach()
                 ]
         # One label per rank: each rank alone has no negative, the batch has.
@@ -478,8 +495,8 @@ def test_ranks_match_single_process(tmp_path):
         z.requires_grad_()
         t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
         cases = [(supcon_formula, (heads, backend), dtype) for backend, dtype in _rank_backends()]
-        cases += [(ntxent_formula, (heads, "ntxent", dtype), dtype)
-                  for dtype in (torch.float64, torch.float32)]  # fmt: skip
+        cases += [(ntxent_formula, (heads, "ntxent", backend, dtype), dtype)
+                  for backend, dtype in _ntxent_rank_cases()]  # fmt: skip
         for formula, key, dtype in cases:
             single = formula(z, labels, t)
             grad_z, grad_t = torch.autograd.grad(single, (z, t))
@@ -500,3 +517,142 @@ def test_ranks_match_single_process(tmp_path):
     assert expected > 0
     values = torch.stack([r["split"] for r in per_rank])
     torch.testing.assert_close(values.mean(), expected, rtol=1e-10, atol=1e-10)
+
+
+# --- NTXent with labels on the backends ----------------------------------------------------
+
+
+def _ntxent_on(runner, shape, **kwargs):
+    """Whether ``runner`` runs PML's NTXent with labels: cuda refuses it by name (checked
+    here), triton in its interpreter takes the small shapes only."""
+    if runner.name == "cuda":
+        z = torch.randn(shape, device=runner.device)
+        with pytest.raises(BackendUnavailable, match="label mask"):
+            supervised_ntxent_loss(z, torch.zeros(shape[-2], dtype=torch.long,
+                                                  device=runner.device), backend=runner.name)
+        return False
+    if runner.interpreted and shape[-2] > 30:
+        pytest.skip("Triton's interpreter: the small shapes cover its labelled kernels")
+    return True
+
+
+@pytest.mark.parametrize("critic", ["cosine", "dot"])
+@pytest.mark.parametrize("shape,classes", SHAPES, ids=str)
+def test_ntxent_with_labels_on_backends_matches_float64(runner, shape, classes, critic):
+    if not _ntxent_on(runner, shape):
+        return
+    z, labels = _case(shape, classes, seed=3, device=runner.device)
+    if critic == "dot":
+        z = 0.3 * z
+
+    def ours(x, y, t):
+        return supervised_ntxent_loss(x, y, temperature=t, critic=critic, backend=runner.name)
+
+    def formula(x, y, t):
+        return ntxent_formula(x, y, t, critic)
+
+    _assert_matches_formula(ours, formula, z, labels, 0.07 if critic == "cosine" else 0.5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_ntxent_with_labels_on_backends_reductions(runner, reduction):
+    if not _ntxent_on(runner, (2, 23, 6)):
+        return
+    z, labels = _case((2, 23, 6), 3, seed=4, device=runner.device)
+    weights = torch.rand(2, 23, generator=torch.Generator().manual_seed(5)).to(runner.device)
+
+    def weighted(fn):
+        def f(x, y, t):
+            out = fn(x, y, t, reduction=reduction)
+            return out if reduction == "sum" else (out * weights.to(out.dtype)).sum()
+        return f
+
+    ours = weighted(lambda x, y, t, **k: supervised_ntxent_loss(
+        x, y, temperature=t, backend=runner.name, **k))
+    _assert_matches_formula(ours, weighted(ntxent_formula), z, labels, 0.1)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_ntxent_with_labels_half_inputs_match_float64(runner, dtype):
+    """Half rows: the kernels take the normalised rows in that dtype (the slack of a
+    backward that rounds its weights added to the gradients' bound, as for SupCon)."""
+    if not _ntxent_on(runner, (2, 29, 7)):
+        return
+    z, labels = _case((2, 29, 7), 4, seed=9, device=runner.device)
+    z = z.to(dtype)
+
+    def ours(x, y, t):
+        return supervised_ntxent_loss(x, y, temperature=t, backend=runner.name)
+
+    got = _value_and_grads(ours, z, labels, 0.1, dtype)
+    plain = _value_and_grads(ntxent_formula, z, labels, 0.1, dtype)
+    ref = _value_and_grads(ntxent_formula, z.double(), labels, 0.1, torch.float64)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for i, (name, x, p, r) in enumerate(zip(["loss", "grad z", "grad tau"], got, plain, ref)):
+        bound = error_bound(max_abs_err(p, r), dtype, r)
+        if i:
+            bound += 2.0 * weight_eps(runner.name, dtype) * float(r.abs().max())
+        err = max_abs_err(x, r)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.arange(9), torch.zeros(9, dtype=torch.long), torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 2])],
+    ids=["classes-of-one", "no-negative", "big-class"],
+)
+def test_ntxent_with_labels_edge_batches_on_backends(runner, labels):
+    """Classes of one row (no positive pair: 0, gradient 0), one label for all (no anchor
+    has a negative: PML's 0), and a large class with two singletons."""
+    if not _ntxent_on(runner, (9, 4)):
+        return
+    z = _case((9, 4), 2, seed=11)[0].to(runner.device)
+    labels = labels.to(runner.device)
+
+    def ours(x, y, t):
+        return supervised_ntxent_loss(x, y, temperature=t, backend=runner.name)
+
+    got = _value_and_grads(ours, z, labels, 0.2, torch.float32)
+    if labels.unique().numel() in (1, 9):
+        assert all(float(g.abs().max()) == 0.0 for g in got)
+    _assert_matches_formula(ours, ntxent_formula, z, labels, 0.2)
+
+
+def test_ntxent_kernels_against_gathered_columns(runner):
+    """The rectangular path of ``group=``: local rows against more columns (another
+    rank's before and after them, ``offset``), with a class only on the other ranks and
+    an anchor whose negatives all lie there, against the torch blocks in float64."""
+    if not _ntxent_on(runner, (2, 11, 5)) or runner.name == "torch":
+        return
+    gen = torch.Generator().manual_seed(13)
+    cols = F.normalize(torch.randn(2, 29, 5, generator=gen), dim=-1)
+    offset = 9
+    rows = cols[:, offset : offset + 11]
+    col_labels = torch.randint(0, 3, (29,), generator=gen)
+    col_labels[offset : offset + 11] = torch.randint(0, 2, (11,), generator=gen)
+    col_labels[0] = 7  # a class of the other ranks only
+    row_labels = col_labels[offset : offset + 11]
+    g = torch.rand(2, 11, generator=gen)
+    it = torch.tensor(1 / 0.1)
+
+    def run(fn, x, y, t):
+        x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+        t = t.clone().requires_grad_()
+        out = fn(x, y, t)
+        return [out.detach(), *torch.autograd.grad((out * g.to(out.dtype)).sum(), (x, y, t))]
+
+    dev = runner.device
+    ours = run(lambda x, y, t: labels_kernels.LabelledNTXentKernels.apply(
+        x, y, t, row_labels.to(dev), col_labels.to(dev), offset, "cosine", 1e-12, runner.name),
+        rows.to(dev), cols.to(dev), it.to(dev))
+    ref = run(lambda x, y, t: labels_torch_function(x, y, t, row_labels, col_labels, offset),
+              rows.double(), cols.double(), it.double())
+    for name, a, r in zip(["sums", "grad x", "grad y", "grad inv_tau"], ours, ref):
+        torch.testing.assert_close(a.cpu().double(), r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def labels_torch_function(x, y, t, row_labels, col_labels, offset):
+    """The torch blocks' per-anchor sums with their gradients (``labels._LabelledNTXent``)."""
+    from mimac_kernels.labels import _LabelledNTXent
+
+    return _LabelledNTXent.apply(x, y, t, row_labels, col_labels, offset)

@@ -52,6 +52,61 @@ def test_rect_matches_float64(runner, shape, critic, dtype):
     assert errors == []
 
 
+#: (H, R, C, D, offset) of the labelled problem: odd shapes, several row and column
+#: blocks, an offset and none.
+LABELLED_SHAPES = [(1, 5, 9, 3, 0), (2, 17, 17, 5, 0), (2, 33, 70, 7, 20), (1, 40, 66, 6, None)]
+
+
+def _labelled(shape, critic, dtype, device, seed=5):
+    """A labelled problem: 3 classes, the rows' own columns of their label (as the gathered
+    batch has them), every row with a negative."""
+    problem, g, center = _case(shape, critic, dtype, device, seed)
+    r, c, offset = shape[1], shape[2], shape[4]
+    gen = torch.Generator().manual_seed(seed + 7)
+    rl, cl = torch.randint(0, 3, (r,), generator=gen), torch.randint(0, 3, (c,), generator=gen)
+    if offset is not None:
+        cl[offset : offset + r] = rl[: c - offset]
+    cl[0], cl[1] = 100, 101  # labels of no row: every row has a negative
+    p = RectProblem(problem.x, problem.y, problem.inv_tau, critic, 1e-12, offset,
+                    row_labels=rl.to(device) * 1000 - 5, col_labels=cl.to(device) * 1000 - 5)
+    return p, g, center
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("critic", ["cosine", "dot"])
+@pytest.mark.parametrize("shape", LABELLED_SHAPES, ids=str)
+def test_labelled_rect_matches_float64(runner, shape, critic, dtype):
+    """Pairs of one label left out like the self-pair (PML's NTXent negatives) on the
+    backends with the label mask; cuda refuses by name."""
+    problem, g, center = _labelled(shape, critic, dtype, runner.device)
+    if runner.name == "cuda":
+        assert "label mask" in runner.impl.refusal(problem)
+        return
+    assert dispatch.refusal(runner.name, problem) is None
+    errors = rect_level_errors(runner.impl, problem, g, center, weight_eps(runner.name, dtype))
+    assert errors == []
+
+
+def test_labelled_rect_differs_from_unlabelled():
+    """The label mask changes the sums (a test of it can fail)."""
+    problem, _, _ = _labelled((2, 17, 17, 5, 0), "cosine", torch.float64, "cpu")
+    plain = RectProblem(problem.x, problem.y, problem.inv_tau, "cosine", 1e-12, 0)
+    assert not torch.allclose(torch_backend.rect_forward(plain),
+                              torch_backend.rect_forward(problem))  # fmt: skip
+
+
+def test_labelled_rect_problem_checks_its_labels():
+    x, y, it = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.tensor(2.0)
+    with pytest.raises(ValueError, match="together"):
+        RectProblem(x, y, it, "dot", 1e-12, row_labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="col_labels must be an integer"):
+        RectProblem(x, y, it, "dot", 1e-12, row_labels=torch.zeros(3, dtype=torch.long),
+                    col_labels=torch.zeros(5))
+    with pytest.raises(ValueError, match=r"row_labels must have shape \(3,\)"):
+        RectProblem(x, y, it, "dot", 1e-12, row_labels=torch.zeros(5, dtype=torch.long),
+                    col_labels=torch.zeros(5, dtype=torch.long))
+
+
 def test_rect_offset_outside_the_columns_skips_nothing():
     """An offset whose pairs all lie past the columns is the problem without an offset."""
     problem, _, _ = _case((2, 6, 9, 4, None), "cosine", torch.float64, "cpu")

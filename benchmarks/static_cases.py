@@ -32,6 +32,7 @@ class StaticCase:
     cols: int = 0  # rect: gathered columns
     offset: int | None = 0  # rect: where this rank's own columns start; None: no mask
     columns_grad: bool = True  # rect: False where the columns are a detached queue
+    labels: bool = False  # rect: pairs of one label masked (PML's NTXent with labels)
 
     @property
     def n(self) -> int:
@@ -55,6 +56,11 @@ CASES = (
     # bank, nothing masked; the bank is detached: no launch forms its gradient.
     StaticCase("Queue 65,536 queries x K=65,536 D=128 (nothing masked)", "rect", 65536, 128,
                0.1, cols=65536, offset=None, columns_grad=False),
+    # PML's NTXent with labels: its negatives' log-sum-exp, every row against every row
+    # with the pairs of one label masked in every tile (the positives' per-pair terms
+    # run in torch over label-sorted blocks: not modelled). The cuda backend refuses it.
+    StaticCase("NTXent with labels M=65,536 D=128 (label-masked negatives)", "rect", 65536,
+               128, 0.07, cols=65536, offset=None, labels=True),
 )
 
 

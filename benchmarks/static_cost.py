@@ -248,7 +248,7 @@ def estimate_case(case: StaticCase, rates: Rates = H100, cache: dict | None = No
     cache = {} if cache is None else cache
     plan = launch_plan(case.pairing, case.n, case.d, case.dtype, sms=rates.sms,
                        cols=case.cols or None, offset=case.offset,
-                       columns_grad=case.columns_grad)  # fmt: skip
+                       columns_grad=case.columns_grad, labels=case.labels)  # fmt: skip
     fin_cfg = next(lc.cfg for lc in plan if lc.kind == "finalize")
     frac = resweep_fraction(case, fin_cfg.block_m)
     sides = iter(["rows", "cols"])

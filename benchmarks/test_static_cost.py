@@ -184,6 +184,8 @@ out["not_modelled"] = static_cost.NOT_MODELLED
 out["rect_kinds"] = [[lc.kind for lc in launch_plan("rect", 64, 32, cols=128, offset=None,
                                                       columns_grad=grad)] for grad in (True, False)]
 out["queue_columns_grad"] = [c.columns_grad for c in static_cost.CASES if c.pairing == "rect"]
+out["labelled_kinds"] = [[lc.kind, lc.args["LABELS"]] for lc in launch_plan(
+    "rect", 64, 32, cols=64, offset=None, labels=True)]
 prof = static_cost.profile(rect[0])
 out["rect_fwd"] = {"per_tile": prof.per_tile, "unroll": prof.unroll,
                    "cfg": [rect[0].cfg.block_m, rect[0].cfg.block_n, rect[0].cfg.num_warps]}
@@ -345,10 +347,14 @@ def test_the_multi_rank_case_is_modelled(compiled: dict) -> None:
     """(Read in the child process: importing ``static_cost`` drops the interpreter.)"""
     # One rank across 8, SupCon (rows = columns), the queue against its bank.
     assert compiled["rect_cases"] == [[8192, 65536, 128, "bf16"], [65536, 65536, 128, "bf16"],
+                                      [65536, 65536, 128, "bf16"],
                                       [65536, 65536, 128, "bf16"]]  # fmt: skip
     assert compiled["not_modelled"] == {}
     # The queue is detached: its plan has no dY launch; the other rect cases keep theirs.
-    assert compiled["queue_columns_grad"] == [True, True, False]
+    assert compiled["queue_columns_grad"] == [True, True, False, True]
+    # PML's NTXent with labels: every launch compiled with the label mask.
+    assert compiled["labelled_kinds"] == [["fwd", True], ["finalize", True], ["bwd", True],
+                                          ["bwd", True]]  # fmt: skip
     assert compiled["rect_kinds"] == [["fwd", "finalize", "bwd", "bwd"], ["fwd", "finalize", "bwd"]]
 
 

@@ -55,9 +55,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _common(dtype: str, cfg: TileConfig, log_dot: bool, skip: bool, offset: int) -> dict:
+def _common(dtype: str, cfg: TileConfig, log_dot: bool, skip: bool, offset: int,
+            labels: bool = False) -> dict:  # fmt: skip
     return {
-        "SKIP": skip, "OFFSET": offset, "RL": Ptr("i64"), "CL": Ptr("i64"), "LABELS": False,
+        "SKIP": skip, "OFFSET": offset, "RL": Ptr("i64"), "CL": Ptr("i64"), "LABELS": labels,
         "LOG_DOT": log_dot, "BLOCK_M": cfg.block_m,
         "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "SINGLE_D": cfg.single_d,
         "PREC": configs.float32_precision() if dtype == "fp32" else "ieee", "DOT_F32": False,
@@ -70,6 +71,7 @@ PAIRINGS = ("all", "cross", "rect")
 def launch_plan(
     pairing: str, n: int, d: int, dtype: str = "bf16", log_dot: bool = False, *, sms: int = 132,
     cols: int | None = None, offset: int | None = 0, columns_grad: bool = True,
+    labels: bool = False,
 ) -> list[Launch]:
     """The launches of one forward + backward, in order, for ``H = 1`` head.
 
@@ -89,7 +91,7 @@ def launch_plan(
     if pairing == "rect":
         if cols is None or cols < 1:
             raise ValueError(f"rect needs cols >= 1 gathered columns, got cols={cols}")
-        return _rect_plan(n, cols, d, dtype, log_dot, sms, offset, columns_grad)
+        return _rect_plan(n, cols, d, dtype, log_dot, sms, offset, columns_grad, labels)
     size = ELEMENT[dtype]
     target = configs.PROGRAMS_PER_SM * sms
     all_pairs = pairing == "all"
@@ -121,7 +123,8 @@ def launch_plan(
 
 
 def _bwd_launch(rows: int, cols: int, d: int, dtype: str, log_dot: bool, target: int,
-                skip: bool, offset: int, all_pairs: bool = False) -> Launch:  # fmt: skip
+                skip: bool, offset: int, all_pairs: bool = False,
+                labels: bool = False) -> Launch:  # fmt: skip
     """One ``bwd_rows_kernel`` launch of ``rows`` against ``cols`` (``backend._bwd_rows``)."""
     x, f32 = Ptr(dtype), Ptr("fp32")
     cfg = configs.backward_config(d, ELEMENT[dtype], log_dot)
@@ -134,13 +137,14 @@ def _bwd_launch(rows: int, cols: int, d: int, dtype: str, log_dot: bool, target:
             "eps": 1e-12, "COL_BLOCKS": cb, "ATOMIC": chunks > 1 or not cfg.single_d,
             "FAST": Ptr("i32"), "GRAD_TF32": log_dot and dtype == "fp16",
             "ONE_EXP": ELEMENT[dtype] <= 2, "SLICE_D": cfg.grad_d,
-            **_common(dtype, cfg, log_dot, skip, offset)}  # fmt: skip
+            **_common(dtype, cfg, log_dot, skip, offset, labels)}  # fmt: skip
     grid = (tr * slices, chunks, 1)
     return Launch("bwd", K.bwd_rows_kernel, cfg, grid, args, rows, cols, d, cb, all_pairs)
 
 
 def _rect_plan(r: int, c: int, d: int, dtype: str, log_dot: bool, sms: int,
-               offset: int | None, columns_grad: bool = True) -> list[Launch]:  # fmt: skip
+               offset: int | None, columns_grad: bool = True,
+               labels: bool = False) -> list[Launch]:  # fmt: skip
     """``triton.backend.rect_forward`` + ``rect_backward``: exp sums (rows only, every
     tile), finalize, then dX (x against y) and, with ``columns_grad``, dY (y against x,
     the offset negated)."""
@@ -153,17 +157,18 @@ def _rect_plan(r: int, c: int, d: int, dtype: str, log_dot: bool, sms: int,
     cb = configs.column_blocks_per_program(tr, tc, tr * tc, target)
     args = {"X": x, "Y": x, "INV_TAU": f32, "SHIFT": f32, "ROW_SUM": f32, "COL_SUM": f32,
             "R": r, "C": c, "D": d, "eps": 1e-12, "COL_BLOCKS": cb, "ALL": False,
-            "ROWS_ONLY": True, **_common(dtype, cfg, log_dot, skip, off)}  # fmt: skip
+            "ROWS_ONLY": True, **_common(dtype, cfg, log_dot, skip, off, labels)}  # fmt: skip
     plan = [Launch("fwd", K.fwd_exp_sums_kernel, cfg, (tr, _cdiv(tc, cb), 1), args, r, c, d, cb,
                    False)]  # fmt: skip
     cfg = configs.finalize_config(d, size)
     args = {"X": x, "Y": x, "INV_TAU": f32, "SHIFT": f32, "SUM": f32, "LSE": f32,
-            "R": r, "C": c, "D": d, "eps": 1e-12, **_common(dtype, cfg, log_dot, skip, off)}
+            "R": r, "C": c, "D": d, "eps": 1e-12,
+            **_common(dtype, cfg, log_dot, skip, off, labels)}
     plan.append(Launch("finalize", K.lse_finalize_kernel, cfg, (_cdiv(r, cfg.block_m), 1, 1),
                        args, r, c, d, _cdiv(c, cfg.block_n), False))  # fmt: skip
-    plan.append(_bwd_launch(r, c, d, dtype, log_dot, target, skip, off))
+    plan.append(_bwd_launch(r, c, d, dtype, log_dot, target, skip, off, labels=labels))
     if columns_grad:
-        plan.append(_bwd_launch(c, r, d, dtype, log_dot, target, skip, -off))
+        plan.append(_bwd_launch(c, r, d, dtype, log_dot, target, skip, -off, labels=labels))
     return plan
 
 

@@ -327,15 +327,15 @@ def fwd_exp_sums_kernel(
         else:
             a = k_lo
             b = k_lo
-        if _split_masks(X):
-            for j in range(k_lo, hf - (b - a)):
-                kb = tl.where(j >= a, j + (b - a), j)
-                row_acc = _fwd_tile(
-                    kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h, inv_tau,
-                    shift, C, D, eps, OFFSET, RL, CL, False, ALL, SKIP, LABELS, ROWS_ONLY,
-                    LOG_DOT, BLOCK_M,
-                    BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
-                )  # fmt: skip
+        if _split_masks(X):  # noqa: SIM102 - two static conditions (constexpr folding)
+            if not LABELS:  # with labels no tile is unmasked: the loop is not compiled
+                for j in range(k_lo, hf - (b - a)):
+                    kb = tl.where(j >= a, j + (b - a), j)
+                    row_acc = _fwd_tile(
+                        kb, ib, x, row_acc, rows, rmask, rows64, offs_d, X_h, Y_h, COL_h,
+                        inv_tau, shift, C, D, eps, OFFSET, RL, CL, False, ALL, SKIP, LABELS,
+                        ROWS_ONLY, LOG_DOT, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, PREC, DOT_F32,
+                    )  # fmt: skip
         for j in range((b - a) + (k_hi - hf)):
             kb = tl.where(j < b - a, a + j, hf + j - (b - a))
             row_acc = _fwd_tile(
@@ -638,25 +638,27 @@ def bwd_rows_kernel(
     # [UNDERFLOW, OVERFLOW] around the shift, so lse - shift is in [-41.6, 16.6] and the
     # factors g e^(shift - lse) are finite; the interior tiles then take one exponential
     # per element. Otherwise (and on masked tiles) two, against each side's own lse.
-    fast = False
-    if ONE_EXP:
-        fast = tl.load(FAST + h) != 0
-    if fast:
-        shift = tl.load(SHIFT + h)
-        u_r = g_r * _exp(shift - lse_r)  # rows past R: 0 * e^-inf = 0
-        acc, tau_acc = _bwd_interior(
-            k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
-            LSE_C + h * C, V_C + h * C, shift, u_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
-            SKIP, LOG_DOT, GRAD_TF32, True, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, SLICE_D, PREC,
-            DOT_F32,
-        )  # fmt: skip
-    elif _split_masks(X):
-        acc, tau_acc = _bwd_interior(
-            k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
-            LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
-            SKIP, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, SLICE_D, PREC,
-            DOT_F32,
-        )  # fmt: skip
+    # With labels every tile is masked: the interior loops are not compiled.
+    if not LABELS:
+        fast = False
+        if ONE_EXP:
+            fast = tl.load(FAST + h) != 0
+        if fast:
+            shift = tl.load(SHIFT + h)
+            u_r = g_r * _exp(shift - lse_r)  # rows past R: 0 * e^-inf = 0
+            acc, tau_acc = _bwd_interior(
+                k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+                LSE_C + h * C, V_C + h * C, shift, u_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
+                SKIP, LOG_DOT, GRAD_TF32, True, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, SLICE_D, PREC,
+                DOT_F32,
+            )  # fmt: skip
+        elif _split_masks(X):
+            acc, tau_acc = _bwd_interior(
+                k_lo, hf, a, b, x, acc, tau_acc, rows, rmask, rows64, offs_d, d_lo, X_h, Y_h, DX_h,
+                LSE_C + h * C, G_C + h * C, lse_r, g_r, c_r, inv_tau, inv_gs, gs, C, D, eps, OFFSET,
+                SKIP, LOG_DOT, GRAD_TF32, False, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, SLICE_D, PREC,
+                DOT_F32,
+            )  # fmt: skip
     for j in range((b - a) + (k_hi - hf)):
         kb = tl.where(j < b - a, a + j, hf + j - (b - a))
         acc, tau_acc = _bwd_tile(

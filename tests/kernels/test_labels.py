@@ -145,15 +145,22 @@ def test_supcon_half_inputs_match_float64(runner, dtype):
     """bfloat16 and float16 rows: the kernels take the normalised rows in that dtype; the
     rule's slack for a backward that rounds its weights (``weight_eps``) is added to the
     gradient's bound."""
+    _assert_half_matches_float64(supervised_contrastive_loss, supcon_formula, runner, dtype)
+
+
+def _assert_half_matches_float64(loss, formula, runner, dtype) -> None:
+    """``loss`` on ``runner``'s backend with half rows ``(2, 29, 7)``, 4 classes, against
+    ``formula`` in float64; bound: the rule's plain error in ``dtype`` plus, for the
+    gradients, twice the backend's rounding of its weights (``weight_eps``)."""
     z, labels = _case((2, 29, 7), 4, seed=9, device=runner.device)
     z = z.to(dtype)
 
     def ours(x, y, t):
-        return supervised_contrastive_loss(x, y, temperature=t, backend=runner.name)
+        return loss(x, y, temperature=t, backend=runner.name)
 
     got = _value_and_grads(ours, z, labels, 0.1, dtype)
-    plain = _value_and_grads(supcon_formula, z, labels, 0.1, dtype)
-    ref = _value_and_grads(supcon_formula, z.double(), labels, 0.1, torch.float64)
+    plain = _value_and_grads(formula, z, labels, 0.1, dtype)
+    ref = _value_and_grads(formula, z.double(), labels, 0.1, torch.float64)
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
     for i, (name, x, p, r) in enumerate(zip(["loss", "grad z", "grad tau"], got, plain, ref)):
         bound = error_bound(max_abs_err(p, r), dtype, r)
@@ -578,22 +585,7 @@ def test_ntxent_with_labels_half_inputs_match_float64(runner, dtype):
     backward that rounds its weights added to the gradients' bound, as for SupCon)."""
     if not _ntxent_on(runner, (2, 29, 7)):
         return
-    z, labels = _case((2, 29, 7), 4, seed=9, device=runner.device)
-    z = z.to(dtype)
-
-    def ours(x, y, t):
-        return supervised_ntxent_loss(x, y, temperature=t, backend=runner.name)
-
-    got = _value_and_grads(ours, z, labels, 0.1, dtype)
-    plain = _value_and_grads(ntxent_formula, z, labels, 0.1, dtype)
-    ref = _value_and_grads(ntxent_formula, z.double(), labels, 0.1, torch.float64)
-    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
-    for i, (name, x, p, r) in enumerate(zip(["loss", "grad z", "grad tau"], got, plain, ref)):
-        bound = error_bound(max_abs_err(p, r), dtype, r)
-        if i:
-            bound += 2.0 * weight_eps(runner.name, dtype) * float(r.abs().max())
-        err = max_abs_err(x, r)
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+    _assert_half_matches_float64(supervised_ntxent_loss, ntxent_formula, runner, dtype)
 
 
 @pytest.mark.parametrize(

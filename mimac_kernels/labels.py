@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mimac_kernels import dispatch, distributed, labels_kernels, labels_torch
-from mimac_kernels.contract import LABEL_MASK_REFUSAL, RectProblem
+from mimac_kernels.contract import RectProblem
 from mimac_kernels.distributed import _RectLoss
 from mimac_kernels.functional import (
     _check,
@@ -38,8 +38,6 @@ LOG_DOT_REFUSAL = (
     "critic='log_dot' takes no labels: log(z_i . z_p) is not linear in z_p, so the "
     "positives' sum has no O(N D) form"
 )
-#: Why the cuda backend refuses PML's NTXent with labels.
-NTXENT_REFUSAL = LABEL_MASK_REFUSAL
 
 
 def supervised_contrastive_loss(

@@ -4,32 +4,31 @@ a peer is not installed, a failure under CI, which installs every peer (``.ci/ru
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 import pytest
 
 from benchmarks import peer_losses
 
+T = TypeVar("T")
+
 
 def lightly_ntxent_class() -> type:
     """lightly's ``NTXentLoss`` from its own source files, without torchvision."""
-    try:
-        return peer_losses.lightly_ntxent_class()
-    except ModuleNotFoundError as exc:
-        _missing(exc, "lightly==1.6.0")
-        raise
+    return _load(peer_losses.lightly_ntxent_class, "lightly==1.6.0")
 
 
 def open_clip_loss_module() -> ModuleType:
     """open_clip's ``loss.py`` on its own (its package pulls in torchvision and timm)."""
+    return _load(peer_losses.open_clip_loss_module, "open_clip_torch")
+
+
+def _load(loader: Callable[[], T], package: str) -> T:
     try:
-        return peer_losses.open_clip_loss_module()
+        return loader()
     except ModuleNotFoundError as exc:
-        _missing(exc, "open_clip_torch")
-        raise
-
-
-def _missing(exc: ModuleNotFoundError, package: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{exc} (CI installs {package} --no-deps)")
-    pytest.skip(str(exc))
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (CI installs {package} --no-deps)")
+        pytest.skip(str(exc))

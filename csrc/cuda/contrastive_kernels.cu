@@ -1001,13 +1001,457 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
 #endif
 }
 
+// --- fragment kernels: 16-bit inputs on the fast path ------------------------------------------
+//
+// The score tile never leaves registers. A CTA of RW = 2 warps owns BM = 64 rows, each
+// warp 32 of them (two m16 tiles) against all BN = 64 columns of a tile (eight n8
+// tiles): per k-step a warp loads 2 A and 4 B ldmatrix.x4 for 16 mma.sync, 1.5 fragment
+// bytes per score element against 2 for the 2 x 2 grid above. Both kernels keep the
+// CTA's X rows resident and the whole Y tile (all of D) double-buffered across tiles by
+// 16-byte cp.async, so the next tile's copy overlaps this tile's work.
+//   forward   the online log-sum-exp runs on the accumulators: each lane holds 16
+//             scores of each of its 4 rows, a row's 64 live in the 4 lanes of a quad
+//             (two xor shuffles give the tile's row max); each lane keeps its own
+//             partial sum, the quad adds them once at the end.
+//   backward  (bf16 only) V is formed on the accumulators too, and the mma.sync C
+//             layout of two adjacent n8 tiles is the A layout of one k16 step: V goes
+//             straight into dX += V Y as bf16 hi + lo fragments (no S or V round trip
+//             through shared memory); Y's B fragments come from the same staged tile by
+//             ldmatrix.trans. A warp's dX accumulators are 32 rows x DO.
+// Interior tiles (no masked pair) skip the mask tests; the backward's one-exponential
+// form and its window vote are those of lse_backward_kernel.
+//
+// MIMAC_COST_FORM (the static cost model's compile, benchmarks/cuda_cost.py, never a
+// build that runs): 1 compiles only the interior tiles' pass in the one-exponential
+// form, 2 only the exact form, so that the SASS of the column loop is the code a tile
+// of that form runs (a static count cannot tell which side of a per-tile branch runs).
+
+constexpr int RW = 2;                 // warps per CTA of the fragment kernels
+constexpr int RNT = 32 * RW;          // their threads per CTA
+constexpr int RMI = BM / (16 * RW);   // m16 tiles per warp: a warp owns 32 rows
+constexpr int RNJ = BN / 8;           // n8 tiles per row band
+static_assert(RNT == BN && RNT == BM, "one thread per column (statistics) and per row");
+
+// A Y tile: BN rows, all of D padded to whole KC chunks (stride x_ld, as the resident X).
+template <typename T>
+__host__ __device__ constexpr size_t y_tile_bytes(int64_t d) {
+  return align128(BN * x_ld<T>(d) * sizeof(T));
+}
+// [resident X] [Y tile 0] [Y tile 1]
+template <typename T>
+__host__ __device__ constexpr size_t fwd_frag_smem(int64_t d) {
+  return x_bytes<T>(d) + 2 * y_tile_bytes<T>(d);
+}
+// The backward's statistics ahead of the tiles, at fixed offsets (no address registers):
+// [column statistics: lse, g, centre, one-exponential factor] [row statistics: the same]
+// [reduction scratch] [per-thread temperature sums] [resident X] [Y tile 0] [Y tile 1]
+constexpr size_t kFragStats = 4 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + RNT * sizeof(double);
+static_assert(kFragStats % 128 == 0 && RW * sizeof(double) <= 128, "tiles stay 128-byte aligned");
+template <typename T>
+__host__ __device__ constexpr size_t bwd_frag_smem(int64_t d) {
+  return kFragStats + fwd_frag_smem<T>(d);
+}
+
+// The 64 rows row0.. of an operand, columns [0, width) (width: whole KC chunks), into
+// dst (stride ld) by 16-byte cp.async; zeros past the operand's rows and past D. A
+// thread copies vector (tid % 8) of every KC chunk in rows tid / 8 + 8 i: no division.
+template <typename T>
+__device__ __forceinline__ void issue_rows(T* dst, int ld, const Rows<T>& o, int64_t row0, int64_t d,
+                                           int width) {
+  constexpr int V = vec_elems<T>();
+  static_assert(KC == 8 * V && RNT == 64, "8 vectors per chunk row, 8 rows per pass");
+  const int cv = (threadIdx.x & 7) * V, r0 = threadIdx.x >> 3;
+  for (int kc = 0; kc < width; kc += KC) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = r0 + 8 * i, c = kc + cv;
+      const int64_t gr = row0 + r;
+      T* to = dst + r * ld + c;
+      if (gr < o.n && c < d) {
+        __pipeline_memcpy_async(to, row_start(o, gr, d) + c, 16);
+      } else {
+        *reinterpret_cast<uint4*>(to) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  }
+}
+
+// acc[mi][nj] = S of the warp's rows (m16 tile mi) against tile columns nj * 8.. over all
+// of D: `xa` and `yb` are this lane's ldmatrix row addresses in the resident X and the
+// Y tile (see tile_dots), `width` whole KC chunks (zeros past D).
+template <typename T, int kNJ = RNJ>
+__device__ __forceinline__ void frag_scores(float (&acc)[RMI][kNJ][4], const T* xa, const T* yb,
+                                            int ld, int width) {
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.0f;
+  for (int kc = 0; kc < width; kc += KC) {
+#pragma unroll
+    for (int ks = 0; ks < KC; ks += 16) {
+      unsigned fa[RMI][4];
+#pragma unroll
+      for (int mi = 0; mi < RMI; ++mi) ldsm_x4<false>(fa[mi], xa + mi * 16 * ld + kc + ks);
+#pragma unroll
+      for (int nb = 0; nb < kNJ / 2; ++nb) {
+        unsigned fb[4];
+        ldsm_x4<false>(fb, yb + nb * 16 * ld + kc + ks);
+#pragma unroll
+        for (int mi = 0; mi < RMI; ++mi) {
+          mma_16816<T>(acc[mi][2 * nb], fa[mi], fb[0], fb[1]);
+          mma_16816<T>(acc[mi][2 * nb + 1], fa[mi], fb[2], fb[3]);
+        }
+      }
+    }
+  }
+}
+
+// Whether the tile (row0, col0) runs the masked pass (any masked pair), as the cost
+// model's compile sees it (MIMAC_COST_FORM: interior tiles only).
+__device__ __forceinline__ bool frag_masked_tile(const Pass& p, int64_t row0, int64_t col0) {
+#if defined(MIMAC_COST_FORM)
+  (void)p, (void)row0, (void)col0;
+  return false;
+#else
+  return tile_has_mask(p, row0, col0);
+#endif
+}
+
+// The largest `v` of the CTA's threads (NaN skipped); RW floats of scratch, a barrier.
+__device__ __forceinline__ float frag_block_max(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = scratch[0];
+#pragma unroll
+  for (int w = 1; w < RW; ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+template <typename T, int kCritic>
+__global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
+  T* xs = reinterpret_cast<T*>(smem);
+  T* ys = reinterpret_cast<T*>(smem + x_bytes<T>(p.d));
+  const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
+
+  const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const Ops<T> op = head_operands<T>(p, h);
+  issue_rows(xs, ld, op.x, row0, p.d, width);
+  issue_rows(ys, ld, op.y, 0, p.d, width);
+  __pipeline_commit();
+  const float it = *p.inv_tau;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
+  const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
+  const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  // Row (mi, hf) of this lane: warp * 32 + mi * 16 + hf * 8 + g. Running max (natural
+  // log, shared by the quad) and this lane's partial sum.
+  float m[RMI][2], l[RMI][2];
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) m[mi][0] = m[mi][1] = -INFINITY, l[mi][0] = l[mi][1] = 0.0f;
+
+  int buf = 0;
+  for (int64_t col0 = 0; col0 < p.cols; col0 += BN, buf ^= 1) {
+    __syncthreads();  // the previous tile's readers of the other buffer are done
+    if (col0 + BN < p.cols) issue_rows(ys + (buf ^ 1) * ytile, ld, op.y, col0 + BN, p.d, width);
+    __pipeline_commit();       // an empty group after the last tile: the wait stays uniform
+    __pipeline_wait_prior(1);  // this thread's copies of this tile (and of X) have landed
+    __syncthreads();           // and everyone's
+    float acc[RMI][RNJ][4];
+    frag_scores<T>(acc, xa, ys + buf * ytile + yoff, ld, width);
+
+    const auto pass = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+#pragma unroll
+      for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
+          const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
+          float v[RNJ][2];
+          float tmax = -INFINITY;
+#pragma unroll
+          for (int nj = 0; nj < RNJ; ++nj) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float sn = raw_score<kCritic>(acc[mi][nj][2 * hf + e], p.eps) * it;
+              v[nj][e] = kMasked && mask.masked(nj * 8 + tc + e) ? -INFINITY : sn;
+              tmax = fmaxf(tmax, v[nj][e]);  // fmaxf skips NaN; the sum below still carries it
+            }
+          }
+          tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+          tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+          const float mold = m[mi][hf], mnew = fmaxf(mold, tmax);
+          // Every score so far masked or NaN (mnew = -inf): a reference of 0 leaves
+          // e^-inf = 0 for the masked and NaN for the NaNs, which the sum keeps.
+          const bool live = mnew != -INFINITY;
+          const float ref = live ? mnew : 0.0f;
+          float sum = 0.0f;
+#pragma unroll
+          for (int nj = 0; nj < RNJ; ++nj) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) sum += exp2_ftz((v[nj][e] - ref) * kLog2e);
+          }
+          // mold = -inf < mnew: e^-inf = 0 rescales the empty (0, or NaN: kept) sum.
+          l[mi][hf] = fmaf(l[mi][hf], live ? exp2_ftz((mold - mnew) * kLog2e) : 1.0f, sum);
+          m[mi][hf] = mnew;
+        }
+      }
+    };
+    if (frag_masked_tile(p, row0, col0)) {
+      pass(std::true_type{});
+    } else {
+      pass(std::false_type{});
+    }
+  }
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float s = l[mi][hf];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
+      if ((lane & 3) == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m[mi][hf] + log2f(s) * kLn2;
+    }
+  }
+#endif
+}
+
+// Two bf16 values as one register of an mma.sync fragment (the first in the low half).
+__device__ __forceinline__ unsigned pack_bf16x2(__nv_bfloat162 v) {
+  unsigned u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// bf16 inputs: dX (one DO slice, grid.y) of the CTA's rows; kTau: Pass::tau_mode.
+template <typename T, int kCritic, int kTau>
+__global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  static_assert(std::is_same<T, __nv_bfloat16>::value, "V and Y meet in bf16");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
+  float* s_ly = reinterpret_cast<float*>(smem);
+  float* s_gy = s_ly + BN;
+  float* s_cy = s_gy + BN;
+  float* s_vy = s_cy + BN;
+  float* s_lx = s_vy + BN;
+  float* s_gx = s_lx + BM;
+  float* s_cx = s_gx + BM;
+  float* s_ux = s_cx + BM;
+  double* s_red = reinterpret_cast<double*>(s_ux + BM);
+  // this thread's temperature sum, in shared memory: no registers across the loop
+  double* s_tau = s_red + 128 / sizeof(double);
+  s_tau[threadIdx.x] = 0.0;
+  T* xs = reinterpret_cast<T*>(smem + kFragStats);
+  T* ys = reinterpret_cast<T*>(smem + kFragStats + x_bytes<T>(p.d));
+  const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
+
+  const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int dout0 = static_cast<int>(blockIdx.y) * DO;
+  const Ops<T> op = head_operands<T>(p, h);
+  issue_rows(xs, ld, op.x, row0, p.d, width);
+  issue_rows(ys, ld, op.y, 0, p.d, width);
+  __pipeline_commit();
+  const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
+  const float it = *p.inv_tau;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
+
+  // Row statistics, one thread per row; the one-exponential shift c and factors u_i
+  // (as lse_backward_kernel).
+  const int64_t gr = row0 + threadIdx.x;
+  const bool own_ok = gr < p.rows && x_side;
+  const float lxr = own_ok ? p.lx[h * p.lx_hs + gr] : 0.0f, gxr = own_ok ? p.gx[h * p.lx_hs + gr] : 0.0f;
+  s_lx[threadIdx.x] = lxr;
+  s_gx[threadIdx.x] = gxr;
+  s_cx[threadIdx.x] = own_ok ? p.cx[h * p.lx_hs + gr] : 0.0f;
+  const bool one_exp = x_side && y_side;
+  float shift = 0.0f;
+  int row_vote = 1;
+  if (one_exp) {
+    shift = frag_block_max(gr < p.rows ? lxr : -INFINITY, reinterpret_cast<float*>(s_red));
+    const float u = gr < p.rows ? gxr * exp2_ftz((shift - lxr) * kLog2e) : 0.0f;
+    s_ux[threadIdx.x] = u;
+    row_vote = gr >= p.rows || one_exp_ok(lxr, shift, gxr, u, it);
+  }
+
+  const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
+  const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  // dX += V Y: lane l's ldmatrix.trans row address in the [k][n] Y tile, k = tile column
+  // l % 16, n = D column 8 (l / 16): matrices b[0], b[1] of two adjacent n8 blocks.
+  const int yt = (lane & 15) * ld + dout0 + (lane >> 4) * 8;
+  float accd[RMI][DO / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < DO / 8; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) accd[mi][nj][e] = 0.0f;
+  const bool want_tau = kTau != 0 && blockIdx.y == 0;  // count each pair once
+
+  T* yb = ys;               // this tile's Y
+  T* yn = ys + ytile;       // the next one's
+  for (int64_t col0 = 0; col0 < p.cols; col0 += BN) {
+    __syncthreads();  // the previous tile's readers of the other buffer and the statistics are done
+    if (col0 + BN < p.cols) issue_rows(yn, ld, op.y, col0 + BN, p.d, width);
+    __pipeline_commit();
+    int vote = row_vote;
+    {
+      const int64_t gk = col0 + threadIdx.x;
+      const bool ok = y_side && gk < p.cols;
+      const float lk = ok ? p.ly[h * p.ly_hs + gk] : 0.0f, gv = ok ? p.gy[h * p.ly_hs + gk] : 0.0f;
+      s_ly[threadIdx.x] = lk;
+      s_gy[threadIdx.x] = gv;
+      s_cy[threadIdx.x] = ok ? p.cy[h * p.ly_hs + gk] : 0.0f;
+      if (one_exp) {
+        const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
+        s_vy[threadIdx.x] = v;
+        vote = vote && (!ok || one_exp_ok(lk, shift, gv, v, it));
+      }
+    }
+    __pipeline_wait_prior(1);
+    const bool all_ok = __syncthreads_and(vote);  // everyone's copies and statistics are in
+#if MIMAC_COST_FORM == 1
+    const bool fast_tile = true;
+    (void)all_ok;
+#elif MIMAC_COST_FORM == 2
+    const bool fast_tile = false;
+    (void)all_ok;
+#else
+    const bool fast_tile = all_ok && one_exp && !tile_has_mask(p, row0, col0);
+#endif
+#if defined(MIMAC_CUDA_EMULATION)
+    if (threadIdx.x == 0) ::mimac_emu::tally(fast_tile ? "bwd_tiles_one_exp" : "bwd_tiles_two_exp");
+#endif
+    // The tile in two halves of 32 columns: S of a half (32 registers), then its V into
+    // dX; the whole tile's S besides the DO-wide dX accumulators would leave ptxas no room.
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+    float acc[RMI][RNJ / 2][4];
+    frag_scores<T, RNJ / 2>(acc, xa, yb + yoff + half * (BN / 2) * ld, ld, width);
+
+    // V of the element (m16 tile mi, accumulator slot e) of n8 tile nj; the temperature
+    // terms into tau_tile (as lse_backward_kernel's element pass).
+    const auto pass = [&](auto one_tag) {
+      constexpr bool kOne = decltype(one_tag)::value;
+      float tau_tile = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 32; ++kk) {
+        unsigned ah[RMI][4], al[RMI][4];
+#pragma unroll
+        for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {  // A register q: row half q % 2, n8 tile 2 kk + q / 2
+            const int nj = 2 * kk + q / 2, hf = q & 1, r = warp * 32 + mi * 16 + hf * 8 + g;
+            const int c = half * (BN / 2) + nj * 8 + tc;
+            const int64_t gi = row0 + r;
+            const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
+            float vv[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float dot = acc[mi][nj][2 * hf + e];
+              const float s = raw_score<kCritic>(dot, p.eps);
+              const float sn = s * it;
+              float w, u;
+              if constexpr (kOne) {
+                const float ex = exp2_ftz((sn - shift) * kLog2e);
+                w = ex * s_ux[r];
+                u = fmaf(ex, s_vy[c + e], w);
+              } else {
+                w = x_side ? s_gx[r] * exp2_ftz((sn - s_lx[r]) * kLog2e) : 0.0f;
+                u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);
+                if (mask.masked(c + e)) u = w = 0.0f;
+              }
+              if constexpr (kTau != 0) tau_tile += w * (s - s_cx[r]);
+              if constexpr (kTau == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
+              vv[e] = u * it;  // dL/d(dot)
+              if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
+            }
+            const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
+            // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
+            constexpr bool kFinite = kOne && kCritic != MIMAC_LOG_DOT;
+            const float rest0 = kFinite || fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
+            const float rest1 = kFinite || fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
+            ah[mi][q] = pack_bf16x2(hi);
+            al[mi][q] = pack_bf16x2(__floats2bfloat162_rn(rest0, rest1));
+          }
+        }
+#pragma unroll
+        for (int nb = 0; nb < DO / 16; ++nb) {
+          if (dout0 + nb * 16 >= width) break;  // past D (zeros there): a uniform exit
+          unsigned b[4];
+          ldsm_x4<true>(b, yb + yt + (half * (BN / 2) + kk * 16) * ld + nb * 16);
+#pragma unroll
+          for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+            for (int hb = 0; hb < 2; ++hb) {
+              // small terms first
+              mma_16816<T>(accd[mi][2 * nb + hb], al[mi], b[2 * hb], b[2 * hb + 1]);
+              mma_16816<T>(accd[mi][2 * nb + hb], ah[mi], b[2 * hb], b[2 * hb + 1]);
+            }
+          }
+        }
+      }
+      if (want_tau) s_tau[threadIdx.x] += tau_tile;
+    };
+    if (fast_tile) {
+      pass(std::true_type{});
+    } else {
+      pass(std::false_type{});
+    }
+    }
+    T* const was = yb;
+    yb = yn;
+    yn = was;
+  }
+
+  // The gradient rows, straight from the accumulators: two 8-byte stores per fragment.
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
+      if (gi >= p.rows) continue;
+      float* dst = gi < p.out_split ? p.out0 + h * p.out_hs + gi * p.d
+                                    : p.out1 + h * p.out_hs + (gi - p.out_split) * p.d;
+#pragma unroll
+      for (int nj = 0; nj < DO / 8; ++nj) {
+        const int gd = dout0 + nj * 8 + tc;  // D is a whole number of 16-byte vectors: gd + 1 < d
+        if (gd < p.d) *reinterpret_cast<float2*>(dst + gd) = make_float2(accd[mi][nj][2 * hf], accd[mi][nj][2 * hf + 1]);
+      }
+    }
+  }
+
+  if (want_tau) {
+    double t = s_tau[threadIdx.x];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+    __syncthreads();  // s_red was the shift's scratch
+    if (lane == 0) s_red[warp] = t;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int w = 0; w < RW; ++w) total += s_red[w];
+      atomicAdd(p.grad_tau, static_cast<float>(total));
+    }
+  }
+#endif
+}
+
 // --- launchers -------------------------------------------------------------------------------
 
 // A failed runtime call also stays behind as the thread's "last error", which the
 // next cudaGetLastError() reports, ours or torch's; the launchers return their
 // error and clear it, so it fails this call only.
 template <typename Kernel>
-cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Pass& p, cudaStream_t stream) {
+cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Pass& p, cudaStream_t stream,
+                   int threads = NT) {
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -1018,7 +1462,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, const Pass& p, cudaStr
   }
   // cudaLaunchKernel rather than <<<>>>: plain C++, so csrc/emulation runs this file on a CPU.
   void* args[] = {const_cast<Pass*>(&p)};
-  const cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(NT), args, smem, stream);
+  const cudaError_t e = cudaLaunchKernel(kernel, grid, dim3(threads), args, smem, stream);
   const cudaError_t last = cudaGetLastError();
   return e != cudaSuccess ? e : last;
 }
@@ -1053,6 +1497,10 @@ bool fast_path(const Pass& p, size_t smem) {
 
 template <typename T, int kCritic>
 cudaError_t forward_as(const Pass& p, dim3 grid, cudaStream_t s) {
+  if constexpr (sizeof(T) == 2) {
+    if (fast_path<T>(p, fwd_frag_smem<T>(p.d)))
+      return launch(lse_forward_frag_kernel<T, kCritic>, grid, fwd_frag_smem<T>(p.d), p, s, RNT);
+  }
   if (fast_path<T>(p, fwd_smem<T, true>(p.d)))
     return launch(lse_forward_kernel<T, kCritic, true>, grid, fwd_smem<T, true>(p.d), p, s);
   return launch(lse_forward_kernel<T, kCritic, false>, grid, fwd_smem<T, false>(p.d), p, s);
@@ -1068,6 +1516,14 @@ cudaError_t forward_pass(const Pass& p, int critic, int64_t heads, cudaStream_t 
 template <typename T, int kCritic>
 cudaError_t backward_as(const Pass& p, dim3 grid, cudaStream_t s) {
   constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const size_t smem = bwd_frag_smem<T>(p.d);
+    if (fast_path<T>(p, smem)) {
+      if (p.tau_mode == 2) return launch(lse_backward_frag_kernel<T, kCritic, 2>, grid, smem, p, s, RNT);
+      if (p.tau_mode == 1) return launch(lse_backward_frag_kernel<T, kCritic, 1>, grid, smem, p, s, RNT);
+      return launch(lse_backward_frag_kernel<T, kCritic, 0>, grid, smem, p, s, RNT);
+    }
+  }
   if (fast_path<T>(p, bwd_smem<T, true>(p.d)))
     return launch(lse_backward_kernel<T, kCritic, kSplit, true>, grid, bwd_smem<T, true>(p.d), p, s);
   return launch(lse_backward_kernel<T, kCritic, kSplit, false>, grid, bwd_smem<T, false>(p.d), p, s);

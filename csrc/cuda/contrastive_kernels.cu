@@ -1,7 +1,10 @@
 // CUDA kernels of the fused contrastive loss (contract: contrastive_kernels.h).
 //
-// Design: one CTA (4 warps) owns BM = 64 rows and sweeps every column tile of
-// BN = 64, so per-row state stays on chip and nothing of size M x M exists.
+// Design: one CTA owns BM = 64 rows and sweeps every column tile of BN = 64, so
+// per-row state stays on chip and nothing of size M x M exists. On the fast path the
+// fragment kernels (see "fragment kernels": the score tile in registers) run the
+// forward of fp16 and bf16 and the backward of bf16; the rest runs these two, 4 warps
+// per CTA:
 //   S tile  = X_I Y_K^T on tensor cores: bf16/fp16 inputs by mma.sync m16n8k16 on
 //             ldmatrix fragments, a 2 x 2 grid of warps each owning 32 x 32 of the tile;
 //             float32 inputs WMMA m16n16k8 TF32 with the 3xTF32 split
@@ -1017,7 +1020,9 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
 //             layout of two adjacent n8 tiles is the A layout of one k16 step: V goes
 //             straight into dX += V Y as bf16 hi + lo fragments (no S or V round trip
 //             through shared memory); Y's B fragments come from the same staged tile by
-//             ldmatrix.trans. A warp's dX accumulators are 32 rows x DO.
+//             ldmatrix.trans. A warp's dX accumulators are 32 rows x DO (128 registers),
+//             so it takes the tile's S in two halves of 32 columns (2 fragment bytes per
+//             element: the A fragments load twice).
 // Interior tiles (no masked pair) skip the mask tests; the backward's one-exponential
 // form and its window vote are those of lse_backward_kernel.
 //
@@ -1142,6 +1147,9 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Ops<T> op = head_operands<T>(p, h);
+#if defined(MIMAC_CUDA_EMULATION)
+  if (threadIdx.x == 0) ::mimac_emu::tally("frag_fwd_ctas");
+#endif
   issue_rows(xs, ld, op.x, row0, p.d, width);
   issue_rows(ys, ld, op.y, 0, p.d, width);
   __pipeline_commit();
@@ -1256,6 +1264,9 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int dout0 = static_cast<int>(blockIdx.y) * DO;
   const Ops<T> op = head_operands<T>(p, h);
+#if defined(MIMAC_CUDA_EMULATION)
+  if (threadIdx.x == 0) ::mimac_emu::tally("frag_bwd_ctas");
+#endif
   issue_rows(xs, ld, op.x, row0, p.d, width);
   issue_rows(ys, ld, op.y, 0, p.d, width);
   __pipeline_commit();
@@ -1333,78 +1344,79 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
     // dX; the whole tile's S besides the DO-wide dX accumulators would leave ptxas no room.
 #pragma unroll 1
     for (int half = 0; half < 2; ++half) {
-    float acc[RMI][RNJ / 2][4];
-    frag_scores<T, RNJ / 2>(acc, xa, yb + yoff + half * (BN / 2) * ld, ld, width);
+      float acc[RMI][RNJ / 2][4];
+      frag_scores<T, RNJ / 2>(acc, xa, yb + yoff + half * (BN / 2) * ld, ld, width);
 
-    // V of the element (m16 tile mi, accumulator slot e) of n8 tile nj; the temperature
-    // terms into tau_tile (as lse_backward_kernel's element pass).
-    const auto pass = [&](auto one_tag) {
-      constexpr bool kOne = decltype(one_tag)::value;
-      float tau_tile = 0.0f;
+      // V of the half's elements (m16 tile mi, n8 tile nj, accumulator slot 2 hf + e) as
+      // the A fragments of dX's k-step kk, and the temperature terms (as
+      // lse_backward_kernel's element pass).
+      const auto pass = [&](auto one_tag) {
+        constexpr bool kOne = decltype(one_tag)::value;
+        float tau_tile = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < BN / 32; ++kk) {
-        unsigned ah[RMI][4], al[RMI][4];
-#pragma unroll
-        for (int mi = 0; mi < RMI; ++mi) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {  // A register q: row half q % 2, n8 tile 2 kk + q / 2
-            const int nj = 2 * kk + q / 2, hf = q & 1, r = warp * 32 + mi * 16 + hf * 8 + g;
-            const int c = half * (BN / 2) + nj * 8 + tc;
-            const int64_t gi = row0 + r;
-            const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
-            float vv[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float dot = acc[mi][nj][2 * hf + e];
-              const float s = raw_score<kCritic>(dot, p.eps);
-              const float sn = s * it;
-              float w, u;
-              if constexpr (kOne) {
-                const float ex = exp2_ftz((sn - shift) * kLog2e);
-                w = ex * s_ux[r];
-                u = fmaf(ex, s_vy[c + e], w);
-              } else {
-                w = x_side ? s_gx[r] * exp2_ftz((sn - s_lx[r]) * kLog2e) : 0.0f;
-                u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);
-                if (mask.masked(c + e)) u = w = 0.0f;
-              }
-              if constexpr (kTau != 0) tau_tile += w * (s - s_cx[r]);
-              if constexpr (kTau == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
-              vv[e] = u * it;  // dL/d(dot)
-              if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
-            }
-            const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
-            // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
-            constexpr bool kFinite = kOne && kCritic != MIMAC_LOG_DOT;
-            const float rest0 = kFinite || fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
-            const float rest1 = kFinite || fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
-            ah[mi][q] = pack_bf16x2(hi);
-            al[mi][q] = pack_bf16x2(__floats2bfloat162_rn(rest0, rest1));
-          }
-        }
-#pragma unroll
-        for (int nb = 0; nb < DO / 16; ++nb) {
-          if (dout0 + nb * 16 >= width) break;  // past D (zeros there): a uniform exit
-          unsigned b[4];
-          ldsm_x4<true>(b, yb + yt + (half * (BN / 2) + kk * 16) * ld + nb * 16);
+        for (int kk = 0; kk < BN / 32; ++kk) {
+          unsigned ah[RMI][4], al[RMI][4];
 #pragma unroll
           for (int mi = 0; mi < RMI; ++mi) {
 #pragma unroll
-            for (int hb = 0; hb < 2; ++hb) {
-              // small terms first
-              mma_16816<T>(accd[mi][2 * nb + hb], al[mi], b[2 * hb], b[2 * hb + 1]);
-              mma_16816<T>(accd[mi][2 * nb + hb], ah[mi], b[2 * hb], b[2 * hb + 1]);
+            for (int q = 0; q < 4; ++q) {  // A register q: row half q % 2, n8 tile 2 kk + q / 2
+              const int nj = 2 * kk + q / 2, hf = q & 1, r = warp * 32 + mi * 16 + hf * 8 + g;
+              const int c = half * (BN / 2) + nj * 8 + tc;
+              const int64_t gi = row0 + r;
+              const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
+              float vv[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float dot = acc[mi][nj][2 * hf + e];
+                const float s = raw_score<kCritic>(dot, p.eps);
+                const float sn = s * it;
+                float w, u;
+                if constexpr (kOne) {
+                  const float ex = exp2_ftz((sn - shift) * kLog2e);
+                  w = ex * s_ux[r];
+                  u = fmaf(ex, s_vy[c + e], w);
+                } else {
+                  w = x_side ? s_gx[r] * exp2_ftz((sn - s_lx[r]) * kLog2e) : 0.0f;
+                  u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);
+                  if (mask.masked(c + e)) u = w = 0.0f;
+                }
+                if constexpr (kTau != 0) tau_tile += w * (s - s_cx[r]);
+                if constexpr (kTau == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
+                vv[e] = u * it;  // dL/d(dot)
+                if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
+              }
+              const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
+              // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
+              constexpr bool kFinite = kOne && kCritic != MIMAC_LOG_DOT;
+              const float rest0 = kFinite || fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
+              const float rest1 = kFinite || fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
+              ah[mi][q] = pack_bf16x2(hi);
+              al[mi][q] = pack_bf16x2(__floats2bfloat162_rn(rest0, rest1));
+            }
+          }
+#pragma unroll
+          for (int nb = 0; nb < DO / 16; ++nb) {
+            if (dout0 + nb * 16 >= width) break;  // past D (zeros there): a uniform exit
+            unsigned b[4];
+            ldsm_x4<true>(b, yb + yt + (half * (BN / 2) + kk * 16) * ld + nb * 16);
+#pragma unroll
+            for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+              for (int hb = 0; hb < 2; ++hb) {
+                // small terms first
+                mma_16816<T>(accd[mi][2 * nb + hb], al[mi], b[2 * hb], b[2 * hb + 1]);
+                mma_16816<T>(accd[mi][2 * nb + hb], ah[mi], b[2 * hb], b[2 * hb + 1]);
+              }
             }
           }
         }
+        if (want_tau) s_tau[threadIdx.x] += tau_tile;
+      };
+      if (fast_tile) {
+        pass(std::true_type{});
+      } else {
+        pass(std::false_type{});
       }
-      if (want_tau) s_tau[threadIdx.x] += tau_tile;
-    };
-    if (fast_tile) {
-      pass(std::true_type{});
-    } else {
-      pass(std::false_type{});
-    }
     }
     T* const was = yb;
     yb = yn;

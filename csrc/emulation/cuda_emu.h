@@ -77,7 +77,8 @@ enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 namespace mimac_emu {
 
 constexpr size_t kDefaultSmem = 48 * 1024;  // without cudaFuncSetAttribute
-constexpr size_t kMaxSmem = 166912;          // sm_80 opt-in maximum per block (163 KiB)
+constexpr size_t kSm80Smem = 166912;         // sm_80 opt-in maximum per block (163 KiB): the default
+constexpr size_t kMaxSmem = 232448;          // sm_90's (227 KiB), the most set_smem_optin allows
 constexpr int kWarp = 32;
 
 struct ThreadState {
@@ -153,7 +154,8 @@ void register_dynamic_smem(unsigned char* base, size_t size);
 enum Schedule : int { kInOrder = 0, kReversed = 1, kShuffled = 2, kWarpsInOrder = 3, kWarpsReversed = 4 };
 void set_schedule(Schedule schedule, uint64_t seed);
 // The device's opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin):
-// sm_80's 166,912 bytes unless set lower (sm_86/sm_89 have 101,376), for every later launch.
+// sm_80's 166,912 bytes unless set otherwise (sm_86/sm_89 have 101,376, sm_90 232,448), for
+// every later launch.
 void set_smem_optin(size_t bytes);
 size_t smem_optin();
 // Named event counts a kernel built for the emulation records (for instance which

@@ -356,7 +356,7 @@ void async_wait(size_t prior) {
   }
 }
 
-size_t g_smem_optin = kMaxSmem;
+size_t g_smem_optin = kSm80Smem;
 
 void set_smem_optin(size_t bytes) { g_smem_optin = bytes < kMaxSmem ? bytes : kMaxSmem; }
 size_t smem_optin() { return g_smem_optin; }
@@ -488,7 +488,7 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
     return fail_launch(cudaErrorInvalidValue,
                        "cudaFuncSetAttribute: " + std::to_string(bytes) +
                            " bytes of dynamic shared memory exceed " +
-                           (g_smem_optin == kMaxSmem ? std::string("sm_80's") : std::string("the device's")) +
+                           (g_smem_optin == kSm80Smem ? std::string("sm_80's") : std::string("the device's")) +
                            " maximum of " + std::to_string(g_smem_optin));
   g_max_smem[kernel] = bytes;
   return cudaSuccess;

@@ -1049,13 +1049,19 @@ __host__ __device__ constexpr size_t fwd_frag_smem(int64_t d) {
 }
 // The backward's statistics ahead of the tiles, at fixed offsets (no address registers):
 // [column statistics: lse, g, centre, one-exponential factor] [row statistics: the same]
-// [reduction scratch] [per-thread temperature sums] [resident X] [Y tile 0] [Y tile 1]
-constexpr size_t kFragStats = 4 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + RNT * sizeof(double);
+// [reduction scratch] [per-thread temperature sums: exact tiles, one-exponential tiles
+// (times 1/tau)] [resident X] [Y tile 0] [Y tile 1]
+constexpr size_t kFragStats = 4 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + 2 * RNT * sizeof(double);
 static_assert(kFragStats % 128 == 0 && RW * sizeof(double) <= 128, "tiles stay 128-byte aligned");
 template <typename T>
 __host__ __device__ constexpr size_t bwd_frag_smem(int64_t d) {
   return kFragStats + fwd_frag_smem<T>(d);
 }
+
+// Sixteen zero bytes in global memory: the source of the copies past an operand's rows
+// or past D, so that every slot of a tile comes by the same cp.async (no zero-store
+// branch in the column loop).
+__device__ uint4 g_zero16;
 
 // The 64 rows row0.. of an operand, columns [0, width) (width: whole KC chunks), into
 // dst (stride ld) by 16-byte cp.async; zeros past the operand's rows and past D. A
@@ -1071,12 +1077,9 @@ __device__ __forceinline__ void issue_rows(T* dst, int ld, const Rows<T>& o, int
     for (int i = 0; i < 8; ++i) {
       const int r = r0 + 8 * i, c = kc + cv;
       const int64_t gr = row0 + r;
-      T* to = dst + r * ld + c;
-      if (gr < o.n && c < d) {
-        __pipeline_memcpy_async(to, row_start(o, gr, d) + c, 16);
-      } else {
-        *reinterpret_cast<uint4*>(to) = make_uint4(0u, 0u, 0u, 0u);
-      }
+      const void* src = gr < o.n && c < d ? static_cast<const void*>(row_start(o, gr, d) + c)
+                                          : static_cast<const void*>(&g_zero16);
+      __pipeline_memcpy_async(dst + r * ld + c, src, 16);
     }
   }
 }
@@ -1256,7 +1259,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   double* s_red = reinterpret_cast<double*>(s_ux + BM);
   // this thread's temperature sum, in shared memory: no registers across the loop
   double* s_tau = s_red + 128 / sizeof(double);
-  s_tau[threadIdx.x] = 0.0;
+  s_tau[threadIdx.x] = s_tau[RNT + threadIdx.x] = 0.0;
   T* xs = reinterpret_cast<T*>(smem + kFragStats);
   T* ys = reinterpret_cast<T*>(smem + kFragStats + x_bytes<T>(p.d));
   const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
@@ -1288,8 +1291,10 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   if (one_exp) {
     shift = frag_block_max(gr < p.rows ? lxr : -INFINITY, reinterpret_cast<float*>(s_red));
     const float u = gr < p.rows ? gxr * exp2_ftz((shift - lxr) * kLog2e) : 0.0f;
-    s_ux[threadIdx.x] = u;
     row_vote = gr >= p.rows || one_exp_ok(lxr, shift, gxr, u, it);
+    // 1/tau folded in: V = e^(S - c) (u_i + v_k) / tau straight from the sum (finite:
+    // one_exp_ok bounds g max(1/tau, 1); the tile's temperature terms divide it out)
+    s_ux[threadIdx.x] = u * it;
   }
 
   const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
@@ -1322,7 +1327,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
       s_cy[threadIdx.x] = ok ? p.cy[h * p.ly_hs + gk] : 0.0f;
       if (one_exp) {
         const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
-        s_vy[threadIdx.x] = v;
+        s_vy[threadIdx.x] = v * it;
         vote = vote && (!ok || one_exp_ok(lk, shift, gv, v, it));
       }
     }
@@ -1370,7 +1375,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
                 const float dot = acc[mi][nj][2 * hf + e];
                 const float s = raw_score<kCritic>(dot, p.eps);
                 const float sn = s * it;
-                float w, u;
+                float w, u;  // the one-exponential form's both times 1/tau
                 if constexpr (kOne) {
                   const float ex = exp2_ftz((sn - shift) * kLog2e);
                   w = ex * s_ux[r];
@@ -1382,7 +1387,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
                 }
                 if constexpr (kTau != 0) tau_tile += w * (s - s_cx[r]);
                 if constexpr (kTau == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
-                vv[e] = u * it;  // dL/d(dot)
+                vv[e] = kOne ? u : u * it;  // dL/d(dot)
                 if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
               }
               const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
@@ -1410,7 +1415,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
             }
           }
         }
-        if (want_tau) s_tau[threadIdx.x] += tau_tile;
+        if (want_tau) s_tau[(kOne ? RNT : 0) + threadIdx.x] += tau_tile;
       };
       if (fast_tile) {
         pass(std::true_type{});
@@ -1441,7 +1446,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   }
 
   if (want_tau) {
-    double t = s_tau[threadIdx.x];
+    double t = s_tau[threadIdx.x] + s_tau[RNT + threadIdx.x] / it;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
     __syncthreads();  // s_red was the shift's scratch

@@ -49,6 +49,14 @@ void print_fast(const char* name, const char* end) {
               name, fwd_smem<T, true>(KC) - x_bytes<T>(KC), bwd_smem<T, true>(KC) - x_bytes<T>(KC),
               static_cast<int>(x_ld<T>(KC) - KC), vec_elems<T>(), end);
 }
+// The fragment kernels' shared memory at D = KC and D = 8 KC.
+template <typename T>
+void print_frag(const char* name, const char* end) {
+  std::printf("\"%s\": {\"fwd\": {\"%d\": %zu, \"%d\": %zu}, "
+              "\"bwd\": {\"%d\": %zu, \"%d\": %zu}}%s",
+              name, KC, fwd_frag_smem<T>(KC), 8 * KC, fwd_frag_smem<T>(8 * KC), KC,
+              bwd_frag_smem<T>(KC), 8 * KC, bwd_frag_smem<T>(8 * KC), end);
+}
 int main() {
   std::printf("{\"BM\": %d, \"BN\": %d, \"KC\": %d, \"DO\": %d, \"NT\": %d, ", BM, BN, KC, DO, NT);
   std::printf("\"fwd_smem\": {\"fp32\": %zu, \"fp16\": %zu, \"bf16\": %zu}, ",
@@ -59,7 +67,13 @@ int main() {
   std::printf("\"x_resident_max\": %zu, \"fast\": {", kXResidentMax);
   print_fast<float>("fp32", ", ");
   print_fast<__half>("fp16", ", ");
-  print_fast<__nv_bfloat16>("bf16", "}}\n");
+  print_fast<__nv_bfloat16>("bf16", "}, ");
+  // The fragment kernels (16-bit inputs on the fast path): threads per CTA, the
+  // backward's fixed statistics bytes ahead of the tiles, and their shared memory at
+  // two widths (the Python rule is checked against these).
+  std::printf("\"RNT\": %d, \"frag_stats\": %zu, \"frag_smem\": {", RNT, kFragStats);
+  print_frag<__half>("fp16", ", ");
+  print_frag<__nv_bfloat16>("bf16", "}}\n");
   return 0;
 }
 """
@@ -117,14 +131,26 @@ def _run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def compile_cubin(source: Path = KERNELS, arch: str = ARCH) -> Path:
+def compile_cubin(source: Path = KERNELS, arch: str = ARCH, form: int | None = None) -> Path:
     """``nvcc -cubin -arch=<arch>`` of ``source`` (every kernel template the launchers
-    instantiate), cached by the source's content for this machine's temp folder."""
-    out = _cache_dir(source) / f"{source.stem}-{arch}.cubin"
+    instantiate), cached by the source's content for this machine's temp folder, one
+    cubin per ``form``.
+
+    ``form``: ``-DMIMAC_COST_FORM=<form>`` (the fragment kernels' per-tile branch fixed
+    at compile time, see the source: 1 the interior tiles' pass with the backward in its
+    one-exponential form, 2 the exact two-exponential pass everywhere); ``None``: the
+    build that runs.
+    """
+    if form not in (None, 1, 2):
+        raise ValueError(f"form must be None, 1 or 2, got {form!r}")
+    tag = "" if form is None else f"-form{form}"
+    out = _cache_dir(source) / f"{source.stem}-{arch}{tag}.cubin"
     if not out.exists():
         tmp = out.with_suffix(".tmp.cubin")
+        defines = [] if form is None else [f"-DMIMAC_COST_FORM={form}"]
         _run([_nvcc_or_raise(), "-cubin", f"-arch={arch}", "-std=c++17", "-O3", *TORCH_DEFINES,
-              "-I", str(source.parent), str(source), "-o", str(tmp)], "nvcc -cubin")  # fmt: skip
+              *defines, "-I", str(source.parent), str(source), "-o", str(tmp)],
+             "nvcc -cubin")  # fmt: skip
         tmp.replace(out)
     return out
 
@@ -138,7 +164,10 @@ def kernel_constants(source: Path = KERNELS) -> dict:
     (``fwd_base``/``bwd_base`` bytes besides the resident X, its row padding ``x_pad``,
     elements per 16-byte vector ``vec``) with the resident X's limit ``x_resident_max``;
     the backward's one-exponential window ``exp_window`` and factor bound
-    ``exp_factor_max``. A host program (PTX only, no ptxas) prints them.
+    ``exp_factor_max``; the fragment kernels' threads per CTA ``RNT``, the backward's
+    statistics bytes ahead of its tiles ``frag_stats`` and their shared memory at two
+    widths, ``frag_smem[dtype]["fwd"|"bwd"][str(d)]`` (``cuda_launches.frag_smem`` is
+    checked against them). A host program (PTX only, no ptxas) prints them.
     """
     cache = _cache_dir(source)
     probe = hashlib.sha256(_PROBE_MAIN.encode()).hexdigest()[:8]  # the probe's own edits too
@@ -180,19 +209,29 @@ def resource_usage(cubin: Path) -> dict[str, dict[str, int]]:
 
 
 def kernel_symbol(names: list[str], kernel: str, dtype: str, critic: int,
-                  split: bool | None = None, fast: bool = True) -> str:  # fmt: skip
-    """The one mangled name among ``names`` of ``kernel<T, critic[, split], fast>``.
+                  split: bool | None = None, fast: bool = True,
+                  tau: int | None = None) -> str:  # fmt: skip
+    """The one mangled name among ``names`` of ``kernel<T, critic[, split], fast>`` or of a
+    fragment kernel, ``lse_forward_frag_kernel<T, critic>`` /
+    ``lse_backward_frag_kernel<T, critic, tau>``.
 
-    ``kernel``: ``lse_forward_kernel`` or ``lse_backward_kernel``; ``dtype``: a key of
-    :data:`CXX_TYPES`; ``split``: the backward's 3xTF32 flag (``None`` for the forward);
-    ``fast``: the fast path (16-byte vector staging, resident X) or the general one.
+    ``kernel``: ``lse_forward_kernel``, ``lse_backward_kernel`` or either ``*_frag_kernel``;
+    ``dtype``: a key of :data:`CXX_TYPES`; ``split``: the backward's 3xTF32 flag (``None``
+    for the forward); ``fast``: the fast path (16-byte vector staging, resident X) or the
+    general one; ``tau``: the fragment backward's ``Pass::tau_mode`` (its third template
+    argument; ``split`` and ``fast`` do not apply to the fragment kernels).
     Raises LookupError unless exactly one name matches.
     """
-    args = f"I{CXX_TYPES[dtype]}Li{critic}E" + ("" if split is None else f"Lb{int(split)}E")
-    args += f"Lb{int(fast)}E"
+    args = f"I{CXX_TYPES[dtype]}Li{critic}E"
+    if kernel.endswith("_frag_kernel"):
+        if (tau is None) != kernel.startswith("lse_forward"):
+            raise ValueError(f"{kernel}: tau is the backward's template argument, got {tau!r}")
+        args += "" if tau is None else f"Li{tau}E"
+    else:
+        args += ("" if split is None else f"Lb{int(split)}E") + f"Lb{int(fast)}E"
     want = f"{len(kernel)}{kernel}{args}E"
     hits = [n for n in names if want in n]
     if len(hits) != 1:
-        raise LookupError(f"{kernel}<{dtype}, {critic}, {split}>: {len(hits)} symbols match "
-                          f"{want!r} among {len(names)}")  # fmt: skip
+        raise LookupError(f"{kernel}<{dtype}, {critic}, {split}, {tau}>: {len(hits)} symbols "
+                          f"match {want!r} among {len(names)}")  # fmt: skip
     return hits[0]

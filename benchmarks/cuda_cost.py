@@ -10,7 +10,17 @@ the column loop is the hot loop (the top-level loop holding the tensor-core
 work). Its inner loops run as many times as the source says, found from the
 work each one does per iteration in the SASS (:func:`profile`): the score GEMM's
 D chunks and the gradient GEMM by their MACs, the staging copies by their global
-bytes, the per-element passes by their stores or exponentials. Generic ``LD``/``ST``
+bytes, the per-element passes by their stores or exponentials.
+
+The fragment kernels (16-bit inputs on the fast path) choose their per-element pass
+with a per-tile branch inside the column loop (interior or masked tile; the backward's
+one-exponential form or the exact one), which a static count cannot tell apart. The
+model compiles the source twice with ``MIMAC_COST_FORM`` (``cuda_compile.compile_cubin``):
+form 1 keeps the interior tiles' pass in the one-exponential form, form 2 the exact
+two-exponential pass; every forward and every backward in the one-exponential form
+is counted from form 1, a backward in the exact form from form 2 (the other kernels
+read the same SASS in both). Masked tiles (the diagonal's) are counted as interior
+ones. Generic ``LD``/``ST``
 (float32's WMMA fragments loaded through a generic pointer) are charged as shared
 memory: every generic access of these kernels points at it; ``LDSM`` (the 16-bit
 kernels' ldmatrix fragments) is counted as 512 shared bytes per x4, as for Triton. Programs do not share work
@@ -26,6 +36,7 @@ import json
 import platform
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +48,7 @@ from benchmarks.cuda_launches import (
     launch_plan,
     one_exp_eligible,
     tiles_per_program,
+    x_cols,
 )
 from benchmarks.cuda_window import one_exp_share
 from benchmarks.sm90_rates import (
@@ -54,11 +66,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: The fragment backward's ``half`` loop: a column tile in two halves of ``BN / 2``
+#: columns (scores of a half, then its V into dX). Checked against the SASS: the loop's
+#: gradient MACs per iteration must be the tile's over this.
+FRAG_HALVES = 2
+
+
 def gemm_macs(launch: CudaLaunch) -> list[int]:
     """MACs of one column tile, per GEMM in source order: the score GEMM over D in
     ``KC`` chunks (padded), and in ``bwd`` the gradient GEMM of one ``DO`` slice.
     float32 inputs run each as 3xTF32 (three MMAs per product); the bf16 fast path's
-    gradient GEMM is two bf16 products (V split as hi + lo), every other one TF32."""
+    gradient GEMM (the fragment backward's too) is two bf16 products (V split as
+    hi + lo), every other one TF32."""
     c = launch.consts
     split = 3 if ELEMENT[launch.dtype] == 4 else 1
     out = [c["BM"] * c["BN"] * c["KC"] * _cdiv(launch.d, c["KC"]) * split]
@@ -71,6 +90,12 @@ def gemm_macs(launch: CudaLaunch) -> list[int]:
 def bf16_gradient(launch: CudaLaunch) -> bool:
     """Whether the backward's gradient GEMM runs in bf16 (``bf16_vy`` in the source)."""
     return launch.fast and launch.dtype == "bf16"
+
+
+def cost_form(launch: CudaLaunch) -> int:
+    """The ``MIMAC_COST_FORM`` compile that holds the pass ``launch`` runs: 2 (exact,
+    two exponentials) for a backward outside the one-exponential form, else 1."""
+    return 2 if launch.kind == "bwd" and not launch.one_exp else 1
 
 
 def exps_per_element(launch: CudaLaunch) -> int:
@@ -103,6 +128,20 @@ class _Trips:
       The forward's: its exp2 per element (one), else its shared stores, one per
       element.
 
+    The fragment kernels (``launch.frag``) have no per-element loops (their passes are
+    unrolled on the accumulators) and stage whole Y tiles:
+
+    - the staging copy (``issue_rows``; global loads, no tensor work, in the column
+      loop): ``BN`` rows of Y, all ``x_cols(D)`` columns, over its bytes per iteration
+      (``KC`` wide);
+    - the forward's score chunk loop (tensor work, in the column loop): the tile's
+      ``BM x BN x x_cols(D)`` MACs over its MACs per iteration;
+    - the backward's ``half`` loop (tensor work, in the column loop): the tile's
+      gradient MACs (``BM x BN x DO x 2``) over the gradient MACs of one iteration
+      (its MACs less its chunk loop's), which must be :data:`FRAG_HALVES`; its score
+      chunk loop (tensor work, in the half loop): the half's ``BM x BN / 2 x x_cols(D)``
+      MACs over its MACs per iteration.
+
     Every division must be exact (ValueError otherwise: the kernel changed shape).
     The rules follow today's kernels (mma.sync / WMMA, shared-memory staging); a redesign with
     wgmma or TMA copies re-points them with :func:`gemm_macs` and the launch plan.
@@ -114,9 +153,15 @@ class _Trips:
         self.given: dict[str, int] = {}
         #: exp2 per element of each backward per-element pass found, in address order.
         self.forms: list[int] = []
+        #: MACs of the chunk loops nested in a loop (one iteration of it), by its start.
+        self._nested_macs: dict[int, int] = {}
 
     def __call__(self, loop: sass_counts.Loop, body: sass_counts.Counts,
                  parent: sass_counts.Loop) -> int:  # fmt: skip
+        if self.launch.frag:
+            trips = self._frag(loop, body, parent)
+            self.given[f"{loop.start:#x}-{loop.end:#x}"] = trips
+            return trips
         lc, c = self.launch, self.launch.consts
         warps = lc.num_warps
         macs = body.macs_per_cta(warps)
@@ -151,6 +196,35 @@ class _Trips:
         self.given[f"{loop.start:#x}-{loop.end:#x}"] = trips
         return trips
 
+    def _frag(self, loop: sass_counts.Loop, body: sass_counts.Counts,
+              parent: sass_counts.Loop) -> int:  # fmt: skip
+        lc, c = self.launch, self.launch.consts
+        macs = body.macs_per_cta(lc.num_warps)
+        cols = x_cols(lc.d, c)
+        in_hot = parent is self.hot
+        if body.global_bytes and not macs and in_hot:
+            total = c["BN"] * cols * ELEMENT[lc.dtype]
+            return self._exact(total, body.global_bytes * lc.num_warps, loop, "staged bytes")
+        if macs and lc.kind == "fwd" and in_hot and self.gemms:
+            return self._exact(self.gemms.pop(0), macs, loop, "MACs")
+        if macs and lc.kind == "bwd" and not in_hot and parent in self.hot.inner:
+            total = c["BM"] * (c["BN"] // FRAG_HALVES) * cols
+            trips = self._exact(total, macs, loop, "score MACs of half a tile")
+            self._nested_macs[parent.start] = self._nested_macs.get(parent.start, 0) + total
+            return trips
+        if macs and lc.kind == "bwd" and in_hot and len(self.gemms) == 2:
+            score = self._nested_macs.get(loop.start, 0)
+            if not score:
+                raise ValueError(f"{lc.name}: the loop at {loop.start:#x} holds no score "
+                                 "chunk loop")  # fmt: skip
+            trips = self._exact(self.gemms[1], macs - score, loop, "gradient MACs")
+            if trips != FRAG_HALVES or self._exact(sum(self.gemms), macs, loop, "MACs") != trips:
+                raise ValueError(f"{lc.name}: the loop at {loop.start:#x} runs {trips} halves of "
+                                 f"a tile, not {FRAG_HALVES}")  # fmt: skip
+            self.gemms.clear()
+            return trips
+        raise ValueError(f"{lc.name}: cannot tell what the loop at {loop.start:#x} does")
+
     def _exact(self, total: int, per_iter: int, loop: sass_counts.Loop, what: str) -> int:
         if per_iter <= 0 or total % per_iter:
             raise ValueError(f"{self.launch.name}: the loop at {loop.start:#x} does {per_iter} "
@@ -174,7 +248,8 @@ def profile(launch: CudaLaunch, sass: str, resources: dict) -> Profile:
         raise RuntimeError(f"{launch.name}: no loop with tensor-core work in its SASS")
     trips = _Trips(launch, hot)
     counts = sass_counts.nested_counts(instrs, hot, trips)
-    if launch.kind == "bwd" and trips.forms.count(exps_per_element(launch)) != 1:
+    old_bwd = launch.kind == "bwd" and not launch.frag
+    if old_bwd and trips.forms.count(exps_per_element(launch)) != 1:
         raise RuntimeError(f"{launch.name}: per-element passes of {trips.forms} exp2 per "
                            f"element, not one of {exps_per_element(launch)}")  # fmt: skip
     tile = sum(gemm_macs(launch))
@@ -182,6 +257,15 @@ def profile(launch: CudaLaunch, sass: str, resources: dict) -> Profile:
     if unroll < 1 or trips.gemms:
         raise RuntimeError(f"{launch.name}: the column loop does {counts.macs_per_cta(warps)} "
                            f"MACs, not whole {tile}-MAC tiles")  # fmt: skip
+    if launch.frag:
+        # The pass is unrolled in the column loop: its exp2 per element (the tile's less
+        # fewer than one per element: the forward's rescales, the column factors).
+        elements = launch.consts["BM"] * launch.consts["BN"] * unroll
+        exps = counts.ex2 * warps * sass_counts.LANES // elements
+        if exps != exps_per_element(launch):
+            raise RuntimeError(f"{launch.name}: {exps} exp2 per element in the column loop "
+                               f"of form {cost_form(launch)}, not "
+                               f"{exps_per_element(launch)}")  # fmt: skip
     per = counts.to_dict(warps)
     per["shared_bytes"] += per["generic_bytes"]
     per_tile = {k: (v / unroll if isinstance(v, int) else {s: n / unroll for s, n in v.items()})
@@ -236,31 +320,45 @@ def estimate_launch(launch: CudaLaunch, prof: Profile, rates: Rates = H100) -> d
 
 
 class Compiled:
-    """The kernels of one compile of ``contrastive_kernels.cu``: SASS, resources and
-    constants, each read once."""
+    """The kernels of the two cost-model compiles of ``contrastive_kernels.cu``
+    (``MIMAC_COST_FORM`` 1 and 2, :func:`cost_form`): SASS and resources per form, and
+    the constants, each read once."""
+
+    FORMS = (1, 2)
 
     def __init__(self, source: Path = cuda_compile.KERNELS) -> None:
-        cubin = cuda_compile.compile_cubin(source)
-        self.sass = cuda_compile.sass_functions(cubin)
-        self.resources = cuda_compile.resource_usage(cubin)
+        with ThreadPoolExecutor(len(self.FORMS)) as pool:  # nvcc runs single-threaded
+            cubins = dict(zip(self.FORMS, pool.map(
+                lambda f: cuda_compile.compile_cubin(source, form=f), self.FORMS)))  # fmt: skip
+        #: Each form's SASS and resources, by mangled name.
+        self.sass = {f: cuda_compile.sass_functions(c) for f, c in cubins.items()}
+        self.resources = {f: cuda_compile.resource_usage(c) for f, c in cubins.items()}
         self.consts = cuda_compile.kernel_constants(source)
         self._profiles: dict[tuple, Profile] = {}
 
+    def symbol(self, launch: CudaLaunch) -> str:
+        """The mangled name of ``launch``'s kernel."""
+        return cuda_compile.kernel_symbol(
+            list(self.sass[cost_form(launch)]), launch.kernel, launch.dtype, launch.critic,
+            None if launch.frag else launch.split, launch.fast,
+            launch.tau if launch.frag and launch.kind == "bwd" else None)  # fmt: skip
+
     def profile(self, launch: CudaLaunch) -> Profile:
-        key = (launch.kind, launch.dtype, launch.critic, launch.split, launch.d, launch.fast,
-               launch.one_exp)  # fmt: skip
+        key = (launch.name, launch.d, cost_form(launch), launch.one_exp)
         if key not in self._profiles:
-            name = cuda_compile.kernel_symbol(list(self.sass), launch.kernel, launch.dtype,
-                                              launch.critic, launch.split, launch.fast)  # fmt: skip
-            self._profiles[key] = profile(launch, self.sass[name], self.resources[name])
+            form, name = cost_form(launch), self.symbol(launch)
+            self._profiles[key] = profile(launch, self.sass[form][name],
+                                          self.resources[form][name])  # fmt: skip
         return self._profiles[key]
 
 
 def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
     """Forward + backward estimate of a ``static_cost.StaticCase`` on the CUDA backend
-    (dot critic, one head): per launch and in total, with the floor."""
+    (dot critic, one head): per launch and in total, with the floor. ``profiles``: one
+    per distinct kernel of the plan, by its name (``launches[i]["kernel"]``)."""
     plan = launch_plan(case.pairing, case.n, case.d, compiled.consts, case.dtype,
-                       cols=case.cols, columns_grad=case.columns_grad)  # fmt: skip
+                       cols=case.cols, columns_grad=case.columns_grad,
+                       smem_optin=rates.shared_optin_per_block)  # fmt: skip
     # The backward's one-exponential form where the case's data keep every sampled tile
     # in its window (else the two-exponential pass throughout).
     share = one_exp_share(case, compiled.consts)
@@ -268,7 +366,8 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
     launches, profiles = [], {}
     for lc in plan:
         prof = compiled.profile(lc)
-        profiles[lc.kind] = prof
+        profiles[lc.name] = {**asdict(prof), "num_warps": lc.num_warps, "kind": lc.kind,
+                             "form": cost_form(lc)}  # fmt: skip
         launches.append(estimate_launch(lc, prof, rates))
     total = sum(e["seconds"] for e in launches)
     top = max(launches, key=lambda e: e["seconds"])
@@ -279,8 +378,7 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
         "floor_ms": fl["seconds"] * 1e3, "floor": fl, "share_of_floor": fl["seconds"] / total,
         "binding": f"{top['binding']} ({top['kind']})", "launches": launches,
         "one_exp_share": share, "one_exp": any(lc.one_exp for lc in plan),
-        "profiles": {k: {**asdict(p), "num_warps": plan[0].num_warps}
-                     for k, p in profiles.items()},
+        "profiles": profiles,
     }  # fmt: skip
 
 
@@ -303,7 +401,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"`python -m benchmarks.cuda_cost` ({meta['date']}), the model and H100 SXM rates of",
         "`benchmarks/static_cost.py`. Forward + backward, bf16, one head, dot critic (cosine",
         "runs the same kernel on unit rows). The model sees no latency, stalls or barriers:",
-        "real kernels will be slower.",
+        "real kernels will be slower. The fragment kernels' per-tile pass is read from the",
+        "`MIMAC_COST_FORM` compiles: form 1 (interior tiles, the backward's one-exponential",
+        "form) for the forward and a backward in that form, form 2 (exact, two exponentials)",
+        "for a backward outside it.",
         "",
         "| case | estimated ms | floor ms | share of floor | binding bound (launch) |",
         "|---|---:|---:|---:|---|",
@@ -344,13 +445,14 @@ def markdown(results: list[dict], meta: dict) -> str:
         "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        for kind, p in r["profiles"].items():
-            e = next(x for x in r["launches"] if x["kind"] == kind)
+        for name, p in r["profiles"].items():
+            e = next(x for x in r["launches"] if x["kernel"] == name)
             pe, t, res = e["per_element"], p["per_tile"], p["resources"]
             tf32 = t["tensor_tf32_macs_per_cta"] / (t["tensor_macs_per_cta"] or 1)
             shapes = ", ".join(f"{v:g} x {k}" for k, v in t["hmma"].items()) or "-"
             lines.append(
-                f"| {r['case']['name']} | {kind} | {e['d_slices']} | {pe['issue_slots']:.2f} | "
+                f"| {r['case']['name']} | `{name}` (form {p['form']}) | {e['d_slices']} | "
+                f"{pe['issue_slots']:.2f} | "
                 f"{pe['mufu_ex2']:.3f} | {pe['tensor_macs']:.0f} ({100 * tf32:.0f} %) | "
                 f"{shapes} HMMA | {pe['shared_bytes']:.1f} | {pe['global_bytes']:.2f} | "
                 f"{res['registers']} | {res['local']} | {res['shared']} | {p['ctas_per_sm']} | "
@@ -358,9 +460,9 @@ def markdown(results: list[dict], meta: dict) -> str:
             )
     lines += ["", "Where the issue slots of a tile go (per element, top 8 opcode families):", ""]
     for r in results:
-        for kind, p in r["profiles"].items():
+        for name, p in r["profiles"].items():
             top = list(p["per_tile"]["opcodes"].items())[:8]
-            lines.append(f"- {r['case']['name']}, {kind}: " + ", ".join(
+            lines.append(f"- {r['case']['name']}, `{name}`: " + ", ".join(
                 f"{op} {v * p['num_warps'] / 4096:.3f}" for op, v in top))  # fmt: skip
     return "\n".join(lines) + "\n"
 

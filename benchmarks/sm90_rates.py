@@ -61,6 +61,10 @@ class Rates:
     registers_per_sm: int = 65536
     shared_per_sm: int = 228 * 1024
     shared_reserved_per_block: int = 1024
+    #: Dynamic shared memory one block may opt in to (``cudaFuncAttributeMaxDynamicShared
+    #: MemorySize``): 227 KiB on compute capability 9.0 (same table; the device attribute
+    #: ``cudaDevAttrMaxSharedMemoryPerBlockOptin`` reads 232,448 on an H100).
+    shared_optin_per_block: int = 227 * 1024
     warps_per_sm: int = 64
     blocks_per_sm: int = 32
 

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks import cuda_compile, cuda_cost
 from benchmarks import sass_counts as S
-from benchmarks.cuda_launches import launch_plan, tiles_per_program
+from benchmarks.cuda_launches import frag_smem, launch_plan, resident_ok, tiles_per_program
 from benchmarks.cuda_window import one_exp_share
 from benchmarks.sm90_rates import H100, tile_bounds
 from benchmarks.static_cases import CASES, StaticCase
@@ -38,46 +38,80 @@ def _cuobjdump_or_skip() -> None:
 
 #: Launch constants as the kernels had them when these tests were written (the plan's
 #: arithmetic is checked on these; the real ones are read from the source below).
-CONSTS = {"BM": 64, "BN": 64, "KC": 64, "DO": 128, "NT": 128,
+CONSTS = {"BM": 64, "BN": 64, "KC": 64, "DO": 128, "NT": 128, "RNT": 64, "frag_stats": 2688,
           "fwd_smem": {"fp32": 52224, "fp16": 35840, "bf16": 35840},
           "bwd_smem": {"fp32": 53376, "fp16": 52352, "bf16": 52352},
           "x_resident_max": 69632,
           "fast": {"fp32": {"fwd_base": 52224, "bwd_base": 87168, "x_pad": 4, "vec": 4},
                    "fp16": {"fwd_base": 35840, "bwd_base": 70784, "x_pad": 8, "vec": 8},
                    "bf16": {"fwd_base": 35840, "bwd_base": 72832, "x_pad": 8, "vec": 8}}}  # fmt: skip
+#: Opt-in shared memory per block of sm_80 (163 KiB) and sm_86 (99 KiB).
+SM80_OPTIN, SM86_OPTIN = 163 * 1024, 99 * 1024
 
 
 def test_launch_plan_mirrors_the_launchers() -> None:
     """NT-Xent: one forward and one backward over Z's 2N rows; CLIP: rows a then rows b,
     each way; the backward's grid.y walks D in DO-wide slices; every program sweeps all
-    column tiles."""
+    column tiles. 16-bit inputs on the fast path: the fragment forward (fp16 and bf16)
+    and the fragment backward (bf16), where their shared memory fits the device."""
     plan = launch_plan("all", 32768, 512, CONSTS)
     assert [(lc.kind, lc.side, lc.grid) for lc in plan] == [
         ("fwd", "Z", (1024, 1, 1)),
         ("bwd", "Z", (1024, 4, 1)),
     ]
-    # bf16 D = 512: the fast path, X resident (64 rows x 520, 66,560 bytes) besides the rest
-    assert [lc.smem for lc in plan] == [35840 + 66560, 72832 + 66560]
-    assert all(lc.fast for lc in plan) and plan[0].name.endswith(", true>")
+    # bf16 D = 512: the fragment kernels, X resident (64 rows x 520, 66,560 bytes) and
+    # two whole Y tiles alike; the backward's statistics ahead of them
+    assert all(lc.frag and lc.fast for lc in plan) and H100.shared_optin_per_block == 232448
+    assert [lc.smem for lc in plan] == [3 * 66560, 2688 + 3 * 66560]
+    assert [lc.name for lc in plan] == ["lse_forward_frag_kernel<bf16, 0>",
+                                        "lse_backward_frag_kernel<bf16, 0, 1>"]  # fmt: skip
+    assert [lc.num_warps for lc in plan] == [2, 2] and [lc.tau for lc in plan] == [None, 1]
     assert plan[0].split is None and plan[1].split is False and plan[1].d_slices == 4
     assert tiles_per_program(plan[1]) == [1024] * 4096
+    # Where the fragment kernels do not fit (sm_80's 163 KiB), the fast variants; where
+    # those do not either (sm_86's 99 KiB: 35,840 + 66,560 bytes), the general ones.
+    sm80 = launch_plan("all", 32768, 512, CONSTS, smem_optin=SM80_OPTIN)
+    assert [(lc.frag, lc.fast, lc.smem) for lc in sm80] == [
+        (False, True, 35840 + 66560), (False, True, 72832 + 66560)]  # fmt: skip
+    assert [lc.num_warps for lc in sm80] == [4, 4] and sm80[0].name.endswith(", true>")
+    sm86 = launch_plan("all", 32768, 512, CONSTS, smem_optin=SM86_OPTIN)
+    assert [(lc.frag, lc.fast, lc.smem) for lc in sm86] == [
+        (False, False, 35840), (False, False, 52352)]  # fmt: skip
+    small = launch_plan("all", 8, 128, CONSTS, smem_optin=SM86_OPTIN)  # 54,912 bytes at most
+    assert [lc.frag for lc in small] == [True, True]
+    # fp16: the fragment forward, the old fast backward (TF32 gradient)
+    half = launch_plan("cross", 1000, 128, CONSTS, "fp16")
+    assert [(lc.kind, lc.frag, lc.fast) for lc in half] == [
+        ("fwd", True, True), ("fwd", True, True),
+        ("bwd", False, True), ("bwd", False, True)]  # fmt: skip
+    assert half[2].name == "lse_backward_kernel<fp16, 0, false, true>" and half[2].num_warps == 4
     cross = launch_plan("cross", 1000, 100, CONSTS, "fp32", "log_dot", heads=3)
-    assert [(lc.kind, lc.side, lc.grid) for lc in cross] == [
-        ("fwd", "a", (16, 1, 3)),
-        ("fwd", "b", (16, 1, 3)),
-        ("bwd", "a", (16, 1, 3)),
-        ("bwd", "b", (16, 1, 3)),
+    assert [(lc.kind, lc.side, lc.grid, lc.tau) for lc in cross] == [
+        ("fwd", "a", (16, 1, 3), None),
+        ("fwd", "b", (16, 1, 3), None),
+        ("bwd", "a", (16, 1, 3), 2),
+        ("bwd", "b", (16, 1, 3), 0),
     ]
     assert {lc.critic for lc in cross} == {2} and cross[-1].split is True
+    assert not any(lc.frag for lc in cross)  # float32: no fragment kernels
+    # The bf16 CLIP backward: rows a with both sides' temperature terms, rows b none;
+    # the rectangular dX with the rows' and dY none.
+    assert [lc.name for lc in launch_plan("cross", 1000, 128, CONSTS)[2:]] == [
+        "lse_backward_frag_kernel<bf16, 0, 2>", "lse_backward_frag_kernel<bf16, 0, 0>"]  # fmt: skip
+    rect = launch_plan("rect", 1000, 128, CONSTS, cols=3000)
+    assert [(lc.side, lc.rows, lc.cols, lc.tau) for lc in rect] == [
+        ("x", 1000, 3000, None), ("x", 1000, 3000, 1), ("y", 3000, 1000, 0)]  # fmt: skip
+    assert [lc.grid[0] for lc in rect] == [16, 16, 47]
+    assert len(launch_plan("rect", 1000, 128, CONSTS, cols=3000, columns_grad=False)) == 2
     # D = 100 is whole float32 vectors (X resident: 64 x 132 floats); D = 100 in bf16 is
-    # not (12.5 vectors of 8), nor is float32 D = 320 within the resident X's limit:
-    # the general path, with its fixed shared memory.
+    # not (12.5 vectors of 8), nor is float32 D = 320 within the resident X's limit, nor
+    # bf16 D = 1,024: the general path, with its fixed shared memory.
     assert all(lc.fast for lc in cross) and cross[0].smem == 52224 + 64 * 132 * 4
     for d, dtype in ((100, "bf16"), (320, "fp32"), (1024, "bf16")):
         general = launch_plan("all", 8, d, CONSTS, dtype)
-        assert not any(lc.fast for lc in general), (d, dtype)
+        assert not any(lc.fast or lc.frag for lc in general), (d, dtype)
         assert [lc.smem for lc in general] == [CONSTS["fwd_smem"][dtype], CONSTS["bwd_smem"][dtype]]
-    assert launch_plan("all", 8, 512, CONSTS, "bf16")[0].fast  # the limit: 66,560 bytes
+    assert launch_plan("all", 8, 512, CONSTS, "bf16")[0].frag  # the limit: 66,560 bytes
     assert not launch_plan("all", 8, 576, CONSTS, "bf16")[0].fast
     assert tiles_per_program(cross[0]) == [16] * 48
     assert launch_plan("cross", 8, 8, CONSTS, critic="cosine")[0].critic == 0  # dot kernel
@@ -165,74 +199,144 @@ def compiled() -> cuda_cost.Compiled:
 @needs_nvcc
 def test_constants_come_from_the_source(compiled: cuda_cost.Compiled) -> None:
     c = compiled.consts
-    assert c["NT"] % 32 == 0 and c["BM"] > 0 and c["BN"] > 0
+    assert c["NT"] % 32 == 0 and c["RNT"] % 32 == 0 and c["BM"] > 0 and c["BN"] > 0
     for dtype in ("fp32", "fp16", "bf16"):
         assert 0 < c["fwd_smem"][dtype] <= 227 * 1024 and 0 < c["bwd_smem"][dtype] <= 227 * 1024
         # the fast path's largest resident X still fits sm_80's 163 KiB per block
         most = c["x_resident_max"] + max(c["fast"][dtype]["fwd_base"], c["fast"][dtype]["bwd_base"])
         assert most <= 166912, dtype
+    # The fragment kernels' shared memory: the plan's rule is the source's at both widths
+    # it prints, and the largest resident X still fits an H100's opt-in per block.
+    for dtype in ("fp16", "bf16"):
+        for kind in ("fwd", "bwd"):
+            for d, bytes_ in c["frag_smem"][dtype][kind].items():
+                assert frag_smem(kind, int(d), dtype, c) == bytes_, (dtype, kind, d)
+        assert resident_ok(512, dtype, c)
+        assert frag_smem("bwd", 512, dtype, c) <= H100.shared_optin_per_block
     assert c == {**c, **{k: CONSTS[k] for k in CONSTS}}  # the plan tests' constants are today's
-    assert len(compiled.sass) == 24  # 2 kernels x 3 dtypes x 2 critics x fast and general
+    # 2 kernels x 3 dtypes x 2 critics x fast and general; the fragment forward for 2
+    # dtypes x 2 critics, the fragment backward for bf16 x 2 critics x 3 temperature modes
+    for form in compiled.FORMS:
+        assert len(compiled.sass[form]) == 24 + 4 + 6
+    # MIMAC_COST_FORM touches the fragment backward only: every other kernel's SASS is
+    # the same in both compiles, the backward's pass is not.
+    one, two = compiled.sass[1], compiled.sass[2]
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] == two[name]) == ("lse_backward_frag_kernel" not in name), name
+    with pytest.raises(ValueError, match="tau"):
+        cuda_compile.kernel_symbol(list(one), "lse_backward_frag_kernel", "bf16", 0)
 
 
 @needs_nvcc
 @pytest.mark.parametrize("d", [128, 512])
 def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled, d: int) -> None:
-    """NT-Xent, bf16 (the fast path): the column loop is one tile; its MACs are the
-    score GEMM over D (and the gradient GEMM of one DO slice for the backward, in bf16
-    twice: V as hi + lo); one exp2 per element in the forward (plus one rescale per
-    thread) and two in the backward, one in its one-exponential form (plus the column
-    factor per tile, counted for every thread); the D chunk loop runs D / KC times; the
-    16-bit fragments come by ldmatrix."""
+    """NT-Xent, bf16 (the fragment kernels): the column loop is one tile; its MACs are
+    the score GEMM over D (and the gradient GEMM of one DO slice for the backward, in
+    bf16 twice: V as hi + lo); one exp2 per element in the forward (plus each row's
+    rescale in the 4 lanes of its quad), two in the backward's exact form (form 2) and
+    one in its one-exponential form (form 1), plus the column factor per tile (counted
+    for every thread); the staging and D chunk loops run D / KC times, the backward's
+    half loop twice; the 16-bit fragments come by ldmatrix; nothing spills."""
     c = compiled.consts
-    elements = c["BM"] * c["BN"]
+    elements, chunks = c["BM"] * c["BN"], d // c["KC"]
     fwd, bwd = launch_plan("all", 32768, d, c)
+    assert fwd.frag and bwd.frag and fwd.num_warps == bwd.num_warps == c["RNT"] // 32
     pf, pb = compiled.profile(fwd), compiled.profile(bwd)
-    for prof in (pf, pb):
+    one = compiled.profile(replace(bwd, one_exp=True))
+    for prof in (pf, pb, one):
         assert prof.unroll == 1 and prof.tensor_redundancy == 1.0
         assert prof.resources["local"] == 0 and prof.ctas_per_sm >= 1
-        assert d // c["KC"] in prof.inner_trips.values()
+    # staging loop (global bytes) and score chunk loop, in address order
+    assert list(pf.inner_trips.values()) == [chunks, chunks]
+    # staging, the score chunk loop inside the half loop, the half loop
+    assert list(pb.inner_trips.values()) == [chunks, chunks, cuda_cost.FRAG_HALVES]
+    assert list(one.inner_trips.values()) == [chunks, chunks, cuda_cost.FRAG_HALVES]
     warps = fwd.num_warps
     assert pf.per_tile["tensor_macs_per_cta"] == elements * d
     assert pf.per_tile["tensor_tf32_macs_per_cta"] == 0
-    assert pf.per_tile["mufu_ex2"] * warps * 32 == elements + c["NT"]
+    assert pf.per_tile["mufu_ex2"] * warps * 32 == elements + 4 * c["BM"]
     assert pb.per_tile["tensor_macs_per_cta"] == elements * (d + 2 * c["DO"])
     assert pb.per_tile["tensor_tf32_macs_per_cta"] == 0
-    assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements + c["NT"]
-    one = compiled.profile(replace(bwd, one_exp=True))
-    assert one.per_tile["mufu_ex2"] * warps * 32 == elements + c["NT"]
+    assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements + c["RNT"]
+    assert one.per_tile["mufu_ex2"] * warps * 32 == elements + c["RNT"]
     assert one.per_tile["tensor_macs_per_cta"] == pb.per_tile["tensor_macs_per_cta"]
     assert one.per_tile["issue"] < pb.per_tile["issue"]
-    # the other form's pass is in the loop too, run no times
-    assert sorted(one.inner_trips.values()).count(0) == 1
-    # Global loads per tile: the BN x D column panel (16-byte cp.async, LDGSTS, one chunk
-    # ahead; the row panel is resident, staged once per CTA outside the column loop;
-    # backward: and the BN x DO slab of Y for the gradient, 16-byte loads) in counted
-    # loops with no remainder, plus the backward's three column statistics
-    # (loaded by BN threads, counted for every warp as the static count does).
-    assert pf.per_tile["global_bytes"] * warps == c["BN"] * d * 2
-    assert pf.per_tile["opcodes"]["LDGSTS"] * warps * 32 * 16 == c["BN"] * d * 2
-    staged = c["BN"] * (d + c["DO"]) * 2
-    assert pb.per_tile["global_bytes"] * warps == staged + 3 * 4 * c["NT"]
-    assert fwd.fast and bwd.fast
-    # 16-bit products take their fragments by ldmatrix (LDSM.x4: 512 bytes per warp; .trans
-    # for the row-major Y slab, so no MOVM transposes; no generic loads), on a 2 x 2 warp
-    # grid: per tile the score GEMM reads the BM x D rows of X once for each of the two
-    # column warps and the BN x D columns once for each of the two row warps; the
-    # backward's bf16 gradient product V (hi and lo) and the BN x DO Y slab alike.
+    # Global loads per tile: the next BN x D Y tile (16-byte cp.async, LDGSTS; X is
+    # resident, staged once per CTA outside the column loop), plus the backward's three
+    # column statistics (one thread per column).
+    staged = c["BN"] * d * 2
+    assert pf.per_tile["global_bytes"] * warps == staged
+    assert pf.per_tile["opcodes"]["LDGSTS"] * warps * 32 * 16 == staged
+    assert pb.per_tile["global_bytes"] * warps == staged + 3 * 4 * c["RNT"]
+    # Fragments by ldmatrix (LDSM.x4: 512 bytes per warp; .trans for Y's B fragments of
+    # dX, so no MOVM; no generic loads). A warp owns 32 rows against all 64 columns: per
+    # tile the score GEMM reads X's BM x D rows once and Y's BN x D columns once per warp;
+    # the backward reads X once per half, Y's columns once per warp, and the BN x DO slab
+    # of Y once per warp for dX (V never goes through shared memory).
     ops_f, ops_b = pf.per_tile["opcodes"], pb.per_tile["opcodes"]
     assert ops_f.get("MOVM", 0) == 0 and ops_b.get("MOVM", 0) == 0
     assert pf.per_tile["generic_bytes"] == 0 and pb.per_tile["generic_bytes"] == 0
-    score = 2 * (c["BM"] * d * 2) + 2 * (c["BN"] * d * 2)
-    assert ops_f["LDSM"] * warps * 512 == score
-    assert ops_b["LDSM"] * warps * 512 == score + 2 * (2 * elements * 2) + 2 * (c["BN"] * c["DO"] * 2)
+    assert ops_f["LDSM"] * warps * 512 == c["BM"] * d * 2 + warps * c["BN"] * d * 2
+    assert ops_b["LDSM"] * warps * 512 == (cuda_cost.FRAG_HALVES * c["BM"] * d * 2
+                                           + warps * c["BN"] * d * 2
+                                           + warps * c["BN"] * c["DO"] * 2)  # fmt: skip
+    # Shared stores: the forward's are the staging's zero fill only (8 rows per thread
+    # per chunk, under the copy's opposite predicate, counted statically: their bytes
+    # stand for the cp.async writes into shared memory, which the LDGSTS count leaves
+    # out); the backward adds its column statistics and temperature sums, no V tile.
+    assert ops_f["STS"] == 8 * chunks
+    assert 0 < ops_b["STS"] - ops_f["STS"] < 8
+
+
+@needs_nvcc
+def test_old_kernels_keep_their_rules(compiled: cuda_cost.Compiled) -> None:
+    """fp16's backward and float32 run lse_backward_kernel / lse_forward_kernel: their
+    per-element passes (fp16's backward in two forms, one run), chunk and slab loops."""
+    c = compiled.consts
+    elements = c["BM"] * c["BN"]
+    for dtype in ("fp16", "fp32"):
+        plan = launch_plan("all", 32768, 128, c, dtype)
+        bwd = plan[-1]
+        assert not bwd.frag and bwd.fast and bwd.num_warps == c["NT"] // 32
+        pb = compiled.profile(bwd)
+        assert pb.unroll == 1 and pb.tensor_redundancy == 1.0 and pb.resources["local"] == 0
+        # float32 has no one-exponential form: no column factor, no second pass
+        sixteen = dtype == "fp16"
+        assert pb.per_tile["mufu_ex2"] * bwd.num_warps * 32 == 2 * elements + sixteen * c["NT"]
+        assert list(pb.inner_trips.values()).count(0) == sixteen  # the other form's pass
+        split = 3 if dtype == "fp32" else 1
+        assert pb.per_tile["tensor_macs_per_cta"] == split * elements * (128 + c["DO"])
+        assert pb.per_tile["tensor_tf32_macs_per_cta"] == split * elements * (
+            c["DO"] + (128 if dtype == "fp32" else 0))
+        assert plan[0].frag == (dtype == "fp16")
+    one = compiled.profile(replace(launch_plan("all", 32768, 128, c, "fp16")[-1], one_exp=True))
+    assert one.per_tile["mufu_ex2"] * 4 * 32 == elements + c["NT"]
+
+
+@needs_nvcc
+def test_fragment_trip_counts_are_derived(compiled: cuda_cost.Compiled,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The trip counts come from the SASS's work: a source of another shape (a Y tile of
+    other rows, a tile in other halves) fails loudly rather than being counted."""
+    bwd = launch_plan("all", 32768, 128, compiled.consts)[-1]
+    name = compiled.symbol(bwd)
+    sass, res = compiled.sass[2][name], compiled.resources[2][name]
+    assert cuda_cost.profile(bwd, sass, res).inner_trips  # as compiled: counted
+    other = replace(bwd, consts={**compiled.consts, "BN": 48})
+    with pytest.raises(ValueError, match="staged bytes"):
+        cuda_cost.profile(other, sass, res)
+    monkeypatch.setattr(cuda_cost, "FRAG_HALVES", 4)
+    with pytest.raises(ValueError, match="halves of a tile"):
+        cuda_cost.profile(bwd, sass, res)
 
 
 @needs_nvcc
 def test_headline_cuda_estimate_runs(compiled: cuda_cost.Compiled, tmp_path: Path) -> None:
     """The cases of the Triton estimate, for the CUDA backend: every launch estimated,
     CLIP twice the passes of NT-Xent at the same rows, one rank of eight (a forward and
-    two backward passes over an eighth of the pairs) under the whole NT-Xent."""
+    two backward passes over an eighth of the pairs): its dY pass an eighth of SupCon's,
+    its x passes' 128 programs (8,192 rows) filling under a quarter of the slots."""
     # The label-masked case is the Triton backend's (cuda refuses labels): not run here.
     assert [c.labels for c in CASES] == [False] * 7 + [True]
     assert len(cuda_cost.run(CASES[-1:])) == 0
@@ -240,9 +344,21 @@ def test_headline_cuda_estimate_runs(compiled: cuda_cost.Compiled, tmp_path: Pat
     nt, wide, clip, clip_cold, rank, supcon, queue = results
     assert [len(r["launches"]) for r in results] == [2, 2, 4, 4, 3, 3, 2]
     assert [e["side"] for e in rank["launches"]] == ["x", "x", "y"]
-    assert nt["estimate_ms"] / 8 < rank["estimate_ms"] < nt["estimate_ms"] / 2
+    assert nt["estimate_ms"] / 8 < rank["estimate_ms"] < nt["estimate_ms"]
+    rank_y, supcon_y = rank["launches"][-1], supcon["launches"][-1]
+    assert rank_y["kernel"] == supcon_y["kernel"] and rank_y["programs"] == 1024
+    assert rank_y["seconds"] == pytest.approx(supcon_y["seconds"] / 8, rel=0.01)
+    for e in rank["launches"][:2]:
+        slots = H100.sms * rank["profiles"][e["kernel"]]["ctas_per_sm"]
+        assert e["programs"] == 128 and e["balance"] == pytest.approx(128 / slots, rel=0.01)
     assert all(r["estimate_ms"] > r["floor_ms"] > 0 for r in results)
-    assert clip["estimate_ms"] == pytest.approx(2 * nt["estimate_ms"])  # same rows of S
+    # Same rows of S, twice the passes: CLIP's backward over rows a takes both sides'
+    # temperature terms, over rows b none (NT-Xent's the rows' only).
+    assert clip["estimate_ms"] == pytest.approx(2 * nt["estimate_ms"], rel=0.05)
+    assert [e["kernel"] for e in clip["launches"]][2:] == [
+        "lse_backward_frag_kernel<bf16, 0, 2>", "lse_backward_frag_kernel<bf16, 0, 0>"]  # fmt: skip
+    assert len(clip["profiles"]) == 3
+    assert all(p["num_warps"] == 2 for p in clip["profiles"].values())
     # unit rows: every statistic in the one-exponential window, at tau 0.1 and 0.01; the
     # rectangular passes weight one side only and keep two exponentials
     assert [r["one_exp"] for r in results] == [True, True, True, True, False, False, False]

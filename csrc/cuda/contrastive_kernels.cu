@@ -701,8 +701,9 @@ __device__ __forceinline__ bool tile_has_mask(const Pass& p, int64_t row0, int64
   return p.diag && first < col0 + BN && last >= col0;
 }
 
-// The largest `v` of the block's threads (NaN skipped), through `scratch` (NT / 32
-// floats); a block barrier.
+// The largest `v` of the block's kWarps warps of threads (NaN skipped), through
+// `scratch` (kWarps floats); a block barrier.
+template <int kWarps = NT / 32>
 __device__ __forceinline__ float block_max_lse(float v, float* scratch) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
@@ -710,7 +711,7 @@ __device__ __forceinline__ float block_max_lse(float v, float* scratch) {
   __syncthreads();
   float m = scratch[0];
 #pragma unroll
-  for (int w = 1; w < NT / 32; ++w) m = fmaxf(m, scratch[w]);
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
   return m;
 }
 
@@ -1116,6 +1117,21 @@ __device__ __forceinline__ void frag_scores(float (&acc)[RMI][kNJ][4], const T* 
   }
 }
 
+// A fragment kernel's start: the CTA's resident X rows and the first Y tile in flight,
+// one cp.async group; the emulation counts the CTA under `name`.
+template <typename T>
+__device__ __forceinline__ void frag_start(const char* name, T* xs, T* ys, int ld, const Ops<T>& op,
+                                           int64_t row0, int64_t d, int width) {
+#if defined(MIMAC_CUDA_EMULATION)
+  if (threadIdx.x == 0) ::mimac_emu::tally(name);
+#else
+  (void)name;
+#endif
+  issue_rows(xs, ld, op.x, row0, d, width);
+  issue_rows(ys, ld, op.y, 0, d, width);
+  __pipeline_commit();
+}
+
 // Whether the tile (row0, col0) runs the masked pass (any masked pair), as the cost
 // model's compile sees it (MIMAC_COST_FORM: interior tiles only).
 __device__ __forceinline__ bool frag_masked_tile(const Pass& p, int64_t row0, int64_t col0) {
@@ -1125,18 +1141,6 @@ __device__ __forceinline__ bool frag_masked_tile(const Pass& p, int64_t row0, in
 #else
   return tile_has_mask(p, row0, col0);
 #endif
-}
-
-// The largest `v` of the CTA's threads (NaN skipped); RW floats of scratch, a barrier.
-__device__ __forceinline__ float frag_block_max(float v, float* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  float m = scratch[0];
-#pragma unroll
-  for (int w = 1; w < RW; ++w) m = fmaxf(m, scratch[w]);
-  return m;
 }
 
 template <typename T, int kCritic>
@@ -1150,12 +1154,7 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Ops<T> op = head_operands<T>(p, h);
-#if defined(MIMAC_CUDA_EMULATION)
-  if (threadIdx.x == 0) ::mimac_emu::tally("frag_fwd_ctas");
-#endif
-  issue_rows(xs, ld, op.x, row0, p.d, width);
-  issue_rows(ys, ld, op.y, 0, p.d, width);
-  __pipeline_commit();
+  frag_start("frag_fwd_ctas", xs, ys, ld, op, row0, p.d, width);
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
   const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
@@ -1257,7 +1256,8 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   float* s_cx = s_gx + BM;
   float* s_ux = s_cx + BM;
   double* s_red = reinterpret_cast<double*>(s_ux + BM);
-  // this thread's temperature sum, in shared memory: no registers across the loop
+  // this thread's temperature sums (exact tiles, one-exponential tiles), in shared
+  // memory: no registers across the loop
   double* s_tau = s_red + 128 / sizeof(double);
   s_tau[threadIdx.x] = s_tau[RNT + threadIdx.x] = 0.0;
   T* xs = reinterpret_cast<T*>(smem + kFragStats);
@@ -1267,12 +1267,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int dout0 = static_cast<int>(blockIdx.y) * DO;
   const Ops<T> op = head_operands<T>(p, h);
-#if defined(MIMAC_CUDA_EMULATION)
-  if (threadIdx.x == 0) ::mimac_emu::tally("frag_bwd_ctas");
-#endif
-  issue_rows(xs, ld, op.x, row0, p.d, width);
-  issue_rows(ys, ld, op.y, 0, p.d, width);
-  __pipeline_commit();
+  frag_start("frag_bwd_ctas", xs, ys, ld, op, row0, p.d, width);
   const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
@@ -1289,7 +1284,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   float shift = 0.0f;
   int row_vote = 1;
   if (one_exp) {
-    shift = frag_block_max(gr < p.rows ? lxr : -INFINITY, reinterpret_cast<float*>(s_red));
+    shift = block_max_lse<RW>(gr < p.rows ? lxr : -INFINITY, reinterpret_cast<float*>(s_red));
     const float u = gr < p.rows ? gxr * exp2_ftz((shift - lxr) * kLog2e) : 0.0f;
     row_vote = gr >= p.rows || one_exp_ok(lxr, shift, gxr, u, it);
     // 1/tau folded in: V = e^(S - c) (u_i + v_k) / tau straight from the sum (finite:
@@ -1333,11 +1328,8 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
     }
     __pipeline_wait_prior(1);
     const bool all_ok = __syncthreads_and(vote);  // everyone's copies and statistics are in
-#if MIMAC_COST_FORM == 1
-    const bool fast_tile = true;
-    (void)all_ok;
-#elif MIMAC_COST_FORM == 2
-    const bool fast_tile = false;
+#if defined(MIMAC_COST_FORM)
+    const bool fast_tile = MIMAC_COST_FORM == 1;
     (void)all_ok;
 #else
     const bool fast_tile = all_ok && one_exp && !tile_has_mask(p, row0, col0);

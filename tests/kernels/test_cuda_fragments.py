@@ -11,28 +11,17 @@ D = 512 with sm_90's shared memory (the emulated device has sm_80's by default).
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 
 import pytest
 import torch
 
 from mimac_kernels import cuda_backend
 from tests.kernels.accuracy import kernel_case, kernel_level_errors, kernel_outputs, weight_eps
-from tests.kernels.emulation import emulated_cuda_backend
 
 pytestmark = pytest.mark.emulated
 
 #: Opt-in shared memory per block of sm_80 (the emulation's default) and sm_90.
 SM80_SMEM, SM90_SMEM = 166912, 232448
-
-
-@pytest.fixture(scope="module")
-def emu():
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler on this machine: the emulation cannot be built")
-    with emulated_cuda_backend():
-        yield torch.ops.mimac_emu
 
 
 def _ctas(emu, case) -> tuple[int, int]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -24,7 +22,6 @@ import torch
 from mimac_kernels import cuda_backend
 from mimac_kernels.contract import Problem, Stats, Upstream
 from tests.kernels.accuracy import KernelCase, kernel_case, kernel_level_errors, weight_eps
-from tests.kernels.emulation import emulated_cuda_backend
 
 pytestmark = pytest.mark.emulated
 
@@ -35,14 +32,6 @@ EXP_WINDOW = 40.0
 EXP_FACTOR_MAX = 2.0**126
 GRAD_MAX = 2.0**100
 LOG2E = 1.4426950408889634
-
-
-@pytest.fixture(scope="module")
-def emu():
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler on this machine: the emulation cannot be built")
-    with emulated_cuda_backend():
-        yield torch.ops.mimac_emu
 
 
 def _side_ok(lse: torch.Tensor, g: torch.Tensor, shift: torch.Tensor, it: float) -> bool:

@@ -64,6 +64,7 @@ int main() {
   std::printf("\"bwd_smem\": {\"fp32\": %zu, \"fp16\": %zu, \"bf16\": %zu}, ",
               bwd_smem<float>(), bwd_smem<__half>(), bwd_smem<__nv_bfloat16>());
   std::printf("\"exp_window\": %.9g, \"exp_factor_max\": %.9g, ", kExpWindow, kExpFactorMax);
+  std::printf("\"sum_window\": [%.17g, %.17g], ", kSumLow, kSumHigh);
   std::printf("\"x_resident_max\": %zu, \"fast\": {", kXResidentMax);
   print_fast<float>("fp32", ", ");
   print_fast<__half>("fp16", ", ");
@@ -164,9 +165,9 @@ def kernel_constants(source: Path = KERNELS) -> dict:
     (``fwd_base``/``bwd_base`` bytes besides the resident X, its row padding ``x_pad``,
     elements per 16-byte vector ``vec``) with the resident X's limit ``x_resident_max``;
     the backward's one-exponential window ``exp_window`` and factor bound
-    ``exp_factor_max``; the fragment kernels' threads per CTA ``RNT``, the backward's
-    statistics bytes ahead of its tiles ``frag_stats`` and their shared memory at two
-    widths, ``frag_smem[dtype]["fwd"|"bwd"][str(d)]`` (``cuda_launches.frag_smem`` is
+    ``exp_factor_max``; cross's one-pass window of its shifted sums ``sum_window``; the
+    fragment kernels' threads per CTA ``RNT``, the backward's statistics bytes ahead of
+    its tiles ``frag_stats`` and their shared memory at two widths, ``frag_smem[dtype]["fwd"|"bwd"][str(d)]`` (``cuda_launches.frag_smem`` is
     checked against them). A host program (PTX only, no ptxas) prints them.
     """
     cache = _cache_dir(source)
@@ -212,8 +213,8 @@ def kernel_symbol(names: list[str], kernel: str, dtype: str, critic: int,
                   split: bool | None = None, fast: bool = True,
                   tau: int | None = None) -> str:  # fmt: skip
     """The one mangled name among ``names`` of ``kernel<T, critic[, split], fast>`` or of a
-    fragment kernel, ``lse_forward_frag_kernel<T, critic>`` /
-    ``lse_backward_frag_kernel<T, critic, tau>``.
+    fragment kernel, ``lse_forward_frag_kernel<T, critic>``,
+    ``lse_cross_frag_kernel<T, critic>`` or ``lse_backward_frag_kernel<T, critic, tau>``.
 
     ``kernel``: ``lse_forward_kernel``, ``lse_backward_kernel`` or either ``*_frag_kernel``;
     ``dtype``: a key of :data:`CXX_TYPES`; ``split``: the backward's 3xTF32 flag (``None``
@@ -224,7 +225,7 @@ def kernel_symbol(names: list[str], kernel: str, dtype: str, critic: int,
     """
     args = f"I{CXX_TYPES[dtype]}Li{critic}E"
     if kernel.endswith("_frag_kernel"):
-        if (tau is None) != kernel.startswith("lse_forward"):
+        if (tau is None) == kernel.startswith("lse_backward"):
             raise ValueError(f"{kernel}: tau is the backward's template argument, got {tau!r}")
         args += "" if tau is None else f"Li{tau}E"
     else:

@@ -60,6 +60,7 @@ from benchmarks.sm90_rates import (
     launch_estimate,
     operand_rereads,
 )
+from benchmarks.static_cases import resweep_fraction
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -70,6 +71,12 @@ def _cdiv(a: int, b: int) -> int:
 #: columns (scores of a half, then its V into dX). Checked against the SASS: the loop's
 #: gradient MACs per iteration must be the tile's over this.
 FRAG_HALVES = 2
+
+
+def cross_shift(bound):
+    """cross's one-pass shift from the bound B of S, as ``binding.cpp``'s
+    ``cross_shift`` takes it: min(B, max(B - 64, 32)) (a tensor or a float)."""
+    return min(bound, max(bound - 64.0, 32.0))
 
 
 def gemm_macs(launch: CudaLaunch) -> list[int]:
@@ -102,7 +109,7 @@ def exps_per_element(launch: CudaLaunch) -> int:
     """exp2 per score element in the per-element pass the launch runs: the forward's sum;
     the backward's row and column probabilities (two), or one in its one-exponential
     form (``launch.one_exp``)."""
-    return 1 if launch.kind == "fwd" or launch.one_exp else 2
+    return 1 if launch.kind != "bwd" or launch.one_exp else 2
 
 
 def v_stores_per_element(launch: CudaLaunch) -> float:
@@ -205,7 +212,7 @@ class _Trips:
         if body.global_bytes and not macs and in_hot:
             total = c["BN"] * cols * ELEMENT[lc.dtype]
             return self._exact(total, body.global_bytes * lc.num_warps, loop, "staged bytes")
-        if macs and lc.kind == "fwd" and in_hot and self.gemms:
+        if macs and lc.kind != "bwd" and in_hot and self.gemms:
             return self._exact(self.gemms.pop(0), macs, loop, "MACs")
         if macs and lc.kind == "bwd" and not in_hot and parent in self.hot.inner:
             total = c["BM"] * (c["BN"] // FRAG_HALVES) * cols
@@ -290,6 +297,10 @@ def compulsory_bytes(launch: CudaLaunch) -> int:
     inputs = (r + (0 if launch.all_pairs else c)) * d * size
     if launch.kind == "bwd":
         return inputs + r * d * 4 + 3 * 4 * (r + c)
+    if launch.kind == "cross":  # both sides' sums
+        return inputs + 4 * (r + c)
+    if launch.kind == "finish":  # its sums read, the log-sum-exps written; inputs if re-swept
+        return 8 * r + (inputs if launch.resweep_blocks else 0)
     return inputs + 4 * r
 
 
@@ -363,6 +374,16 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
     # in its window (else the two-exponential pass throughout).
     share = one_exp_share(case, compiled.consts)
     plan = [replace(lc, one_exp=one_exp_eligible(lc) and share == 1.0) for lc in plan]
+    # cross's one-pass forward: each finishing launch re-sweeps the share of its row
+    # blocks whose shifted sum leaves the window, estimated on the case's synthetic data
+    # by the rule Triton's finalize shares (same shift, window and 64-row blocks).
+    frac = None
+    if any(lc.kind == "finish" for lc in plan):
+        window = tuple(compiled.consts["sum_window"])
+        frac = resweep_fraction(case, compiled.consts["BM"], cross_shift, window)
+        side = {"a": "rows", "b": "cols"}
+        plan = [replace(lc, resweep_blocks=round(frac[side[lc.side]]["blocks"] * lc.grid[0]))
+                if lc.kind == "finish" else lc for lc in plan]  # fmt: skip
     launches, profiles = [], {}
     for lc in plan:
         prof = compiled.profile(lc)
@@ -378,6 +399,7 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
         "floor_ms": fl["seconds"] * 1e3, "floor": fl, "share_of_floor": fl["seconds"] / total,
         "binding": f"{top['binding']} ({top['kind']})", "launches": launches,
         "one_exp_share": share, "one_exp": any(lc.one_exp for lc in plan),
+        "resweep_fraction_estimated": frac,
         "profiles": profiles,
     }  # fmt: skip
 

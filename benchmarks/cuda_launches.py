@@ -27,18 +27,25 @@ ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
 #: Critic ids of contrastive_kernels.h (cosine runs the dot kernel: unit rows).
 CRITICS = {"dot": 0, "cosine": 1, "log_dot": 2}
 KERNELS = {"fwd": "lse_forward_kernel", "bwd": "lse_backward_kernel"}
-FRAG_KERNELS = {"fwd": "lse_forward_frag_kernel", "bwd": "lse_backward_frag_kernel"}
+#: The fragment kernels by launch kind: ``cross`` is cross's one-pass forward (both
+#: sides' shifted exp-sums), ``finish`` the row forward finishing one side's sums, which
+#: re-sweeps only the row blocks with a sum outside the one-pass window.
+FRAG_KERNELS = {"fwd": "lse_forward_frag_kernel", "bwd": "lse_backward_frag_kernel",
+                "cross": "lse_cross_frag_kernel", "finish": "lse_forward_frag_kernel"}
 #: The backward's ``Pass::tau_mode`` by pass side (``mimac_lse_backward`` /
-#: ``mimac_rect_backward``): NT-Xent's rows and the rectangular x rows take the row
-#: side's temperature terms (1), CLIP's rows a both sides' (2), the second passes none.
-TAU_MODES = {"Z": 1, "a": 2, "b": 0, "x": 1, "y": 0}
+#: ``mimac_rect_backward``): each pass with statistics of its own rows takes their
+#: temperature terms (1: NT-Xent's rows, CLIP's rows a and rows b, the rectangular x
+#: rows); the rectangular dY pass none (0).
+TAU_MODES = {"Z": 1, "a": 1, "b": 1, "x": 1, "y": 0}
 
 
 @dataclass(frozen=True)
 class CudaLaunch:
     """One kernel launch of the CUDA backend.
 
-    ``kind``: ``fwd`` (row log-sum-exps) or ``bwd`` (gradient rows of one operand);
+    ``kind``: ``fwd`` (row log-sum-exps), ``cross`` and ``finish`` (cross's one-pass
+    forward and the finishing of one side's sums, fragment kernels only: see
+    :data:`FRAG_KERNELS`) or ``bwd`` (gradient rows of one operand);
     ``dtype``/``critic``/``split``/``fast``: the template arguments (``split``: the
     backward's 3xTF32 flag, ``None`` for the forward; ``fast``: 16-byte vector staging
     with the CTA's X rows resident, else the general element-wise staging); ``rows``/``cols``: R and C of S for this
@@ -67,6 +74,9 @@ class CudaLaunch:
     one_exp: bool = False
     frag: bool = False
     tau: int | None = None
+    #: ``finish`` only: the row blocks it re-sweeps (the first ones, as Triton's model
+    #: takes them; the data decide which), set by the estimate.
+    resweep_blocks: int = 0
 
     @property
     def kernel(self) -> str:
@@ -75,7 +85,7 @@ class CudaLaunch:
     @property
     def name(self) -> str:
         if self.frag:
-            tau = "" if self.kind == "fwd" else f", {self.tau}"
+            tau = "" if self.kind != "bwd" else f", {self.tau}"
             return f"{self.kernel}<{self.dtype}, {self.critic}{tau}>"
         split = "" if self.split is None else f", {str(self.split).lower()}"
         return f"{self.kernel}<{self.dtype}, {self.critic}{split}, {str(self.fast).lower()}>"
@@ -172,7 +182,8 @@ def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
 
     ``pairing``: ``all`` (NT-Xent: rows and columns are ``Z = [a; b]``, ``2n`` of them,
     one pass each way), ``cross`` (CLIP: ``n`` x ``n``; the forward runs rows a,
-    then rows b for the column log-sum-exp, and the backward dA then dB) or ``rect``
+    then rows b for the column log-sum-exp, or, on the fragment kernels, one pass for
+    both and a finishing launch per side; the backward dA then dB) or ``rect``
     (``mimac_rect_forward`` / ``mimac_rect_backward``, without the dY pass where not
     ``columns_grad``: ``n`` rows x against ``cols``
     columns y; one forward, then dX and dY, y's rows against x).
@@ -198,7 +209,11 @@ def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
     bwd = choose("bwd", d, dtype, consts, smem_optin)
     split = ELEMENT[dtype] == 4
     slices = _cdiv(d, consts["DO"])
-    if pairing == "rect":
+    if pairing == "cross" and fwd["frag"]:
+        # one pass for both sides' sums, each side finished (re-sweeping where needed)
+        passes = [("cross", "ab", n, n), ("finish", "a", n, n), ("finish", "b", n, n),
+                  ("bwd", "a", n, n), ("bwd", "b", n, n)]
+    elif pairing == "rect":
         # rows x against the columns, then (dY) y's rows against x
         passes = [("fwd", "x", n, cols), ("bwd", "x", n, cols), ("bwd", "y", cols, n)]
         if not columns_grad:
@@ -209,7 +224,7 @@ def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
         passes = [(k, s, m, m) for k in ("fwd", "bwd") for s in sides]
     plan = []
     for kind, side, rows, cols_ in passes:
-        is_fwd = kind == "fwd"
+        is_fwd = kind != "bwd"
         plan.append(CudaLaunch(
             kind, split=None if is_fwd else split,
             grid=(_cdiv(rows, consts["BM"]), 1 if is_fwd else slices, heads),
@@ -228,6 +243,11 @@ def one_exp_eligible(launch: CudaLaunch) -> bool:
 
 def tiles_per_program(launch: CudaLaunch) -> list[int]:
     """Column tiles each program walks, in launch order: every program of these kernels
-    sweeps all ``ceil(C / BN)`` column tiles (no triangle is skipped for ``all``)."""
+    sweeps all ``ceil(C / BN)`` column tiles (no triangle is skipped for ``all``), but a
+    ``finish`` launch only in its ``resweep_blocks`` first row blocks (none elsewhere:
+    those finish their sums and return)."""
     gx, gy, gz = launch.grid
-    return [_cdiv(launch.cols, launch.consts["BN"])] * (gx * gy * gz)
+    n_kb = _cdiv(launch.cols, launch.consts["BN"])
+    if launch.kind == "finish":
+        return [n_kb if i < launch.resweep_blocks else 0 for _ in range(gz * gy) for i in range(gx)]
+    return [n_kb] * (gx * gy * gz)

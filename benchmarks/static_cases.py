@@ -7,6 +7,7 @@ Triton compiler: the cases are plain data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,3 +74,54 @@ def synthetic_views(n: int, d: int, positive_cos: float, seed: int = 0) -> tuple
     noise = torch.nn.functional.normalize(noise - (noise * a).sum(1, keepdim=True) * a, dim=1)
     b = positive_cos * a + math.sqrt(1 - positive_cos**2) * noise
     return a, b
+
+
+def resweep_fraction(case: StaticCase, block_m: int, shift_of: Callable, window: tuple,
+                     sample_blocks: int = 4, seed: int = 0) -> dict:  # fmt: skip
+    """Estimated share of row blocks a one-pass forward re-sweeps, on synthetic data.
+
+    The one-pass rule of both backends: shift = ``shift_of`` (the runtime's level below
+    the bound) of (1/tau) max|x| max|y| (the Cauchy-Schwarz bound of S); a row needs the
+    running-max sweep when its shifted float32 exp-sum leaves ``window`` = (low, high),
+    and its whole row block of ``block_m`` rows is then redone. ``sample_blocks`` blocks
+    of consecutive rows are evaluated against every column of the case's full size. For
+    ``cross`` the column statistics (the second side) use the same data transposed.
+    Returns ``{side: {"rows": share, "blocks": share, "sampled_rows": n}}``.
+    """
+    pairs = case.cols // 2 if case.pairing == "rect" else case.n
+    a, b = synthetic_views(pairs, case.d, case.positive_cos, seed)
+    inv_tau = 1.0 / case.tau
+    low, high = window
+    out = {}
+    sides = {"rows": (a, b)} if case.pairing != "cross" else {"rows": (a, b), "cols": (b, a)}
+    for side, (x, y) in sides.items():
+        if case.pairing == "all":
+            x = y = torch.cat([a, b])
+        elif case.pairing == "rect" and case.offset is None:
+            # Queries against a bank of unrelated rows (MoCo's queue): nothing masked.
+            y = torch.cat([a, b])
+            x = synthetic_views(case.rows, case.d, case.positive_cos, seed + 2)[0]
+        elif case.pairing == "rect":
+            # The columns in any order (the sums do not see it); the local rows are
+            # columns [offset, offset + rows) of them, with their positives among them.
+            y = torch.cat([a, b])
+            x = y[case.offset : case.offset + case.rows]
+        shift = shift_of(inv_tau * x.norm(dim=1).max() * y.norm(dim=1).max())
+        g = torch.Generator().manual_seed(seed + 1)
+        n_blocks = -(-x.shape[0] // block_m)
+        picks = torch.randperm(n_blocks, generator=g)[:sample_blocks].tolist()
+        need_rows, need_blocks, seen = 0, 0, 0
+        for blk in picks:
+            rows = torch.arange(blk * block_m, min((blk + 1) * block_m, x.shape[0]))
+            s = (x[rows] @ y.T) * inv_tau - shift
+            if case.pairing == "all" or (case.pairing == "rect" and case.offset is not None):
+                # the self-pair is masked
+                s[torch.arange(len(rows)), rows + (case.offset or 0)] = -math.inf
+            sums = torch.exp(s).sum(dim=1)
+            need = (sums < low) | (sums > high)
+            need_rows += int(need.sum())
+            need_blocks += int(need.any())
+            seen += len(rows)
+        out[side] = {"rows": need_rows / seen, "blocks": need_blocks / len(picks),
+                     "sampled_rows": seen}  # fmt: skip
+    return out

@@ -48,7 +48,6 @@ from benchmarks import sm90_compile  # noqa: F401  (drops TRITON_INTERPRET befor
 
 import argparse
 import json
-import math
 import platform
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -57,7 +56,7 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks import cuda_cost, sass_counts, sm90_rates
+from benchmarks import cuda_cost, sass_counts, sm90_rates, static_cases
 from benchmarks.sm90_compile import compile_kernel, resource_usage, sass, warps_per_cta
 from benchmarks.sm90_rates import (
     H100,
@@ -67,7 +66,7 @@ from benchmarks.sm90_rates import (
     launch_estimate,
     operand_rereads,
 )
-from benchmarks.static_cases import CASES, StaticCase, synthetic_views
+from benchmarks.static_cases import CASES, StaticCase
 from benchmarks.triton_launches import ELEMENT, Launch, launch_plan, tiles_per_program
 from mimac_kernels.triton import kernels as K
 from mimac_kernels.triton.backend import shift_from_bound
@@ -193,54 +192,11 @@ def floor(case: StaticCase, rates: Rates = H100) -> dict:
                             columns_grad=case.columns_grad)
 
 
-def resweep_fraction(case: StaticCase, block_m: int, sample_blocks: int = 4,
-                     seed: int = 0) -> dict:  # fmt: skip
-    """Estimated share of row blocks the finalize kernel re-sweeps, on synthetic data.
-
-    Runs the runtime's rule: shift = ``backend.shift_from_bound`` of (1/tau) max|x|
-    max|y| (the launcher's Cauchy-Schwarz bound), a row needs the running-max sweep
-    when its shifted float32 exp-sum falls below ``kernels.UNDERFLOW`` or above
-    ``kernels.OVERFLOW``, and its whole row block of ``block_m`` rows is then redone.
-    ``sample_blocks`` blocks of consecutive rows
-    are evaluated against every column of the case's full size. For ``cross``
-    the column statistics (the second finalize) use the same data transposed.
-    """
-    pairs = case.cols // 2 if case.pairing == "rect" else case.n
-    a, b = synthetic_views(pairs, case.d, case.positive_cos, seed)
-    inv_tau = 1.0 / case.tau
-    out = {}
-    sides = {"rows": (a, b)} if case.pairing != "cross" else {"rows": (a, b), "cols": (b, a)}
-    for side, (x, y) in sides.items():
-        if case.pairing == "all":
-            x = y = torch.cat([a, b])
-        elif case.pairing == "rect" and case.offset is None:
-            # Queries against a bank of unrelated rows (MoCo's queue): nothing masked.
-            y = torch.cat([a, b])
-            x = synthetic_views(case.rows, case.d, case.positive_cos, seed + 2)[0]
-        elif case.pairing == "rect":
-            # The columns in any order (the sums do not see it); the local rows are
-            # columns [offset, offset + rows) of them, with their positives among them.
-            y = torch.cat([a, b])
-            x = y[case.offset : case.offset + case.rows]
-        shift = shift_from_bound(inv_tau * x.norm(dim=1).max() * y.norm(dim=1).max())
-        g = torch.Generator().manual_seed(seed + 1)
-        n_blocks = _cdiv(x.shape[0], block_m)
-        picks = torch.randperm(n_blocks, generator=g)[:sample_blocks].tolist()
-        need_rows, need_blocks, seen = 0, 0, 0
-        for blk in picks:
-            rows = torch.arange(blk * block_m, min((blk + 1) * block_m, x.shape[0]))
-            s = (x[rows] @ y.T) * inv_tau - shift
-            if case.pairing == "all" or (case.pairing == "rect" and case.offset is not None):
-                # the self-pair is masked
-                s[torch.arange(len(rows)), rows + (case.offset or 0)] = -math.inf
-            sums = torch.exp(s).sum(dim=1)
-            need = (sums < K.UNDERFLOW.value) | (sums > K.OVERFLOW.value)
-            need_rows += int(need.sum())
-            need_blocks += int(need.any())
-            seen += len(rows)
-        out[side] = {"rows": need_rows / seen, "blocks": need_blocks / len(picks),
-                     "sampled_rows": seen}  # fmt: skip
-    return out
+def resweep_fraction(case: StaticCase, block_m: int) -> dict:
+    """Estimated share of row blocks the finalize kernel re-sweeps
+    (``static_cases.resweep_fraction`` with the Triton runtime's shift and window)."""
+    window = (K.UNDERFLOW.value, K.OVERFLOW.value)
+    return static_cases.resweep_fraction(case, block_m, shift_from_bound, window)
 
 
 def estimate_case(case: StaticCase, rates: Rates = H100, cache: dict | None = None) -> dict:

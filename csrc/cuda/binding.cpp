@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -71,6 +72,22 @@ at::Tensor stat(const at::Tensor& t, const at::Tensor& like) {
 // Two gradients and the temperature sum: the backward ops' `(Tensor, Tensor, Tensor)`.
 using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// cross's fixed shift per head (H,) float32 for the one-pass forward of 16-bit inputs:
+// min(B, max(B - 64, 32)) below B = inv_tau max|a_i| max|b_j| (log_dot: inv_tau
+// log(max(that, eps))), the Cauchy-Schwarz bound of S (contrastive_kernels.h). A NaN row
+// counts as norm 0: its own sums carry the NaN to the exact re-sweep.
+at::Tensor cross_shift(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau, int64_t critic,
+                       double eps) {
+  const auto max_norm = [](const at::Tensor& t) {
+    const auto n = at::linalg_vector_norm(t, 2, at::IntArrayRef{-1}, false, at::kFloat);
+    return at::nan_to_num(n, 0.0, std::numeric_limits<double>::infinity()).amax(-1);
+  };
+  auto bound = max_norm(a) * max_norm(b);
+  if (critic == MIMAC_LOG_DOT) bound = bound.clamp_min(eps).log();
+  bound = bound * inv_tau;
+  return at::minimum(bound, (bound - 64.0).clamp_min(32.0)).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& a_in, const at::Tensor& b_in,
@@ -84,9 +101,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& a_in, const at::Ten
   const auto opts = a.options().dtype(at::kFloat);
   auto row = at::empty({h, all ? 2 * n : n}, opts);
   auto col = at::empty({h, all ? 0 : n}, opts);
+  // the one-pass forward's shift: cross with 16-bit inputs (the launcher decides whether
+  // its fast path applies; float32 always takes two passes)
+  const bool one_pass = !all && a.scalar_type() != at::kFloat;
+  const auto shift = one_pass ? cross_shift(a, b, it, critic, eps) : at::Tensor();
   check_launch(mimac_lse_forward(dtype_id(a.scalar_type()), a.data_ptr(), b.data_ptr(), it.data_ptr<float>(),
                                  h, n, d, static_cast<int>(critic), all ? 1 : 0, static_cast<float>(eps),
                                  row.data_ptr<float>(), all ? nullptr : col.data_ptr<float>(),
+                                 one_pass ? shift.data_ptr<float>() : nullptr,
                                  c10::cuda::getCurrentCUDAStream()),
                "forward");
   return {row, col};

@@ -89,14 +89,14 @@ struct Pass {
   float* lse;
   int64_t lse_hs;
   // backward inputs: log-sum-exp, incoming gradient and temperature centre (the raw
-  // positive score, see mimac_kernels/ops.py) of X rows and of Y rows
+  // positive score, see mimac_kernels/ops.py) of X rows; log-sum-exp and gradient of Y
+  // rows (their temperature terms are the row side of the pass with the roles swapped)
   const float* lx;
   const float* gx;
   const float* cx;
   int64_t lx_hs;
   const float* ly;
   const float* gy;
-  const float* cy;
   int64_t ly_hs;
   // backward outputs: row i < out_split goes to out0, else out1 (each (H, N, D))
   float* out0;
@@ -104,7 +104,12 @@ struct Pass {
   int64_t out_split;
   int64_t out_hs;  // elements per head of the outputs
   float* grad_tau;
-  int tau_mode;    // 0: none, 1: row side only (gx P^row (s - cx)), 2: both sides, centred
+  int tau_mode;    // 0: none, 1: the row side's terms gx P^row (s - cx), centred
+  // cross's one-pass forward (fragment kernels): the fixed shift per head, an upper
+  // bound's level (see lse_cross_frag_kernel); the column exp-sums (H, cols), added to.
+  // In lse_forward_frag_kernel a shift means: `lse` holds such sums, finish them.
+  const float* shift;
+  float* col_sum;
 };
 
 // --- tensor-core steps for S = X Y^T ---------------------------------------------------
@@ -341,7 +346,7 @@ __host__ __device__ constexpr size_t fwd_smem(int64_t d = 0) {
   return x_region<T, kFast>(d) + staging_bytes<T>() + tile_bytes();
 }
 // [resident X (fast path)] [staging] [Y slab, output staging] [S/V tile] [column stats:
-// lse, g, centre, one-exponential factor]
+// lse, g, one-exponential factor]
 // [reduction scratch]; the general path's staging and slab share one region (union),
 // the fast path's are apart: the next tile's first Y chunk is in flight meanwhile.
 template <typename T, bool kFast = false>
@@ -355,7 +360,7 @@ __host__ __device__ constexpr size_t slab_offset() {
 }
 template <typename T, bool kFast = false>
 __host__ __device__ constexpr size_t bwd_smem(int64_t d = 0) {
-  return x_region<T, kFast>(d) + bwd_union<T, kFast>() + tile_bytes() + align128(4 * BN * sizeof(float)) +
+  return x_region<T, kFast>(d) + bwd_union<T, kFast>() + tile_bytes() + align128(3 * BN * sizeof(float)) +
          align128(8 * sizeof(double));
 }
 
@@ -791,10 +796,9 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   float* ss = t.ss;
   float* s_ly = reinterpret_cast<float*>(stage + bwd_union<T, kFast>() + tile_bytes());
   float* s_gy = s_ly + BN;
-  float* s_cy = s_gy + BN;
-  float* s_vy = s_cy + BN;
+  float* s_vy = s_gy + BN;
   double* s_red = reinterpret_cast<double*>(stage + bwd_union<T, kFast>() + tile_bytes() +
-                                            align128(4 * BN * sizeof(float)));
+                                            align128(3 * BN * sizeof(float)));
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t dout0 = static_cast<int64_t>(blockIdx.y) * DO;
@@ -810,7 +814,6 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
   const float* cx = x_side ? p.cx + h * p.lx_hs : nullptr;
   const float* ly = y_side ? p.ly + h * p.ly_hs : nullptr;
   const float* gy = y_side ? p.gy + h * p.ly_hs : nullptr;
-  const float* cy = y_side ? p.cy + h * p.ly_hs : nullptr;
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, r = threadIdx.x >> 1, part = threadIdx.x & 1;
   const int64_t gi = row0 + r;
@@ -852,7 +855,6 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
       const float lk = ok ? ly[gk] : 0.0f, gv = ok ? gy[gk] : 0.0f;
       s_ly[threadIdx.x] = lk;
       s_gy[threadIdx.x] = gv;
-      s_cy[threadIdx.x] = ok ? cy[gk] : 0.0f;
       if (one_exp) {
         const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
         s_vy[threadIdx.x] = v;
@@ -893,7 +895,6 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
           // a row sum to its g, so this is the loss's temperature gradient with no
           // float32 cancellation between two large totals.
           tau_tile += w * (s - cxi);
-          if (p.tau_mode == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
           vv[e] = u * it;  // dL/d(dot)
           if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
         }
@@ -1030,7 +1031,8 @@ __global__ void __launch_bounds__(NT, 1) lse_backward_kernel(Pass p) {
 // MIMAC_COST_FORM (the static cost model's compile, benchmarks/cuda_cost.py, never a
 // build that runs): 1 compiles only the interior tiles' pass in the one-exponential
 // form, 2 only the exact form, so that the SASS of the column loop is the code a tile
-// of that form runs (a static count cannot tell which side of a per-tile branch runs).
+// of that form runs (a static count cannot tell which side of a per-tile branch runs);
+// both compile only issue_rows' copy of whole tiles.
 
 constexpr int RW = 2;                 // warps per CTA of the fragment kernels
 constexpr int RNT = 32 * RW;          // their threads per CTA
@@ -1049,10 +1051,11 @@ __host__ __device__ constexpr size_t fwd_frag_smem(int64_t d) {
   return x_bytes<T>(d) + 2 * y_tile_bytes<T>(d);
 }
 // The backward's statistics ahead of the tiles, at fixed offsets (no address registers):
-// [column statistics: lse, g, centre, one-exponential factor] [row statistics: the same]
+// [column statistics: lse, g, one-exponential factor] [row statistics: lse, g, centre,
+// one-exponential factor]
 // [reduction scratch] [per-thread temperature sums: exact tiles, one-exponential tiles
 // (times 1/tau)] [resident X] [Y tile 0] [Y tile 1]
-constexpr size_t kFragStats = 4 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + 2 * RNT * sizeof(double);
+constexpr size_t kFragStats = 3 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + 2 * RNT * sizeof(double);
 static_assert(kFragStats % 128 == 0 && RW * sizeof(double) <= 128, "tiles stay 128-byte aligned");
 template <typename T>
 __host__ __device__ constexpr size_t bwd_frag_smem(int64_t d) {
@@ -1073,6 +1076,26 @@ __device__ __forceinline__ void issue_rows(T* dst, int ld, const Rows<T>& o, int
   constexpr int V = vec_elems<T>();
   static_assert(KC == 8 * V && RNT == 64, "8 vectors per chunk row, 8 rows per pass");
   const int cv = (threadIdx.x & 7) * V, r0 = threadIdx.x >> 3;
+#if defined(MIMAC_COST_FORM)
+  const bool whole = true;  // the cost model's compile: the interior tiles' copy only
+#else
+  const bool whole = width == d && row0 + 64 <= o.n && (row0 >= o.split || row0 + 64 <= o.split);
+#endif
+  if (whole) {
+    // All 64 rows in one part of the operand and D whole chunks (every tile of an
+    // aligned problem but the last): no zero source, a pointer walk of 8 rows per step
+    // instead of a row lookup per copy (the lookup was an eighth of the backward's issue).
+    const T* src = row_start(o, row0 + r0, d) + cv;
+    T* to = dst + r0 * ld + cv;
+    const int64_t step = 8 * d;
+#pragma unroll 1  // one chunk per trip: the cost model counts its trips from the bytes
+    for (int kc = 0; kc < width; kc += KC) {
+      const T* from = src + kc;
+#pragma unroll
+      for (int i = 0; i < 8; ++i, from += step) __pipeline_memcpy_async(to + 8 * i * ld + kc, from, 16);
+    }
+    return;
+  }
   for (int kc = 0; kc < width; kc += KC) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -1143,6 +1166,15 @@ __device__ __forceinline__ bool frag_masked_tile(const Pass& p, int64_t row0, in
 #endif
 }
 
+// A shifted exp-sum of the one-pass forward is kept when it lies in [kSumLow, kSumHigh]
+// (the log-sum-exp is then shift + log(sum)); outside it the row is re-swept with a
+// running max. Below: its terms neared float32's subnormals (2^-126), where relative
+// precision goes (ex2.approx.ftz flushes them). Above: the shift lay far under the row's
+// largest terms, whose exponents S - shift and log(sum) are rounded relative to their
+// size. The window of the Triton kernels (mimac_kernels/triton/kernels.py).
+constexpr float kSumLow = 8.673617379884035e-19f;  // 2^-60
+constexpr float kSumHigh = 16777216.0f;            // 2^24
+
 template <typename T, int kCritic>
 __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -1153,6 +1185,23 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
   const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  if (p.shift != nullptr) {
+    // The one-pass forward left shifted exp-sums in `lse` (one thread per row): a block
+    // whose sums all lie in the window finishes them and is done, any other is re-swept
+    // whole below (NaN fails the test: the sweep gives the row's exact NaN or value).
+    const int64_t gi = row0 + threadIdx.x;
+    float out = 0.0f;
+    bool keep = true;
+    if (gi < p.rows) {
+      const float sum = p.lse[h * p.lse_hs + gi];
+      keep = sum >= kSumLow && sum <= kSumHigh;
+      out = p.shift[h] + log2f(sum) * kLn2;
+    }
+    if (__syncthreads_and(keep)) {
+      if (gi < p.rows) p.lse[h * p.lse_hs + gi] = out;
+      return;
+    }
+  }
   const Ops<T> op = head_operands<T>(p, h);
   frag_start("frag_fwd_ctas", xs, ys, ld, op, row0, p.d, width);
   const float it = *p.inv_tau;
@@ -1233,6 +1282,117 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 #endif
 }
 
+// cross's forward in one pass: the rows' and the columns' shifted exp-sums of every
+// tile at once, one exponential per element, e_ik = e^(S_ik - shift) with the head's
+// fixed shift (binding.cpp: min(B, max(B - 64, 32)) below the Cauchy-Schwarz bound B of
+// S, so no term passes e^64 and no sum over < 2^31 columns overflows). A CTA owns its
+// rows' sums (written raw to `lse`); a tile's column sums meet across the CTAs by
+// atomicAdd on `col_sum`. lse_forward_frag_kernel then finishes both sides, re-sweeping
+// the blocks with a sum outside [kSumLow, kSumHigh]. The column sum of a tile: each lane
+// adds its 4 rows per column, then three xor-shuffle steps over the 8 lanes of one
+// column pair halve the columns a lane keeps (8, 4, 2 of its 16) while summing the
+// other lanes' rows, which leaves lane l with columns 2l and 2l + 1 of its warp's 32
+// rows: two atomics per lane and tile, no shared memory.
+// One step of the column sums' reduction (lse_cross_frag_kernel): the lanes 2 kHalf
+// apart (lane bit kHalf / 2 * 4: 16, 8, 4) swap halves of their first 2 kHalf column
+// sums, each keeping and adding the half its bit names.
+template <int kHalf>
+__device__ __forceinline__ void column_halving(float (&c)[2 * RNJ], int lane) {
+  const bool up = (lane & (2 * kHalf)) != 0;
+#pragma unroll
+  for (int j = 0; j < kHalf; ++j) {
+    const float send = up ? c[j] : c[j + kHalf], keep = up ? c[j + kHalf] : c[j];
+    c[j] = keep + __shfl_xor_sync(0xffffffffu, send, 2 * kHalf);
+  }
+}
+
+template <typename T, int kCritic>
+__global__ void __launch_bounds__(RNT, 4) lse_cross_frag_kernel(Pass p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
+  T* xs = reinterpret_cast<T*>(smem);
+  T* ys = reinterpret_cast<T*>(smem + x_bytes<T>(p.d));
+  const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
+
+  const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const Ops<T> op = head_operands<T>(p, h);
+  frag_start("frag_cross_ctas", xs, ys, ld, op, row0, p.d, width);
+  // e = 2^(s * it log2(e) - shift log2(e)): one FFMA and one MUFU per element
+  const float itl = *p.inv_tau * kLog2e, shl = p.shift[h] * kLog2e;
+  float* col_sum = p.col_sum + h * p.cols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
+  const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
+  const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
+  float l[RMI][2];  // this lane's partial row sums, row (mi, hf) as in the forward
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) l[mi][0] = l[mi][1] = 0.0f;
+
+  int buf = 0;
+  for (int64_t col0 = 0; col0 < p.cols; col0 += BN, buf ^= 1) {
+    __syncthreads();  // the previous tile's readers of the other buffer are done
+    if (col0 + BN < p.cols) issue_rows(ys + (buf ^ 1) * ytile, ld, op.y, col0 + BN, p.d, width);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+    __syncthreads();
+    float acc[RMI][RNJ][4];
+    frag_scores<T>(acc, xa, ys + buf * ytile + yoff, ld, width);
+
+    float c[2 * RNJ];  // column nj * 8 + tc + e at c[2 nj + e]: this lane's 4 rows
+    const auto pass = [&](auto masked_tag) {
+      constexpr bool kMasked = decltype(masked_tag)::value;
+#pragma unroll
+      for (int j = 0; j < 2 * RNJ; ++j) c[j] = 0.0f;
+#pragma unroll
+      for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
+          const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
+          float sum = 0.0f;
+#pragma unroll
+          for (int nj = 0; nj < RNJ; ++nj) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float x = exp2_ftz(fmaf(raw_score<kCritic>(acc[mi][nj][2 * hf + e], p.eps), itl, -shl));
+              if (kMasked && mask.masked(nj * 8 + tc + e)) x = 0.0f;
+              sum += x;
+              c[2 * nj + e] += x;
+            }
+          }
+          l[mi][hf] += sum;
+        }
+      }
+    };
+    if (frag_masked_tile(p, row0, col0)) {
+      pass(std::true_type{});
+    } else {
+      pass(std::false_type{});
+    }
+    // Sum the 8 lanes g of each column pair: at the step over lane bit b (16, 8, 4) a
+    // lane keeps the upper or the lower half of its columns, by that bit.
+    column_halving<8>(c, lane);
+    column_halving<4>(c, lane);
+    column_halving<2>(c, lane);
+    // lane l now holds columns 2l, 2l + 1 of the tile over the warp's 32 rows
+    const int64_t col = col0 + 2 * lane;
+    if (col < p.cols) atomicAdd(col_sum + col, c[0]);
+    if (col + 1 < p.cols) atomicAdd(col_sum + col + 1, c[1]);
+  }
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float s = l[mi][hf];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
+      if ((lane & 3) == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = s;
+    }
+  }
+#endif
+}
+
 // Two bf16 values as one register of an mma.sync fragment (the first in the low half).
 __device__ __forceinline__ unsigned pack_bf16x2(__nv_bfloat162 v) {
   unsigned u;
@@ -1249,8 +1409,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
   float* s_ly = reinterpret_cast<float*>(smem);
   float* s_gy = s_ly + BN;
-  float* s_cy = s_gy + BN;
-  float* s_vy = s_cy + BN;
+  float* s_vy = s_gy + BN;
   float* s_lx = s_vy + BN;
   float* s_gx = s_lx + BM;
   float* s_cx = s_gx + BM;
@@ -1291,6 +1450,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
     // one_exp_ok bounds g max(1/tau, 1); the tile's temperature terms divide it out)
     s_ux[threadIdx.x] = u * it;
   }
+  const float it_log2e = it * kLog2e, shift_log2e = shift * kLog2e;
 
   const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
   const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
@@ -1319,7 +1479,6 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
       const float lk = ok ? p.ly[h * p.ly_hs + gk] : 0.0f, gv = ok ? p.gy[h * p.ly_hs + gk] : 0.0f;
       s_ly[threadIdx.x] = lk;
       s_gy[threadIdx.x] = gv;
-      s_cy[threadIdx.x] = ok ? p.cy[h * p.ly_hs + gk] : 0.0f;
       if (one_exp) {
         const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
         s_vy[threadIdx.x] = v * it;
@@ -1366,19 +1525,19 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
               for (int e = 0; e < 2; ++e) {
                 const float dot = acc[mi][nj][2 * hf + e];
                 const float s = raw_score<kCritic>(dot, p.eps);
-                const float sn = s * it;
                 float w, u;  // the one-exponential form's both times 1/tau
                 if constexpr (kOne) {
-                  const float ex = exp2_ftz((sn - shift) * kLog2e);
+                  // e^(S - c) as 2^(s it log2(e) - c log2(e)): one FFMA for the exponent
+                  const float ex = exp2_ftz(fmaf(s, it_log2e, -shift_log2e));
                   w = ex * s_ux[r];
                   u = fmaf(ex, s_vy[c + e], w);
                 } else {
+                  const float sn = s * it;
                   w = x_side ? s_gx[r] * exp2_ftz((sn - s_lx[r]) * kLog2e) : 0.0f;
                   u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);
                   if (mask.masked(c + e)) u = w = 0.0f;
                 }
                 if constexpr (kTau != 0) tau_tile += w * (s - s_cx[r]);
-                if constexpr (kTau == 2) tau_tile += (u - w) * (s - s_cy[c + e]);
                 vv[e] = kOne ? u : u * it;  // dL/d(dot)
                 if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
               }
@@ -1528,7 +1687,6 @@ cudaError_t backward_as(const Pass& p, dim3 grid, cudaStream_t s) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     const size_t smem = bwd_frag_smem<T>(p.d);
     if (fast_path<T>(p, smem)) {
-      if (p.tau_mode == 2) return launch(lse_backward_frag_kernel<T, kCritic, 2>, grid, smem, p, s, RNT);
       if (p.tau_mode == 1) return launch(lse_backward_frag_kernel<T, kCritic, 1>, grid, smem, p, s, RNT);
       return launch(lse_backward_frag_kernel<T, kCritic, 0>, grid, smem, p, s, RNT);
     }
@@ -1623,18 +1781,54 @@ bool bad_rect_sizes(int64_t heads, int64_t r, int64_t c, int64_t d, int critic) 
   return bad_sizes(heads, r, d, critic) || bad_sizes(heads, c, d, critic);
 }
 
+// cross in one pass (16-bit inputs on the fragment kernels' fast path, a shift given):
+// the sums of both sides by lse_cross_frag_kernel, then each side finished, or re-swept
+// block by block, by lse_forward_frag_kernel. `handled` is false where it does not apply.
+template <typename T, int kCritic>
+cudaError_t cross_one_pass_as(Pass p, float* col_lse, int64_t heads, cudaStream_t s, bool& handled) {
+  handled = false;
+  if constexpr (sizeof(T) == 2) {
+    const size_t smem = fwd_frag_smem<T>(p.d);
+    if (p.shift == nullptr || p.diag || !fast_path<T>(p, smem)) return cudaSuccess;
+    handled = true;
+    const dim3 grid = grid_for(p, heads, 1);
+    cudaError_t e = cudaMemsetAsync(col_lse, 0, static_cast<size_t>(heads * p.cols) * sizeof(float), s);
+    if (e != cudaSuccess) return e;
+    p.col_sum = col_lse;
+    e = launch(lse_cross_frag_kernel<T, kCritic>, grid, smem, p, s, RNT);
+    if (e != cudaSuccess) return e;
+    e = launch(lse_forward_frag_kernel<T, kCritic>, grid, smem, p, s, RNT);
+    if (e != cudaSuccess) return e;
+    Pass q = swapped(p);
+    q.lse = col_lse;
+    q.lse_hs = q.rows;
+    return launch(lse_forward_frag_kernel<T, kCritic>, grid_for(q, heads, 1), smem, q, s, RNT);
+  }
+  (void)p, (void)col_lse, (void)heads, (void)s;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 extern "C" cudaError_t mimac_lse_forward(int dtype, const void* a, const void* b, const float* inv_tau,
                                          int64_t heads, int64_t n, int64_t d, int critic, int all,
                                          float eps, float* row_lse, float* col_lse,
-                                         cudaStream_t stream) {
+                                         const float* shift, cudaStream_t stream) {
   if (bad_sizes(heads, n, d, critic)) return cudaErrorInvalidValue;
   return by_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     Pass p = base_pass(a, b, inv_tau, n, d, eps, all != 0);
     p.lse = row_lse;
     p.lse_hs = p.rows;
+    if (!all && shift != nullptr) {
+      p.shift = shift;
+      bool handled = false;
+      const cudaError_t e = critic == MIMAC_LOG_DOT
+                                ? cross_one_pass_as<T, MIMAC_LOG_DOT>(p, col_lse, heads, stream, handled)
+                                : cross_one_pass_as<T, MIMAC_DOT>(p, col_lse, heads, stream, handled);
+      if (e != cudaSuccess || handled) return e;
+      p.shift = nullptr;  // two passes
+    }
     cudaError_t e = forward_pass<T>(p, critic, heads, stream);
     if (e != cudaSuccess || all) return e;
     Pass q = swapped(p);
@@ -1660,7 +1854,7 @@ extern "C" cudaError_t mimac_lse_backward(int dtype, const void* a, const void* 
       // ordered pair once as (i, k), so the temperature takes the row side only.
       p.lx = p.ly = row_lse;
       p.gx = p.gy = g_row;
-      p.cx = p.cy = row_center;
+      p.cx = row_center;
       p.lx_hs = p.ly_hs = 2 * n;
       p.out0 = grad_a;
       p.out1 = grad_b;
@@ -1674,23 +1868,22 @@ extern "C" cudaError_t mimac_lse_backward(int dtype, const void* a, const void* 
     p.cx = row_center;
     p.ly = col_lse;
     p.gy = g_col;
-    p.cy = col_center;
     p.lx_hs = p.ly_hs = n;
     p.out0 = p.out1 = grad_a;
     p.out_split = n;
-    p.tau_mode = 2;
+    p.tau_mode = 1;
     cudaError_t e = backward_pass<T>(p, critic, heads, stream);
     if (e != cudaSuccess) return e;
-    // rows b (S transposed): the same u, roles swapped; temperature already counted
+    // rows b (S transposed): the same u, roles swapped; the temperature's column side
+    // is this pass's row side
     Pass q = swapped(p);
     q.lx = col_lse;
     q.gx = g_col;
     q.cx = col_center;
     q.ly = row_lse;
     q.gy = g_row;
-    q.cy = row_center;
     q.out0 = q.out1 = grad_b;
-    q.tau_mode = 0;
+    q.tau_mode = 1;
     return backward_pass<T>(q, critic, heads, stream);
   });
 }
@@ -1740,7 +1933,6 @@ extern "C" cudaError_t mimac_rect_backward(int dtype, const void* x, const void*
     q.lx_hs = 0;
     q.ly = lse;
     q.gy = g;
-    q.cy = center;
     q.ly_hs = r;
     q.out0 = q.out1 = grad_y;
     q.out_split = c;

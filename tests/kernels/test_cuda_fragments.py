@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from mimac_kernels import cuda_backend
+from mimac_kernels import cuda_backend, torch_backend
 from tests.kernels.accuracy import kernel_case, kernel_level_errors, kernel_outputs, weight_eps
 
 pytestmark = pytest.mark.emulated
@@ -24,25 +24,31 @@ pytestmark = pytest.mark.emulated
 SM80_SMEM, SM90_SMEM = 166912, 232448
 
 
-def _ctas(emu, case) -> tuple[int, int]:
-    """Fragment-kernel CTAs (forward, backward) of one forward + backward of ``case``."""
+def _ctas(emu, case) -> tuple[int, int, int]:
+    """Fragment-kernel CTAs of one forward + backward of ``case``: cross's one-pass
+    forward, the row-sweeping forward (cross: only its re-swept blocks), the backward."""
     emu.clear_tallies()
     kernel_outputs(cuda_backend, case)
-    return emu.tally("frag_fwd_ctas"), emu.tally("frag_bwd_ctas")
+    return emu.tally("frag_cross_ctas"), emu.tally("frag_fwd_ctas"), emu.tally("frag_bwd_ctas")
 
 
 @pytest.mark.parametrize(
-    "dtype,aligned,expected",
+    "dtype,negatives,aligned,expected",
     [
-        # 140 rows of Z: 3 row blocks, in 2 heads; the backward's one D slice
-        (torch.bfloat16, True, (6, 6)),
-        (torch.float16, True, (6, 0)),  # fp16's gradient product stays TF32 (V's range)
-        (torch.bfloat16, False, (0, 0)),  # not 16-byte aligned: the general path
-        (torch.float32, True, (0, 0)),
+        # all: 140 rows of Z, 3 row blocks, in 2 heads; the backward's one D slice
+        (torch.bfloat16, "all", True, (0, 6, 6)),
+        (torch.float16, "all", True, (0, 6, 0)),  # fp16's gradient product stays TF32 (V's range)
+        (torch.bfloat16, "all", False, (0, 0, 0)),  # not 16-byte aligned: the general path
+        (torch.float32, "all", True, (0, 0, 0)),
+        # cross: 2 row blocks of a per head, one pass for both sides, nothing re-swept
+        (torch.bfloat16, "cross", True, (4, 0, 8)),
+        (torch.float16, "cross", True, (4, 0, 0)),
+        (torch.bfloat16, "cross", False, (0, 0, 0)),
+        (torch.float32, "cross", True, (0, 0, 0)),
     ],
 )
-def test_which_inputs_take_the_fragment_kernels(emu, dtype, aligned, expected):
-    case = kernel_case((2, 70, 64), "dot", "all", dtype, "cpu")
+def test_which_inputs_take_the_fragment_kernels(emu, dtype, negatives, aligned, expected):
+    case = kernel_case((2, 70, 64), "dot", negatives, dtype, "cpu")
     if not aligned:
         p = case.problem
         buf = torch.empty(2 * p.a.numel() + 1, dtype=dtype)
@@ -57,26 +63,93 @@ def test_which_inputs_take_the_fragment_kernels(emu, dtype, aligned, expected):
 @pytest.mark.parametrize("critic", ["cosine", "log_dot"])
 def test_two_slices_with_a_ragged_one(emu, critic, negatives):
     """D = 136: two DO = 128 output slices, the second 8 wide (its fragment loop stops
-    at the staged width); every CTA of both launches of cross is a fragment CTA."""
+    at the staged width); every CTA of both backward launches of cross is a fragment
+    CTA, and its forward takes one pass."""
     case = kernel_case((1, 130, 136), critic, negatives, torch.bfloat16, "cpu")
-    passes = 1 if negatives == "all" else 2
-    rows = 260 if negatives == "all" else 130
-    blocks = -(-rows // 64)
-    assert _ctas(emu, case) == (passes * blocks, passes * blocks * 2)
+    if negatives == "all":
+        assert _ctas(emu, case) == (0, 5, 10)  # 260 rows of Z
+    else:
+        assert _ctas(emu, case) == (3, 0, 12)  # 130 rows of a, then of b
     errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", torch.bfloat16))
     assert not errors, errors
 
 
 def test_d512_with_sm90_shared_memory(emu):
-    """bf16 D = 512 needs 201,856 bytes per block in the backward: sm_90 runs the
+    """bf16 D = 512 needs 202,624 bytes per block in the backward: sm_90 runs the
     fragment kernels (four output slices), sm_80 the earlier fast kernels; both match
     float64."""
     case = kernel_case((1, 70, 512), "dot", "cross", torch.bfloat16, "cpu")
-    assert _ctas(emu, case) == (0, 0)
+    assert _ctas(emu, case) == (0, 0, 0)
     emu.set_smem_optin(SM90_SMEM)
     try:
-        assert _ctas(emu, case) == (4, 16)
+        # random dot rows at D = 512 lie far below the Cauchy-Schwarz bound: re-swept
+        assert _ctas(emu, case) == (2, _blocks_out_of_window(case), 16)
         errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", torch.bfloat16))
     finally:
         emu.set_smem_optin(SM80_SMEM)
     assert not errors, errors
+
+
+def _blocks_out_of_window(case) -> int:
+    """Row blocks of a plus row blocks of b (64 each) holding a sum outside the one-pass
+    window, in float64 with the shift the binding derives: the blocks the CUDA forward
+    must re-sweep."""
+    p = case.problem
+    a, b, it = p.a.double(), p.b.double(), float(p.inv_tau)
+    bound = it * float(a.norm(dim=-1).amax(-1).max() * b.norm(dim=-1).amax(-1).max())
+    shift = min(bound, max(bound - 64.0, 32.0))
+    s = it * (a @ b.transpose(-1, -2))
+    e = torch.exp(s - shift)
+    blocks = 0
+    for sums in (e.sum(-1), e.sum(-2)):  # (H, N): rows of a, rows of b
+        out = (sums < 2.0**-60) | (sums > 2.0**24)
+        blocks += int(torch.nn.functional.pad(out, (0, -out.shape[-1] % 64)).view(
+            out.shape[0], -1, 64).any(-1).sum())
+    return blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("defect", ["above", "both"])
+def test_cross_one_pass_re_sweeps_the_blocks_out_of_its_window(emu, dtype, defect):
+    """cross's one-pass sums are shifted by a fixed level below the bound of S (random
+    unit rows, 200 of a and of b, D = 64). above: cosine at tau = 0.01 (shift 36), rows
+    70-75 of b equal to those of a: their S = 100 sends their row and column sums past
+    2^24 (one row block of each side). both: dot at tau = 1, row 0 of a = 200 b_5 (the
+    bound, shift 136: row 0 and column 5 past 2^24), rows 64-127 of a = 150 times those
+    of b (sums ~e^14, kept), the unit rows' sums below 2^-60. Exactly the blocks holding
+    such a row are re-swept, and everything matches float64."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.nn.functional.normalize(torch.randn(1, 200, 64, generator=gen), dim=-1)
+            for _ in range(2))
+    if defect == "above":
+        b[0, 70:76] = a[0, 70:76]
+        critic, inv_tau, expected = "cosine", 100.0, 2
+    else:
+        a[0, 0] = 200 * b[0, 5]
+        a[0, 64:128] = 150 * b[0, 64:128]
+        critic, inv_tau, expected = "dot", 1.0, 6  # rows: blocks 0, 2, 3; columns: the same
+    case = kernel_case((1, 200, 64), critic, "cross", dtype, "cpu")
+    problem = dataclasses.replace(case.problem, a=a.to(dtype), b=b.to(dtype),
+                                  inv_tau=torch.tensor(inv_tau))
+    case = dataclasses.replace(case, problem=problem)
+    assert _blocks_out_of_window(case) == expected  # the construction did its job
+    assert _ctas(emu, case)[:2] == (4, expected)
+    errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", dtype))
+    assert not errors, errors
+
+
+def test_cross_one_pass_keeps_nan_where_the_rows_have_it(emu):
+    """A NaN in row 3 of a and in row 100 of b: their sums are NaN, which the window test
+    fails; the re-sweep gives NaN to row 3's and column 100's log-sum-exps (through
+    their own dots), finite values everywhere else."""
+    case = kernel_case((1, 130, 64), "dot", "cross", torch.bfloat16, "cpu")
+    p = case.problem
+    a, b = p.a.clone(), p.b.clone()
+    a[0, 3, 5] = float("nan")
+    b[0, 100, 7] = float("nan")
+    stats = cuda_backend.forward(dataclasses.replace(p, a=a, b=b))
+    row_nan, col_nan = stats.row_lse[0].isnan(), stats.col_lse[0].isnan()
+    # a row's dots with b's NaN row are NaN too: every row and column meets a NaN
+    assert bool(row_nan.all()) and bool(col_nan.all())
+    ref = torch_backend.forward(dataclasses.replace(p, a=a.double(), b=b.double()))
+    assert bool((ref.row_lse.isnan() == stats.row_lse.isnan()).all())

@@ -60,7 +60,7 @@ from benchmarks.sm90_rates import (
     launch_estimate,
     operand_rereads,
 )
-from benchmarks.static_cases import resweep_fraction
+from benchmarks.static_cases import resweep_fraction, resweep_lines
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -486,6 +486,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             top = list(p["per_tile"]["opcodes"].items())[:8]
             lines.append(f"- {r['case']['name']}, `{name}`: " + ", ".join(
                 f"{op} {v * p['num_warps'] / 4096:.3f}" for op, v in top))  # fmt: skip
+    lines += resweep_lines(results, "cross's finishing launches")
     return "\n".join(lines) + "\n"
 
 

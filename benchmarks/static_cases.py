@@ -125,3 +125,25 @@ def resweep_fraction(case: StaticCase, block_m: int, shift_of: Callable, window:
         out[side] = {"rows": need_rows / seen, "blocks": need_blocks / len(picks),
                      "sampled_rows": seen}  # fmt: skip
     return out
+
+
+def resweep_lines(results: list[dict], launch: str) -> list[str]:
+    """Markdown lines of the estimated re-sweep shares of ``results`` (each with a
+    ``resweep_fraction_estimated`` from :func:`resweep_fraction`, or None where nothing
+    re-sweeps); ``launch`` names the launch that re-sweeps."""
+    found = [r for r in results if r.get("resweep_fraction_estimated")]
+    if not found:
+        return []
+    lines = [
+        "",
+        f"Re-sweep of out-of-window row blocks ({launch}), *estimated* on synthetic",
+        "data (unit rows, positives at the stated cosine; sampled row blocks of the",
+        "full-size problem, the launcher's shift rule and the kernel's threshold):",
+        "",
+    ]
+    for r in found:
+        lines.append(f"- {r['case']['name']} (tau = {r['case']['tau']:g}): " + "; ".join(
+            f"{side}: {100 * v['rows']:.0f} % of {v['sampled_rows']} sampled rows, "
+            f"{100 * v['blocks']:.0f} % of their blocks"
+            for side, v in r["resweep_fraction_estimated"].items()))  # fmt: skip
+    return lines

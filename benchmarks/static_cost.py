@@ -333,18 +333,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             top = list(p["per_tile"]["opcodes"].items())[:8]
             lines.append(f"- {r['case']['name']}, {kind}: " + ", ".join(
                 f"{op} {v * p['num_warps'] / elements:.3f}" for op, v in top))  # fmt: skip
-    lines += [
-        "",
-        "Re-sweep of underflowed row blocks (finalize), *estimated* on synthetic",
-        "data (unit rows, positives at the stated cosine; sampled row blocks of the",
-        "full-size problem, the launcher's shift rule and the kernel's threshold):",
-        "",
-    ]
-    for r in results:
-        lines.append(f"- {r['case']['name']} (tau = {r['case']['tau']:g}): " + "; ".join(
-            f"{side}: {100 * v['rows']:.0f} % of {v['sampled_rows']} sampled rows, "
-            f"{100 * v['blocks']:.0f} % of their blocks"
-            for side, v in r["resweep_fraction_estimated"].items()))  # fmt: skip
+    lines += static_cases.resweep_lines(results, "finalize")
     if NOT_MODELLED:
         lines += ["", "Not modelled:", ""]
         lines += [f"- {k}: {v}." for k, v in NOT_MODELLED.items()]

@@ -23,8 +23,11 @@
 //             log2(e) (folding log2(e) into 1/tau instead would put S and the
 //             log-sum-exp in different units, so their roundings, ~1e23 apart at
 //             |S| ~ 1e30, would reach the exponent), by ex2.approx.ftz (exp2_ftz).
-//             "cross" runs a second pass with the roles of a and b swapped for the
-//             column log-sum-exp (all three critics are symmetric: f(x, y) = f(y, x)).
+//             "cross" takes both sides in one pass where its inputs take the fragment
+//             kernels (lse_cross_frag_kernel: a fixed shift below the bound of S, the
+//             column sums by atomics, out-of-window blocks re-swept); elsewhere a second
+//             pass with the roles of a and b swapped gives the column log-sum-exp (all
+//             three critics are symmetric: f(x, y) = f(y, x)).
 //   backward  recomputes the S tile, forms u_ik = gx_i P^row_ik + gy_k P^col_ik
 //             (both log-sum-exps are known by then), V = inv_tau * u (/ x.y for
 //             log_dot) and accumulates dX_I += V Y_K in tensor-core fragments held

@@ -74,7 +74,11 @@ int main() {
   // two widths (the Python rule is checked against these).
   std::printf("\"RNT\": %d, \"frag_stats\": %zu, \"frag_smem\": {", RNT, kFragStats);
   print_frag<__half>("fp16", ", ");
-  print_frag<__nv_bfloat16>("bf16", "}}\n");
+  print_frag<__nv_bfloat16>("bf16", "}, ");
+  // The wide backward (bf16, staged width WS x DO): threads, D slices, quarter width and
+  // its shared memory at that width.
+  std::printf("\"WNT\": %d, \"WS\": %d, \"WQ\": %d, \"wide_smem\": %zu}\n", WNT, WS, WQ,
+              bwd_wide_smem<__nv_bfloat16>(WS * DO));
   return 0;
 }
 """
@@ -168,7 +172,9 @@ def kernel_constants(source: Path = KERNELS) -> dict:
     ``exp_factor_max``; cross's one-pass window of its shifted sums ``sum_window``; the
     fragment kernels' threads per CTA ``RNT``, the backward's statistics bytes ahead of
     its tiles ``frag_stats`` and their shared memory at two widths, ``frag_smem[dtype]["fwd"|"bwd"][str(d)]`` (``cuda_launches.frag_smem`` is
-    checked against them). A host program (PTX only, no ptxas) prints them.
+    checked against them); the wide backward's threads ``WNT``, D slices ``WS``, quarter
+    tile ``WQ`` and shared memory ``wide_smem`` (bf16, its one width ``WS * DO``). A host
+    program (PTX only, no ptxas) prints them.
     """
     cache = _cache_dir(source)
     probe = hashlib.sha256(_PROBE_MAIN.encode()).hexdigest()[:8]  # the probe's own edits too
@@ -214,7 +220,8 @@ def kernel_symbol(names: list[str], kernel: str, dtype: str, critic: int,
                   tau: int | None = None) -> str:  # fmt: skip
     """The one mangled name among ``names`` of ``kernel<T, critic[, split], fast>`` or of a
     fragment kernel, ``lse_forward_frag_kernel<T, critic>``,
-    ``lse_cross_frag_kernel<T, critic>`` or ``lse_backward_frag_kernel<T, critic, tau>``.
+    ``lse_cross_frag_kernel<T, critic>``, ``lse_backward_frag_kernel<T, critic, tau>`` or
+    ``lse_backward_wide_kernel<T, critic, tau>``.
 
     ``kernel``: ``lse_forward_kernel``, ``lse_backward_kernel`` or either ``*_frag_kernel``;
     ``dtype``: a key of :data:`CXX_TYPES`; ``split``: the backward's 3xTF32 flag (``None``
@@ -224,7 +231,7 @@ def kernel_symbol(names: list[str], kernel: str, dtype: str, critic: int,
     Raises LookupError unless exactly one name matches.
     """
     args = f"I{CXX_TYPES[dtype]}Li{critic}E"
-    if kernel.endswith("_frag_kernel"):
+    if kernel.endswith(("_frag_kernel", "_wide_kernel")):
         if (tau is None) == kernel.startswith("lse_backward"):
             raise ValueError(f"{kernel}: tau is the backward's template argument, got {tau!r}")
         args += "" if tau is None else f"Li{tau}E"

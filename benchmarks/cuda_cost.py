@@ -88,6 +88,8 @@ def gemm_macs(launch: CudaLaunch) -> list[int]:
     c = launch.consts
     split = 3 if ELEMENT[launch.dtype] == 4 else 1
     out = [c["BM"] * c["BN"] * c["KC"] * _cdiv(launch.d, c["KC"]) * split]
+    if launch.wide:  # every D slice's gradient in the one launch
+        return out + [c["BM"] * c["BN"] * c["DO"] * c["WS"] * 2]
     if launch.kind == "bwd":
         passes = 3 if launch.split else 2 if bf16_gradient(launch) else 1
         out.append(c["BM"] * c["BN"] * c["DO"] * passes)
@@ -209,6 +211,8 @@ class _Trips:
         macs = body.macs_per_cta(lc.num_warps)
         cols = x_cols(lc.d, c)
         in_hot = parent is self.hot
+        if lc.wide and not body.global_bytes:
+            return self._wide(loop, body, parent, macs)
         if body.global_bytes and not macs and in_hot:
             total = c["BN"] * cols * ELEMENT[lc.dtype]
             return self._exact(total, body.global_bytes * lc.num_warps, loop, "staged bytes")
@@ -230,6 +234,26 @@ class _Trips:
                                  f"a tile, not {FRAG_HALVES}")  # fmt: skip
             self.gemms.clear()
             return trips
+        raise ValueError(f"{lc.name}: cannot tell what the loop at {loop.start:#x} does")
+
+    def _wide(self, loop: sass_counts.Loop, body: sass_counts.Counts,
+              parent: sass_counts.Loop, macs: int) -> int:  # fmt: skip
+        """The wide backward's loops: the quarter loop (tensor work, in the column loop:
+        the tile's MACs over one quarter's, which must be ``BN / WQ``) and, in it, the V
+        pass over a lane's ``WQ / WS`` columns in pairs (its exp2 over the form's per
+        element give the elements per trip)."""
+        lc, c = self.launch, self.launch.consts
+        if macs and parent is self.hot and len(self.gemms) == 2:
+            trips = self._exact(sum(self.gemms), macs, loop, "MACs")
+            if trips != c["BN"] // c["WQ"]:
+                raise ValueError(f"{lc.name}: the loop at {loop.start:#x} runs {trips} quarters "
+                                 f"of a tile, not {c['BN'] // c['WQ']}")  # fmt: skip
+            self.gemms.clear()
+            return trips
+        if not macs and parent in self.hot.inner and body.ex2:
+            per_elem = exps_per_element(lc)
+            elements = self._exact(body.ex2, per_elem, loop, "exp2 per element")
+            return self._exact(c["WQ"] // c["WS"], elements, loop, "columns of a lane")
         raise ValueError(f"{lc.name}: cannot tell what the loop at {loop.start:#x} does")
 
     def _exact(self, total: int, per_iter: int, loop: sass_counts.Loop, what: str) -> int:
@@ -456,8 +480,9 @@ def markdown(results: list[dict], meta: dict) -> str:
             )
     lines += [
         "",
-        "Hot loop per element of a program's 64 x 64 tile (whole CTA; the backward's",
-        "D slices each recompute the whole score tile), and resources:",
+        "Hot loop per element of a program's 64 x 64 tile (whole CTA; the narrow",
+        "backward's D slices each recompute the whole score tile, the wide one forms it",
+        "once for all of D), and resources:",
         "",
         (
             "| case | kernel | D slices | issue slots | EX2 | MACs (of them TF32) | "

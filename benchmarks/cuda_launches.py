@@ -32,6 +32,9 @@ KERNELS = {"fwd": "lse_forward_kernel", "bwd": "lse_backward_kernel"}
 #: re-sweeps only the row blocks with a sum outside the one-pass window.
 FRAG_KERNELS = {"fwd": "lse_forward_frag_kernel", "bwd": "lse_backward_frag_kernel",
                 "cross": "lse_cross_frag_kernel", "finish": "lse_forward_frag_kernel"}
+#: The bf16 backward at a staged width of WS x DO (D = 512): one CTA of 2 x WS warps per
+#: row block, the score tile once for all of D.
+WIDE_KERNEL = "lse_backward_wide_kernel"
 #: The backward's ``Pass::tau_mode`` by pass side (``mimac_lse_backward`` /
 #: ``mimac_rect_backward``): each pass with statistics of its own rows takes their
 #: temperature terms (1: NT-Xent's rows, CLIP's rows a and rows b, the rectangular x
@@ -77,9 +80,13 @@ class CudaLaunch:
     #: ``finish`` only: the row blocks it re-sweeps (the first ones, as Triton's model
     #: takes them; the data decide which), set by the estimate.
     resweep_blocks: int = 0
+    #: ``bwd`` only: the wide backward (:data:`WIDE_KERNEL`; ``frag`` is set too).
+    wide: bool = False
 
     @property
     def kernel(self) -> str:
+        if self.wide:
+            return WIDE_KERNEL
         return (FRAG_KERNELS if self.frag else KERNELS)[self.kind]
 
     @property
@@ -92,7 +99,7 @@ class CudaLaunch:
 
     @property
     def num_warps(self) -> int:
-        return self.consts["RNT" if self.frag else "NT"] // 32
+        return self.consts["WNT" if self.wide else "RNT" if self.frag else "NT"] // 32
 
     @property
     def d_slices(self) -> int:
@@ -161,9 +168,14 @@ def frag_eligible(kind: str, dtype: str) -> bool:
 
 def choose(kind: str, d: int, dtype: str, consts: dict,
            smem_optin: int = H100.shared_optin_per_block) -> dict:  # fmt: skip
-    """The kernel ``forward_as`` / ``backward_as`` launch for a pass: ``frag``, ``fast``
-    and ``smem`` of the :class:`CudaLaunch` (the fragment kernel where it exists and fits,
-    else the fast variant where it fits, else the general one)."""
+    """The kernel ``forward_as`` / ``backward_as`` launch for a pass: ``frag``, ``wide``,
+    ``fast`` and ``smem`` of the :class:`CudaLaunch` (the wide backward where D's staged
+    width is its own and it fits, else the fragment kernel where it exists and fits, else
+    the fast variant where it fits, else the general one)."""
+    if kind == "bwd" and dtype == "bf16" and x_cols(d, consts) == consts["WS"] * consts["DO"]:
+        need = consts["wide_smem"]
+        if fast_path(d, dtype, consts, need, smem_optin):
+            return {"frag": True, "wide": True, "fast": True, "smem": need}
     if frag_eligible(kind, dtype):
         need = frag_smem(kind, d, dtype, consts)
         if fast_path(d, dtype, consts, need, smem_optin):
@@ -227,7 +239,7 @@ def launch_plan(pairing: str, n: int, d: int, consts: dict, dtype: str = "bf16",
         is_fwd = kind != "bwd"
         plan.append(CudaLaunch(
             kind, split=None if is_fwd else split,
-            grid=(_cdiv(rows, consts["BM"]), 1 if is_fwd else slices, heads),
+            grid=(_cdiv(rows, consts["BM"]), 1 if is_fwd or bwd.get("wide") else slices, heads),
             rows=rows, cols=cols_, side=side, tau=None if is_fwd else TAU_MODES[side],
             **(fwd if is_fwd else bwd), **common))  # fmt: skip
     return plan

@@ -39,6 +39,7 @@ def _cuobjdump_or_skip() -> None:
 #: Launch constants as the kernels had them when these tests were written (the plan's
 #: arithmetic is checked on these; the real ones are read from the source below).
 CONSTS = {"BM": 64, "BN": 64, "KC": 64, "DO": 128, "NT": 128, "RNT": 64, "frag_stats": 2944,
+          "WNT": 256, "WS": 4, "WQ": 16, "wide_smem": 165760,
           "fwd_smem": {"fp32": 52224, "fp16": 35840, "bf16": 35840},
           "bwd_smem": {"fp32": 53120, "fp16": 52096, "bf16": 52096},
           "x_resident_max": 69632,
@@ -53,27 +54,34 @@ def test_launch_plan_mirrors_the_launchers() -> None:
     """NT-Xent: one forward and one backward over Z's 2N rows; CLIP: rows a then rows b,
     each way; the backward's grid.y walks D in DO-wide slices; every program sweeps all
     column tiles. 16-bit inputs on the fast path: the fragment forward (fp16 and bf16)
-    and the fragment backward (bf16), where their shared memory fits the device."""
+    and the fragment backward (bf16), where their shared memory fits the device; bf16 at
+    a staged width of 512: the wide backward, one CTA per row block for all of D."""
     plan = launch_plan("all", 32768, 512, CONSTS)
     assert [(lc.kind, lc.side, lc.grid) for lc in plan] == [
         ("fwd", "Z", (1024, 1, 1)),
-        ("bwd", "Z", (1024, 4, 1)),
+        ("bwd", "Z", (1024, 1, 1)),
     ]
-    # bf16 D = 512: the fragment kernels, X resident (64 rows x 520, 66,560 bytes) and
-    # two whole Y tiles alike; the backward's statistics ahead of them
+    # bf16 D = 512: the fragment forward, X resident (64 rows x 520, 66,560 bytes) and
+    # two whole Y tiles alike; the wide backward's statistics (6,016), two Y tiles (X
+    # staged once into the second), the partial S (20,480) and V hi + lo (2 x 3,072)
     assert all(lc.frag and lc.fast for lc in plan) and H100.shared_optin_per_block == 232448
-    assert [lc.smem for lc in plan] == [3 * 66560, 2944 + 3 * 66560]
+    assert [lc.smem for lc in plan] == [3 * 66560, 6016 + 2 * 66560 + 20480 + 2 * 3072]
     assert [lc.name for lc in plan] == ["lse_forward_frag_kernel<bf16, 0>",
-                                        "lse_backward_frag_kernel<bf16, 0, 1>"]  # fmt: skip
-    assert [lc.num_warps for lc in plan] == [2, 2] and [lc.tau for lc in plan] == [None, 1]
-    assert plan[0].split is None and plan[1].split is False and plan[1].d_slices == 4
-    assert tiles_per_program(plan[1]) == [1024] * 4096
-    # Where the fragment kernels do not fit (sm_80's 163 KiB), the fast variants; where
-    # those do not either (sm_86's 99 KiB: 35,840 + 66,560 bytes), the general ones.
+                                        "lse_backward_wide_kernel<bf16, 0, 1>"]  # fmt: skip
+    assert [lc.num_warps for lc in plan] == [2, 8] and [lc.tau for lc in plan] == [None, 1]
+    assert plan[0].split is None and plan[1].split is False and plan[1].d_slices == 1
+    assert plan[1].wide and not plan[0].wide
+    assert tiles_per_program(plan[1]) == [1024] * 1024
+    # D = 456 stages 512 columns too; D = 384 and D = 520 do not: the narrow backward
+    assert launch_plan("all", 100, 456, CONSTS)[1].wide
+    assert not any(launch_plan("all", 100, d, CONSTS)[1].wide for d in (384, 520))
+    # Where the fragment forward does not fit (sm_80's 163 KiB), the fast variant, and
+    # the wide backward still does; where neither does (sm_86's 99 KiB: 35,840 + 66,560
+    # bytes), the general ones.
     sm80 = launch_plan("all", 32768, 512, CONSTS, smem_optin=SM80_OPTIN)
     assert [(lc.frag, lc.fast, lc.smem) for lc in sm80] == [
-        (False, True, 35840 + 66560), (False, True, 72576 + 66560)]  # fmt: skip
-    assert [lc.num_warps for lc in sm80] == [4, 4] and sm80[0].name.endswith(", true>")
+        (False, True, 35840 + 66560), (True, True, 165760)]  # fmt: skip
+    assert [lc.num_warps for lc in sm80] == [4, 8] and sm80[0].name.endswith(", true>")
     sm86 = launch_plan("all", 32768, 512, CONSTS, smem_optin=SM86_OPTIN)
     assert [(lc.frag, lc.fast, lc.smem) for lc in sm86] == [
         (False, False, 35840), (False, False, 52096)]  # fmt: skip
@@ -222,12 +230,12 @@ def test_constants_come_from_the_source(compiled: cuda_cost.Compiled) -> None:
     assert c == {**c, **{k: CONSTS[k] for k in CONSTS}}  # the plan tests' constants are today's
     assert c["sum_window"] == [2.0**-60, 2.0**24]  # cross's one-pass window, as Triton's
     # 2 kernels x 3 dtypes x 2 critics x fast and general; the fragment forward and
-    # cross's one-pass forward for 2 dtypes x 2 critics, the fragment backward for bf16
-    # x 2 critics x 2 temperature modes
+    # cross's one-pass forward for 2 dtypes x 2 critics, the fragment backward and the
+    # wide backward for bf16 x 2 critics x 2 temperature modes
     for form in compiled.FORMS:
-        assert len(compiled.sass[form]) == 24 + 8 + 4
-    # MIMAC_COST_FORM touches the fragment backward only: every other kernel's SASS is
-    # the same in both compiles, the backward's pass is not.
+        assert len(compiled.sass[form]) == 24 + 8 + 8
+    # MIMAC_COST_FORM touches the fragment and wide backwards only: every other kernel's
+    # SASS is the same in both compiles, the backwards' passes are not.
     # (compared as parsed instructions: cuobjdump pads its columns to the widest line)
     one, two = compiled.sass[1], compiled.sass[2]
     assert one.keys() == two.keys()
@@ -237,13 +245,13 @@ def test_constants_come_from_the_source(compiled: cuda_cost.Compiled) -> None:
 
     for name in one:
         same = code(one[name]) == code(two[name])
-        assert same == ("lse_backward_frag_kernel" not in name), name
+        assert same == ("lse_backward_frag_kernel" not in name and "wide" not in name), name
     with pytest.raises(ValueError, match="tau"):
         cuda_compile.kernel_symbol(list(one), "lse_backward_frag_kernel", "bf16", 0)
 
 
 @needs_nvcc
-@pytest.mark.parametrize("d", [128, 512])
+@pytest.mark.parametrize("d", [128, 384])
 def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled, d: int) -> None:
     """NT-Xent, bf16 (the fragment kernels): the column loop is one tile; its MACs are
     the score GEMM over D (and the gradient GEMM of one DO slice for the backward, in
@@ -300,6 +308,39 @@ def test_real_kernels_count_one_tile_per_iteration(compiled: cuda_cost.Compiled,
     # the backward's column statistics and temperature sum only, no V tile.
     assert ops_f.get("STS", 0) == 0
     assert 0 < ops_b["STS"] < 8
+
+
+@needs_nvcc
+def test_wide_backward_counts_one_tile_per_iteration(compiled: cuda_cost.Compiled) -> None:
+    """NT-Xent, bf16, D = 512: the wide backward's column loop is one tile in BN / WQ
+    quarters, each with its V pass over a lane's WQ / WS columns in pairs; its MACs are
+    the score GEMM over D once and the gradient GEMM over all of D (hi + lo); its
+    fragments by ldmatrix: per warp Y's quarter columns over its D slice for S, its
+    rows' V (hi and lo) and Y's tile over its D slice for dX; X's fragments stay in
+    registers (no X read per tile); nothing spills."""
+    c = compiled.consts
+    d, elements = 512, c["BM"] * c["BN"]
+    bwd = launch_plan("all", 32768, d, c)[1]
+    assert bwd.wide and bwd.num_warps == c["WNT"] // 32 == 2 * c["WS"]
+    pb = compiled.profile(bwd)
+    one = compiled.profile(replace(bwd, one_exp=True))
+    for prof in (pb, one):
+        assert prof.unroll == 1 and prof.tensor_redundancy == 1.0
+        assert prof.resources["local"] == 0 and prof.ctas_per_sm == 1
+        # staging (D / KC chunks), the V pass (2 pairs) inside the quarter loop (4)
+        assert sorted(prof.inner_trips.values()) == [2, 4, d // c["KC"]]
+        assert prof.per_tile["tensor_macs_per_cta"] == elements * 3 * d
+    warps = bwd.num_warps
+    assert pb.per_tile["mufu_ex2"] * warps * 32 == 2 * elements + c["WNT"]
+    assert one.per_tile["mufu_ex2"] * warps * 32 == elements + c["WNT"]
+    assert one.per_tile["issue"] < pb.per_tile["issue"]
+    assert pb.per_tile["global_bytes"] * warps == c["BN"] * d * 2 + 2 * 4 * c["WNT"]
+    ops = pb.per_tile["opcodes"]
+    slice_ = c["BN"] * c["DO"] * 2  # a warp's D slice of the Y tile, bytes
+    assert ops["LDSM"] * 512 == 2 * slice_ + c["BM"] // 2 * c["BN"] * 2 * 2
+    assert ops.get("MOVM", 0) == 0 and pb.per_tile["generic_bytes"] == 0
+    # shared stores per warp: its partial S (float2) and its V share (hi, lo) per quarter
+    assert ops["STS"] >= 32 * c["BN"] // c["WQ"] // 4 + 4 * c["BN"] // c["WQ"]
 
 
 @needs_nvcc

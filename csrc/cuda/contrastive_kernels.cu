@@ -3,8 +3,8 @@
 // Design: one CTA owns BM = 64 rows and sweeps every column tile of BN = 64, so
 // per-row state stays on chip and nothing of size M x M exists. On the fast path the
 // fragment kernels (see "fragment kernels": the score tile in registers) run the
-// forward of fp16 and bf16 and the backward of bf16; the rest runs these two, 4 warps
-// per CTA:
+// forward of fp16 and bf16 and the backward of bf16 (at D = 512 the wide backward, the
+// score tile once for all of D); the rest runs these two, 4 warps per CTA:
 //   S tile  = X_I Y_K^T on tensor cores: bf16/fp16 inputs by mma.sync m16n8k16 on
 //             ldmatrix fragments, a 2 x 2 grid of warps each owning 32 x 32 of the tile;
 //             float32 inputs WMMA m16n16k8 TF32 with the 3xTF32 split
@@ -1053,13 +1053,24 @@ template <typename T>
 __host__ __device__ constexpr size_t fwd_frag_smem(int64_t d) {
   return x_bytes<T>(d) + 2 * y_tile_bytes<T>(d);
 }
-// The backward's statistics ahead of the tiles, at fixed offsets (no address registers):
-// [column statistics: lse, g, one-exponential factor] [row statistics: lse, g, centre,
-// one-exponential factor]
-// [reduction scratch] [per-thread temperature sums: exact tiles, one-exponential tiles
-// (times 1/tau)] [resident X] [Y tile 0] [Y tile 1]
-constexpr size_t kFragStats = 3 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + 2 * RNT * sizeof(double);
-static_assert(kFragStats % 128 == 0 && RW * sizeof(double) <= 128, "tiles stay 128-byte aligned");
+// The backward fragment kernels' statistics at the start of shared memory, at fixed
+// offsets (no address registers): [columns: lse, g, one-exponential factor] [rows: lse,
+// g, centre, factor] [reduction scratch] [each of the kThreads threads' temperature sums:
+// exact tiles, then one-exponential tiles (times 1/tau)], in shared memory rather than
+// registers across the column loop.
+template <int kThreads>
+struct BwdStats {
+  static constexpr size_t kBytes = 3 * BN * sizeof(float) + 4 * BM * sizeof(float) + 128 + 2 * kThreads * sizeof(double);
+  static_assert(kBytes % 128 == 0 && kThreads / 32 * sizeof(double) <= 128, "tiles stay 128-byte aligned");
+  float *ly, *gy, *vy, *lx, *gx, *cx, *ux;
+  double *red, *tau;
+  __device__ explicit BwdStats(unsigned char* smem)
+      : ly(reinterpret_cast<float*>(smem)), gy(ly + BN), vy(gy + BN), lx(vy + BN), gx(lx + BM),
+        cx(gx + BM), ux(cx + BM), red(reinterpret_cast<double*>(ux + BM)), tau(red + 128 / sizeof(double)) {}
+};
+
+// The backward: [statistics (BwdStats)] [resident X] [Y tile 0] [Y tile 1]
+constexpr size_t kFragStats = BwdStats<RNT>::kBytes;
 template <typename T>
 __host__ __device__ constexpr size_t bwd_frag_smem(int64_t d) {
   return kFragStats + fwd_frag_smem<T>(d);
@@ -1071,13 +1082,14 @@ __host__ __device__ constexpr size_t bwd_frag_smem(int64_t d) {
 __device__ uint4 g_zero16;
 
 // The 64 rows row0.. of an operand, columns [0, width) (width: whole KC chunks), into
-// dst (stride ld) by 16-byte cp.async; zeros past the operand's rows and past D. A
-// thread copies vector (tid % 8) of every KC chunk in rows tid / 8 + 8 i: no division.
-template <typename T>
+// dst (stride ld) by 16-byte cp.async, by the CTA's kThreads threads; zeros past the
+// operand's rows and past D. A thread copies vector (tid % 8) of every KC chunk in rows
+// tid / 8 + kStep i (kStep = kThreads / 8 rows per pass): no division.
+template <typename T, int kThreads = RNT>
 __device__ __forceinline__ void issue_rows(T* dst, int ld, const Rows<T>& o, int64_t row0, int64_t d,
                                            int width) {
-  constexpr int V = vec_elems<T>();
-  static_assert(KC == 8 * V && RNT == 64, "8 vectors per chunk row, 8 rows per pass");
+  constexpr int V = vec_elems<T>(), kStep = kThreads / 8, kPasses = 64 / kStep;
+  static_assert(KC == 8 * V && kThreads % 64 == 0 && kPasses >= 1, "8 vectors per chunk row");
   const int cv = (threadIdx.x & 7) * V, r0 = threadIdx.x >> 3;
 #if defined(MIMAC_COST_FORM)
   const bool whole = true;  // the cost model's compile: the interior tiles' copy only
@@ -1086,23 +1098,25 @@ __device__ __forceinline__ void issue_rows(T* dst, int ld, const Rows<T>& o, int
 #endif
   if (whole) {
     // All 64 rows in one part of the operand and D whole chunks (every tile of an
-    // aligned problem but the last): no zero source, a pointer walk of 8 rows per step
-    // instead of a row lookup per copy (the lookup was an eighth of the backward's issue).
+    // aligned problem but the last): no zero source, a pointer walk of kStep rows per
+    // step instead of a row lookup per copy (the lookup was an eighth of the backward's
+    // issue).
     const T* src = row_start(o, row0 + r0, d) + cv;
     T* to = dst + r0 * ld + cv;
-    const int64_t step = 8 * d;
+    const int64_t step = kStep * d;
 #pragma unroll 1  // one chunk per trip: the cost model counts its trips from the bytes
     for (int kc = 0; kc < width; kc += KC) {
       const T* from = src + kc;
 #pragma unroll
-      for (int i = 0; i < 8; ++i, from += step) __pipeline_memcpy_async(to + 8 * i * ld + kc, from, 16);
+      for (int i = 0; i < kPasses; ++i, from += step)
+        __pipeline_memcpy_async(to + kStep * i * ld + kc, from, 16);
     }
     return;
   }
   for (int kc = 0; kc < width; kc += KC) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = r0 + 8 * i, c = kc + cv;
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = r0 + kStep * i, c = kc + cv;
       const int64_t gr = row0 + r;
       const void* src = gr < o.n && c < d ? static_cast<const void*>(row_start(o, gr, d) + c)
                                           : static_cast<const void*>(&g_zero16);
@@ -1158,6 +1172,56 @@ __device__ __forceinline__ void frag_start(const char* name, T* xs, T* ys, int l
   __pipeline_commit();
 }
 
+// The forward fragment kernels' shared memory, [resident X] [Y tile 0] [Y tile 1], its
+// strides, and this lane's ldmatrix row addresses: `xa` in X (warp * 32 + lane % 16,
+// k offset 8 (lane / 16)), `yoff` into a Y tile (see frag_scores).
+template <typename T>
+struct FwdFrag {
+  int ld, width, ytile, yoff;
+  T *xs, *ys;
+  const T* xa;
+  __device__ FwdFrag(unsigned char* smem, int64_t d)
+      : ld(static_cast<int>(x_ld<T>(d))), width(static_cast<int>(x_cols<T>(d))),
+        ytile(static_cast<int>(y_tile_bytes<T>(d) / sizeof(T))),
+        yoff(((threadIdx.x & 7) + ((threadIdx.x & 31) >> 4) * 8) * ld + ((threadIdx.x >> 3) & 1) * 8),
+        xs(reinterpret_cast<T*>(smem)), ys(reinterpret_cast<T*>(smem + x_bytes<T>(d))),
+        xa(xs + (threadIdx.x / 32 * 32 + (threadIdx.x & 15)) * ld + ((threadIdx.x & 31) >> 4) * 8) {}
+};
+
+// The end of a forward fragment kernel: each row's sum of its quad's partial sums
+// (lanes 4g..4g + 3 hold row (mi, hf)'s 16-column parts), written by the quad's first
+// lane as out(row's running max slot, sum) to `lse` (rows past the end skipped).
+template <typename Out>
+__device__ __forceinline__ void frag_row_out(const Pass& p, int64_t h, int64_t row0, const float (&l)[RMI][2],
+                                             Out out) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float s = l[mi][hf];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      const int64_t gi = row0 + threadIdx.x / 32 * 32 + mi * 16 + hf * 8 + (lane >> 2);
+      if ((lane & 3) == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = out(mi, hf, s);
+    }
+  }
+}
+
+// The forward fragment kernels' column-tile start: the next tile's copy into the other
+// buffer (an empty group after the last tile: the wait stays uniform), then this tile's
+// copies (and X's) landed, from every thread. Returns this tile's Y.
+template <typename T>
+__device__ __forceinline__ const T* frag_next_tile(T* ys, int ytile, int buf, int ld, const Rows<T>& y,
+                                                   int64_t col0, int64_t cols, int64_t d, int width) {
+  __syncthreads();  // the previous tile's readers of the other buffer are done
+  if (col0 + BN < cols) issue_rows(ys + (buf ^ 1) * ytile, ld, y, col0 + BN, d, width);
+  __pipeline_commit();
+  __pipeline_wait_prior(1);
+  __syncthreads();
+  return ys + buf * ytile;
+}
+
 // Whether the tile (row0, col0) runs the masked pass (any masked pair), as the cost
 // model's compile sees it (MIMAC_COST_FORM: interior tiles only).
 __device__ __forceinline__ bool frag_masked_tile(const Pass& p, int64_t row0, int64_t col0) {
@@ -1182,10 +1246,7 @@ template <typename T, int kCritic>
 __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = reinterpret_cast<T*>(smem + x_bytes<T>(p.d));
-  const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
+  const FwdFrag<T> f(smem, p.d);
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   if (p.shift != nullptr) {
@@ -1206,11 +1267,9 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
     }
   }
   const Ops<T> op = head_operands<T>(p, h);
-  frag_start("frag_fwd_ctas", xs, ys, ld, op, row0, p.d, width);
+  frag_start("frag_fwd_ctas", f.xs, f.ys, f.ld, op, row0, p.d, f.width);
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
-  const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
-  const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
   // Row (mi, hf) of this lane: warp * 32 + mi * 16 + hf * 8 + g. Running max (natural
   // log, shared by the quad) and this lane's partial sum.
   float m[RMI][2], l[RMI][2];
@@ -1219,13 +1278,9 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 
   int buf = 0;
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN, buf ^= 1) {
-    __syncthreads();  // the previous tile's readers of the other buffer are done
-    if (col0 + BN < p.cols) issue_rows(ys + (buf ^ 1) * ytile, ld, op.y, col0 + BN, p.d, width);
-    __pipeline_commit();       // an empty group after the last tile: the wait stays uniform
-    __pipeline_wait_prior(1);  // this thread's copies of this tile (and of X) have landed
-    __syncthreads();           // and everyone's
+    const T* yb = frag_next_tile(f.ys, f.ytile, buf, f.ld, op.y, col0, p.cols, p.d, f.width);
     float acc[RMI][RNJ][4];
-    frag_scores<T>(acc, xa, ys + buf * ytile + yoff, ld, width);
+    frag_scores<T>(acc, f.xa, yb + f.yoff, f.ld, f.width);
 
     const auto pass = [&](auto masked_tag) {
       constexpr bool kMasked = decltype(masked_tag)::value;
@@ -1271,17 +1326,7 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
       pass(std::false_type{});
     }
   }
-#pragma unroll
-  for (int mi = 0; mi < RMI; ++mi) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float s = l[mi][hf];
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
-      if ((lane & 3) == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = m[mi][hf] + log2f(s) * kLn2;
-    }
-  }
+  frag_row_out(p, h, row0, l, [&](int mi, int hf, float s) { return m[mi][hf] + log2f(s) * kLn2; });
 #endif
 }
 
@@ -1313,33 +1358,24 @@ template <typename T, int kCritic>
 __global__ void __launch_bounds__(RNT, 4) lse_cross_frag_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem[];
-  const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
-  T* xs = reinterpret_cast<T*>(smem);
-  T* ys = reinterpret_cast<T*>(smem + x_bytes<T>(p.d));
-  const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
+  const FwdFrag<T> f(smem, p.d);
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Ops<T> op = head_operands<T>(p, h);
-  frag_start("frag_cross_ctas", xs, ys, ld, op, row0, p.d, width);
+  frag_start("frag_cross_ctas", f.xs, f.ys, f.ld, op, row0, p.d, f.width);
   // e = 2^(s * it log2(e) - shift log2(e)): one FFMA and one MUFU per element
   const float itl = *p.inv_tau * kLog2e, shl = p.shift[h] * kLog2e;
   float* col_sum = p.col_sum + h * p.cols;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
-  const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
-  const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
   float l[RMI][2];  // this lane's partial row sums, row (mi, hf) as in the forward
 #pragma unroll
   for (int mi = 0; mi < RMI; ++mi) l[mi][0] = l[mi][1] = 0.0f;
 
   int buf = 0;
   for (int64_t col0 = 0; col0 < p.cols; col0 += BN, buf ^= 1) {
-    __syncthreads();  // the previous tile's readers of the other buffer are done
-    if (col0 + BN < p.cols) issue_rows(ys + (buf ^ 1) * ytile, ld, op.y, col0 + BN, p.d, width);
-    __pipeline_commit();
-    __pipeline_wait_prior(1);
-    __syncthreads();
+    const T* yb = frag_next_tile(f.ys, f.ytile, buf, f.ld, op.y, col0, p.cols, p.d, f.width);
     float acc[RMI][RNJ][4];
-    frag_scores<T>(acc, xa, ys + buf * ytile + yoff, ld, width);
+    frag_scores<T>(acc, f.xa, yb + f.yoff, f.ld, f.width);
 
     float c[2 * RNJ];  // column nj * 8 + tc + e at c[2 nj + e]: this lane's 4 rows
     const auto pass = [&](auto masked_tag) {
@@ -1382,17 +1418,7 @@ __global__ void __launch_bounds__(RNT, 4) lse_cross_frag_kernel(Pass p) {
     if (col < p.cols) atomicAdd(col_sum + col, c[0]);
     if (col + 1 < p.cols) atomicAdd(col_sum + col + 1, c[1]);
   }
-#pragma unroll
-  for (int mi = 0; mi < RMI; ++mi) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float s = l[mi][hf];
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
-      if ((lane & 3) == 0 && gi < p.rows) p.lse[h * p.lse_hs + gi] = s;
-    }
-  }
+  frag_row_out(p, h, row0, l, [](int, int, float s) { return s; });  // raw: finished later
 #endif
 }
 
@@ -1403,6 +1429,151 @@ __device__ __forceinline__ unsigned pack_bf16x2(__nv_bfloat162 v) {
   return u;
 }
 
+// The CTA's row statistics (threads < BM, one per row) into shared memory, and for the
+// one-exponential form (statistics on both sides) its shift c, the CTA's largest row
+// lse, with the rows' factors u_i (times 1/tau: V = e^(S - c) (u_i + v_k) / tau straight
+// from the sum, finite: one_exp_ok bounds g max(1/tau, 1); the tile's temperature terms
+// divide it out) and the rows' vote for that form. Returns c (0 without the form).
+template <int kThreads>
+__device__ __forceinline__ float bwd_row_stats(const Pass& p, const BwdStats<kThreads>& s, int64_t h,
+                                               int64_t row0, float it, bool one_exp, int& row_vote) {
+  const bool row_thread = kThreads == BM || threadIdx.x < BM;  // folds for one thread per row
+  const int64_t gr = row0 + threadIdx.x;
+  const bool mine = row_thread && gr < p.rows, own_ok = mine && p.lx != nullptr;
+  const float lxr = own_ok ? p.lx[h * p.lx_hs + gr] : 0.0f, gxr = own_ok ? p.gx[h * p.lx_hs + gr] : 0.0f;
+  s.tau[threadIdx.x] = s.tau[kThreads + threadIdx.x] = 0.0;
+  if (row_thread) {
+    s.lx[threadIdx.x] = lxr;
+    s.gx[threadIdx.x] = gxr;
+    s.cx[threadIdx.x] = own_ok ? p.cx[h * p.lx_hs + gr] : 0.0f;
+  }
+  row_vote = 1;
+  if (!one_exp) return 0.0f;
+  const float shift = block_max_lse<kThreads / 32>(mine ? lxr : -INFINITY, reinterpret_cast<float*>(s.red));
+  const float u = mine ? gxr * exp2_ftz((shift - lxr) * kLog2e) : 0.0f;
+  row_vote = !mine || one_exp_ok(lxr, shift, gxr, u, it);
+  if (row_thread) s.ux[threadIdx.x] = u * it;
+  return shift;
+}
+
+// A column tile's start in the backward fragment kernels: its column statistics (threads
+// < BN, one per column) and their vote, then the wait for this tile's Y (the next one
+// stays in flight) and a barrier. Returns whether the tile takes the one-exponential
+// form: every row and column in its window, statistics on both sides, no masked pair.
+template <int kThreads>
+__device__ __forceinline__ bool bwd_tile_stats(const Pass& p, const BwdStats<kThreads>& s, int64_t h,
+                                               int64_t row0, int64_t col0, float it, float shift,
+                                               bool one_exp, int row_vote) {
+  int vote = row_vote;
+  if (kThreads == BN || threadIdx.x < BN) {  // folds for one thread per column
+    const int64_t gk = col0 + threadIdx.x;
+    const bool ok = p.ly != nullptr && gk < p.cols;
+    const float lk = ok ? p.ly[h * p.ly_hs + gk] : 0.0f, gv = ok ? p.gy[h * p.ly_hs + gk] : 0.0f;
+    s.ly[threadIdx.x] = lk;
+    s.gy[threadIdx.x] = gv;
+    if (one_exp) {
+      const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
+      s.vy[threadIdx.x] = v * it;
+      vote = vote && (!ok || one_exp_ok(lk, shift, gv, v, it));
+    }
+  }
+  __pipeline_wait_prior(1);
+  const bool all_ok = __syncthreads_and(vote);  // everyone's copies and statistics are in
+#if defined(MIMAC_COST_FORM)
+  const bool fast_tile = MIMAC_COST_FORM == 1;
+  (void)all_ok, (void)row0;
+#else
+  const bool fast_tile = all_ok && one_exp && !tile_has_mask(p, row0, col0);
+#endif
+#if defined(MIMAC_CUDA_EMULATION)
+  if (threadIdx.x == 0) ::mimac_emu::tally(fast_tile ? "bwd_tiles_one_exp" : "bwd_tiles_two_exp");
+#endif
+  return fast_tile;
+}
+
+// The end of a backward fragment kernel: this warp's dX accumulators (rows r0.., D
+// columns dout0..) straight to the gradient rows, two 8-byte stores per fragment; then,
+// with want_tau, the CTA's temperature sum, one atomicAdd.
+template <int kThreads>
+__device__ __forceinline__ void bwd_finish(const Pass& p, const BwdStats<kThreads>& s, int64_t h, int64_t r0,
+                                           int dout0, const float (&accd)[RMI][DO / 8][4], bool want_tau,
+                                           float it) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
+#pragma unroll
+  for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int64_t gi = r0 + mi * 16 + hf * 8 + g;
+      if (gi >= p.rows) continue;
+      float* dst = gi < p.out_split ? p.out0 + h * p.out_hs + gi * p.d
+                                    : p.out1 + h * p.out_hs + (gi - p.out_split) * p.d;
+#pragma unroll
+      for (int nj = 0; nj < DO / 8; ++nj) {
+        const int gd = dout0 + nj * 8 + tc;  // D is a whole number of 16-byte vectors: gd + 1 < d
+        if (gd < p.d) *reinterpret_cast<float2*>(dst + gd) = make_float2(accd[mi][nj][2 * hf], accd[mi][nj][2 * hf + 1]);
+      }
+    }
+  }
+  if (!want_tau) return;
+  double t = s.tau[threadIdx.x] + s.tau[kThreads + threadIdx.x] / it;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+  __syncthreads();  // the scratch held the shift
+  if (lane == 0) s.red[threadIdx.x / 32] = t;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) total += s.red[w];
+    atomicAdd(p.grad_tau, static_cast<float>(total));
+  }
+}
+
+// What element_v reads: the statistics of the CTA's rows (lse, g, centre, one-exponential
+// factor) and of the tile's columns (lse, g, factor) in shared memory, and the scalars.
+struct ElementStats {
+  const float *lx, *gx, *cx, *ux, *ly, *gy, *vy;
+  float it, it_log2e, shift_log2e, eps;
+  bool x_side, y_side;
+};
+
+// V of one score element (dL/d(dot); in the one-exponential form times 1/tau already)
+// of tile row r and tile column c, adding its temperature term to `tau` (one-exponential
+// tiles: times 1/tau, divided out once at the end); masked: the pair is left out (the
+// exact form only: a one-exponential tile has no masked pair).
+template <int kCritic, bool kOne, int kTau>
+__device__ __forceinline__ float element_v(float dot, const ElementStats& st, int r, int c, bool masked,
+                                           float& tau) {
+  const float s = raw_score<kCritic>(dot, st.eps);
+  float w, u;
+  if constexpr (kOne) {
+    // e^(S - c) as 2^(s it log2(e) - c log2(e)): one FFMA for the exponent
+    const float ex = exp2_ftz(fmaf(s, st.it_log2e, -st.shift_log2e));
+    w = ex * st.ux[r];
+    u = fmaf(ex, st.vy[c], w);
+  } else {
+    const float sn = s * st.it;
+    w = st.x_side ? st.gx[r] * exp2_ftz((sn - st.lx[r]) * kLog2e) : 0.0f;
+    u = w + (st.y_side ? st.gy[c] * exp2_ftz((sn - st.ly[c]) * kLog2e) : 0.0f);
+    if (masked) u = w = 0.0f;
+  }
+  if constexpr (kTau != 0) tau += w * (s - st.cx[r]);
+  float v = kOne ? u : u * st.it;
+  if (kCritic == MIMAC_LOG_DOT) v = dot > st.eps ? v / dot : 0.0f;
+  return v;
+}
+
+// Two V values as bf16 hi + lo registers of an mma.sync A fragment (the first in the low
+// half). kFinite: neither can be infinite or NaN (else no remainder: hi carries it, and
+// inf - inf would be NaN).
+template <bool kFinite>
+__device__ __forceinline__ void split_v(float v0, float v1, unsigned& hi_reg, unsigned& lo_reg) {
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(v0, v1);
+  const float rest0 = kFinite || fabsf(v0) < INFINITY ? v0 - __low2float(hi) : 0.0f;
+  const float rest1 = kFinite || fabsf(v1) < INFINITY ? v1 - __high2float(hi) : 0.0f;
+  hi_reg = pack_bf16x2(hi);
+  lo_reg = pack_bf16x2(__floats2bfloat162_rn(rest0, rest1));
+}
+
 // bf16 inputs: dX (one DO slice, grid.y) of the CTA's rows; kTau: Pass::tau_mode.
 template <typename T, int kCritic, int kTau>
 __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
@@ -1410,18 +1581,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   static_assert(std::is_same<T, __nv_bfloat16>::value, "V and Y meet in bf16");
   extern __shared__ __align__(128) unsigned char smem[];
   const int ld = static_cast<int>(x_ld<T>(p.d)), width = static_cast<int>(x_cols<T>(p.d));
-  float* s_ly = reinterpret_cast<float*>(smem);
-  float* s_gy = s_ly + BN;
-  float* s_vy = s_gy + BN;
-  float* s_lx = s_vy + BN;
-  float* s_gx = s_lx + BM;
-  float* s_cx = s_gx + BM;
-  float* s_ux = s_cx + BM;
-  double* s_red = reinterpret_cast<double*>(s_ux + BM);
-  // this thread's temperature sums (exact tiles, one-exponential tiles), in shared
-  // memory: no registers across the loop
-  double* s_tau = s_red + 128 / sizeof(double);
-  s_tau[threadIdx.x] = s_tau[RNT + threadIdx.x] = 0.0;
+  const BwdStats<RNT> ss(smem);
   T* xs = reinterpret_cast<T*>(smem + kFragStats);
   T* ys = reinterpret_cast<T*>(smem + kFragStats + x_bytes<T>(p.d));
   const int ytile = static_cast<int>(y_tile_bytes<T>(p.d) / sizeof(T));
@@ -1433,27 +1593,11 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
-
-  // Row statistics, one thread per row; the one-exponential shift c and factors u_i
-  // (as lse_backward_kernel).
-  const int64_t gr = row0 + threadIdx.x;
-  const bool own_ok = gr < p.rows && x_side;
-  const float lxr = own_ok ? p.lx[h * p.lx_hs + gr] : 0.0f, gxr = own_ok ? p.gx[h * p.lx_hs + gr] : 0.0f;
-  s_lx[threadIdx.x] = lxr;
-  s_gx[threadIdx.x] = gxr;
-  s_cx[threadIdx.x] = own_ok ? p.cx[h * p.lx_hs + gr] : 0.0f;
   const bool one_exp = x_side && y_side;
-  float shift = 0.0f;
-  int row_vote = 1;
-  if (one_exp) {
-    shift = block_max_lse<RW>(gr < p.rows ? lxr : -INFINITY, reinterpret_cast<float*>(s_red));
-    const float u = gr < p.rows ? gxr * exp2_ftz((shift - lxr) * kLog2e) : 0.0f;
-    row_vote = gr >= p.rows || one_exp_ok(lxr, shift, gxr, u, it);
-    // 1/tau folded in: V = e^(S - c) (u_i + v_k) / tau straight from the sum (finite:
-    // one_exp_ok bounds g max(1/tau, 1); the tile's temperature terms divide it out)
-    s_ux[threadIdx.x] = u * it;
-  }
-  const float it_log2e = it * kLog2e, shift_log2e = shift * kLog2e;
+  int row_vote;
+  const float shift = bwd_row_stats(p, ss, h, row0, it, one_exp, row_vote);
+  const ElementStats st{ss.lx, ss.gx, ss.cx, ss.ux, ss.ly, ss.gy, ss.vy, it, it * kLog2e, shift * kLog2e,
+                        p.eps, x_side, y_side};
 
   const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
   const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
@@ -1475,30 +1619,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
     __syncthreads();  // the previous tile's readers of the other buffer and the statistics are done
     if (col0 + BN < p.cols) issue_rows(yn, ld, op.y, col0 + BN, p.d, width);
     __pipeline_commit();
-    int vote = row_vote;
-    {
-      const int64_t gk = col0 + threadIdx.x;
-      const bool ok = y_side && gk < p.cols;
-      const float lk = ok ? p.ly[h * p.ly_hs + gk] : 0.0f, gv = ok ? p.gy[h * p.ly_hs + gk] : 0.0f;
-      s_ly[threadIdx.x] = lk;
-      s_gy[threadIdx.x] = gv;
-      if (one_exp) {
-        const float v = ok ? gv * exp2_ftz((shift - lk) * kLog2e) : 0.0f;
-        s_vy[threadIdx.x] = v * it;
-        vote = vote && (!ok || one_exp_ok(lk, shift, gv, v, it));
-      }
-    }
-    __pipeline_wait_prior(1);
-    const bool all_ok = __syncthreads_and(vote);  // everyone's copies and statistics are in
-#if defined(MIMAC_COST_FORM)
-    const bool fast_tile = MIMAC_COST_FORM == 1;
-    (void)all_ok;
-#else
-    const bool fast_tile = all_ok && one_exp && !tile_has_mask(p, row0, col0);
-#endif
-#if defined(MIMAC_CUDA_EMULATION)
-    if (threadIdx.x == 0) ::mimac_emu::tally(fast_tile ? "bwd_tiles_one_exp" : "bwd_tiles_two_exp");
-#endif
+    const bool fast_tile = bwd_tile_stats(p, ss, h, row0, col0, it, shift, one_exp, row_vote);
     // The tile in two halves of 32 columns: S of a half (32 registers), then its V into
     // dX; the whole tile's S besides the DO-wide dX accumulators would leave ptxas no room.
 #pragma unroll 1
@@ -1525,32 +1646,10 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
               const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
               float vv[2];
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float dot = acc[mi][nj][2 * hf + e];
-                const float s = raw_score<kCritic>(dot, p.eps);
-                float w, u;  // the one-exponential form's both times 1/tau
-                if constexpr (kOne) {
-                  // e^(S - c) as 2^(s it log2(e) - c log2(e)): one FFMA for the exponent
-                  const float ex = exp2_ftz(fmaf(s, it_log2e, -shift_log2e));
-                  w = ex * s_ux[r];
-                  u = fmaf(ex, s_vy[c + e], w);
-                } else {
-                  const float sn = s * it;
-                  w = x_side ? s_gx[r] * exp2_ftz((sn - s_lx[r]) * kLog2e) : 0.0f;
-                  u = w + (y_side ? s_gy[c + e] * exp2_ftz((sn - s_ly[c + e]) * kLog2e) : 0.0f);
-                  if (mask.masked(c + e)) u = w = 0.0f;
-                }
-                if constexpr (kTau != 0) tau_tile += w * (s - s_cx[r]);
-                vv[e] = kOne ? u : u * it;  // dL/d(dot)
-                if (kCritic == MIMAC_LOG_DOT) vv[e] = dot > p.eps ? vv[e] / dot : 0.0f;
-              }
-              const __nv_bfloat162 hi = __floats2bfloat162_rn(vv[0], vv[1]);
-              // no remainder of an infinity or NaN (hi carries it; inf - inf would be NaN)
-              constexpr bool kFinite = kOne && kCritic != MIMAC_LOG_DOT;
-              const float rest0 = kFinite || fabsf(vv[0]) < INFINITY ? vv[0] - __low2float(hi) : 0.0f;
-              const float rest1 = kFinite || fabsf(vv[1]) < INFINITY ? vv[1] - __high2float(hi) : 0.0f;
-              ah[mi][q] = pack_bf16x2(hi);
-              al[mi][q] = pack_bf16x2(__floats2bfloat162_rn(rest0, rest1));
+              for (int e = 0; e < 2; ++e)
+                vv[e] = element_v<kCritic, kOne, kTau>(acc[mi][nj][2 * hf + e], st, r, c + e,
+                                                       mask.masked(c + e), tau_tile);
+              split_v<kOne && kCritic != MIMAC_LOG_DOT>(vv[0], vv[1], ah[mi][q], al[mi][q]);
             }
           }
 #pragma unroll
@@ -1569,7 +1668,7 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
             }
           }
         }
-        if (want_tau) s_tau[(kOne ? RNT : 0) + threadIdx.x] += tau_tile;
+        if (want_tau) ss.tau[(kOne ? RNT : 0) + threadIdx.x] += tau_tile;
       };
       if (fast_tile) {
         pass(std::true_type{});
@@ -1582,36 +1681,206 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
     yn = was;
   }
 
-  // The gradient rows, straight from the accumulators: two 8-byte stores per fragment.
+  bwd_finish(p, ss, h, row0 + warp * 32, dout0, accd, want_tau, it);
+#endif
+}
+
+// --- the wide backward: bf16 D = 512, the score tile once for all four D slices -------------
+//
+// lse_backward_frag_kernel recomputes a tile's S in each DO-wide output slice of D (4x at
+// D = 512, each time over all of D). Here a CTA of 2 x 4 warps owns 64 rows and all of D:
+// warp (rw, ds) = (warp % 2, warp / 2) accumulates dX of rows rw * 32.. in D slice ds * DO..
+// (128 registers) and keeps its rows' X over that slice as A fragments in registers (64:
+// X is staged once, into the second Y buffer's place, and not kept in shared memory).
+// Each column tile goes in quarters of WQ = 16 columns:
+//   1. every warp multiplies its X slice by the quarter's Y columns over the same D slice
+//      (8 k-steps): a partial S of 32 x 16, stored to shared memory;
+//   2. barrier; warp (rw, ds) adds the four partials of rows rw * 32.. for columns ds * 4..
+//      of the quarter, one row per lane, and forms V there (element_v: both forms, the
+//      temperature terms), stored as bf16 hi + lo into the V tile;
+//   3. barrier; every warp loads its rows' V as the A fragments of one k16 step by
+//      ldmatrix and adds V Y into its dX slice (Y's B fragments by ldmatrix.trans).
+// Every score element is formed, exponentiated and weighted once (by one warp), S's
+// tensor work is done once per tile, and per tile the warps read Y's fragments twice
+// (S and dX), against four times each in the narrow kernel's four slices.
+constexpr int WS = 4;            // D slices of the wide backward (its warp columns)
+constexpr int WNT = RNT * WS;    // its threads: 2 x 4 warps
+constexpr int WQ = 16;           // columns per quarter tile
+constexpr int LDP = 20;          // partial S row stride (floats): conflict-free float4 reads
+constexpr int LDW = 24;          // V tile row stride (bf16): 48-byte rows for ldmatrix
+static_assert(BN % WQ == 0 && WQ == 4 * WS && 32 * LDP % 4 == 0, "4 columns per reducing lane");
+// [statistics: columns lse, g, factor; rows lse, g, centre, factor; reduction scratch;
+// per-thread temperature sums] [Y tile 0] [Y tile 1 (first X)] [partials] [V hi] [V lo]
+constexpr size_t kWideStats = BwdStats<WNT>::kBytes;
+constexpr size_t kWidePartials = 2 * WS * 32 * LDP * sizeof(float);
+constexpr size_t kWideV = BM * LDW * 2;
+static_assert(kWideStats % 128 == 0 && kWidePartials % 128 == 0 && kWideV % 128 == 0, "aligned regions");
+template <typename T>
+__host__ __device__ constexpr size_t bwd_wide_smem(int64_t d) {
+  return kWideStats + 2 * y_tile_bytes<T>(d) + kWidePartials + 2 * kWideV;
+}
+// D takes the wide backward when its staged width is WS slices exactly (D in (448, 512]).
+template <typename T>
+__host__ __device__ constexpr bool wide_width(int64_t d) {
+  return x_cols<T>(d) == WS * DO;
+}
+
+template <typename T, int kCritic, int kTau>
+__global__ void __launch_bounds__(WNT, 1) lse_backward_wide_kernel(Pass p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  static_assert(std::is_same<T, __nv_bfloat16>::value, "V and Y meet in bf16");
+  extern __shared__ __align__(128) unsigned char smem[];
+  // the staged width is WS * DO (wide_width): strides and offsets are constants
+  constexpr int ld = static_cast<int>(x_ld<T>(WS * DO)), width = WS * DO;
+  constexpr int ytile = static_cast<int>(y_tile_bytes<T>(WS * DO) / sizeof(T));
+  constexpr size_t kTail = kWideStats + 2 * y_tile_bytes<T>(WS * DO);
+  const BwdStats<WNT> ss(smem);
+  T* ys = reinterpret_cast<T*>(smem + kWideStats);
+  float* part = reinterpret_cast<float*>(smem + kTail);
+  T* v_hi = reinterpret_cast<T*>(smem + kTail + kWidePartials);
+  T* v_lo = v_hi + kWideV / sizeof(T);
+
+  const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const Ops<T> op = head_operands<T>(p, h);
+#if defined(MIMAC_CUDA_EMULATION)
+  if (threadIdx.x == 0) ::mimac_emu::tally("wide_bwd_ctas");
+#endif
+  issue_rows<T, WNT>(ys + ytile, ld, op.x, row0, p.d, width);  // X, in the second buffer
+  issue_rows<T, WNT>(ys, ld, op.y, 0, p.d, width);
+  __pipeline_commit();
+  const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
+  const float it = *p.inv_tau;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
+  const int rw = warp & 1, ds = warp >> 1, dout0 = ds * DO;
+  const bool one_exp = x_side && y_side;
+  int row_vote;
+  const float shift = bwd_row_stats(p, ss, h, row0, it, one_exp, row_vote);
+  const ElementStats st{ss.lx, ss.gx, ss.cx, ss.ux, ss.ly, ss.gy, ss.vy, it, it * kLog2e, shift * kLog2e,
+                        p.eps, x_side, y_side};
+
+  __pipeline_wait_prior(0);
+  __syncthreads();  // X and the first Y tile in, from every thread
+  // This warp's X block as A fragments: rows rw * 32 + mi * 16.., D dout0 + 16 ks..
+  unsigned fa[RMI][DO / 16][4];
+  {
+    const T* xa = ys + ytile + (rw * 32 + (lane & 15)) * ld + dout0 + (lane >> 4) * 8;
 #pragma unroll
-  for (int mi = 0; mi < RMI; ++mi) {
+    for (int mi = 0; mi < RMI; ++mi)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int64_t gi = row0 + warp * 32 + mi * 16 + hf * 8 + g;
-      if (gi >= p.rows) continue;
-      float* dst = gi < p.out_split ? p.out0 + h * p.out_hs + gi * p.d
-                                    : p.out1 + h * p.out_hs + (gi - p.out_split) * p.d;
+      for (int ks = 0; ks < DO / 16; ++ks) ldsm_x4<false>(fa[mi][ks], xa + mi * 16 * ld + ks * 16);
+  }
+  float accd[RMI][DO / 8][4];
 #pragma unroll
-      for (int nj = 0; nj < DO / 8; ++nj) {
-        const int gd = dout0 + nj * 8 + tc;  // D is a whole number of 16-byte vectors: gd + 1 < d
-        if (gd < p.d) *reinterpret_cast<float2*>(dst + gd) = make_float2(accd[mi][nj][2 * hf], accd[mi][nj][2 * hf + 1]);
+  for (int mi = 0; mi < RMI; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < DO / 8; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) accd[mi][nj][e] = 0.0f;
+  const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8 + dout0;  // S's B
+  const int yt = (lane & 15) * ld + dout0 + (lane >> 4) * 8;                           // dX's B
+  const int rr = rw * 32 + lane;  // the row this lane reduces
+  const int64_t gi = row0 + rr;
+
+  int buf = 0;  // this tile's Y buffer; the other holds the next tile (X at first)
+  for (int64_t col0 = 0; col0 < p.cols; col0 += BN, buf ^= 1) {
+    __syncthreads();  // the other buffer's readers (X's, at first) and the statistics are done
+    if (col0 + BN < p.cols) issue_rows<T, WNT>(ys + (buf ^ 1) * ytile, ld, op.y, col0 + BN, p.d, width);
+    const T* yb = ys + buf * ytile;
+    __pipeline_commit();
+    const bool fast_tile = bwd_tile_stats(p, ss, h, row0, col0, it, shift, one_exp, row_vote);
+    const TileMask mask = tile_mask(p, gi, col0, gi < p.rows);
+#pragma unroll 1
+    for (int qt = 0; qt < BN / WQ; ++qt) {
+      // 1. the partial S of this warp's rows and D slice, the quarter's 16 columns
+      {
+        float acc[RMI][2][4];
+#pragma unroll
+        for (int mi = 0; mi < RMI; ++mi)
+#pragma unroll
+          for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.0f;
+        const T* yq = yb + yoff + qt * WQ * ld;
+#pragma unroll
+        for (int ks = 0; ks < DO / 16; ++ks) {
+          unsigned fb[4];
+          ldsm_x4<false>(fb, yq + ks * 16);
+#pragma unroll
+          for (int mi = 0; mi < RMI; ++mi) {
+            mma_16816<T>(acc[mi][0], fa[mi][ks], fb[0], fb[1]);
+            mma_16816<T>(acc[mi][1], fa[mi][ks], fb[2], fb[3]);
+          }
+        }
+#pragma unroll
+        for (int mi = 0; mi < RMI; ++mi)
+#pragma unroll
+          for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf)
+              *reinterpret_cast<float2*>(part + (warp * 32 + mi * 16 + hf * 8 + g) * LDP + nj * 8 + tc) =
+                  make_float2(acc[mi][nj][2 * hf], acc[mi][nj][2 * hf + 1]);
+      }
+      __syncthreads();  // every partial in
+      // 2. row rr, tile columns c0..c0 + 3: S from the four slices' partials, then V
+      {
+        const int c0 = qt * WQ + ds * 4;
+        float sv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int k = 0; k < WS; ++k) {
+          const float4 q = *reinterpret_cast<const float4*>(part + ((2 * k + rw) * 32 + lane) * LDP + ds * 4);
+          sv[0] += q.x, sv[1] += q.y, sv[2] += q.z, sv[3] += q.w;
+        }
+        const auto pass = [&](auto one_tag) {
+          constexpr bool kOne = decltype(one_tag)::value;
+          float tau_tile = 0.0f;
+          // a pair of columns at a time: fewer registers live beside dX and X
+#pragma unroll 1
+          for (int pr = 0; pr < 2; ++pr) {
+            const int c = c0 + 2 * pr;
+            const float v0 = element_v<kCritic, kOne, kTau>(pr ? sv[2] : sv[0], st, rr, c, mask.masked(c), tau_tile);
+            const float v1 = element_v<kCritic, kOne, kTau>(pr ? sv[3] : sv[1], st, rr, c + 1, mask.masked(c + 1),
+                                                            tau_tile);
+            unsigned hi, lo;
+            split_v<kOne && kCritic != MIMAC_LOG_DOT>(v0, v1, hi, lo);
+            *reinterpret_cast<unsigned*>(v_hi + rr * LDW + c - qt * WQ) = hi;
+            *reinterpret_cast<unsigned*>(v_lo + rr * LDW + c - qt * WQ) = lo;
+          }
+          if (kTau != 0) ss.tau[(kOne ? WNT : 0) + threadIdx.x] += tau_tile;
+        };
+        if (fast_tile) {
+          pass(std::true_type{});
+        } else {
+          pass(std::false_type{});
+        }
+      }
+      __syncthreads();  // the quarter's V in
+      // 3. dX += V Y: V of this warp's rows as one k16 step's A fragments
+      {
+        unsigned ah[RMI][4], al[RMI][4];
+#pragma unroll
+        for (int mi = 0; mi < RMI; ++mi) {
+          const int vr = (rw * 32 + mi * 16 + (lane & 15)) * LDW + (lane >> 4) * 8;
+          ldsm_x4<false>(ah[mi], v_hi + vr);
+          ldsm_x4<false>(al[mi], v_lo + vr);
+        }
+#pragma unroll
+        for (int nb = 0; nb < DO / 16; ++nb) {
+          unsigned b[4];
+          ldsm_x4<true>(b, yb + yt + qt * WQ * ld + nb * 16);
+#pragma unroll
+          for (int mi = 0; mi < RMI; ++mi) {
+#pragma unroll
+            for (int hb = 0; hb < 2; ++hb) {
+              mma_16816<T>(accd[mi][2 * nb + hb], al[mi], b[2 * hb], b[2 * hb + 1]);  // small first
+              mma_16816<T>(accd[mi][2 * nb + hb], ah[mi], b[2 * hb], b[2 * hb + 1]);
+            }
+          }
+        }
       }
     }
   }
 
-  if (want_tau) {
-    double t = s_tau[threadIdx.x] + s_tau[RNT + threadIdx.x] / it;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
-    __syncthreads();  // s_red was the shift's scratch
-    if (lane == 0) s_red[warp] = t;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < RW; ++w) total += s_red[w];
-      atomicAdd(p.grad_tau, static_cast<float>(total));
-    }
-  }
+  bwd_finish(p, ss, h, row0 + rw * 32, dout0, accd, kTau != 0, it);
 #endif
 }
 
@@ -1688,6 +1957,12 @@ template <typename T, int kCritic>
 cudaError_t backward_as(const Pass& p, dim3 grid, cudaStream_t s) {
   constexpr bool kSplit = sizeof(T) == 4;  // float32: 3xTF32 for dX += V Y too
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const size_t wide = bwd_wide_smem<T>(p.d);
+    if (wide_width<T>(p.d) && fast_path<T>(p, wide)) {
+      const dim3 rows(grid.x, 1, grid.z);  // one CTA per row block: all of D
+      if (p.tau_mode == 1) return launch(lse_backward_wide_kernel<T, kCritic, 1>, rows, wide, p, s, WNT);
+      return launch(lse_backward_wide_kernel<T, kCritic, 0>, rows, wide, p, s, WNT);
+    }
     const size_t smem = bwd_frag_smem<T>(p.d);
     if (fast_path<T>(p, smem)) {
       if (p.tau_mode == 1) return launch(lse_backward_frag_kernel<T, kCritic, 1>, grid, smem, p, s, RNT);

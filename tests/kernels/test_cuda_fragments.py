@@ -17,11 +17,12 @@ import torch
 
 from mimac_kernels import cuda_backend, torch_backend
 from tests.kernels.accuracy import kernel_case, kernel_level_errors, kernel_outputs, weight_eps
+from tests.kernels.emulation import EMULATION_SCHEDULES, emulation_schedule
 
 pytestmark = pytest.mark.emulated
 
-#: Opt-in shared memory per block of sm_80 (the emulation's default) and sm_90.
-SM80_SMEM, SM90_SMEM = 166912, 232448
+#: Opt-in shared memory per block of sm_86, sm_80 (the emulation's default) and sm_90.
+SM86_SMEM, SM80_SMEM, SM90_SMEM = 101376, 166912, 232448
 
 
 def _ctas(emu, case) -> tuple[int, int, int]:
@@ -74,19 +75,48 @@ def test_two_slices_with_a_ragged_one(emu, critic, negatives):
     assert not errors, errors
 
 
+def _wide(emu, case) -> int:
+    """CTAs of the wide backward (bf16, staged width 512) in one forward + backward."""
+    emu.clear_tallies()
+    kernel_outputs(cuda_backend, case)
+    return emu.tally("wide_bwd_ctas")
+
+
 def test_d512_with_sm90_shared_memory(emu):
-    """bf16 D = 512 needs 202,624 bytes per block in the backward: sm_90 runs the
-    fragment kernels (four output slices), sm_80 the earlier fast kernels; both match
-    float64."""
+    """bf16 D = 512: the wide backward (165,760 bytes per block) fits sm_80 and sm_90,
+    one CTA of 8 warps per row block for all of D; the fragment forward (199,680 bytes)
+    only sm_90; sm_86's 99 KiB takes the earlier fast kernels. All match float64."""
     case = kernel_case((1, 70, 512), "dot", "cross", torch.bfloat16, "cpu")
-    assert _ctas(emu, case) == (0, 0, 0)
-    emu.set_smem_optin(SM90_SMEM)
-    try:
-        # random dot rows at D = 512 lie far below the Cauchy-Schwarz bound: re-swept
-        assert _ctas(emu, case) == (2, _blocks_out_of_window(case), 16)
-        errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", torch.bfloat16))
-    finally:
-        emu.set_smem_optin(SM80_SMEM)
+    assert _ctas(emu, case) == (0, 0, 0) and _wide(emu, case) == 4  # 2 passes x 2 blocks
+    errors = []
+    for smem in (SM86_SMEM, SM90_SMEM):
+        emu.set_smem_optin(smem)
+        try:
+            if smem == SM90_SMEM:
+                # random dot rows at D = 512 lie far below the Cauchy-Schwarz bound: re-swept
+                assert _ctas(emu, case) == (2, _blocks_out_of_window(case), 0)
+            assert _wide(emu, case) == (4 if smem == SM90_SMEM else 0)
+            errors += kernel_level_errors(cuda_backend, case, weight_eps("cuda", torch.bfloat16))
+        finally:
+            emu.set_smem_optin(SM80_SMEM)
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("critic,d", [("cosine", 512), ("log_dot", 456), ("dot", 512)])
+def test_wide_backward_matches_float64(emu, critic, d, negatives):
+    """The wide backward (the score tile once per tile, four warps of D slices sharing it
+    through shared memory): ragged rows (70 per side), D = 456 with its last 56 columns
+    zero-padded, both pairings, against float64; unit rows take the one-exponential form
+    on their interior tiles, the others the exact form."""
+    case = kernel_case((1, 70, d), critic, negatives, torch.bfloat16, "cpu")
+    blocks = 3 if negatives == "all" else 2 * 2
+    emu.clear_tallies()
+    kernel_outputs(cuda_backend, case)
+    assert emu.tally("wide_bwd_ctas") == blocks and emu.tally("frag_bwd_ctas") == 0
+    if critic == "cosine" and negatives == "all":
+        assert emu.tally("bwd_tiles_one_exp") > 0
+    errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", torch.bfloat16))
     assert not errors, errors
 
 
@@ -153,3 +183,20 @@ def test_cross_one_pass_keeps_nan_where_the_rows_have_it(emu):
     assert bool(row_nan.all()) and bool(col_nan.all())
     ref = torch_backend.forward(dataclasses.replace(p, a=a.double(), b=b.double()))
     assert bool((ref.row_lse.isnan() == stats.row_lse.isnan()).all())
+
+
+def test_wide_backward_has_no_race(emu):
+    """The wide backward's warps meet through shared memory three times per quarter tile
+    (partial S, V, and the Y buffers): the same bits under every emulated schedule of
+    blocks, threads and warps (the temperature sum's per-CTA atomic aside)."""
+    outputs = {}
+    for schedule in EMULATION_SCHEDULES:
+        with emulation_schedule(schedule, seed=3):
+            case = kernel_case((1, 70, 512), "cosine", "all", torch.bfloat16, "cpu")
+            emu.clear_tallies()
+            outputs[schedule] = kernel_outputs(cuda_backend, case)
+            assert emu.tally("wide_bwd_ctas") == 3
+    for schedule in EMULATION_SCHEDULES[1:]:
+        for x, y in zip(outputs["in_order"][:4], outputs[schedule][:4]):
+            assert torch.equal(x, y), schedule
+        torch.testing.assert_close(outputs[schedule][4], outputs["in_order"][4], rtol=1e-5, atol=0)

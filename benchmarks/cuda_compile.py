@@ -65,6 +65,7 @@ int main() {
               bwd_smem<float>(), bwd_smem<__half>(), bwd_smem<__nv_bfloat16>());
   std::printf("\"exp_window\": %.9g, \"exp_factor_max\": %.9g, ", kExpWindow, kExpFactorMax);
   std::printf("\"sum_window\": [%.17g, %.17g], ", kSumLow, kSumHigh);
+  std::printf("\"shift_rule\": [%.17g, %.17g], ", MIMAC_SHIFT_HEADROOM, MIMAC_SHIFT_LEVEL);
   std::printf("\"x_resident_max\": %zu, \"fast\": {", kXResidentMax);
   print_fast<float>("fp32", ", ");
   print_fast<__half>("fp16", ", ");
@@ -169,7 +170,8 @@ def kernel_constants(source: Path = KERNELS) -> dict:
     (``fwd_base``/``bwd_base`` bytes besides the resident X, its row padding ``x_pad``,
     elements per 16-byte vector ``vec``) with the resident X's limit ``x_resident_max``;
     the backward's one-exponential window ``exp_window`` and factor bound
-    ``exp_factor_max``; cross's one-pass window of its shifted sums ``sum_window``; the
+    ``exp_factor_max``; cross's one-pass window of its shifted sums ``sum_window`` and its
+    shift's ``shift_rule`` (headroom below the bound, level); the
     fragment kernels' threads per CTA ``RNT``, the backward's statistics bytes ahead of
     its tiles ``frag_stats`` and their shared memory at two widths, ``frag_smem[dtype]["fwd"|"bwd"][str(d)]`` (``cuda_launches.frag_smem`` is
     checked against them); the wide backward's threads ``WNT``, D slices ``WS``, quarter

@@ -32,6 +32,7 @@ kernels' ldmatrix fragments) is counted as 512 shared bytes per x4, as for Trito
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import re
@@ -73,10 +74,12 @@ def _cdiv(a: int, b: int) -> int:
 FRAG_HALVES = 2
 
 
-def cross_shift(bound):
+def cross_shift(bound, consts: dict):
     """cross's one-pass shift from the bound B of S, as ``binding.cpp``'s
-    ``cross_shift`` takes it: min(B, max(B - 64, 32)) (a tensor or a float)."""
-    return min(bound, max(bound - 64.0, 32.0))
+    ``cross_shift`` takes it: min(B, max(B - headroom, level)) with ``consts``'
+    ``shift_rule`` (a 0-dim tensor or a float)."""
+    headroom, level = consts["shift_rule"]
+    return min(bound, max(bound - headroom, level))
 
 
 def gemm_macs(launch: CudaLaunch) -> list[int]:
@@ -404,7 +407,8 @@ def estimate_case(case, compiled: Compiled, rates: Rates = H100) -> dict:
     frac = None
     if any(lc.kind == "finish" for lc in plan):
         window = tuple(compiled.consts["sum_window"])
-        frac = resweep_fraction(case, compiled.consts["BM"], cross_shift, window)
+        shift = functools.partial(cross_shift, consts=compiled.consts)
+        frac = resweep_fraction(case, compiled.consts["BM"], shift, window)
         side = {"a": "rows", "b": "cols"}
         plan = [replace(lc, resweep_blocks=round(frac[side[lc.side]]["blocks"] * lc.grid[0]))
                 if lc.kind == "finish" else lc for lc in plan]  # fmt: skip

@@ -228,7 +228,13 @@ def test_constants_come_from_the_source(compiled: cuda_cost.Compiled) -> None:
         assert resident_ok(512, dtype, c)
         assert frag_smem("bwd", 512, dtype, c) <= H100.shared_optin_per_block
     assert c == {**c, **{k: CONSTS[k] for k in CONSTS}}  # the plan tests' constants are today's
-    assert c["sum_window"] == [2.0**-60, 2.0**24]  # cross's one-pass window, as Triton's
+    # cross's one-pass window and shift rule: Triton's
+    from mimac_kernels.triton import kernels as triton_kernels
+
+    assert c["sum_window"] == [triton_kernels.UNDERFLOW.value, triton_kernels.OVERFLOW.value]
+    assert c["sum_window"] == [2.0**-60, 2.0**24]
+    assert c["shift_rule"] == [triton_kernels.SHIFT_HEADROOM, triton_kernels.SHIFT_LEVEL]
+    assert cuda_cost.cross_shift(100.0, c) == 36.0 and cuda_cost.cross_shift(10.0, c) == 10.0
     # 2 kernels x 3 dtypes x 2 critics x fast and general; the fragment forward and
     # cross's one-pass forward for 2 dtypes x 2 critics, the fragment backward and the
     # wide backward for bf16 x 2 critics x 2 temperature modes

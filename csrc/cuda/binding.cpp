@@ -73,7 +73,7 @@ at::Tensor stat(const at::Tensor& t, const at::Tensor& like) {
 using Grads3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // cross's fixed shift per head (H,) float32 for the one-pass forward of 16-bit inputs:
-// min(B, max(B - 64, 32)) below B = inv_tau max|a_i| max|b_j| (log_dot: inv_tau
+// min(B, max(B - headroom, level)) below B = inv_tau max|a_i| max|b_j| (log_dot: inv_tau
 // log(max(that, eps))), the Cauchy-Schwarz bound of S (contrastive_kernels.h). A NaN row
 // counts as norm 0: its own sums carry the NaN to the exact re-sweep.
 at::Tensor cross_shift(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_tau, int64_t critic,
@@ -85,7 +85,7 @@ at::Tensor cross_shift(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   auto bound = max_norm(a) * max_norm(b);
   if (critic == MIMAC_LOG_DOT) bound = bound.clamp_min(eps).log();
   bound = bound * inv_tau;
-  return at::minimum(bound, (bound - 64.0).clamp_min(32.0)).contiguous();
+  return at::minimum(bound, (bound - MIMAC_SHIFT_HEADROOM).clamp_min(MIMAC_SHIFT_LEVEL)).contiguous();
 }
 
 }  // namespace

@@ -1157,9 +1157,9 @@ __device__ __forceinline__ void frag_scores(float (&acc)[RMI][kNJ][4], const T* 
   }
 }
 
-// A fragment kernel's start: the CTA's resident X rows and the first Y tile in flight,
-// one cp.async group; the emulation counts the CTA under `name`.
-template <typename T>
+// A fragment kernel's start (kThreads threads): the CTA's X rows into xs and the first
+// Y tile into ys in flight, one cp.async group; the emulation counts the CTA under `name`.
+template <typename T, int kThreads = RNT>
 __device__ __forceinline__ void frag_start(const char* name, T* xs, T* ys, int ld, const Ops<T>& op,
                                            int64_t row0, int64_t d, int width) {
 #if defined(MIMAC_CUDA_EMULATION)
@@ -1167,8 +1167,8 @@ __device__ __forceinline__ void frag_start(const char* name, T* xs, T* ys, int l
 #else
   (void)name;
 #endif
-  issue_rows(xs, ld, op.x, row0, d, width);
-  issue_rows(ys, ld, op.y, 0, d, width);
+  issue_rows<T, kThreads>(xs, ld, op.x, row0, d, width);
+  issue_rows<T, kThreads>(ys, ld, op.y, 0, d, width);
   __pipeline_commit();
 }
 
@@ -1190,7 +1190,7 @@ struct FwdFrag {
 
 // The end of a forward fragment kernel: each row's sum of its quad's partial sums
 // (lanes 4g..4g + 3 hold row (mi, hf)'s 16-column parts), written by the quad's first
-// lane as out(row's running max slot, sum) to `lse` (rows past the end skipped).
+// lane as out(mi, hf, sum) to `lse` (rows past the end skipped).
 template <typename Out>
 __device__ __forceinline__ void frag_row_out(const Pass& p, int64_t h, int64_t row0, const float (&l)[RMI][2],
                                              Out out) {
@@ -1330,17 +1330,6 @@ __global__ void __launch_bounds__(RNT, 4) lse_forward_frag_kernel(Pass p) {
 #endif
 }
 
-// cross's forward in one pass: the rows' and the columns' shifted exp-sums of every
-// tile at once, one exponential per element, e_ik = e^(S_ik - shift) with the head's
-// fixed shift (binding.cpp: min(B, max(B - 64, 32)) below the Cauchy-Schwarz bound B of
-// S, so no term passes e^64 and no sum over < 2^31 columns overflows). A CTA owns its
-// rows' sums (written raw to `lse`); a tile's column sums meet across the CTAs by
-// atomicAdd on `col_sum`. lse_forward_frag_kernel then finishes both sides, re-sweeping
-// the blocks with a sum outside [kSumLow, kSumHigh]. The column sum of a tile: each lane
-// adds its 4 rows per column, then three xor-shuffle steps over the 8 lanes of one
-// column pair halve the columns a lane keeps (8, 4, 2 of its 16) while summing the
-// other lanes' rows, which leaves lane l with columns 2l and 2l + 1 of its warp's 32
-// rows: two atomics per lane and tile, no shared memory.
 // One step of the column sums' reduction (lse_cross_frag_kernel): the lanes 2 kHalf
 // apart (lane bit kHalf / 2 * 4: 16, 8, 4) swap halves of their first 2 kHalf column
 // sums, each keeping and adding the half its bit names.
@@ -1354,6 +1343,17 @@ __device__ __forceinline__ void column_halving(float (&c)[2 * RNJ], int lane) {
   }
 }
 
+// cross's forward in one pass: the rows' and the columns' shifted exp-sums of every
+// tile at once, one exponential per element, e_ik = e^(S_ik - shift) with the head's
+// fixed shift (binding.cpp: min(B, max(B - 64, 32)), MIMAC_SHIFT_*, below the bound B of
+// S, so no term passes e^64 and no sum over < 2^31 columns overflows). A CTA owns its
+// rows' sums (written raw to `lse`); a tile's column sums meet across the CTAs by
+// atomicAdd on `col_sum`. lse_forward_frag_kernel then finishes both sides, re-sweeping
+// the blocks with a sum outside [kSumLow, kSumHigh]. The column sum of a tile: each lane
+// adds its 4 rows per column, then three xor-shuffle steps over the 8 lanes of one
+// column pair halve the columns a lane keeps (8, 4, 2 of its 16) while summing the
+// other lanes' rows, which leaves lane l with columns 2l and 2l + 1 of its warp's 32
+// rows: two atomics per lane and tile, no shared memory.
 template <typename T, int kCritic>
 __global__ void __launch_bounds__(RNT, 4) lse_cross_frag_kernel(Pass p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -1529,11 +1529,17 @@ __device__ __forceinline__ void bwd_finish(const Pass& p, const BwdStats<kThread
 }
 
 // What element_v reads: the statistics of the CTA's rows (lse, g, centre, one-exponential
-// factor) and of the tile's columns (lse, g, factor) in shared memory, and the scalars.
+// factor) and of the tile's columns (lse, g, factor) in shared memory (BwdStats), and the
+// scalars: 1/tau, the one-exponential shift c, eps; which sides carry statistics.
 struct ElementStats {
   const float *lx, *gx, *cx, *ux, *ly, *gy, *vy;
   float it, it_log2e, shift_log2e, eps;
   bool x_side, y_side;
+  template <int kThreads>
+  __device__ ElementStats(const BwdStats<kThreads>& s, const Pass& p, float inv_tau, float shift)
+      : lx(s.lx), gx(s.gx), cx(s.cx), ux(s.ux), ly(s.ly), gy(s.gy), vy(s.vy), it(inv_tau),
+        it_log2e(inv_tau * kLog2e), shift_log2e(shift * kLog2e), eps(p.eps), x_side(p.lx != nullptr),
+        y_side(p.ly != nullptr) {}
 };
 
 // V of one score element (dL/d(dot); in the one-exponential form times 1/tau already)
@@ -1590,14 +1596,12 @@ __global__ void __launch_bounds__(RNT, 1) lse_backward_frag_kernel(Pass p) {
   const int dout0 = static_cast<int>(blockIdx.y) * DO;
   const Ops<T> op = head_operands<T>(p, h);
   frag_start("frag_bwd_ctas", xs, ys, ld, op, row0, p.d, width);
-  const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
-  const bool one_exp = x_side && y_side;
+  const bool one_exp = p.lx != nullptr && p.ly != nullptr;  // statistics on both sides
   int row_vote;
   const float shift = bwd_row_stats(p, ss, h, row0, it, one_exp, row_vote);
-  const ElementStats st{ss.lx, ss.gx, ss.cx, ss.ux, ss.ly, ss.gy, ss.vy, it, it * kLog2e, shift * kLog2e,
-                        p.eps, x_side, y_side};
+  const ElementStats st(ss, p, it, shift);
 
   const T* xa = xs + (warp * 32 + (lane & 15)) * ld + (lane >> 4) * 8;
   const int yoff = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
@@ -1742,21 +1746,14 @@ __global__ void __launch_bounds__(WNT, 1) lse_backward_wide_kernel(Pass p) {
 
   const int64_t h = blockIdx.z, row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Ops<T> op = head_operands<T>(p, h);
-#if defined(MIMAC_CUDA_EMULATION)
-  if (threadIdx.x == 0) ::mimac_emu::tally("wide_bwd_ctas");
-#endif
-  issue_rows<T, WNT>(ys + ytile, ld, op.x, row0, p.d, width);  // X, in the second buffer
-  issue_rows<T, WNT>(ys, ld, op.y, 0, p.d, width);
-  __pipeline_commit();
-  const bool x_side = p.lx != nullptr, y_side = p.ly != nullptr;
+  frag_start<T, WNT>("wide_bwd_ctas", ys + ytile, ys, ld, op, row0, p.d, width);  // X: 2nd buffer
   const float it = *p.inv_tau;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, tc = 2 * (lane & 3);
   const int rw = warp & 1, ds = warp >> 1, dout0 = ds * DO;
-  const bool one_exp = x_side && y_side;
+  const bool one_exp = p.lx != nullptr && p.ly != nullptr;  // statistics on both sides
   int row_vote;
   const float shift = bwd_row_stats(p, ss, h, row0, it, one_exp, row_vote);
-  const ElementStats st{ss.lx, ss.gx, ss.cx, ss.ux, ss.ly, ss.gy, ss.vy, it, it * kLog2e, shift * kLog2e,
-                        p.eps, x_side, y_side};
+  const ElementStats st(ss, p, it, shift);
 
   __pipeline_wait_prior(0);
   __syncthreads();  // X and the first Y tile in, from every thread
@@ -2059,16 +2056,19 @@ bool bad_rect_sizes(int64_t heads, int64_t r, int64_t c, int64_t d, int critic) 
   return bad_sizes(heads, r, d, critic) || bad_sizes(heads, c, d, critic);
 }
 
-// cross in one pass (16-bit inputs on the fragment kernels' fast path, a shift given):
-// the sums of both sides by lse_cross_frag_kernel, then each side finished, or re-swept
-// block by block, by lse_forward_frag_kernel. `handled` is false where it does not apply.
+// Whether cross's forward takes one pass: a shift given, 16-bit inputs on the fragment
+// kernels' fast path.
+template <typename T>
+bool one_pass(const Pass& p) {
+  return sizeof(T) == 2 && p.shift != nullptr && !p.diag && fast_path<T>(p, fwd_frag_smem<T>(p.d));
+}
+
+// cross in one pass (one_pass): the sums of both sides by lse_cross_frag_kernel, then
+// each side finished, or re-swept block by block, by lse_forward_frag_kernel.
 template <typename T, int kCritic>
-cudaError_t cross_one_pass_as(Pass p, float* col_lse, int64_t heads, cudaStream_t s, bool& handled) {
-  handled = false;
+cudaError_t cross_one_pass_as(Pass p, float* col_lse, int64_t heads, cudaStream_t s) {
   if constexpr (sizeof(T) == 2) {
     const size_t smem = fwd_frag_smem<T>(p.d);
-    if (p.shift == nullptr || p.diag || !fast_path<T>(p, smem)) return cudaSuccess;
-    handled = true;
     const dim3 grid = grid_for(p, heads, 1);
     cudaError_t e = cudaMemsetAsync(col_lse, 0, static_cast<size_t>(heads * p.cols) * sizeof(float), s);
     if (e != cudaSuccess) return e;
@@ -2083,7 +2083,7 @@ cudaError_t cross_one_pass_as(Pass p, float* col_lse, int64_t heads, cudaStream_
     return launch(lse_forward_frag_kernel<T, kCritic>, grid_for(q, heads, 1), smem, q, s, RNT);
   }
   (void)p, (void)col_lse, (void)heads, (void)s;
-  return cudaSuccess;
+  return cudaErrorInvalidValue;  // no fragment kernels for float32 (one_pass is false)
 }
 
 }  // namespace
@@ -2098,14 +2098,13 @@ extern "C" cudaError_t mimac_lse_forward(int dtype, const void* a, const void* b
     Pass p = base_pass(a, b, inv_tau, n, d, eps, all != 0);
     p.lse = row_lse;
     p.lse_hs = p.rows;
-    if (!all && shift != nullptr) {
-      p.shift = shift;
-      bool handled = false;
-      const cudaError_t e = critic == MIMAC_LOG_DOT
-                                ? cross_one_pass_as<T, MIMAC_LOG_DOT>(p, col_lse, heads, stream, handled)
-                                : cross_one_pass_as<T, MIMAC_DOT>(p, col_lse, heads, stream, handled);
-      if (e != cudaSuccess || handled) return e;
-      p.shift = nullptr;  // two passes
+    if (!all) {
+      Pass one = p;
+      one.shift = shift;
+      if (one_pass<T>(one)) {
+        return critic == MIMAC_LOG_DOT ? cross_one_pass_as<T, MIMAC_LOG_DOT>(one, col_lse, heads, stream)
+                                       : cross_one_pass_as<T, MIMAC_DOT>(one, col_lse, heads, stream);
+      }
     }
     cudaError_t e = forward_pass<T>(p, critic, heads, stream);
     if (e != cudaSuccess || all) return e;

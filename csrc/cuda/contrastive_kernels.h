@@ -5,9 +5,10 @@
 // Contract (mimac_kernels/dispatch.py), on (H, N, D) row-major inputs:
 //   forward:  all   -> row_lse (H, 2N): log sum_{k != i} exp(S_ik) over Z = [a; b]
 //             cross -> row_lse (H, N), col_lse (H, N) of S_ij = f(a_i, b_j); `shift`
-//             (H,) float32 (cross only, may be null): min(B, max(B - 64, 32)) for an
-//             upper bound B of S per head, which lets 16-bit inputs take both sides
-//             in one pass (rows whose sums leave its window are re-swept exactly)
+//             (H,) float32 (cross only, may be null): min(B, max(B - MIMAC_SHIFT_HEADROOM,
+//             MIMAC_SHIFT_LEVEL)) for an upper bound B of S per head, which lets 16-bit
+//             inputs take both sides in one pass (rows whose sums leave its window are
+//             re-swept exactly)
 //   backward: gradients of sum(g_row * row_lse) + sum(g_col * col_lse) w.r.t.
 //             a, b (float32, (H, N, D), every element written), and the centred
 //             temperature sum  sum W_row (s - row_center_i) + W_col (s - col_center_k)
@@ -29,6 +30,11 @@ extern "C" {
 
 enum MimacDtype { MIMAC_F32 = 0, MIMAC_F16 = 1, MIMAC_BF16 = 2 };
 enum MimacCritic { MIMAC_DOT = 0, MIMAC_COSINE = 1, MIMAC_LOG_DOT = 2 };
+// The one-pass shift's rule (mimac_lse_forward's `shift`): no term passes e^64, and a row
+// far below a large bound keeps its one-pass sum (the Triton kernels' SHIFT_HEADROOM and
+// SHIFT_LEVEL).
+#define MIMAC_SHIFT_HEADROOM 64.0
+#define MIMAC_SHIFT_LEVEL 32.0
 
 cudaError_t mimac_lse_forward(int dtype, const void* a, const void* b, const float* inv_tau,
                               int64_t heads, int64_t n, int64_t d, int critic, int all, float eps,

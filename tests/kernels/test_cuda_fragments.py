@@ -25,12 +25,17 @@ pytestmark = pytest.mark.emulated
 SM86_SMEM, SM80_SMEM, SM90_SMEM = 101376, 166912, 232448
 
 
+def _tallies(emu, case, *names: str) -> tuple[int, ...]:
+    """The emulation's tallies ``names`` over one forward + backward of ``case``."""
+    emu.clear_tallies()
+    kernel_outputs(cuda_backend, case)
+    return tuple(emu.tally(n) for n in names)
+
+
 def _ctas(emu, case) -> tuple[int, int, int]:
     """Fragment-kernel CTAs of one forward + backward of ``case``: cross's one-pass
     forward, the row-sweeping forward (cross: only its re-swept blocks), the backward."""
-    emu.clear_tallies()
-    kernel_outputs(cuda_backend, case)
-    return emu.tally("frag_cross_ctas"), emu.tally("frag_fwd_ctas"), emu.tally("frag_bwd_ctas")
+    return _tallies(emu, case, "frag_cross_ctas", "frag_fwd_ctas", "frag_bwd_ctas")
 
 
 @pytest.mark.parametrize(
@@ -77,9 +82,7 @@ def test_two_slices_with_a_ragged_one(emu, critic, negatives):
 
 def _wide(emu, case) -> int:
     """CTAs of the wide backward (bf16, staged width 512) in one forward + backward."""
-    emu.clear_tallies()
-    kernel_outputs(cuda_backend, case)
-    return emu.tally("wide_bwd_ctas")
+    return _tallies(emu, case, "wide_bwd_ctas")[0]
 
 
 def test_d512_with_sm90_shared_memory(emu):
@@ -111,11 +114,10 @@ def test_wide_backward_matches_float64(emu, critic, d, negatives):
     on their interior tiles, the others the exact form."""
     case = kernel_case((1, 70, d), critic, negatives, torch.bfloat16, "cpu")
     blocks = 3 if negatives == "all" else 2 * 2
-    emu.clear_tallies()
-    kernel_outputs(cuda_backend, case)
-    assert emu.tally("wide_bwd_ctas") == blocks and emu.tally("frag_bwd_ctas") == 0
+    wide, narrow, one_exp = _tallies(emu, case, "wide_bwd_ctas", "frag_bwd_ctas", "bwd_tiles_one_exp")
+    assert wide == blocks and narrow == 0
     if critic == "cosine" and negatives == "all":
-        assert emu.tally("bwd_tiles_one_exp") > 0
+        assert one_exp > 0
     errors = kernel_level_errors(cuda_backend, case, weight_eps("cuda", torch.bfloat16))
     assert not errors, errors
 
